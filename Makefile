@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+MODEL := models/stories260K
+
+.PHONY: run test install install-dev bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned, so pip takes the CPU wheel on disk and never pulls multi-GB CUDA builds.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+install-dev: $(DEV_STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/camelid generate $(MODEL) --temperature 0 --max-new-tokens 200 ""
+
+test: $(DEV_STAMP)
+	$(VENV)/bin/python -m pytest
+
+bench: $(DEV_STAMP)
+	$(VENV)/bin/python bench/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

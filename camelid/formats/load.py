@@ -1,0 +1,230 @@
+"""Open any model camelid understands, and write the native and Hugging Face folders.
+
+A camelid folder is `camelid.json` (model config, tokenizer settings, chat template and stop strings) +
+`model.safetensors` in camelid's own tensor names (so loading is a zero-copy memory map) + the tokenizer file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from camelid.errors import CamelidError
+from camelid.formats import hf, llama2c
+from camelid.formats.tensors import load_safetensors, save_safetensors
+from camelid.model.config import ModelConfig
+from camelid.model.transformer import Transformer, rope_frequencies
+from camelid.tokenizer.chat_template import resolve_template
+from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
+from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
+from camelid.tokenizer.tokenizer import Tokenizer, load_hf_tokenizer, piece_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    template: str = "raw"  # a built-in template name or Jinja source
+    stop: list[str] = field(default_factory=list)  # stop strings besides the tokenizer's EOS ids
+    source: str = ""
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CamelidError("--device cuda: no CUDA device is available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CamelidError("--device mps: no MPS device is available")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise CamelidError(f"--device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise CamelidError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=torch.float32) -> Transformer:
+    """A model whose parameters are the given tensors (no copy when device and dtype already match)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
+    for name, shape in expected.items():
+        if name not in sd:
+            raise CamelidError(f"{source}: missing tensor {name!r}")
+        if tuple(sd[name].shape) != tuple(shape):
+            raise CamelidError(f"{source}: tensor {name!r} has shape {tuple(sd[name].shape)}, "
+                               f"the config needs {tuple(shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise CamelidError(f"{source}: unexpected tensor {extra[0]!r}")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    if cfg.positions == "rope":
+        model.inv_freq = rope_frequencies(cfg).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None = None,
+               tokenizer_path: str | Path | None = None) -> LoadedModel:
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if not path.exists():
+        raise CamelidError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "camelid.json").exists():
+        return _load_native(path, dev, dt)
+    if path.is_dir() and (path / "config.json").exists():
+        return _load_hf(path, dev, dt)
+    if path.is_file() and path.suffix == ".bin":
+        return _load_llama2c(path, dev, dt, tokenizer_path)
+    raise CamelidError(f"{path}: not a model camelid can open (a camelid folder, a Hugging Face folder "
+                       f"with config.json, or a llama2.c .bin checkpoint)")
+
+
+def _load_native(folder: Path, device, dtype) -> LoadedModel:
+    meta_path = folder / "camelid.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CamelidError(f"{meta_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    for key in ("model", "tokenizer"):
+        if key not in meta:
+            raise CamelidError(f"{meta_path}: missing key {key!r}")
+    cfg = ModelConfig.from_dict(meta["model"], str(meta_path))
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise CamelidError(f"{folder}: model.safetensors is missing")
+    model = build_model(cfg, load_safetensors(weights), str(weights), device, dtype)
+    tok = load_saved_tokenizer(folder, meta["tokenizer"])
+    chat = meta.get("chat", {})
+    return LoadedModel(model, tok, chat.get("template", "raw"), list(chat.get("stop", [])), str(folder))
+
+
+def _load_hf(folder: Path, device, dtype) -> LoadedModel:
+    cfg, sd = hf.load_hf_folder(folder)
+    model = build_model(cfg, sd, str(folder), device, dtype)
+    tok = load_hf_tokenizer(folder, hf.read_hf_config(folder))
+    return LoadedModel(model, tok, tok.chat_template or "raw", [], str(folder))
+
+
+def _load_llama2c(path: Path, device, dtype, tokenizer_path) -> LoadedModel:
+    cfg, sd = llama2c.read_llama2c(path)
+    model = build_model(cfg, sd, str(path), device, dtype)
+    tok_path = Path(tokenizer_path) if tokenizer_path else llama2c.find_llama2c_tokenizer(path, cfg.vocab_size)
+    vocab = read_llama2c_tokenizer(tok_path, cfg.vocab_size)
+    # run.c ends a sample at BOS: llama2.c models separate documents with it.
+    tok = piece_tokenizer(vocab, bos_id=1, eos_ids=[1, 2])
+    return LoadedModel(model, tok, "raw", [], str(path))
+
+
+def _state_dict(model: Transformer) -> dict:
+    sd = {k: v for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None):
+    """Write a camelid folder; written beside the target and renamed, so a failure leaves nothing half-done."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp-camelid")
+    _fresh_dir(tmp)
+    template = template or lm.template
+    resolve_template(template)
+    save_safetensors(_state_dict(lm.model), tmp / "model.safetensors", metadata={"format": "camelid"})
+    meta = {"format": "camelid", "version": FORMAT_VERSION, "model": lm.config.to_dict(),
+            "tokenizer": save_tokenizer(lm.tokenizer, tmp),
+            "chat": {"template": template, "stop": stop if stop is not None else lm.stop}}
+    (tmp / "camelid.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _replace_dir(tmp, folder)
+
+
+def export_hf(lm: LoadedModel, folder: str | Path):
+    """Write a Hugging Face folder (config, safetensors, tokenizer files) that transformers loads."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp-camelid")
+    _fresh_dir(tmp)
+    tok = lm.tokenizer
+    section = save_tokenizer(tok, tmp)
+    if section["file"] == "tokenizer.pieces.json":
+        (tmp / section["file"]).unlink()  # transformers cannot read it; keep the vocabulary as sentencepiece
+        _write_sentencepiece_from_pieces(tok, tmp / "tokenizer.model")
+    tcfg = {**tok.special_tokens_map, "add_bos_token": tok.add_bos, "clean_up_tokenization_spaces": False}
+    source, _ = resolve_template(lm.template)
+    tcfg["chat_template"] = source
+    gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if len(tok.eos_ids) == 1 else tok.eos_ids}
+    cfg_extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if tok.eos_ids else None}
+    hf.save_hf_folder(_state_dict(lm.model), lm.config, tmp,
+                      extra_json={"config.json": cfg_extra, "tokenizer_config.json": tcfg,
+                                  "generation_config.json": gen})
+    _replace_dir(tmp, folder)
+
+
+def _write_sentencepiece_from_pieces(tok: Tokenizer, path: Path):
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    v = tok.backend.vocab
+    proto = spm_pb2.ModelProto()
+    proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = bool(v.byte_ids)
+    proto.normalizer_spec.add_dummy_prefix = v.add_space_prefix
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for i, (p, s) in enumerate(zip(v.pieces, v.scores)):
+        piece = proto.pieces.add()
+        piece.piece = p.replace(v.space, "▁") if i not in v.byte_of else p
+        piece.score = s
+        if i == v.unk_id:
+            piece.type = spm_pb2.ModelProto.SentencePiece.UNKNOWN
+        elif i in v.byte_of:
+            piece.type = spm_pb2.ModelProto.SentencePiece.BYTE
+        elif i in v.special_ids:
+            piece.type = spm_pb2.ModelProto.SentencePiece.CONTROL
+    path.write_bytes(proto.SerializeToString())
+
+
+def _fresh_dir(path: Path):
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _replace_dir(tmp: Path, final: Path):
+    import shutil
+
+    if final.exists():
+        old = final.with_name(final.name + ".old-camelid")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)

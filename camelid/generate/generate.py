@@ -1,0 +1,199 @@
+"""Autoregressive generation with a KV cache, for one prompt or a batch of prompts of different lengths."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from camelid.errors import CamelidError
+from camelid.generate.sampling import SamplingParams, make_generator, sample
+from camelid.model.transformer import Transformer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first generated token comes from the prefill pass.
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+
+def check_prompts(prompts: list[list[int]], max_seq_len: int, max_new_tokens: int):
+    if max_new_tokens < 1:
+        raise CamelidError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise CamelidError("the prompt is empty (and the model adds no BOS token)"
+                               + (f" (prompt {i})" if len(prompts) > 1 else ""))
+        if len(p) >= max_seq_len:
+            raise CamelidError(f"the prompt has {len(p)} tokens; the model's context is {max_seq_len} "
+                               f"(shorten it or pass --truncate-prompt)")
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                    stop_ids: set[int] = frozenset(), stats: Stats | None = None) -> Iterator[list[int | None]]:
+    """Yields, per step, one new token per prompt (None once that prompt has finished).
+
+    A prompt finishes at a stop id (not yielded) or at max_new_tokens; generation also ends at the model's
+    context length, so nothing is ever silently cut from the prompt.
+    """
+    cfg = model.cfg
+    check_prompts(prompts, cfg.max_seq_len, max_new_tokens)
+    device = model.output.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
+    total = longest + max_new_tokens
+    tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
+    pad_mask = None
+    if any(len(p) != longest for p in prompts):
+        pad_mask = torch.zeros(B, total, dtype=torch.bool, device=device)
+        pad_mask[:, longest:] = True
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
+        if pad_mask is not None:
+            pad_mask[i, longest - len(p):longest] = True
+    kv_cache = model.new_kv_cache(B, total)
+    generator = make_generator(params.seed, device)
+    history = [list(p) for p in prompts]
+    done = [False] * B
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = sum(len(p) for p in prompts)
+
+    t0 = time.perf_counter()
+    logits = model(tokens, 0, kv_cache, None if pad_mask is None else pad_mask[:, :longest], last_only=True)
+    for step in range(max_new_tokens):
+        nxt = sample(logits[:, -1], params, history, generator)
+        now = time.perf_counter()
+        if step == 0:
+            stats.prefill_seconds = now - t0
+        else:
+            stats.decode_seconds += now - t0
+        t0 = now
+        out: list[int | None] = []
+        for i, t in enumerate(nxt.tolist()):
+            if done[i] or t in stop_ids:
+                done[i] = True
+                out.append(None)
+            else:
+                history[i].append(t)
+                out.append(t)
+        if all(done):
+            return
+        stats.generated_tokens += sum(t is not None for t in out)
+        yield out
+        if step + 1 == max_new_tokens:
+            return
+        pos = longest + step
+        mask = None if pad_mask is None else pad_mask[:, :pos + 1]
+        t0 = time.perf_counter()
+        logits = model(nxt.view(B, 1), pos, kv_cache, mask)
+
+
+class StopStrings:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (EOS id or stop string) or "length"
+
+
+def stream(lm, prompt: str | list[int], max_new_tokens: int = 256, params: SamplingParams | None = None,
+           stop: list[str] | None = None, stats: Stats | None = None, completion: Completion | None = None
+           ) -> Iterator[str]:
+    """Text pieces as they are generated for one prompt; `completion` (if given) is filled in as it goes."""
+    for index, piece in stream_batch(lm, [prompt], max_new_tokens, params, stop, stats,
+                                     [completion] if completion is not None else None):
+        yield piece
+
+
+def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
+                 stop: list[str] | None = None, stats: Stats | None = None,
+                 completions: list[Completion] | None = None) -> Iterator[tuple[int, str]]:
+    """(prompt index, text piece) pairs as a batch is decoded together."""
+    tok = lm.tokenizer
+    params = params or SamplingParams()
+    ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    completions = completions if completions is not None else [Completion() for _ in prompts]
+    decoders = [tok.stream() for _ in prompts]
+    stoppers = [StopStrings(list(stop or []) + lm.stop) for _ in prompts]
+    finished = [False] * len(prompts)
+    for step_tokens in generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats):
+        for i, t in enumerate(step_tokens):
+            if finished[i]:
+                continue
+            if t is None:
+                finished[i] = True
+                completions[i].finish_reason = "stop"
+                tail = stoppers[i].push(decoders[i].flush())[0] + stoppers[i].flush()
+                if tail:
+                    completions[i].text += tail
+                    yield i, tail
+                continue
+            completions[i].tokens.append(t)
+            text, hit = stoppers[i].push(decoders[i].push(t))
+            if text:
+                completions[i].text += text
+                yield i, text
+            if hit:
+                finished[i] = True
+                completions[i].finish_reason = "stop"
+        if all(finished):
+            break
+    for i in range(len(prompts)):
+        if not finished[i]:
+            text, hit = stoppers[i].push(decoders[i].flush())
+            text += "" if hit else stoppers[i].flush()
+            if hit:
+                completions[i].finish_reason = "stop"
+            if text:
+                completions[i].text += text
+                yield i, text
+
+
+def generate(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
+             stop: list[str] | None = None, stats: Stats | None = None) -> list[Completion]:
+    completions = [Completion() for _ in prompts]
+    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions):
+        pass
+    return completions

@@ -1,0 +1,158 @@
+"""The one config that describes every supported family; each family is a set of switches."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from camelid.errors import CamelidError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # family name, used for naming and for Hugging Face export
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None means multi-head attention (= n_heads)
+    head_dim: int | None = None  # None means dim // n_heads
+    ffn_dim: int = 11008
+    max_seq_len: int = 2048
+    # block structure
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    gated_mlp: bool = True  # SwiGLU-style gate * up
+    parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x)) (GPT-J, NeoX, Falcon)
+    shared_parallel_norm: bool = False  # parallel blocks that use one norm for both branches
+    pre_norm: bool = True  # False: post-norm (OPT-350m)
+    # positions
+    positions: str = "rope"  # rope | learned
+    rotary_pct: float = 1.0  # fraction of head_dim that is rotated (GPT-J, NeoX: partial)
+    rope_interleaved: bool = False  # rotate pairs (GPT-J) instead of halves (NeoX/HF LLaMA)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "linear"|"llama3", ...} as in HF configs
+    learned_pos_offset: int = 0  # OPT keeps two unused rows before position 0
+    # biases and embeddings
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    tie_embeddings: bool = False
+    embed_proj_dim: int | None = None  # OPT-350m projects a smaller embedding up to dim
+    final_norm: bool = True
+    extra: dict = field(default_factory=dict)  # family-specific fields kept for lossless export
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        self.validate()
+
+    def validate(self):
+        choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu", "gelu_tanh", "relu"),
+                   "positions": ("rope", "learned")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise CamelidError(f"model config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise CamelidError(f"model config: {key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise CamelidError(f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CamelidError(f"{source}: unknown model config key {unknown[0]!r}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise CamelidError(f"{source}: {exc}") from None
+
+
+def _llama(dim, n_layers, n_heads, ffn_dim, n_kv_heads=None, vocab_size=32000, max_seq_len=2048, **kw):
+    return dict(arch="llama", dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                ffn_dim=ffn_dim, vocab_size=vocab_size, max_seq_len=max_seq_len, **kw)
+
+
+def _gpt2(dim, n_layers, n_heads):
+    return dict(arch="gpt2", dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim, vocab_size=50257,
+                max_seq_len=1024, norm="layernorm", activation="gelu_tanh", gated_mlp=False, positions="learned",
+                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
+
+
+def _opt(dim, n_layers, n_heads, **kw):
+    return dict(arch="opt", dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim, vocab_size=50272,
+                max_seq_len=2048, norm="layernorm", activation="relu", gated_mlp=False, positions="learned",
+                learned_pos_offset=2, qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, **kw)
+
+
+def _neox(dim, n_layers, n_heads, vocab_size=50688, **kw):
+    return dict(arch="gpt_neox", dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=4 * dim,
+                vocab_size=vocab_size, max_seq_len=2048, norm="layernorm", activation="gelu", gated_mlp=False,
+                parallel_residual=True, rotary_pct=0.25, qkv_bias=True, attn_out_bias=True, mlp_bias=True, **kw)
+
+
+# Sizes as published; `camelid info` computes the parameter counts from these (tests check them).
+PRESETS: dict[str, dict] = {
+    "llama-7b": _llama(4096, 32, 32, 11008),
+    "llama-13b": _llama(5120, 40, 40, 13824),
+    "llama-33b": _llama(6656, 60, 52, 17920),
+    "llama-65b": _llama(8192, 80, 64, 22016),
+    "llama2-7b": _llama(4096, 32, 32, 11008, max_seq_len=4096),
+    "llama2-13b": _llama(5120, 40, 40, 13824, max_seq_len=4096),
+    "llama2-70b": _llama(8192, 80, 64, 28672, n_kv_heads=8, max_seq_len=4096),
+    "llama3-8b": _llama(4096, 32, 32, 14336, n_kv_heads=8, vocab_size=128256, max_seq_len=8192,
+                        rope_theta=500000.0),
+    "llama3-70b": _llama(8192, 80, 64, 28672, n_kv_heads=8, vocab_size=128256, max_seq_len=8192,
+                         rope_theta=500000.0),
+    "tinyllama-1.1b": _llama(2048, 22, 32, 5632, n_kv_heads=4),
+    "gpt2": _gpt2(768, 12, 12),
+    "gpt2-medium": _gpt2(1024, 24, 16),
+    "gpt2-large": _gpt2(1280, 36, 20),
+    "gpt2-xl": _gpt2(1600, 48, 25),
+    "gptj-6b": dict(arch="gptj", dim=4096, n_layers=28, n_heads=16, ffn_dim=16384, vocab_size=50400,
+                    max_seq_len=2048, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
+                    parallel_residual=True, shared_parallel_norm=True, rotary_pct=0.25, rope_interleaved=True,
+                    mlp_bias=True, lm_head_bias=True),
+    "pythia-12b": _neox(5120, 36, 40, vocab_size=50688),
+    "dolly-v2-12b": _neox(5120, 36, 40, vocab_size=50280),
+    "pythia-1.4b": _neox(2048, 24, 16, vocab_size=50304),
+    "falcon-7b": dict(arch="falcon", dim=4544, n_layers=32, n_heads=71, n_kv_heads=1, ffn_dim=4 * 4544,
+                      vocab_size=65024, max_seq_len=2048, norm="layernorm", activation="gelu", gated_mlp=False,
+                      parallel_residual=True, shared_parallel_norm=True, tie_embeddings=True),
+    "falcon-40b": dict(arch="falcon", dim=8192, n_layers=60, n_heads=128, n_kv_heads=8, ffn_dim=4 * 8192,
+                       vocab_size=65024, max_seq_len=2048, norm="layernorm", activation="gelu", gated_mlp=False,
+                       parallel_residual=True, tie_embeddings=True),
+    "opt-125m": _opt(768, 12, 12),
+    "opt-350m": _opt(1024, 24, 16, embed_proj_dim=512, pre_norm=False, final_norm=False),
+    "opt-1.3b": _opt(2048, 24, 32),
+    "opt-2.7b": _opt(2560, 32, 32),
+    "opt-6.7b": _opt(4096, 32, 32),
+    "opt-13b": _opt(5120, 40, 40),
+    "opt-30b": _opt(7168, 48, 56),
+    "opt-66b": _opt(9216, 64, 72),
+}
+# Fine-tunes share their base's architecture; their names are what people type.
+ALIASES = {"alpaca-7b": "llama-7b", "vicuna-7b": "llama-7b", "vicuna-13b": "llama-13b", "koala-7b": "llama-7b",
+           "koala-13b": "llama-13b", "wizardlm-7b": "llama-7b", "wizardlm-13b": "llama-13b",
+           "dolly-v2": "dolly-v2-12b"}
+
+
+def preset(name: str) -> ModelConfig:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise CamelidError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return ModelConfig(**PRESETS[key])

@@ -1,0 +1,231 @@
+"""The one decoder-only transformer behind every family camelid runs.
+
+Families differ only by ModelConfig switches. Projections are fused (one QKV matmul, one gate+up matmul)
+because decode on a CPU is dominated by per-op overhead and memory reads, not by FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camelid.model.config import ModelConfig
+from camelid.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 like the reference implementations, or bf16 drifts from them.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.dim
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    rot = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        inv_freq = _llama3_frequencies(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended smoothly.
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen = old_len / s["low_freq_factor"]
+    high_wavelen = old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first `rot` features of each head; x is (B, H, T, D), cos/sin are (B, 1, T, rot)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    if interleaved:  # GPT-J rotates neighbouring pairs (x0, x1), (x2, x3), ...
+        x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:  # LLaMA/NeoX in Hugging Face layout rotate the two halves
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_size = cfg.n_heads * cfg.head_dim
+        self.kv_size = cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.q_size, cfg.dim, bias=cfg.attn_out_bias)
+
+    def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = apply_rotary(q, cos, sin, cfg.rope_interleaved)
+            k = apply_rotary(k, cos, sin, cfg.rope_interleaved)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, start, k, v)
+        gqa = cfg.n_kv_heads != cfg.n_heads
+        if mask is None:  # a causal block that starts at 0, or one query token that sees the whole cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.gated_mlp
+        self.act = ACTIVATIONS[cfg.activation]
+        self.w_in = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.gated else 1), bias=cfg.mlp_bias)
+        self.w_out = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.w_in(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.w_out(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = None if cfg.shared_parallel_norm else make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, kv_cache, layer, start):
+        cfg = self.cfg
+        if cfg.parallel_residual:
+            h = self.attn_norm(x)
+            mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
+            return x + self.attn(h, rope, mask, kv_cache, layer, start) + self.mlp(mlp_in)
+        if not cfg.pre_norm:  # OPT-350m normalises after each residual sum
+            x = self.attn_norm(x + self.attn(x, rope, mask, kv_cache, layer, start))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, layer, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        emb_dim = cfg.embed_proj_dim or cfg.dim
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, emb_dim)
+        if cfg.positions == "learned":
+            self.pos_embeddings = nn.Embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.dim)
+        if cfg.embed_proj_dim:
+            self.embed_proj_in = nn.Linear(emb_dim, cfg.dim, bias=False)
+            self.embed_proj_out = nn.Linear(cfg.dim, emb_dim, bias=False)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.final_norm else None
+        self.output = nn.Linear(emb_dim, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.positions == "rope":
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def tie_weights(self):
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, kv_cache: KVCache | None = None,
+                pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
+
+        pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
+        positions then count real tokens only, so a padded row computes what it would alone.
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
+        x = self.tok_embeddings(tokens)
+        if cfg.embed_proj_dim:
+            x = self.embed_proj_in(x)
+        rope = None
+        if cfg.positions == "learned":
+            x = x + self.pos_embeddings(positions + cfg.learned_pos_offset)
+        else:
+            freqs = positions.unsqueeze(-1).float() * self.inv_freq
+            if not cfg.rope_interleaved:
+                freqs = torch.cat((freqs, freqs), dim=-1)
+            else:
+                freqs = freqs.repeat_interleave(2, dim=-1)
+            rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, kv_cache, i, start)
+        if last_only:
+            x = x[:, -1:]
+        if self.norm is not None:
+            x = self.norm(x)
+        if cfg.embed_proj_dim:
+            x = self.embed_proj_out(x)
+        return self.output(x).float()
+
+    def _positions_and_mask(self, B, T, start, pad_mask, device):
+        steps = torch.arange(start, start + T, device=device)
+        if pad_mask is None:
+            positions = steps.unsqueeze(0).expand(B, T)
+            if start == 0 or T == 1:
+                return positions, None
+            keys = torch.arange(start + T, device=device)
+            return positions, (keys <= steps.unsqueeze(1)).view(1, 1, T, start + T)
+        positions = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+        keys = torch.arange(start + T, device=device)
+        causal = keys <= steps.unsqueeze(1)  # (T, S)
+        # A padding query still sees itself, so no softmax row is empty (which would give NaN).
+        mask = causal & (pad_mask[:, None, :] | (keys == steps.unsqueeze(1)))
+        return positions, mask.unsqueeze(1)
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg = self.cfg
+        p = self.output.weight
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
+                       dtype=p.dtype if p.dtype.is_floating_point else torch.float32, device=p.device)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.tie_weights()
+    return sum(p.numel() for p in model.parameters())

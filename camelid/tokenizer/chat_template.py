@@ -1,0 +1,150 @@
+"""Chat templates: Jinja rendered exactly as transformers' `apply_chat_template`, plus the classic formats.
+
+The built-in formats are Jinja too, so one renderer serves a model's own `chat_template` and the formats
+that predate it (Alpaca, Vicuna v1.1, Llama-2 chat, ChatML).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from camelid.errors import CamelidError
+
+_ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                    "Write a response that appropriately completes the request.")
+_ALPACA_INPUT_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides "
+                          "further context. Write a response that appropriately completes the request.")
+
+# name -> (jinja template, stop strings). Alpaca and Vicuna follow the Stanford and FastChat code byte for byte.
+BUILTIN_TEMPLATES: dict[str, tuple[str, list[str]]] = {
+    "alpaca": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{% set preamble = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set loop_messages = messages %}"
+        "{% if loop_messages and loop_messages[0].get('input') %}{% set preamble = '" + _ALPACA_INPUT_PREAMBLE + "' %}"
+        "{% else %}{% set preamble = '" + _ALPACA_PREAMBLE + "' %}{% endif %}{% endif %}"
+        "{{ preamble }}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '\\n\\n### Instruction:\\n' + message['content'] }}"
+        "{% if message.get('input') %}{{ '\\n\\n### Input:\\n' + message['input'] }}{% endif %}"
+        "{{ '\\n\\n### Response:' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}",
+        ["### Instruction:"],
+    ),
+    "vicuna": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set system = 'A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' %}"
+        "{% set loop_messages = messages %}{% endif %}"
+        "{{ system + ' ' }}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
+        ["USER:"],
+    ),
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}"
+        "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}",
+        [],
+    ),
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        ["<|im_end|>"],
+    ),
+    "llama3": (
+        "{% for message in messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        ["<|eot_id|>"],
+    ),
+    # Base models: the conversation is plain text continued by the model.
+    "raw": ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}", []),
+}
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}` block (marks assistant text); rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=32)
+def compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise CamelidError(f"chat template: syntax error at line {exc.lineno}: {exc.message}") from None
+
+
+def resolve_template(name_or_source: str) -> tuple[str, list[str]]:
+    """A built-in name gives its template and stop strings; anything else is taken as Jinja source."""
+    if name_or_source in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[name_or_source]
+    if "{" not in name_or_source:
+        raise CamelidError(f"unknown chat template {name_or_source!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
+    return name_or_source, []
+
+
+def render_chat(template: str, messages: list[dict], special_tokens: dict, add_generation_prompt: bool = True,
+                **kwargs) -> str:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise CamelidError(f"messages[{i}]: each message needs a 'role' and a 'content'")
+    source, _ = resolve_template(template)
+    context = {"bos_token": "", "eos_token": "", **special_tokens, **kwargs}
+    try:
+        return compile_template(source).render(messages=messages, tools=None, documents=None,
+                                               add_generation_prompt=add_generation_prompt, **context)
+    except jinja2.TemplateError as exc:
+        raise CamelidError(f"chat template: {exc}") from None

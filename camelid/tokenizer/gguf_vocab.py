@@ -1,0 +1,68 @@
+"""The tokenizer stored in GGUF metadata: `llama` (SentencePiece-style scores) or `gpt2` (byte-level BPE)."""
+
+from __future__ import annotations
+
+from camelid.errors import CamelidError
+from camelid.tokenizer.piece_vocab import PieceVocab
+from camelid.tokenizer.tokenizer import HFBackend, Tokenizer, piece_tokenizer
+
+CONTROL, USER_DEFINED = 3, 4
+
+# tokenizer.ggml.pre -> the pre-tokenizer regex llama.cpp uses for it (None: GPT-2's own byte-level regex).
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_REGEX = {"default": None, "gpt-2": None, "gpt2": None, "llama-bpe": _LLAMA3_REGEX,
+                       "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
+
+
+def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if model is None or tokens is None:
+        raise CamelidError(f"{source}: no tokenizer in the metadata (tokenizer.ggml.model/tokens)")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                 "tokenizer.ggml.eom_token_id") if k in meta]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    template = meta.get("tokenizer.chat_template")
+    if model == "llama":
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
+        specials = {i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)}
+        vocab = PieceVocab(list(tokens), list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)),
+                           add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True),
+                           unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0), special_ids=specials)
+        return piece_tokenizer(vocab, bos, eos_ids, add_bos, template)
+    if model == "gpt2":
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+        tok = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types,
+                              meta.get("tokenizer.ggml.pre", "default"), source)
+        specials = {"bos_token": tokens[bos]} if bos is not None else {}
+        if eos_ids:
+            specials["eos_token"] = tokens[eos_ids[0]]
+        return Tokenizer(HFBackend(tok), bos, eos_ids, add_bos and bos is not None, template, specials)
+    raise CamelidError(f"{source}: tokenizer.ggml.model={model!r} is not supported (llama, gpt2)")
+
+
+def _byte_level_bpe(tokens, merges, types, pre: str, source: str):
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    if pre not in PRE_TOKENIZER_REGEX:
+        raise CamelidError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported "
+                           f"({', '.join(PRE_TOKENIZER_REGEX)})")
+    regex = PRE_TOKENIZER_REGEX[pre]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=regex is _LLAMA3_REGEX))
+    if regex is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
+    return tok

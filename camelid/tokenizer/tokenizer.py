@@ -1,0 +1,255 @@
+"""One Tokenizer for every source: Hugging Face tokenizer.json, SentencePiece .model, piece vocabularies
+(llama2.c tokenizer.bin, GGUF). It owns the BOS/EOS policy, the chat template and safe streaming decode."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camelid.errors import CamelidError
+from camelid.tokenizer.piece_vocab import PieceVocab
+
+
+class HFBackend:
+    def __init__(self, tok):
+        self.tok = tok
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, piece: str):
+        return self.tok.token_to_id(piece)
+
+    def special_tokens(self) -> list[str]:
+        return []  # tokenizers splits its added tokens itself
+
+
+class SentencePieceBackend:
+    def __init__(self, sp):
+        self.sp = sp
+
+    @property
+    def vocab_size(self):
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if not self.sp.is_control(i)])
+
+    def token_id(self, piece: str):
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+    def special_tokens(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)
+                if self.sp.is_control(i) and self.sp.id_to_piece(i)]
+
+
+class PieceBackend:
+    def __init__(self, vocab: PieceVocab):
+        self.vocab = vocab
+
+    @property
+    def vocab_size(self):
+        return self.vocab.vocab_size
+
+    def encode(self, text: str, prefix_space: bool = True) -> list[int]:
+        return self.vocab.encode(text, prefix_space)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.vocab.decode(ids)
+
+    def token_id(self, piece: str):
+        return self.vocab.ids.get(piece)
+
+    def special_tokens(self) -> list[str]:
+        return [self.vocab.pieces[i] for i in sorted(self.vocab.special_ids) if self.vocab.pieces[i]]
+
+
+@dataclass
+class Tokenizer:
+    backend: object
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    add_bos: bool = True
+    chat_template: str | None = None
+    special_tokens_map: dict = field(default_factory=dict)  # bos_token, eos_token, ... as strings for templates
+
+    def __post_init__(self):
+        specials = sorted(set(self.backend.special_tokens()), key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special-token strings in it (e.g. "<s>") become their ids."""
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        if self._special_re is None:
+            return ids + self.backend.encode(text)
+        after_special = True
+        for part in self._special_re.split(text):
+            if not part:
+                continue
+            tid = self.backend.token_id(part) if self._special_re.fullmatch(part) else None
+            if tid is not None:
+                ids.append(tid)
+                after_special = True
+            else:
+                # llama.cpp adds the SentencePiece prefix space at the start and after each special token.
+                ids += self.backend.encode(part, after_special) if isinstance(self.backend, PieceBackend) \
+                    else self.backend.encode(part)
+                after_special = False
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids))
+
+    def token_id(self, piece: str) -> int | None:
+        return self.backend.token_id(piece)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, holding back incomplete UTF-8 and keeping SentencePiece
+    spaces right: each step decodes a short window and emits only what the new token added."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+# ---------------------------------------------------------------- loading from files
+
+
+def _token_str(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CamelidError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokenizer:
+    """The tokenizer of a Hugging Face model folder: tokenizer.json, else tokenizer.model."""
+    folder = Path(folder)
+    tcfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+    mcfg = model_config or {}
+    if (folder / "tokenizer.json").exists():
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            backend = HFBackend(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+        except Exception as exc:
+            raise CamelidError(f"{folder / 'tokenizer.json'}: cannot be read: {str(exc).splitlines()[0]}") from None
+    elif (folder / "tokenizer.model").exists():
+        backend = SentencePieceBackend(load_sentencepiece(folder / "tokenizer.model"))
+    else:
+        raise CamelidError(f"{folder}: no tokenizer.json or tokenizer.model")
+    specials = {k: _token_str(tcfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    bos_id = _first(gen.get("bos_token_id"), mcfg.get("bos_token_id"))
+    if bos_id is None and specials.get("bos_token"):
+        bos_id = backend.token_id(specials["bos_token"])
+    eos_ids = _as_list(gen.get("eos_token_id")) or _as_list(mcfg.get("eos_token_id"))
+    if not eos_ids and specials.get("eos_token") and backend.token_id(specials["eos_token"]) is not None:
+        eos_ids = [backend.token_id(specials["eos_token"])]
+    if "bos_token" not in specials and bos_id is not None:
+        specials["bos_token"] = _piece_text(backend, bos_id)
+    if "eos_token" not in specials and eos_ids:
+        specials["eos_token"] = _piece_text(backend, eos_ids[0])
+    add_bos = tcfg.get("add_bos_token")
+    if add_bos is None:
+        add_bos = _post_processor_adds_bos(backend, bos_id) if isinstance(backend, HFBackend) \
+            else isinstance(backend, SentencePieceBackend)
+    template = _chat_template(folder, tcfg)
+    return Tokenizer(backend, bos_id, eos_ids, bool(add_bos) and bos_id is not None, template, specials)
+
+
+def _first(*values):
+    return next((_as_list(v)[0] for v in values if _as_list(v)), None)
+
+
+def _piece_text(backend, tid: int) -> str:
+    if isinstance(backend, HFBackend):
+        return backend.tok.id_to_token(tid) or ""
+    if isinstance(backend, SentencePieceBackend):
+        return backend.sp.id_to_piece(tid)
+    return backend.vocab.pieces[tid]
+
+
+def _post_processor_adds_bos(backend: HFBackend, bos_id) -> bool:
+    with_specials = backend.tok.encode("a", add_special_tokens=True).ids
+    return bos_id is not None and bool(with_specials) and with_specials[0] == bos_id
+
+
+def _chat_template(folder: Path, tcfg: dict) -> str | None:
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one is what apply_chat_template uses
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
+
+
+def load_sentencepiece(path: Path):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise CamelidError(f"{path}: not a SentencePiece model ({str(exc).splitlines()[0]})") from None
+    return sp
+
+
+def piece_tokenizer(vocab: PieceVocab, bos_id, eos_ids, add_bos=True, chat_template=None) -> Tokenizer:
+    specials = {}
+    if bos_id is not None:
+        specials["bos_token"] = vocab.pieces[bos_id]
+    if eos_ids:
+        specials["eos_token"] = vocab.pieces[eos_ids[0]]
+    return Tokenizer(PieceBackend(vocab), bos_id, list(eos_ids), add_bos, chat_template, specials)
