@@ -1,0 +1,67 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STORIES = SHARED / "models" / "stories260K"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_hf_configs():
+    """One tiny configuration per family and layout variant, built offline from transformers configs."""
+    import transformers as tf
+
+    common = dict(vocab_size=96)
+    return {
+        "llama": tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64, **common),
+        "llama3-tied": tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                      tie_word_embeddings=True, rope_theta=500000.0,
+                                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                      **common),
+        "gpt2": tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common),
+        "gptj": tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **common),
+        "gpt_neox": tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, rotary_pct=0.25, max_position_embeddings=64, **common),
+        "falcon-7b-style": tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                           bias=False, max_position_embeddings=64, **common),
+        "falcon-40b-style": tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                            num_kv_heads=2, new_decoder_architecture=True, bias=False,
+                                            max_position_embeddings=64, **common),
+        "opt": tf.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                            max_position_embeddings=64, word_embed_proj_dim=64, **common),
+        "opt-350m-style": tf.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                       max_position_embeddings=64, word_embed_proj_dim=32,
+                                       do_layer_norm_before=False, **common),
+    }
+
+
+def make_hf_model(name: str, folder: Path, seed: int = 0):
+    """Save a random-weight transformers model; every parameter is randomised so norms and biases matter."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_configs()[name]
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def stories_path():
+    path = STORIES / "stories260K.bin"
+    if not path.exists():
+        pytest.skip("shared stories260K model not found")
+    return path
