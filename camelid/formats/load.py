@@ -138,7 +138,7 @@ def _load_llama2c(path: Path, device, dtype, tokenizer_path) -> LoadedModel:
     tok_path = Path(tokenizer_path) if tokenizer_path else llama2c.find_llama2c_tokenizer(path, cfg.vocab_size)
     vocab = read_llama2c_tokenizer(tok_path, cfg.vocab_size)
     # run.c ends a sample at BOS: llama2.c models separate documents with it.
-    tok = piece_tokenizer(vocab, bos_id=1, eos_ids=[1, 2])
+    tok = piece_tokenizer(vocab, bos_id=1, eos_ids=[2, 1])
     return LoadedModel(model, tok, "raw", [], str(path))
 
 
@@ -228,3 +228,21 @@ def _replace_dir(tmp: Path, final: Path):
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """A model's config without loading its weights (for `camelid info`)."""
+    path = Path(path)
+    if not path.exists():
+        raise CamelidError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "camelid.json").exists():
+        try:
+            meta = json.loads((path / "camelid.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CamelidError(f"{path / 'camelid.json'}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        return ModelConfig.from_dict(meta.get("model", {}), str(path / "camelid.json"))
+    if path.is_dir() and (path / "config.json").exists():
+        return hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
+    if path.is_file() and path.suffix == ".bin":
+        return llama2c.read_llama2c(path)[0]
+    raise CamelidError(f"{path}: not a model camelid can open")

@@ -135,7 +135,7 @@ PRESETS: dict[str, dict] = {
                       parallel_residual=True, shared_parallel_norm=True, tie_embeddings=True),
     "falcon-40b": dict(arch="falcon", dim=8192, n_layers=60, n_heads=128, n_kv_heads=8, ffn_dim=4 * 8192,
                        vocab_size=65024, max_seq_len=2048, norm="layernorm", activation="gelu", gated_mlp=False,
-                       parallel_residual=True, tie_embeddings=True),
+                       parallel_residual=True),  # the released 40B checkpoint has its own lm_head
     "opt-125m": _opt(768, 12, 12),
     "opt-350m": _opt(1024, 24, 16, embed_proj_dim=512, pre_norm=False, final_norm=False),
     "opt-1.3b": _opt(2048, 24, 32),

@@ -126,5 +126,6 @@ def read_llama2c_tokenizer(path: str | Path, vocab_size: int) -> PieceVocab:
     except struct.error:
         raise CamelidError(f"{path}: truncated llama2.c tokenizer (expected {vocab_size} tokens, "
                            f"read {len(pieces)})") from None
-    # llama2.c stores "▁" as a plain space; ids 0-2 are <unk>, <s>, </s>.
+    # llama2.c stores "▁" as a plain space; ids 0-2 are <unk>, <s>, </s> (written as "\n<s>\n").
+    pieces[:3] = [p.strip() for p in pieces[:3]]
     return PieceVocab(pieces, scores, space=" ", unk_id=0, special_ids={0, 1, 2})

@@ -1,0 +1,165 @@
+"""The `camelid` command: parses arguments and calls library functions; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from camelid.errors import CamelidError
+
+
+def _sampling_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling (llama.cpp semantics; --temperature 0 is greedy)")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _model_args(p: argparse.ArgumentParser):
+    p.add_argument("model", help="camelid folder, Hugging Face folder, or llama2.c .bin")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on gpu)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camelid", description="Local large language models, start to end.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture, parameters, context and memory of a model or preset")
+    p.add_argument("model", help="a model path or a preset name (see `camelid info --list`)", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--context", type=int, default=None, help="context length for the KV cache figure")
+
+    p = sub.add_parser("estimate", help="will a model fit in this machine's memory?")
+    p.add_argument("model", nargs="?", help="a model path (or use --preset)")
+    p.add_argument("--preset", help="a preset name, e.g. llama-13b")
+    p.add_argument("--quant", default="int4", choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    p.add_argument("--context", type=int, default=None)
+
+    p = sub.add_parser("convert", help="convert between camelid, Hugging Face and llama2.c formats")
+    p.add_argument("source", help="camelid folder, Hugging Face folder, or llama2.c .bin")
+    p.add_argument("dest", help="output folder")
+    p.add_argument("--to", default="camelid", choices=["camelid", "hf"])
+    p.add_argument("--template", default=None, help="chat template to store: alpaca, vicuna, llama2, chatml, "
+                                                    "llama3, raw, or a Jinja file")
+    p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
+
+    p = sub.add_parser("generate", help="complete one or more prompts")
+    _model_args(p)
+    p.add_argument("prompt", nargs="*", help="prompt text; '-' reads stdin")
+    p.add_argument("--file", "-f", help="read prompts from a file, one per line")
+    p.add_argument("--truncate-prompt", choices=["error", "left"], default="error",
+                   help="a prompt longer than the context: error (default) or keep its end")
+    p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
+    p.add_argument("--stats", action="store_true", help="print prompt and decode tokens/s to stderr")
+    _sampling_args(p)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--template", default=None, help="override the model's chat template")
+    _sampling_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Prompt words may follow options (`generate M -n 20 "Once upon"`); argparse leaves them over.
+    if rest and args.command == "generate" and not any(r.startswith("-") and r != "-" for r in rest):
+        args.prompt += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except CamelidError as exc:
+        print(f"camelid: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _load(args):
+    import torch
+
+    from camelid.formats.load import load_model
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, args.device, args.dtype, args.tokenizer)
+
+
+def _params(args):
+    from camelid.generate.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+
+
+def cmd_info(args):
+    from camelid.info import describe, list_presets
+
+    print(list_presets() if args.list or not args.model else describe(args.model, args.context))
+
+
+def cmd_estimate(args):
+    from camelid.info import fits
+
+    if not (args.model or args.preset):
+        raise CamelidError("estimate: give a model path or --preset NAME")
+    report, ok = fits(args.preset or args.model, args.quant, args.context)
+    print(report)
+    return 0 if ok else 2
+
+
+def cmd_convert(args):
+    from camelid.formats.load import export_hf, load_model, save_native
+
+    lm = load_model(args.source, "cpu", args.dtype, args.tokenizer)
+    template = args.template
+    if template and Path(template).is_file():
+        template = Path(template).read_text(encoding="utf-8")
+    if args.to == "hf":
+        if template:
+            lm.template = template
+        export_hf(lm, args.dest)
+    else:
+        save_native(lm, args.dest, template, args.stop)
+    print(f"wrote {args.dest}")
+
+
+def cmd_generate(args):
+    from camelid.generate.oneshot import read_prompts, run_generate
+
+    prompts = read_prompts(args.prompt, args.file)
+    lm = _load(args)
+    run_generate(lm, prompts, _params(args), args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
+                 bos=not args.no_bos, show_stats=args.stats)
+
+
+def cmd_chat(args):
+    from camelid.chat.repl import chat_loop
+
+    params = _params(args)
+    lm = _load(args)
+    chat_loop(lm, params, args.max_new_tokens, args.system, args.template)
+
+
+COMMANDS = {"info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+            "chat": cmd_chat}
+
+if __name__ == "__main__":
+    sys.exit(main())

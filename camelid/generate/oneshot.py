@@ -1,0 +1,57 @@
+"""`camelid generate`: complete prompts from arguments, a file or stdin, streaming one and batching many."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from camelid.errors import CamelidError
+from camelid.formats.load import LoadedModel
+from camelid.generate.generate import Stats, generate, stream
+from camelid.generate.sampling import SamplingParams
+
+
+def read_prompts(args: list[str], file: str | None) -> list[str]:
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise CamelidError(f"{file}: no such prompt file")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise CamelidError(f"{file}: no prompts in the file")
+        return prompts
+    if args == ["-"] or (not args and not sys.stdin.isatty()):
+        return [sys.stdin.read()]
+    if not args:
+        raise CamelidError("generate: give a prompt, --file FILE, or '-' for stdin")
+    return [" ".join(args)]
+
+
+def prompt_ids(lm: LoadedModel, text: str, max_new_tokens: int, truncate: str = "error", bos: bool = True):
+    ids = lm.tokenizer.encode(text, bos=bos and lm.tokenizer.add_bos)
+    if not ids:
+        raise CamelidError("the prompt is empty and the model adds no BOS token")
+    limit = lm.config.max_seq_len - min(max_new_tokens, lm.config.max_seq_len // 2)
+    if len(ids) > limit and truncate == "left":
+        ids = ids[:1] + ids[len(ids) - limit + 1:] if bos and lm.tokenizer.add_bos else ids[-limit:]
+    return ids
+
+
+def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, max_new_tokens: int,
+                 stop: list[str], truncate: str = "error", bos: bool = True, show_stats: bool = False,
+                 out=sys.stdout):
+    ids = [prompt_ids(lm, p, max_new_tokens, truncate, bos) for p in prompts]
+    stats = Stats()
+    if len(ids) == 1:
+        out.write(prompts[0])
+        for piece in stream(lm, ids[0], max_new_tokens, params, stop, stats):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    else:
+        for prompt, c in zip(prompts, generate(lm, ids, max_new_tokens, params, stop, stats)):
+            out.write(prompt + c.text + "\n")
+    if show_stats:
+        print(f"prompt: {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.1f} tokens/s; "
+              f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s",
+              file=sys.stderr)
