@@ -1,0 +1,103 @@
+"""Tokenizers against llama.cpp's own test vectors, SentencePiece and Hugging Face tokenizers."""
+
+import pytest
+from conftest import SHARED, STORIES
+
+from camelid.formats.gguf_metadata import open_gguf, read_gguf_metadata
+from camelid.tokenizer.gguf_vocab import gguf_tokenizer
+from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
+from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
+from camelid.tokenizer.tokenizer import (HFBackend, SentencePieceBackend, Tokenizer, load_sentencepiece,
+                                         piece_tokenizer)
+
+TOK = SHARED / "tokenizers"
+TEXTS = ["Hello world", " Hello, world!", "Füh 🦙 ½ — 我想在apple工作", "  two  spaces\n\nand\ttabs ",
+         "Once upon a time, there was a little girl named Lily.", ""]
+
+
+def vectors(name):
+    base = TOK / f"ggml-vocab-{name}.gguf"
+    if not base.exists():
+        pytest.skip(f"{base} not found")
+    inputs = (TOK / f"{base.name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    outputs = (TOK / f"{base.name}.out").read_text(encoding="utf-8").split("\n")
+    assert len(inputs) > 40
+    return base, [(s, [int(x) for x in o.split()]) for s, o in zip(inputs, outputs)]
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
+def test_gguf_vocab_passes_llama_cpp_test_vectors(name):
+    base, cases = vectors(name)
+    tok = gguf_tokenizer(read_gguf_metadata(open_gguf(base)), str(base))
+    for text, expected in cases:
+        assert tok.encode(text, bos=False) == expected, text
+
+
+def test_sentencepiece_and_hf_json_pass_the_same_vectors():
+    _, spm_cases = vectors("llama-spm")
+    sp = Tokenizer(SentencePieceBackend(load_sentencepiece(TOK / "llama2_tokenizer.model")), 1, [2])
+    for text, expected in spm_cases:
+        assert sp.encode(text, bos=False) == expected, text
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _, bpe_cases = vectors("gpt-2")
+    hf = Tokenizer(HFBackend(HFTokenizer.from_file(str(TOK / "gpt2_tokenizer.json"))), None, [50256], False)
+    for text, expected in bpe_cases:
+        assert hf.encode(text) == expected, text
+
+
+def test_gguf_spm_bos_and_special_tokens():
+    base, _ = vectors("llama-spm")
+    tok = gguf_tokenizer(read_gguf_metadata(open_gguf(base)))
+    assert tok.encode("Hello world")[:1] == [1] and tok.add_bos
+    assert tok.encode("<s>[INST] hi [/INST]", bos=False)[0] == 1  # special text becomes the token id
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+def test_llama2c_tokenizer_bin_matches_sentencepiece_model():
+    vocab = read_llama2c_tokenizer(STORIES / "tok512.bin", 512)
+    ours = piece_tokenizer(vocab, 1, [2])
+    sp = load_sentencepiece(STORIES / "tok512.model")
+    # tok512.model collapses repeated and leading whitespace (SentencePiece's training default); run.c,
+    # the reference for tokenizer.bin, does not, so compare on text where the two normalisations agree.
+    for text in [t for t in TEXTS if t == " ".join(t.split())]:
+        assert ours.encode(text, bos=False) == sp.encode(text), text
+        assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+
+
+@pytest.mark.parametrize("kind", ["gguf-spm", "gguf-bpe", "sentencepiece", "llama2c"])
+def test_streaming_decode_equals_full_decode(kind):
+    tok = _tokenizer(kind)
+    for text in TEXTS:
+        ids = tok.encode(text, bos=False)
+        stream = tok.stream()
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == tok.decode(ids), text
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_streaming_holds_back_partial_utf8():
+    tok = _tokenizer("gguf-spm")
+    ids = tok.encode("🦙", bos=False)
+    assert len(ids) > 2  # the llama emoji is four byte tokens in LLaMA's vocabulary
+    stream = tok.stream()
+    assert [stream.push(i) for i in ids] == [""] * (len(ids) - 1) + ["🦙"]
+
+
+@pytest.mark.parametrize("kind", ["gguf-spm", "gguf-bpe", "sentencepiece", "llama2c"])
+def test_saved_tokenizer_round_trips(kind, tmp_path):
+    tok = _tokenizer(kind)
+    again = load_saved_tokenizer(tmp_path, save_tokenizer(tok, tmp_path))
+    for text in TEXTS:
+        assert again.encode(text) == tok.encode(text)
+    assert (again.bos_id, again.eos_ids, again.add_bos) == (tok.bos_id, tok.eos_ids, tok.add_bos)
+
+
+def _tokenizer(kind):
+    if kind == "gguf-spm":
+        return gguf_tokenizer(read_gguf_metadata(open_gguf(TOK / "ggml-vocab-llama-spm.gguf")))
+    if kind == "gguf-bpe":
+        return gguf_tokenizer(read_gguf_metadata(open_gguf(TOK / "ggml-vocab-gpt-2.gguf")))
+    if kind == "sentencepiece":
+        return Tokenizer(SentencePieceBackend(load_sentencepiece(TOK / "llama2_tokenizer.model")), 1, [2])
+    return piece_tokenizer(read_llama2c_tokenizer(STORIES / "tok512.bin", 512), 1, [2])
