@@ -19,9 +19,9 @@ from camelid.formats.tensors import load_safetensors, save_safetensors
 from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
-from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
+from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
-from camelid.tokenizer.tokenizer import Tokenizer, load_hf_tokenizer, piece_tokenizer
+from camelid.tokenizer.tokenizer import PieceBackend, Tokenizer, load_hf_tokenizer, piece_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT_VERSION = 1
@@ -170,11 +170,12 @@ def export_hf(lm: LoadedModel, folder: str | Path):
     tmp = folder.with_name(folder.name + ".tmp-camelid")
     _fresh_dir(tmp)
     tok = lm.tokenizer
-    section = save_tokenizer(tok, tmp)
-    if section["file"] == "tokenizer.pieces.json":
-        (tmp / section["file"]).unlink()  # transformers cannot read it; keep the vocabulary as sentencepiece
-        _write_sentencepiece_from_pieces(tok, tmp / "tokenizer.model")
-    tcfg = {**tok.special_tokens_map, "add_bos_token": tok.add_bos, "clean_up_tokenization_spaces": False}
+    if isinstance(tok.backend, PieceBackend):  # transformers reads tokenizer.json, not our pieces file
+        to_hf_tokenizer(tok.backend.vocab, tok.bos_id, tok.add_bos).save(str(tmp / "tokenizer.json"))
+    else:
+        save_tokenizer(tok, tmp)
+    tcfg = {**tok.special_tokens_map, "add_bos_token": tok.add_bos, "clean_up_tokenization_spaces": False,
+            "tokenizer_class": "PreTrainedTokenizerFast"}
     source, _ = resolve_template(lm.template)
     tcfg["chat_template"] = source
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if len(tok.eos_ids) == 1 else tok.eos_ids}
@@ -183,29 +184,6 @@ def export_hf(lm: LoadedModel, folder: str | Path):
                       extra_json={"config.json": cfg_extra, "tokenizer_config.json": tcfg,
                                   "generation_config.json": gen})
     _replace_dir(tmp, folder)
-
-
-def _write_sentencepiece_from_pieces(tok: Tokenizer, path: Path):
-    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
-
-    v = tok.backend.vocab
-    proto = spm_pb2.ModelProto()
-    proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
-    proto.trainer_spec.byte_fallback = bool(v.byte_ids)
-    proto.normalizer_spec.add_dummy_prefix = v.add_space_prefix
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.escape_whitespaces = True
-    for i, (p, s) in enumerate(zip(v.pieces, v.scores)):
-        piece = proto.pieces.add()
-        piece.piece = p.replace(v.space, "▁") if i not in v.byte_of else p
-        piece.score = s
-        if i == v.unk_id:
-            piece.type = spm_pb2.ModelProto.SentencePiece.UNKNOWN
-        elif i in v.byte_of:
-            piece.type = spm_pb2.ModelProto.SentencePiece.BYTE
-        elif i in v.special_ids:
-            piece.type = spm_pb2.ModelProto.SentencePiece.CONTROL
-    path.write_bytes(proto.SerializeToString())
 
 
 def _fresh_dir(path: Path):

@@ -129,3 +129,38 @@ def read_llama2c_tokenizer(path: str | Path, vocab_size: int) -> PieceVocab:
     # llama2.c stores "▁" as a plain space; ids 0-2 are <unk>, <s>, </s> (written as "\n<s>\n").
     pieces[:3] = [p.strip() for p in pieces[:3]]
     return PieceVocab(pieces, scores, space=" ", unk_id=0, special_ids={0, 1, 2})
+
+
+def to_hf_tokenizer(vocab: PieceVocab, bos_id: int | None, add_bos: bool):
+    """The same vocabulary as a `tokenizers` BPE (what transformers' LlamaConverter builds from a
+    SentencePiece model): merges ranked by the score of the piece they make, bytes as fallback."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    sp = "▁"
+    pieces = [p.replace(vocab.space, sp) if i not in vocab.byte_of else p for i, p in enumerate(vocab.pieces)]
+    ids = {}
+    for i, p in enumerate(pieces):
+        ids.setdefault(p, i)
+    merges = []
+    for i, piece in enumerate(pieces):
+        if i in vocab.special_ids or i in vocab.byte_of:
+            continue
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
+        merges += [(a, b, vocab.scores[i]) for a, b in sorted(splits, key=lambda s: (ids[s[0]], ids[s[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    tok = Tokenizer(models.BPE(ids, [(a, b) for a, b, _ in merges], unk_token=pieces[vocab.unk_id],
+                               fuse_unk=True, byte_fallback=bool(vocab.byte_ids)))
+    steps = [normalizers.Replace(" ", sp)]
+    if vocab.add_space_prefix:
+        steps.insert(0, normalizers.Prepend(sp))
+    tok.normalizer = normalizers.Sequence(steps)
+    dec = [decoders.Replace(sp, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if vocab.add_space_prefix:
+        dec.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(dec)
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in sorted(vocab.special_ids)])
+    if add_bos and bos_id is not None:
+        bos = pieces[bos_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
+    return tok
