@@ -30,7 +30,8 @@ def chat_prompt(lm: LoadedModel, messages: list[dict], template: str, max_new_to
 
 
 def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512, system: str | None = None,
-              template: str | None = None, read: Callable[[str], str] = input, out: TextIO = sys.stdout):
+              template: str | None = None, read: Callable[[str], str] = input, out: TextIO | None = None):
+    out = out or sys.stdout
     template = template or lm.template
     _, template_stops = resolve_template(template)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []

@@ -39,7 +39,8 @@ def prompt_ids(lm: LoadedModel, text: str, max_new_tokens: int, truncate: str = 
 
 def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, max_new_tokens: int,
                  stop: list[str], truncate: str = "error", bos: bool = True, show_stats: bool = False,
-                 out=sys.stdout):
+                 out=None):
+    out = out or sys.stdout
     ids = [prompt_ids(lm, p, max_new_tokens, truncate, bos) for p in prompts]
     stats = Stats()
     if len(ids) == 1:
