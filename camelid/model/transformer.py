@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.model.config import ModelConfig
+from camelid.model.kernels import linear
 from camelid.model.kv_cache import KVCache
 
 
@@ -78,6 +79,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
+def decode_attention(q, k, v, mask):
+    """Attention of one new token over the cache. Query heads are grouped by the KV head they share, so
+    grouped-query attention needs no copy of K and V; two small matmuls beat a flash kernel here."""
+    B, H, _, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    qg = q.view(B, n_kv, H // n_kv, D)
+    scores = (qg @ k.transpose(-1, -2)).float() * (D ** -0.5)  # (B, n_kv, group, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,7 +103,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int):
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q, k, v = linear(x, self.wqkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -101,11 +114,13 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, start, k, v)
         gqa = cfg.n_kv_heads != cfg.n_heads
-        if mask is None:  # a causal block that starts at 0, or one query token that sees the whole cache
+        if T == 1:
+            y = decode_attention(q, k, v, mask)
+        elif mask is None:  # a causal block that starts at 0, or one query token that sees the whole cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+        return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo)
 
 
 class MLP(nn.Module):
@@ -117,13 +132,13 @@ class MLP(nn.Module):
         self.w_out = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        h = self.w_in(x)
+        h = linear(x, self.w_in)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.w_out(h)
+        return linear(h, self.w_out)
 
 
 class Block(nn.Module):
@@ -181,7 +196,7 @@ class Transformer(nn.Module):
         positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
         x = self.tok_embeddings(tokens)
         if cfg.embed_proj_dim:
-            x = self.embed_proj_in(x)
+            x = linear(x, self.embed_proj_in)
         rope = None
         if cfg.positions == "learned":
             x = x + self.pos_embeddings(positions + cfg.learned_pos_offset)
@@ -199,8 +214,8 @@ class Transformer(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if cfg.embed_proj_dim:
-            x = self.embed_proj_out(x)
-        return self.output(x).float()
+            x = linear(x, self.embed_proj_out)
+        return linear(x, self.output).float()
 
     def _positions_and_mask(self, B, T, start, pad_mask, device):
         steps = torch.arange(start, start + T, device=device)
