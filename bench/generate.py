@@ -86,8 +86,9 @@ def main():
         import sys
 
         for name in dtypes:
-            child = [a for a in sys.argv[1:] if not a.startswith("--dtypes")]
-            subprocess.run([sys.executable, __file__, *child, f"--dtypes={name}"], check=True)
+            child = ["--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+                     "--new-tokens", str(args.new_tokens), "--dtypes", name] + ["--no-compile"] * args.no_compile
+            subprocess.run([sys.executable, __file__, *child], check=True)
         return
     torch.set_num_threads(args.threads)
     enable_fast_decode(not args.no_compile)

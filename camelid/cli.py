@@ -28,6 +28,8 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on gpu)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not compile the CPU decode kernel (first use compiles for a few seconds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +99,14 @@ def _load(args):
 
     from camelid.formats.load import load_model
 
+    from camelid.model.kernels import enable_fast_decode
+
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return load_model(args.model, args.device, args.dtype, args.tokenizer)
+    lm = load_model(args.model, args.device, args.dtype, args.tokenizer)
+    if lm.model.output.weight.device.type == "cpu" and not args.no_compile and lm.config.dim >= 512:
+        enable_fast_decode(True)  # small models are dominated by Python overhead, not weight reads
+    return lm
 
 
 def _params(args):
