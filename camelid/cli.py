@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat in the terminal")
     _model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--template", default=None, help="override the model's chat template")
+    p.add_argument("--template", default=None, help="override the model's chat template: a built-in name "
+                                                    "(alpaca, vicuna, llama2, chatml, llama3, raw) or a Jinja file")
     _sampling_args(p)
     return parser
 
@@ -132,13 +133,18 @@ def cmd_estimate(args):
     return 0 if ok else 2
 
 
+def _template(value: str | None) -> str | None:
+    """A built-in template name, or a Jinja file read into its source."""
+    if value and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    return value
+
+
 def cmd_convert(args):
     from camelid.formats.load import export_hf, load_model, save_native
 
     lm = load_model(args.source, "cpu", args.dtype, args.tokenizer)
-    template = args.template
-    if template and Path(template).is_file():
-        template = Path(template).read_text(encoding="utf-8")
+    template = _template(args.template)
     if args.to == "hf":
         if template:
             lm.template = template
@@ -162,7 +168,7 @@ def cmd_chat(args):
 
     params = _params(args)
     lm = _load(args)
-    chat_loop(lm, params, args.max_new_tokens, args.system, args.template)
+    chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template))
 
 
 COMMANDS = {"info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from camelid.errors import CamelidError
 
@@ -45,7 +46,7 @@ def load_tensor_files(folder: Path) -> dict[str, torch.Tensor]:
             except (json.JSONDecodeError, KeyError, AttributeError):
                 raise CamelidError(f"{index}: not a valid shard index (needs a 'weight_map')") from None
             out = {}
-            for shard in shards:
+            for shard in tqdm(shards, desc=f"loading {folder.name}", unit="shard", disable=len(shards) < 4):
                 if not (folder / shard).exists():
                     raise CamelidError(f"{index}: shard {shard} is missing")
                 out.update(loader(folder / shard))
