@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from camelid.errors import CamelidError
 
 
@@ -17,4 +19,21 @@ def open_gguf(path: str | Path):
 
 
 def read_gguf_metadata(reader) -> dict:
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    from gguf import GGUFValueType
+
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types[0] == GGUFValueType.ARRAY and len(field.types) > 1 and field.data:
+            # gguf's contents() converts element by element; a 150K-token vocabulary takes seconds that way.
+            parts = [field.parts[i] for i in field.data]
+            if field.types[1] == GGUFValueType.STRING:
+                meta[key] = [bytes(p).decode("utf-8", errors="replace") for p in parts]
+            elif field.types[1] != GGUFValueType.ARRAY:
+                meta[key] = np.concatenate(parts).tolist()
+            else:
+                meta[key] = field.contents()
+        else:
+            meta[key] = field.contents()
+    return meta

@@ -142,7 +142,7 @@ def stream(lm, prompt: str | list[int], max_new_tokens: int = 256, params: Sampl
            stop: list[str] | None = None, stats: Stats | None = None, completion: Completion | None = None
            ) -> Iterator[str]:
     """Text pieces as they are generated for one prompt; `completion` (if given) is filled in as it goes."""
-    for index, piece in stream_batch(lm, [prompt], max_new_tokens, params, stop, stats,
+    for _, piece in stream_batch(lm, [prompt], max_new_tokens, params, stop, stats,
                                      [completion] if completion is not None else None):
         yield piece
 

@@ -112,7 +112,9 @@ class Attention(nn.Module):
             q = apply_rotary(q, cos, sin, cfg.rope_interleaved)
             k = apply_rotary(k, cos, sin, cfg.rope_interleaved)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, start, k, v)
+            cached_k, cached_v = kv_cache.update(layer, start, k, v)
+            if start > 0:  # a first block attends to its own fresh (contiguous) keys and values
+                k, v = cached_k, cached_v
         gqa = cfg.n_kv_heads != cfg.n_heads
         if T == 1:
             y = decode_attention(q, k, v, mask)
