@@ -3,7 +3,7 @@
 import pytest
 from conftest import SHARED, STORIES
 
-from camelid.formats.gguf_metadata import open_gguf, read_gguf_metadata
+from camelid.formats.gguf_metadata import read_gguf_metadata
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
@@ -28,7 +28,7 @@ def vectors(name):
 @pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
 def test_gguf_vocab_passes_llama_cpp_test_vectors(name):
     base, cases = vectors(name)
-    tok = gguf_tokenizer(read_gguf_metadata(open_gguf(base)), str(base))
+    tok = gguf_tokenizer(read_gguf_metadata(base), str(base))
     for text, expected in cases:
         assert tok.encode(text, bos=False) == expected, text
 
@@ -48,7 +48,7 @@ def test_sentencepiece_and_hf_json_pass_the_same_vectors():
 
 def test_gguf_spm_bos_and_special_tokens():
     base, _ = vectors("llama-spm")
-    tok = gguf_tokenizer(read_gguf_metadata(open_gguf(base)))
+    tok = gguf_tokenizer(read_gguf_metadata(base))
     assert tok.encode("Hello world")[:1] == [1] and tok.add_bos
     assert tok.encode("<s>[INST] hi [/INST]", bos=False)[0] == 1  # special text becomes the token id
     assert tok.decode(tok.encode("Hello world")) == "Hello world"
@@ -95,9 +95,33 @@ def test_saved_tokenizer_round_trips(kind, tmp_path):
 
 def _tokenizer(kind):
     if kind == "gguf-spm":
-        return gguf_tokenizer(read_gguf_metadata(open_gguf(TOK / "ggml-vocab-llama-spm.gguf")))
+        return gguf_tokenizer(read_gguf_metadata(TOK / "ggml-vocab-llama-spm.gguf"))
     if kind == "gguf-bpe":
-        return gguf_tokenizer(read_gguf_metadata(open_gguf(TOK / "ggml-vocab-gpt-2.gguf")))
+        return gguf_tokenizer(read_gguf_metadata(TOK / "ggml-vocab-gpt-2.gguf"))
     if kind == "sentencepiece":
         return Tokenizer(SentencePieceBackend(load_sentencepiece(TOK / "llama2_tokenizer.model")), 1, [2])
     return piece_tokenizer(read_llama2c_tokenizer(STORIES / "tok512.bin", 512), 1, [2])
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
+def test_gguf_metadata_reader_agrees_with_gguf_py(name):
+    from gguf import GGUFReader
+
+    base, _ = vectors(name)
+    ours = read_gguf_metadata(base)
+    ref = {k: f.contents() for k, f in GGUFReader(str(base)).fields.items() if not k.startswith("GGUF.")}
+    assert set(ours) == set(ref)
+    for key, value in ref.items():
+        assert ours[key] == pytest.approx(value) if isinstance(value, (float, list)) and value and \
+            isinstance(value if isinstance(value, float) else value[0], float) else ours[key] == value, key
+
+
+def test_bad_gguf_files(tmp_path):
+    from camelid.errors import CamelidError
+
+    (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(20))
+    with pytest.raises(CamelidError, match="no GGUF magic"):
+        read_gguf_metadata(tmp_path / "x.gguf")
+    (tmp_path / "t.gguf").write_bytes((TOK / "ggml-vocab-llama-spm.gguf").read_bytes()[:5000])
+    with pytest.raises(CamelidError, match="truncated GGUF header"):
+        read_gguf_metadata(tmp_path / "t.gguf")
