@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="override the model's chat template: a built-in name "
                                                     "(alpaca, vicuna, llama2, chatml, llama3, raw) or a Jinja file")
     _sampling_args(p)
+    p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model name in the API (default: the folder or file name)")
+    p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every API route (or set CAMELID_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     return parser
 
 
@@ -171,7 +183,22 @@ def cmd_chat(args):
     chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template))
 
 
-COMMANDS = {"info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+def cmd_serve(args):
+    import uvicorn
+
+    from camelid.serve.app import ServerConfig, create_app
+
+    for name in ("max_batch", "max_queue", "max_tokens_limit", "port"):
+        if getattr(args, name) < 1:
+            raise CamelidError(f"--{name.replace('_', '-')} must be >= 1")
+    name = args.name or Path(args.model).name.removesuffix(".bin")
+    config = ServerConfig(name, args.api_key, args.cors_origin, args.max_batch, args.max_queue,
+                          args.max_tokens_limit)
+    print(f"camelid serve: {name} on http://{args.host}:{args.port}/ (API at /v1)", file=sys.stderr)
+    uvicorn.run(create_app(lambda: _load(args), config), host=args.host, port=args.port, log_level="warning")
+
+
+COMMANDS = {"serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":

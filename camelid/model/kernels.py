@@ -35,18 +35,34 @@ def enable_fast_decode(enabled: bool = True) -> bool:
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T for a few rows M. The output is laid out (N, M) so each weight row is read
+    from memory once and reused from cache for every input row."""
     n, k = w.shape
     # Long rows are reduced in two halves: one accumulator chain over >4K elements stalls on FMA latency.
     split = 2 if k > 4096 and k % 32 == 0 else 1
-    prod = x.float().view(1, split, k // split) * w.float().view(n, split, k // split)
-    return prod.sum(-1).sum(-1).view(1, n).to(x.dtype)
+    prod = w.float().view(n, 1, split, k // split) * x.float().view(1, -1, split, k // split)
+    return prod.sum(-1).sum(-1).t().to(x.dtype)
+
+
+def _use_kernel(x: torch.Tensor, layer: torch.nn.Module) -> bool:
+    if not (_state["enabled"] and type(layer) is torch.nn.Linear and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return False
+    rows = x.shape[:-1].numel()
+    # Batched decode: oneDNN's bf16 kernel already reads the weights once for up to 8 rows; fp32 BLAS does not.
+    return rows == 1 or (rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32)
+
+
+MAX_KERNEL_ROWS = 8
 
 
 def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    if (_state["enabled"] and type(layer) is torch.nn.Linear and x.device.type == "cpu"
-            and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled()):
+    if _use_kernel(x, layer):
         try:
-            y = _state["gemv"](x.reshape(1, -1), layer.weight).view(*x.shape[:-1], -1)
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] > 1:
+                torch._dynamo.mark_dynamic(x2, 0)  # one compiled kernel for every batch size
+            y = _state["gemv"](x2, layer.weight).view(*x.shape[:-1], -1)
         except Exception as exc:  # a compiler failure must not stop generation
             log.warning("fast decode kernel failed (%s); using F.linear", str(exc).splitlines()[0])
             _state["enabled"] = False

@@ -113,7 +113,7 @@ class Attention(nn.Module):
             k = apply_rotary(k, cos, sin, cfg.rope_interleaved)
         if kv_cache is not None:
             cached_k, cached_v = kv_cache.update(layer, start, k, v)
-            if start > 0:  # a first block attends to its own fresh (contiguous) keys and values
+            if isinstance(start, torch.Tensor) or start > 0:  # a first block uses its fresh keys and values
                 k, v = cached_k, cached_v
         gqa = cfg.n_kv_heads != cfg.n_heads
         if T == 1:
@@ -186,12 +186,14 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, kv_cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
         positions then count real tokens only, so a padded row computes what it would alone.
+        `start` may instead be a (B,) tensor with each row's own position, for one new token per row
+        (continuous batching, where every request in the batch is at a different length).
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -220,6 +222,9 @@ class Transformer(nn.Module):
         return linear(x, self.output).float()
 
     def _positions_and_mask(self, B, T, start, pad_mask, device):
+        if isinstance(start, torch.Tensor):
+            keys = torch.arange(int(start.max()) + 1, device=device)
+            return start.view(B, 1), (keys <= start.view(B, 1)).view(B, 1, 1, -1)
         steps = torch.arange(start, start + T, device=device)
         if pad_mask is None:
             positions = steps.unsqueeze(0).expand(B, T)

@@ -1,0 +1,323 @@
+"""`camelid serve`: an OpenAI-compatible HTTP API over the continuous-batching engine, and a chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from camelid.errors import CamelidError
+from camelid.formats.load import LoadedModel
+from camelid.generate.sampling import SamplingParams
+from camelid.serve.api import ChatRequest, CompletionRequest
+from camelid.serve.engine import Engine, QueueFull, Request
+from camelid.tokenizer.chat_template import render_chat, resolve_template
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_batch: int = 8
+    max_queue: int = 64
+    max_tokens_limit: int = 4096
+    max_body_bytes: int = 1 << 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _error_body(status, message, param=None, code=None, kind="invalid_request_error"):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+class BodyLimit:
+    """Rejects request bodies over a size limit (413) before they are read into memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise APIError(413, f"request body is larger than {self.limit} bytes", code="body_too_large")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+    async def _reject(self, scope, receive, send):
+        response = _error_body(413, f"request body is larger than {self.limit} bytes", code="body_too_large")
+        await response(scope, receive, send)
+
+
+def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI:
+    """The app loads its model in the background (`load`), answering /health with 503 until it is ready."""
+    state = {"engine": None, "error": None, "started": int(time.time())}
+
+    def _load():
+        try:
+            state["engine"] = Engine(load(), config.max_batch, config.max_queue)
+        except Exception as exc:  # reported by /health, never a crash
+            state["error"] = str(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        threading.Thread(target=_load, name="camelid-load", daemon=True).start()
+        yield
+        if state["engine"] is not None:
+            state["engine"].shutdown()
+
+    app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return _error_body(exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", []) if p != "body"]
+        param = ".".join(loc) or None
+        if err.get("type") == "json_invalid":
+            return _error_body(400, "the request body is not valid JSON", None, "invalid_json")
+        message = err.get("msg", "invalid request").removeprefix("Value error, ")
+        return _error_body(400, f"{param}: {message}" if param else message, param, "invalid_parameter")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):
+        return _error_body(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        return _error_body(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+
+    def authorize(request: HTTPRequest):
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {config.api_key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    def engine() -> Engine:
+        if state["engine"] is None:
+            raise APIError(503, "the model is still loading" if state["error"] is None
+                           else f"the model failed to load: {state['error']}", code="model_not_ready",
+                           kind="server_error")
+        return state["engine"]
+
+    @app.get("/health")
+    async def health():
+        if state["engine"] is not None:
+            return {"status": "ok"}
+        return JSONResponse({"status": "error" if state["error"] else "loading", "error": state["error"]},
+                            status_code=503)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
+                                            "created": state["started"], "owned_by": "camelid"}]}
+
+    @app.get("/metrics", dependencies=[Depends(authorize)])
+    async def metrics():
+        eng = state["engine"]
+        return PlainTextResponse(prometheus_text(eng), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest, http: HTTPRequest):
+        eng = engine()
+        lm = eng.lm
+        _check_model(body.model, config)
+        template, template_stops = resolve_template(lm.template)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
+        except CamelidError as exc:
+            raise APIError(400, str(exc), "messages", "invalid_messages") from None
+        prompt = lm.tokenizer.encode(text, bos=False)
+        limit = body.max_completion_tokens or body.max_tokens
+        return await _respond(eng, http, body, prompt, limit, template_stops + lm.stop, chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        eng = engine()
+        _check_model(body.model, config)
+        if isinstance(body.prompt, list):
+            if any(not 0 <= t < eng.lm.tokenizer.vocab_size for t in body.prompt):
+                raise APIError(400, "prompt: token id out of the vocabulary", "prompt", "invalid_parameter")
+            prompt = list(body.prompt)
+        else:
+            prompt = eng.lm.tokenizer.encode(body.prompt)
+        return await _respond(eng, http, body, prompt, body.max_tokens, list(eng.lm.stop), chat=False)
+
+    async def _respond(eng: Engine, http: HTTPRequest, body, prompt, max_tokens, stops, chat: bool):
+        ctx = eng.ctx
+        if not prompt:
+            raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
+        if max_tokens is not None and max_tokens > config.max_tokens_limit:
+            raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
+        room = ctx - len(prompt)
+        requested = max_tokens if max_tokens is not None else min(room, config.max_tokens_limit)
+        if room < 1 or requested > room:
+            raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
+                                f"{len(prompt)} prompt tokens and asks for {requested} more",
+                           "messages" if chat else "prompt", "context_length_exceeded")
+        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                                repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
+                                frequency_penalty=body.frequency_penalty, seed=body.seed)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = Request(prompt, params, requested, list(body.stop or []) + stops,
+                      emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+        try:
+            eng.submit(req)
+        except QueueFull:
+            raise APIError(429, "the server is busy: too many queued requests", code="queue_full",
+                           kind="rate_limit_error") from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        meta = dict(id=rid, created=int(time.time()), model=config.model_name)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(req, events, meta, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text = []
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        req.cancel()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if kind == "text":
+                    text.append(value)
+                elif kind == "error":
+                    raise APIError(500, f"generation failed: {value}", kind="server_error")
+                else:
+                    break
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        usage = _usage(req)
+        content = "".join(text)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                      "finish_reason": req.finish_reason}
+            return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+        if getattr(body, "echo", False) and isinstance(body.prompt, str):
+            content = body.prompt + content
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": req.finish_reason}
+        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+
+    return BodyLimit(app, config.max_body_bytes) if config.max_body_bytes else app
+
+
+def _check_model(name: str, config: ServerConfig):
+    if name and name != config.model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                       "model", "model_not_found")
+
+
+def _usage(req: Request) -> dict:
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.tokens),
+            "total_tokens": len(req.prompt) + len(req.tokens)}
+
+
+async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that goes away
+    cancels the generator here, which cancels its request in the engine."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta_or_text, finish=None):
+        if chat:
+            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish}
+        return "data: " + json.dumps({**meta, "object": obj, "choices": [choice]}, ensure_ascii=False) + "\n\n"
+
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind == "text":
+                yield chunk({"content": value} if chat else value)
+            elif kind == "error":
+                yield "data: " + json.dumps({"error": {"message": value, "type": "server_error"}}) + "\n\n"
+                break
+            else:
+                yield chunk({} if chat else "", req.finish_reason)
+                break
+        if include_usage:
+            yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": _usage(req)}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if req.finish_reason is None:
+            req.cancel()
+
+
+def prometheus_text(eng: Engine | None) -> str:
+    m = eng.metrics if eng else None
+    rows = [
+        ("camelid_requests_total", "counter", "Requests accepted.", m and m.requests_total),
+        ("camelid_requests_finished_total", "counter", "Requests completed.", m and m.requests_finished),
+        ("camelid_requests_cancelled_total", "counter", "Requests cancelled by their client.",
+         m and m.requests_cancelled),
+        ("camelid_requests_rejected_total", "counter", "Requests refused with 429.", m and m.requests_rejected),
+        ("camelid_prompt_tokens_total", "counter", "Prompt tokens processed.", m and m.prompt_tokens),
+        ("camelid_generated_tokens_total", "counter", "Tokens generated.", m and m.generated_tokens),
+        ("camelid_queue_depth", "gauge", "Requests waiting for a batch slot.", eng and eng.queue_depth),
+        ("camelid_running_requests", "gauge", "Requests being decoded.", eng and eng.running),
+        ("camelid_decode_steps_total", "counter", "Batched decode steps.", m and m.decode_steps),
+        ("camelid_decode_batch_size_sum", "counter", "Sum of batch sizes over decode steps.",
+         m and m.batch_size_sum),
+    ]
+    out = []
+    for name, kind, help_text, value in rows:
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value or 0}"]
+    for name, help_text, total in (("camelid_request_latency_seconds", "Request latency.",
+                                    m and m.latency_seconds_sum),
+                                   ("camelid_time_to_first_token_seconds", "Time to first token.",
+                                    m and m.ttft_seconds_sum)):
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} summary", f"{name}_sum {total or 0:.6f}",
+                f"{name}_count {m.requests_finished if m else 0}"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,216 @@
+"""Continuous batching: concurrent requests decoded together, one token each per forward pass.
+
+A request joins between steps (its prompt is prefilled into a free row of the shared KV cache) and leaves
+as soon as it finishes or is cancelled. Active requests always occupy rows 0..n-1, so a decode step works
+on a view of the cache, never a copy: when one finishes, the last row moves into its place.
+The engine runs in its own thread; events reach each request through a callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from camelid.formats.load import LoadedModel
+from camelid.generate.generate import StopStrings
+from camelid.generate.sampling import SamplingParams, make_generator, sample
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    emit: Callable[[str, object], None]  # emit("text", str) / emit("done", finish_reason)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def cancel(self):
+        self.cancelled = True
+
+
+@dataclass
+class Metrics:
+    requests_total: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_rejected: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    latency_seconds_sum: float = 0.0
+    ttft_seconds_sum: float = 0.0
+    batch_size_sum: int = 0
+    decode_steps: int = 0
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, max_batch: int = 8, max_queue: int = 64):
+        self.lm = lm
+        self.model = lm.model
+        self.tok = lm.tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.ctx = lm.config.max_seq_len
+        self.cache = self.model.new_kv_cache(max_batch, self.ctx)
+        self.device = self.model.output.weight.device
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.active: list[_Slot] = []
+        self.metrics = Metrics()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="camelid-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public, thread-safe
+
+    def submit(self, request: Request):
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.requests_rejected += 1
+                raise QueueFull()
+            self.metrics.requests_total += 1
+            self.metrics.prompt_tokens += len(request.prompt)
+            self.waiting.append(request)
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    def shutdown(self):
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop and not self.waiting and not self.active:
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                    joining = []
+                    while self.waiting and len(self.active) + len(joining) < self.max_batch:
+                        joining.append(self.waiting.popleft())
+                for req in joining:
+                    self._admit(req)
+                if self.active:
+                    self._step()
+
+    def _admit(self, req: Request):
+        if req.cancelled:
+            self._finish_request(req, "cancelled")
+            return
+        row = len(self.active)
+        slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
+        try:
+            ids = torch.tensor([req.prompt], device=self.device)
+            logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=True)
+        except Exception as exc:  # a failing request must not take the server down
+            req.emit("error", str(exc))
+            return
+        slot.length = len(req.prompt)
+        self.active.append(slot)
+        self._accept(slot, sample(logits[:, -1], req.params, [slot.history], slot.generator).item())
+        self._retire_finished()
+
+    def _step(self):
+        n = len(self.active)
+        tokens = torch.tensor([[s.last] for s in self.active], device=self.device)
+        starts = torch.tensor([s.length for s in self.active], device=self.device)
+        logits = self.model(tokens, starts, self.cache.rows(0, n))[:, -1]
+        self.metrics.decode_steps += 1
+        self.metrics.batch_size_sum += n
+        for i, slot in enumerate(self.active):
+            slot.length += 1
+            token = sample(logits[i:i + 1], slot.req.params, [slot.history], slot.generator).item()
+            self._accept(slot, token)
+        self._retire_finished()
+
+    def _accept(self, slot: "_Slot", token: int):
+        req = slot.req
+        if req.cancelled:
+            slot.finish = "cancelled"
+            return
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if token in self.tok.eos_ids:
+            slot.finish = "stop"
+            text, _ = slot.stops.push(slot.decoder.flush())
+            slot.emit_text(text + slot.stops.flush())
+            return
+        slot.last = token
+        slot.history.append(token)
+        req.tokens.append(token)
+        self.metrics.generated_tokens += 1
+        text, hit = slot.stops.push(slot.decoder.push(token))
+        slot.emit_text(text)
+        if hit:
+            slot.finish = "stop"
+        elif len(req.tokens) >= req.max_tokens or slot.length >= self.ctx:
+            slot.finish = "length"
+            text, hit = slot.stops.push(slot.decoder.flush())
+            slot.emit_text(text if hit else text + slot.stops.flush())
+
+    def _retire_finished(self):
+        i = 0
+        while i < len(self.active):
+            slot = self.active[i]
+            if slot.finish is None:
+                i += 1
+                continue
+            last = len(self.active) - 1
+            if i != last:  # keep active rows a prefix of the cache
+                self.cache.move_row(last, i, self.active[last].length)
+                self.active[i] = self.active[last]
+            self.active.pop()
+            self._finish_request(slot.req, slot.finish)
+
+    def _finish_request(self, req: Request, reason: str):
+        req.finish_reason = reason
+        m = self.metrics
+        if reason == "cancelled":
+            m.requests_cancelled += 1
+        else:
+            m.requests_finished += 1
+            m.latency_seconds_sum += time.perf_counter() - req.created
+            if req.first_token_at is not None:
+                m.ttft_seconds_sum += req.first_token_at - req.created
+        req.emit("done", reason)
+
+
+class _Slot:
+    def __init__(self, req: Request, tok, generator):
+        self.req = req
+        self.history = list(req.prompt)
+        self.decoder = tok.stream()
+        self.stops = StopStrings(req.stop)
+        self.generator = generator
+        self.length = 0  # tokens in this row of the cache
+        self.last = 0
+        self.finish: str | None = None
+
+    def emit_text(self, text: str):
+        if text:
+            self.req.emit("text", text)
