@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
+# The web page test drives Debian's chromium (Playwright never downloads a browser here).
 $(DEV_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[dev]'
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium could not be installed: the web page test will be skipped"
 	touch $@
 
 install: $(STAMP)

@@ -191,6 +191,8 @@ def cmd_serve(args):
     for name in ("max_batch", "max_queue", "max_tokens_limit", "port"):
         if getattr(args, name) < 1:
             raise CamelidError(f"--{name.replace('_', '-')} must be >= 1")
+    if not Path(args.model).exists():  # fail now, not later in the background loader
+        raise CamelidError(f"{args.model}: no such file or directory")
     name = args.name or Path(args.model).name.removesuffix(".bin")
     config = ServerConfig(name, args.api_key, args.cors_origin, args.max_batch, args.max_queue,
                           args.max_tokens_limit)

@@ -121,3 +121,8 @@ def test_real_process_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_serve_missing_model_and_bad_limits(capsys, tmp_path):
+    assert_one_line_error(*run_cli(["serve", tmp_path / "nope"], capsys), "nope", "no such file")
+    assert_one_line_error(*run_cli(["serve", MODEL, "--max-batch", "0"], capsys), "--max-batch must be >= 1")

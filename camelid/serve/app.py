@@ -52,7 +52,7 @@ def _error_body(status, message, param=None, code=None, kind="invalid_request_er
 class BodyLimit:
     """Rejects request bodies over a size limit (413) before they are read into memory."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int = 1 << 20):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
@@ -96,6 +96,8 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
             state["engine"].shutdown()
 
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.camelid = state  # the engine, for tests and embedding applications
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -248,7 +250,7 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
         choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": req.finish_reason}
         return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
 
-    return BodyLimit(app, config.max_body_bytes) if config.max_body_bytes else app
+    return app
 
 
 def _check_model(name: str, config: ServerConfig):

@@ -1,0 +1,232 @@
+"""`camelid serve` driven by real clients (the official openai package, httpx) over loopback."""
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from conftest import REPO
+
+from camelid.formats.load import load_model
+from camelid.generate.generate import generate
+from camelid.generate.sampling import SamplingParams
+from camelid.serve.app import ServerConfig, create_app
+from camelid.serve.engine import Request
+
+MODEL = REPO / "models" / "stories260K"
+PROMPTS = ["Once upon a time", "Tom had a big dog", "The sun was hot", "Lily and Ben went to the park",
+           "One day", "The cat"]
+
+
+@contextlib.contextmanager
+def running_server(load=None, **config):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(load or (lambda: load_model(MODEL)), ServerConfig("stories", **config))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield base, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_ready(base, headers=None):
+    for _ in range(300):
+        if httpx.get(f"{base}/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("server never became ready")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as (base, app):
+        wait_ready(base)
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(MODEL)
+
+
+def greedy(lm, prompt, n):
+    return generate(lm, [prompt], n, SamplingParams.greedy())[0].text
+
+
+def test_openai_client_completions_and_chat(server, lm):
+    import openai
+
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["stories"]
+    c = client.completions.create(model="stories", prompt="Once upon a time", max_tokens=30, temperature=0)
+    assert c.choices[0].text == greedy(lm, "Once upon a time", 30)
+    assert c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(lm.tokenizer.encode("Once upon a time")), 30)
+    chat = client.chat.completions.create(model="stories", messages=[{"role": "user", "content": "Once upon a time"}],
+                                          max_tokens=25, temperature=0)
+    # The model's stored template is "raw": the chat prompt is BOS + the user's text.
+    assert chat.choices[0].message.content == greedy(lm, "Once upon a time", 25)
+    stream = client.chat.completions.create(model="stories", messages=[{"role": "user", "content": "Once upon a time"}],
+                                            max_tokens=25, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == chat.choices[0].message.content and finish == "length"
+    assert usage.completion_tokens == 25
+    streamed = client.completions.create(model="stories", prompt="The cat", max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == greedy(lm, "The cat", 20)
+
+
+def test_stop_sequences_and_seed(server, lm):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
+    full = greedy(lm, "Once upon a time", 40)
+    c = client.completions.create(model="stories", prompt="Once upon a time", max_tokens=40, temperature=0,
+                                  stop=["Lily"])
+    assert c.choices[0].text == full[:full.index("Lily")] and c.choices[0].finish_reason == "stop"
+    a, b = (client.completions.create(model="stories", prompt="One day", max_tokens=30, temperature=1.0, seed=5)
+            for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_concurrent_requests_are_batched_and_exact(server, lm):
+    base, app = server
+    engine = app.state.camelid["engine"]
+    steps_before, rows_before = engine.metrics.decode_steps, engine.metrics.batch_size_sum
+
+    def complete(prompt):
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0},
+                       timeout=60)
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        texts = list(pool.map(complete, PROMPTS))
+    assert texts == [greedy(lm, p, 60) for p in PROMPTS]
+    steps = engine.metrics.decode_steps - steps_before
+    rows = engine.metrics.batch_size_sum - rows_before
+    assert rows / steps > 1.5  # requests really shared forward passes
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ('{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+    ('{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
+    ('{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ('{"prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
+    ('{"prompt": "x", "n": 3}', 400, "n"),
+    ('{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    ('{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
+    ('{"prompt": ' + json.dumps("Once upon a time " * 200) + '}', 400, "maximum context length"),
+    ('{"prompt": [1, 2, 99999]}', 400, "vocabulary"),
+    ('{"prompt": "x"', 400, "not valid JSON"),
+    ('[1, 2]', 400, ""),
+    ('{"max_tokens": 5}', 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, needle):
+    r = httpx.post(f"{server[0]}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"]
+
+
+def test_bad_chat_requests(server):
+    base = server[0]
+    for body, needle in (({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+                         ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
+                          "max_completion_tokens")):
+        r = httpx.post(f"{base}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_body_size_limit():
+    with running_server(max_body_bytes=2000) as (base, _):
+        wait_ready(base)
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x" * 5000})
+        assert r.status_code == 413 and "larger than 2000" in r.json()["error"]["message"]
+
+
+def test_api_key_and_health_while_loading():
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(10)
+        return load_model(MODEL)
+
+    with running_server(load=slow_load, api_key="s3cret") as (base, _):
+        assert httpx.get(f"{base}/health").status_code == 503
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        gate.set()
+        wait_ready(base)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 3},
+                        headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert "access-control-allow-origin" not in httpx.options(
+            f"{base}/v1/models", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"}
+        ).headers
+
+
+def test_disconnect_cancels_generation(server):
+    base, app = server
+    engine = app.state.camelid["engine"]
+    before = engine.metrics.requests_cancelled
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then the client goes away
+    for _ in range(200):
+        if engine.metrics.requests_cancelled > before and engine.running == 0:
+            break
+        time.sleep(0.02)
+    assert engine.metrics.requests_cancelled == before + 1 and engine.running == 0
+
+
+def test_full_queue_answers_429():
+    with running_server(max_batch=1, max_queue=1) as (base, app):
+        wait_ready(base)
+        engine = app.state.camelid["engine"]
+        release = threading.Event()
+        # Occupy the engine's only slot with a request whose consumer blocks, so the queue stays full.
+        engine.submit(Request([1], SamplingParams.greedy(), 2, [], emit=lambda *_: release.wait(10)))
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(httpx.post, f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                 timeout=30)
+            for _ in range(200):
+                if engine.queue_depth == 1:
+                    break
+                time.sleep(0.02)
+            r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            release.set()
+            assert queued.result().status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+        assert "camelid_requests_rejected_total 1" in metrics and "camelid_queue_depth 0" in metrics
+
+
+def test_metrics_format(server):
+    text = httpx.get(f"{server[0]}/metrics").text
+    assert "# TYPE camelid_generated_tokens_total counter" in text
+    assert "camelid_time_to_first_token_seconds_count" in text
