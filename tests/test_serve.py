@@ -230,3 +230,21 @@ def test_metrics_format(server):
     text = httpx.get(f"{server[0]}/metrics").text
     assert "# TYPE camelid_generated_tokens_total counter" in text
     assert "camelid_time_to_first_token_seconds_count" in text
+
+
+def test_slow_client_does_not_block_others(server, lm):
+    base = server[0]
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "temperature": 1.0, "stream": True}
+    with httpx.Client(timeout=60) as slow_client, slow_client.stream("POST", f"{base}/v1/completions", json=body):
+        # The slow client reads nothing; another request still completes normally meanwhile.
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "The cat", "max_tokens": 20, "temperature": 0},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(lm, "The cat", 20)
+
+
+def test_cors_only_when_asked():
+    with running_server(cors_origins=["https://my.app"]) as (base, _):
+        wait_ready(base)
+        r = httpx.options(f"{base}/v1/models", headers={"Origin": "https://my.app",
+                                                        "Access-Control-Request-Method": "GET"})
+        assert r.headers.get("access-control-allow-origin") == "https://my.app"
