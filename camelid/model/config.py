@@ -42,6 +42,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     embed_proj_dim: int | None = None  # OPT-350m projects a smaller embedding up to dim
     final_norm: bool = True
+    dropout: float = 0.0  # training only: embeddings, attention weights and each residual branch
     extra: dict = field(default_factory=dict)  # family-specific fields kept for lossless export
 
     def __post_init__(self):

@@ -116,12 +116,13 @@ class Attention(nn.Module):
             if isinstance(start, torch.Tensor) or start > 0:  # a first block uses its fresh keys and values
                 k, v = cached_k, cached_v
         gqa = cfg.n_kv_heads != cfg.n_heads
-        if T == 1:
+        p = cfg.dropout if self.training else 0.0
+        if T == 1 and not self.training:
             y = decode_attention(q, k, v, mask)
-        elif mask is None:  # a causal block that starts at 0, or one query token that sees the whole cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        elif mask is None:  # a causal block that starts at 0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=p)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p)
         return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo)
 
 
@@ -151,18 +152,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = None if cfg.shared_parallel_norm else make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, kv_cache, layer, start):
         cfg = self.cfg
+        drop = self.drop
         if cfg.parallel_residual:
             h = self.attn_norm(x)
             mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
-            return x + self.attn(h, rope, mask, kv_cache, layer, start) + self.mlp(mlp_in)
+            return x + drop(self.attn(h, rope, mask, kv_cache, layer, start)) + drop(self.mlp(mlp_in))
         if not cfg.pre_norm:  # OPT-350m normalises after each residual sum
-            x = self.attn_norm(x + self.attn(x, rope, mask, kv_cache, layer, start))
-            return self.mlp_norm(x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), rope, mask, kv_cache, layer, start)
-        return x + self.mlp(self.mlp_norm(x))
+            x = self.attn_norm(x + drop(self.attn(x, rope, mask, kv_cache, layer, start)))
+            return self.mlp_norm(x + drop(self.mlp(x)))
+        x = x + drop(self.attn(self.attn_norm(x), rope, mask, kv_cache, layer, start))
+        return x + drop(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -199,6 +202,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
         x = self.tok_embeddings(tokens)
+        if self.training and cfg.dropout:
+            x = F.dropout(x, cfg.dropout)
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_in)
         rope = None
@@ -244,6 +249,25 @@ class Transformer(nn.Module):
         p = self.output.weight
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
                        dtype=p.dtype if p.dtype.is_floating_point else torch.float32, device=p.device)
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> Transformer:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit norms, and the projections that write
+    into the residual stream (attention output, MLP output) scaled by 1/sqrt(2 * n_layers), so the residual
+    stream's variance does not grow with depth."""
+    residual_std = std / math.sqrt(2 * model.cfg.n_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            is_residual = name.endswith(("attn.wo", "mlp.w_out"))
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    model.tie_weights()
+    return model
 
 
 def count_parameters(cfg: ModelConfig) -> int:
