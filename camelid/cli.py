@@ -74,6 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="override the model's chat template: a built-in name "
                                                     "(alpaca, vicuna, llama2, chatml, llama3, raw) or a Jinja file")
     _sampling_args(p)
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE or SentencePiece tokenizer on text files")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--kind", default="bpe", choices=["bpe", "sentencepiece-unigram", "sentencepiece-bpe"])
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--special", action="append", default=None, help="special token (default <|endoftext|>)")
+
+    p = sub.add_parser("data", help="corpus tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("tokenize", help="text/JSONL files into train/val token shards")
+    d.add_argument("inputs", nargs="+", help=".txt files (paragraphs are documents), .jsonl, or folders")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json or a SentencePiece .model")
+    d.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--workers", type=int, default=None)
+
+    p = sub.add_parser("pretrain", help="train a model from scratch on token shards")
+    p.add_argument("--config", help="a YAML recipe (see recipes/)")
+    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.dim=128")
+
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -200,7 +223,32 @@ def cmd_serve(args):
     uvicorn.run(create_app(lambda: _load(args), config), host=args.host, port=args.port, log_level="warning")
 
 
-COMMANDS = {"serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+def cmd_tokenizer(args):
+    from camelid.tokenizer.train import END_OF_TEXT, train_tokenizer
+
+    path = train_tokenizer(args.files, args.out, args.kind, args.vocab_size, tuple(args.special or [END_OF_TEXT]))
+    print(f"wrote {path}")
+
+
+def cmd_data(args):
+    from camelid.data.tokenize import tokenize_corpus
+
+    if not 0 <= args.val_fraction < 1:
+        raise CamelidError("--val-fraction must be in [0, 1)")
+    report = tokenize_corpus(args.inputs, args.tokenizer, args.out, args.val_fraction, args.workers)
+    for split, r in report.items():
+        print(f"{split}: {r['documents']} documents, {r['tokens']} tokens -> {Path(args.out) / split}")
+
+
+def cmd_pretrain(args):
+    from camelid.train.config import load_train_config
+    from camelid.train.trainer import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    print(f"wrote {train(cfg, args.resume)}")
+
+
+COMMANDS = {"tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":

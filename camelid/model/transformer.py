@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from camelid.model.config import ModelConfig
@@ -184,6 +185,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(emb_dim, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.positions == "rope":
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.activation_checkpointing = False
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:
@@ -217,7 +219,10 @@ class Transformer(nn.Module):
                 freqs = freqs.repeat_interleave(2, dim=-1)
             rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, kv_cache, i, start)
+            if self.activation_checkpointing and self.training:  # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, kv_cache, i, start, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, kv_cache, i, start)
         if last_only:
             x = x[:, -1:]
         if self.norm is not None:

@@ -253,3 +253,29 @@ def piece_tokenizer(vocab: PieceVocab, bos_id, eos_ids, add_bos=True, chat_templ
     if eos_ids:
         specials["eos_token"] = vocab.pieces[eos_ids[0]]
     return Tokenizer(PieceBackend(vocab), bos_id, list(eos_ids), add_bos, chat_template, specials)
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """A tokenizer from one file: `tokenizer.json` (BOS/EOS: <|endoftext|> or </s>) or a SentencePiece .model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CamelidError(f"{path}: no such tokenizer file")
+    if path.suffix == ".model":
+        sp = load_sentencepiece(path)
+        backend = SentencePieceBackend(sp)
+        bos, eos = sp.bos_id(), sp.eos_id()
+        specials = {"bos_token": sp.id_to_piece(bos), "eos_token": sp.id_to_piece(eos)}
+        return Tokenizer(backend, bos if bos >= 0 else None, [eos] if eos >= 0 else [], bos >= 0, None, specials)
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        backend = HFBackend(HFTokenizer.from_file(str(path)))
+    except Exception as exc:
+        raise CamelidError(f"{path}: cannot be read as tokenizer.json ({str(exc).splitlines()[0]})") from None
+    for bos_piece, eos_piece in (("<|endoftext|>", "<|endoftext|>"), ("<s>", "</s>")):
+        bos, eos = backend.token_id(bos_piece), backend.token_id(eos_piece)
+        if eos is not None:
+            # GPT-2 style vocabularies separate documents with one token and add no BOS.
+            add_bos = bos_piece != eos_piece and bos is not None
+            return Tokenizer(backend, bos, [eos], add_bos, None, {"bos_token": bos_piece, "eos_token": eos_piece})
+    raise CamelidError(f"{path}: no end-of-text token (<|endoftext|> or </s>) in the vocabulary")

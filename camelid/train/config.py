@@ -1,0 +1,113 @@
+"""Training configuration: a dataclass read from YAML, with `key=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camelid.errors import CamelidError
+
+SCHEDULES = ("cosine", "linear", "step", "exponential", "constant")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    data: str = ""  # train shard folder (camelid data tokenize OUT/train)
+    val_data: str = ""  # validation shard folder (optional)
+    tokenizer: str = ""  # tokenizer file packaged with the final model
+    model: dict = field(default_factory=dict)  # {"preset": NAME} and/or ModelConfig fields
+    seq_len: int = 256
+    micro_batch: int = 8
+    grad_accum: int = 1  # global batch = micro_batch * grad_accum sequences
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # after warmup: cosine | linear | step | exponential | constant
+    decay_every: int = 1000  # step schedule: multiply by decay_gamma every decay_every steps
+    decay_gamma: float = 0.5  # step and exponential schedules
+    weight_decay: float = 0.1  # AdamW; never applied to norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    dtype: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler, CUDA)
+    device: str = "cpu"
+    seed: int = 1337
+    threads: int = 0  # CPU threads (0: torch's default)
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 3
+    sample_every: int = 0
+    sample_prompt: str = ""
+    sample_tokens: int = 100
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    def validate(self, source: str = "config"):
+        checks = [(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+                  (self.dtype in ("fp32", "bf16", "fp16"), "dtype must be fp32, bf16 or fp16"),
+                  (self.data != "", "data: the train shard folder is required")]
+        for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every",
+                    "keep_last", "decay_every"):
+            checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,
+                           f"{key} must be a positive integer"))
+        checks += [(self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
+                   (self.warmup_steps >= 0, "warmup_steps must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise CamelidError(f"{source}: {message}")
+
+
+def _coerce(value, kind: str, key: str, source: str):
+    """YAML 1.1 reads `1e-3` as a string and users write `lr: 3e-4`: accept numbers written either way."""
+    try:
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+    except (TypeError, ValueError):
+        pass
+    expected = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+                "dict": "a mapping"}[kind]
+    ok = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict,)}[kind]
+    if not isinstance(value, ok) or (kind in ("int", "float") and isinstance(value, bool)):
+        raise CamelidError(f"{source}: {key} must be {expected}, got {value!r}")
+    return value
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    import yaml
+
+    data = {}
+    source = str(path) if path else "command line"
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise CamelidError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            raise CamelidError(f"{path}: invalid YAML" + (f" at line {line + 1}" if line is not None else "")) from None
+        if not isinstance(data, dict):
+            raise CamelidError(f"{path}: a training config must be a mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise CamelidError(f"override {item!r}: use key=value")
+        key, value = item.split("=", 1)
+        target = data
+        *parents, leaf = key.split(".")  # model.dim=128 sets a model field
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = yaml.safe_load(value)
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key in data:
+        if key not in fields:
+            raise CamelidError(f"{source}: unknown key {key!r}")
+        data[key] = _coerce(data[key], fields[key], key, source)
+    cfg = TrainConfig(**data)
+    cfg.validate(source)
+    return cfg
