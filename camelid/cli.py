@@ -245,7 +245,9 @@ def cmd_pretrain(args):
     from camelid.train.trainer import train
 
     cfg = load_train_config(args.config, args.overrides)
-    print(f"wrote {train(cfg, args.resume)}")
+    folder = train(cfg, args.resume)
+    if folder is not None:
+        print(f"wrote {folder}")
 
 
 COMMANDS = {"tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,

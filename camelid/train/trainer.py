@@ -104,7 +104,8 @@ def _truncate_log(path: Path, step: int):
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+def train(cfg: TrainConfig, resume: str | None = None) -> Path | None:
+    """Train; returns the exported model folder, or None when a signal stopped the run (resumable)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -200,7 +201,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             signal.signal(s, handler)
     if stop["signal"] is not None:
         print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume auto")
-        return out
+        return None
     return export_model(model, cfg, out / "model")
 
 
