@@ -66,7 +66,8 @@ def camelid_runner(model, ids):
 
 def measure(runners: dict, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     """Best-of-`repeats` timings, taking turns between the engines so machine noise hits both alike.
-    Prefill = time to the first token; decode = the extra time for the other new_tokens - 1."""
+    Prefill = time to the first token; decode = the extra time for the other new_tokens - 1.
+    The two phases are timed apart: a prefill measured right after a long decode run is skewed by it."""
     for run in runners.values():
         run(2)  # warm-up (and, the first time, compiling camelid's decode kernels)
     first = {k: float("inf") for k in runners}
@@ -74,6 +75,8 @@ def measure(runners: dict, prompt_tokens: int, new_tokens: int, repeats: int) ->
     for _ in range(repeats):
         for name, run in runners.items():
             first[name] = min(first[name], run(1))
+    for _ in range(repeats):
+        for name, run in runners.items():
             full[name] = min(full[name], run(new_tokens))
     return {name: (prompt_tokens / first[name], (new_tokens - 1) / (full[name] - first[name])) for name in runners}
 

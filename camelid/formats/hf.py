@@ -408,7 +408,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict]:
     return cfg, state_dict_from_hf(load_tensor_files(folder), cfg, str(folder))
 
 
-def save_hf_folder(sd: dict, cfg: ModelConfig, folder: Path, tokenizer_files=(), extra_json: dict | None = None):
+def save_hf_folder(sd: dict, cfg: ModelConfig, folder: Path, extra_json: dict | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(state_dict_to_hf(sd, cfg), folder / "model.safetensors", metadata={"format": "pt"})
     hf = config_to_hf(cfg)
