@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE or SentencePiece tokenizer on text files")
-    t.add_argument("files", nargs="+")
+    t.add_argument("files", nargs="+", help="text files, JSONL, folders, or a `data prepare` folder")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--kind", default="bpe", choices=["bpe", "sentencepiece-unigram", "sentencepiece-bpe"])
     t.add_argument("--vocab-size", type=int, default=8192)
@@ -85,7 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="corpus tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    d = dsub.add_parser("tokenize", help="text/JSONL files into train/val token shards")
+    d = dsub.add_parser("prepare", help="clean, filter and deduplicate a raw corpus (text, JSONL, HTML)")
+    d.add_argument("inputs", nargs="+", help=".txt/.md files, .jsonl, .html pages, or folders of them")
+    d.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, report.json, report.md)")
+    d.add_argument("--text-key", default="text", help="the JSONL field holding the text")
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--near-dup", type=float, default=0.8,
+                   help="MinHash similarity threshold for near-duplicates (0 turns it off)")
+    d.add_argument("--no-exact-dedup", action="store_true")
+    d.add_argument("--keep-emoji", action="store_true", help="keep emoji instead of writing their names")
+    d.add_argument("--blocklist", default=None, help="file of words or phrases; documents with any are dropped")
+    d.add_argument("--min-words", type=int, default=50)
+    d.add_argument("--workers", type=int, default=None)
+    d = dsub.add_parser("tokenize", help="text/JSONL files or a prepared folder into train/val token shards")
     d.add_argument("inputs", nargs="+", help=".txt files (paragraphs are documents), .jsonl, or folders")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json or a SentencePiece .model")
     d.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
@@ -226,18 +238,38 @@ def cmd_serve(args):
 def cmd_tokenizer(args):
     from camelid.tokenizer.train import END_OF_TEXT, train_tokenizer
 
-    path = train_tokenizer(args.files, args.out, args.kind, args.vocab_size, tuple(args.special or [END_OF_TEXT]))
+    from camelid.data.corpus import list_files, read_texts
+
+    list_files(args.files, ())  # a missing path fails before any work
+    path = train_tokenizer(read_texts(args.files), args.out, args.kind, args.vocab_size,
+                           tuple(args.special or [END_OF_TEXT]))
     print(f"wrote {path}")
 
 
 def cmd_data(args):
-    from camelid.data.tokenize import tokenize_corpus
-
     if not 0 <= args.val_fraction < 1:
         raise CamelidError("--val-fraction must be in [0, 1)")
+    if args.data_command == "prepare":
+        return cmd_data_prepare(args)
+    from camelid.data.tokenize import tokenize_corpus
+
     report = tokenize_corpus(args.inputs, args.tokenizer, args.out, args.val_fraction, args.workers)
     for split, r in report.items():
         print(f"{split}: {r['documents']} documents, {r['tokens']} tokens -> {Path(args.out) / split}")
+
+
+def cmd_data_prepare(args):
+    from camelid.data.clean import QualityRules
+    from camelid.data.prepare import PrepareOptions, prepare_corpus, report_markdown
+
+    if not 0 <= args.near_dup <= 1:
+        raise CamelidError("--near-dup must be in [0, 1]")
+    options = PrepareOptions(args.text_key, args.val_fraction, not args.no_exact_dedup, args.near_dup or None,
+                             not args.keep_emoji, args.blocklist, QualityRules(min_words=args.min_words),
+                             args.workers)
+    report = prepare_corpus(args.inputs, args.out, options)
+    print(report_markdown(report).split("## Examples")[0].rstrip())
+    print(f"\nwrote {args.out} (examples in {Path(args.out) / 'report.md'})")
 
 
 def cmd_pretrain(args):

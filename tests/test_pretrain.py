@@ -19,6 +19,7 @@ from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
 from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer
+from camelid.data.corpus import read_texts
 from camelid.tokenizer.train import train_tokenizer
 from camelid.train.config import TrainConfig, load_train_config
 from camelid.train.schedule import lr_at
@@ -30,7 +31,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     text = (SHARED / "corpora" / "tinyshakespeare.txt").read_text()[:150_000]
     (root / "shakespeare.txt").write_text(text)
-    tok = train_tokenizer([root / "shakespeare.txt"], root / "tok", vocab_size=320)
+    tok = train_tokenizer(read_texts([root / "shakespeare.txt"]), root / "tok", vocab_size=320)
     tokenize_corpus([str(root / "shakespeare.txt")], tok, root / "data", val_fraction=0.1, workers=1)
     return root, tok
 

@@ -19,15 +19,16 @@ INDEX = "index.json"
 
 def write_shards(docs: Iterable[list[int]], folder: str | Path, eos_id: int, vocab_size: int,
                  shard_tokens: int = 1 << 26, tokenizer_id: str = "") -> dict:
-    """Write token shards; returns the index. Each shard file is written whole, then renamed."""
+    """Write token shards; returns the index, or None when there are no tokens (nothing is written).
+    Each shard file is written whole, then renamed, and the index last."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     shards, buf, n_docs = [], [], 0
 
     def flush():
         if not buf:
             return
+        folder.mkdir(parents=True, exist_ok=True)
         name = f"shard_{len(shards):05d}.bin"
         arr = np.concatenate(buf).astype(dtype)
         tmp = folder / (name + ".tmp")
@@ -48,7 +49,7 @@ def write_shards(docs: Iterable[list[int]], folder: str | Path, eos_id: int, voc
             size = 0
     flush()
     if not shards:
-        raise CamelidError(f"{folder}: no tokens to write (the corpus is empty)")
+        return None
     index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "eos_id": eos_id, "documents": n_docs,
              "tokens": sum(s["tokens"] for s in shards), "tokenizer": tokenizer_id, "shards": shards}
     tmp = folder / (INDEX + ".tmp")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
+from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from camelid.data.corpus import is_prepared, is_validation, list_files, read_jsonl, read_text_file
 from camelid.data.shards import write_shards
 from camelid.errors import CamelidError
 from camelid.tokenizer.tokenizer import Tokenizer, load_tokenizer_file
@@ -18,37 +19,26 @@ from camelid.tokenizer.tokenizer import Tokenizer, load_tokenizer_file
 def read_documents(paths: list[str | Path], text_key: str = "text") -> Iterator[str]:
     """Documents from .txt files (paragraphs separated by blank lines), .jsonl (one per line, `text_key`)
     and folders of those. Files that are not UTF-8 text are reported and skipped."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise CamelidError(f"{p}: no such file or directory")
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            print(f"camelid: skipping {f}: not UTF-8 text")
-            continue
+    for f in list_files(paths, (".txt", ".jsonl")):
         if f.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)[text_key]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CamelidError(f"{f}:{n}: not a JSON object with a {text_key!r} field") from None
-                yield doc
-        else:
+            try:
+                yield from (text for _, text in read_jsonl(f, text_key))
+            except UnicodeDecodeError:
+                print(f"camelid: skipping the rest of {f}: not UTF-8 text")
+            continue
+        text = read_text_file(f, Counter())
+        if text is not None:
             yield from (para for para in text.split("\n\n") if para.strip())
 
 
-def is_validation(doc: str, fraction: float) -> bool:
-    """A stable, content-based split: the same document always lands on the same side."""
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
-    return h / 2 ** 64 < fraction
+def split_documents(inputs: list[str], val_fraction: float) -> dict[str, Callable[[], Iterator[str]]]:
+    """Each split as a function that streams its documents (called once per split, so nothing is held).
+    A `camelid data prepare` folder keeps its own split; other inputs are split by content hash."""
+    if len(inputs) == 1 and is_prepared(inputs[0]):
+        folder = Path(inputs[0])
+        return {split: (lambda f=folder / f"{split}.jsonl": read_documents([f])) for split in ("train", "val")}
+    return {"train": lambda: (d for d in read_documents(inputs) if not is_validation(d, val_fraction)),
+            "val": lambda: (d for d in read_documents(inputs) if is_validation(d, val_fraction))}
 
 
 _TOKENIZER: Tokenizer | None = None
@@ -68,19 +58,18 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: str | Path, out: str | Pa
     tok = load_tokenizer_file(tokenizer_path)
     if not tok.eos_ids:
         raise CamelidError(f"{tokenizer_path}: the tokenizer has no end-of-text token")
-    docs = list(read_documents(inputs))
-    if not docs:
-        raise CamelidError("the corpus is empty: no documents in " + ", ".join(map(str, inputs)))
-    splits = {"train": [d for d in docs if not is_validation(d, val_fraction)],
-              "val": [d for d in docs if is_validation(d, val_fraction)]}
+    list_files(inputs, ())  # a missing path fails before any work
+    splits = split_documents(inputs, val_fraction)
     tok_id = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
     out = Path(out)
     report = {}
     with Pool(workers, initializer=_init, initargs=(str(tokenizer_path),)) as pool:
-        for split, items in splits.items():
-            if not items:
-                continue
-            ids = tqdm(pool.imap(_encode, items, chunksize=64), total=len(items), desc=f"tokenizing {split}", disable=None)
+        for split, documents in splits.items():
+            ids = tqdm(pool.imap(_encode, documents(), chunksize=64), desc=f"tokenizing {split}", unit="doc",
+                       disable=None)
             index = write_shards(ids, out / split, tok.eos_ids[0], tok.vocab_size, tokenizer_id=tok_id)
-            report[split] = {"documents": index["documents"], "tokens": index["tokens"]}
+            if index is not None:
+                report[split] = {"documents": index["documents"], "tokens": index["tokens"]}
+    if "train" not in report:
+        raise CamelidError("the corpus is empty: no documents in " + ", ".join(map(str, inputs)))
     return report

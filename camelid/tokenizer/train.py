@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 from camelid.errors import CamelidError
 
@@ -11,15 +12,11 @@ KINDS = ("bpe", "sentencepiece-unigram", "sentencepiece-bpe")
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_tokenizer(files: list[str | Path], out: str | Path, kind: str = "bpe", vocab_size: int = 8192,
+def train_tokenizer(texts: Iterable[str], out: str | Path, kind: str = "bpe", vocab_size: int = 8192,
                     special_tokens: tuple[str, ...] = (END_OF_TEXT,)) -> Path:
-    """Train on text files; writes `tokenizer.json` (bpe) or `tokenizer.model` (sentencepiece) into `out`."""
+    """Train on documents; writes `tokenizer.json` (bpe) or `tokenizer.model` (sentencepiece) into `out`."""
     if kind not in KINDS:
         raise CamelidError(f"tokenizer kind {kind!r}: use one of {', '.join(KINDS)}")
-    files = [str(f) for f in files]
-    for f in files:
-        if not Path(f).is_file():
-            raise CamelidError(f"{f}: no such file")
     if vocab_size < 300 and kind == "bpe":
         raise CamelidError("--vocab-size must be at least 300 for byte-level BPE (256 bytes + merges)")
     out = Path(out)
@@ -32,7 +29,7 @@ def train_tokenizer(files: list[str | Path], out: str | Path, kind: str = "bpe",
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
-        tok.train(files, trainer)
+        tok.train_from_iterator(texts, trainer)
         path = out / "tokenizer.json"
         tok.save(str(path.with_suffix(".json.tmp")))
         os.replace(path.with_suffix(".json.tmp"), path)
@@ -40,7 +37,10 @@ def train_tokenizer(files: list[str | Path], out: str | Path, kind: str = "bpe",
     import sentencepiece as spm
 
     prefix = out / "tokenizer"
-    spm.SentencePieceTrainer.train(input=",".join(files), model_prefix=str(prefix), vocab_size=vocab_size,
+    # SentencePiece trains on sentences (at most 4 KB each): feed it lines, a bounded random sample of them.
+    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    spm.SentencePieceTrainer.train(sentence_iterator=lines, model_prefix=str(prefix), vocab_size=vocab_size,
+                                   input_sentence_size=5_000_000, shuffle_input_sentence=True,
                                    model_type=kind.split("-")[1], byte_fallback=True, character_coverage=0.9995,
                                    user_defined_symbols=[t for t in special_tokens if t != "</s>"],
                                    bos_id=1, eos_id=2, unk_id=0, minloglevel=2)

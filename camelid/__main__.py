@@ -1,0 +1,5 @@
+import sys
+
+from camelid.cli import main
+
+sys.exit(main())
