@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a model from scratch on token shards")
     p.add_argument("--config", help="a YAML recipe (see recipes/)")
     p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.dim=128")
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
@@ -276,7 +277,7 @@ def cmd_pretrain(args):
     from camelid.train.config import load_train_config
     from camelid.train.trainer import train
 
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, args.overrides + (["fsdp=true"] if args.fsdp else []))
     folder = train(cfg, args.resume)
     if folder is not None:
         print(f"wrote {folder}")

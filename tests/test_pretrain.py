@@ -1,4 +1,5 @@
-"""Pretraining: shards, schedules, config errors, and exact resumption after SIGKILL and SIGTERM."""
+"""Pretraining: shards, schedules, config errors, exact resumption after SIGKILL and SIGTERM, and DDP/FSDP
+under torchrun matching a single process."""
 
 import json
 import signal
@@ -8,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, SHARED
 
+from camelid.data.corpus import read_texts
 from camelid.data.shards import TokenShards
 from camelid.data.tokenize import tokenize_corpus
 from camelid.errors import CamelidError
@@ -19,11 +22,11 @@ from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
 from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer
-from camelid.data.corpus import read_texts
 from camelid.tokenizer.train import train_tokenizer
 from camelid.train.config import TrainConfig, load_train_config
 from camelid.train.schedule import lr_at
-from camelid.train.trainer import param_groups, train
+from camelid.train.distributed import Cluster
+from camelid.train.trainer import _train, param_groups, train
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +178,44 @@ def test_empty_corpus_and_bad_inputs(corpus, tmp_path):
     assert report["train"]["documents"] == 2
     with pytest.raises(CamelidError, match="no index.json"):
         TokenShards(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_give_the_losses_of_one(corpus, tmp_path, mode):
+    root, tok = corpus
+    common = dict(model=dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, dropout=0.0), max_steps=6, micro_batch=2,
+                  grad_accum=4, eval_every=3, eval_batches=4, ckpt_every=3, threads=1)
+    train(TrainConfig(**make_config(root, tok, tmp_path / "one", **common)))
+    cfg_path = write_yaml(tmp_path / "two.yaml", make_config(root, tok, tmp_path / "two", **common))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "camelid", "pretrain", "--config", str(cfg_path)] + (["--fsdp"] if mode == "fsdp" else []),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = losses(tmp_path / "one" / "log.jsonl"), losses(tmp_path / "two" / "log.jsonl")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for step in one:
+        assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-6)
+    assert two[6][1] == pytest.approx(one[6][1], rel=1e-5)
+    # The checkpoint holds the whole model, whatever the sharding: it resumes in one process.
+    single = load_model(tmp_path / "two" / "model")
+    reference = load_model(tmp_path / "one" / "model")
+    for (name, a), b in zip(single.model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_samples_are_logged_and_a_mismatched_tokenizer_is_refused(corpus, tmp_path):
+    root, tok = corpus
+    out = tmp_path / "run"
+    train(TrainConfig(**make_config(root, tok, out, max_steps=4, sample_every=2, sample_prompt="ROMEO:",
+                                    sample_tokens=8)))
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    samples = [r["sample"] for r in rows if "sample" in r]
+    assert len(samples) == 2 and all(isinstance(s, str) and s for s in samples)
+    other = train_tokenizer(iter(["a completely different corpus " * 50]), tmp_path / "other", vocab_size=300)
+    with pytest.raises(CamelidError, match="not the tokenizer the shards"):
+        train(TrainConfig(**make_config(root, tok, tmp_path / "x", tokenizer=str(other))))
+    with pytest.raises(CamelidError, match="nope.pt: no such checkpoint"):
+        train(TrainConfig(**make_config(root, tok, tmp_path / "y")), resume=str(tmp_path / "nope.pt"))
+    with pytest.raises(CamelidError, match="grad_accum 3 must be a multiple of the number of processes"):
+        _train(TrainConfig(**make_config(root, tok, tmp_path / "z", grad_accum=3)), None, Cluster(0, 2),
+               torch.device("cpu"))

@@ -58,6 +58,13 @@ def write_shards(docs: Iterable[list[int]], folder: str | Path, eos_id: int, voc
     return index
 
 
+def file_digest(path: str | Path) -> str:
+    """Names the tokenizer a set of shards was made with, so training can refuse a mismatched one."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 class TokenShards:
     def __init__(self, folder: str | Path):
         folder = Path(folder)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from camelid.data.corpus import is_prepared, is_validation, list_files, read_jsonl, read_text_file
-from camelid.data.shards import write_shards
+from camelid.data.shards import file_digest, write_shards
 from camelid.errors import CamelidError
 from camelid.tokenizer.tokenizer import Tokenizer, load_tokenizer_file
 
@@ -60,7 +59,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: str | Path, out: str | Pa
         raise CamelidError(f"{tokenizer_path}: the tokenizer has no end-of-text token")
     list_files(inputs, ())  # a missing path fails before any work
     splits = split_documents(inputs, val_fraction)
-    tok_id = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
+    tok_id = file_digest(tokenizer_path)
     out = Path(out)
     report = {}
     with Pool(workers, initializer=_init, initargs=(str(tokenizer_path),)) as pool:

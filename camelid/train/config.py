@@ -41,10 +41,11 @@ class TrainConfig:
     eval_batches: int = 20
     ckpt_every: int = 200
     keep_last: int = 3
-    sample_every: int = 0
+    sample_every: int = 0  # log a short generation every N steps (0: never)
     sample_prompt: str = ""
     sample_tokens: int = 100
     activation_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (else DDP)
     compile: bool = False
 
     def validate(self, source: str = "config"):

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from camelid.data.shards import TokenShards
+from camelid.data.shards import TokenShards, file_digest
 from camelid.errors import CamelidError
 from camelid.model.config import ModelConfig, preset
-from camelid.model.transformer import Transformer, init_weights
+from camelid.model.transformer import Transformer, count_parameters, init_weights
 from camelid.train.config import TrainConfig
+from camelid.train.distributed import (Cluster, close_cluster, full_state, gather, init_cluster, load_full_state,
+                                       no_sync, sum_across, wrap)
 from camelid.train.schedule import lr_at
 
 CKPT_DIR = "checkpoints"
@@ -67,19 +69,23 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / CKPT_DIR).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, mcfg: ModelConfig, keep_last: int):
+def save_checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, mcfg: ModelConfig,
+                    cluster: Cluster) -> Path | None:
+    """Collective: every rank contributes its shards and RNG state; rank 0 writes the file."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    rng = gather({"torch": torch.get_rng_state(),
+                  **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}, cluster)
+    if not cluster.main:
+        return None
     folder = out / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state(), "train_config": dataclasses.asdict(cfg),
-             "model_config": mcfg.to_dict()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    state = {"step": step, "model": model_state, "optimizer": optimizer_state, "rng": rng,
+             "train_config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict()}
     path = folder / f"step_{step:08d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoints intact
-    for old in _checkpoints(out)[:-keep_last]:
+    for old in _checkpoints(out)[:-cfg.keep_last]:
         old.unlink()
     return path
 
@@ -95,6 +101,27 @@ def load_checkpoint(path: Path, mcfg: ModelConfig) -> dict:
     return state
 
 
+def resume_from(resume: str, out: Path, model, optimizer, mcfg: ModelConfig, cluster: Cluster) -> int:
+    """Restore model, optimizer and this rank's RNG; returns the step to continue from (0: fresh start)."""
+    found = _checkpoints(out)
+    path = (found[-1] if found else None) if resume == "auto" else Path(resume)
+    if path is None:
+        return 0
+    if not path.is_file():
+        raise CamelidError(f"{path}: no such checkpoint")
+    state = load_checkpoint(path, mcfg)
+    load_full_state(model, optimizer, state["model"], state["optimizer"], str(path))
+    rng = state["rng"]
+    if len(rng) == cluster.world:  # with another world size the data order is the same but dropout is not
+        torch.set_rng_state(rng[cluster.rank]["torch"])
+        if "cuda" in rng[cluster.rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[cluster.rank]["cuda"])
+    if cluster.main:
+        _truncate_log(out / LOG, state["step"])  # steps after the checkpoint are redone
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 def _truncate_log(path: Path, step: int):
     if not path.exists():
         return
@@ -105,118 +132,176 @@ def _truncate_log(path: Path, step: int):
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path | None:
-    """Train; returns the exported model folder, or None when a signal stopped the run (resumable)."""
+    """Train; returns the exported model folder, or None when a signal stopped the run (resumable).
+    Under torchrun each rank runs this; the global batch (micro_batch x grad_accum) is the same for any
+    number of processes, so losses match a single-process run."""
+    cluster, device = init_cluster(cfg.device)
+    try:
+        return _train(cfg, resume, cluster, device)
+    finally:
+        close_cluster(cluster)
+
+
+def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch.device) -> Path | None:
+    if cfg.grad_accum % cluster.world:
+        raise CamelidError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of processes "
+                           f"({cluster.world}) so the global batch stays micro_batch x grad_accum")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
     train_data = TokenShards(cfg.data)
     val_data = TokenShards(cfg.val_data) if cfg.val_data else None
     if val_data and val_data.index.get("tokenizer") != train_data.index.get("tokenizer"):
         raise CamelidError(f"{cfg.val_data}: made with another tokenizer than {cfg.data}")
+    tokenizer = _tokenizer(cfg, train_data)
     mcfg = model_config(cfg, train_data.vocab_size)
     if cfg.seq_len > mcfg.max_seq_len:
         raise CamelidError(f"seq_len {cfg.seq_len} is longer than the model's context {mcfg.max_seq_len}")
-    torch.manual_seed(cfg.seed)
-    model = init_weights(Transformer(mcfg)).to(device)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw = init_weights(Transformer(mcfg)).to(device)
+    raw.activation_checkpointing = cfg.activation_checkpointing
+    model = wrap(raw, cluster, cfg.fsdp, device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
-    step = 0
+    torch.manual_seed(cfg.seed + cluster.rank)  # dropout differs between ranks
     log_path = out / LOG
-    if resume:
-        path = _checkpoints(out)[-1] if resume == "auto" and _checkpoints(out) else \
-            (Path(resume) if resume != "auto" else None)
-        if path is not None:
-            state = load_checkpoint(path, mcfg)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            step = state["step"]
-            _truncate_log(log_path, step)  # steps after the checkpoint are redone
-            print(f"resumed from {path} at step {step}")
-    elif log_path.exists():
+    step = resume_from(resume, out, model, optimizer, mcfg, cluster) if resume else 0
+    if not resume and cluster.main and log_path.exists():
         log_path.unlink()
     forward = torch.compile(model) if cfg.compile else model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    peak = measure_peak_flops(device, amp_dtype or torch.float32)
+    n_params = count_parameters(mcfg)
+    peak = measure_peak_flops(device, amp_dtype or torch.float32) * cluster.world
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
+    local_micro = list(range(cluster.rank, cfg.grad_accum, cluster.world))
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum  # finish the current step, checkpoint, then exit
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretraining", unit="step", disable=None)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretraining", unit="step", disable=None if cluster.main else True)
+    stopped = False
     try:
-        with open(log_path, "a") as log:
-            while step < cfg.max_steps and stop["signal"] is None:
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                model.train()
-                total = 0.0
-                for micro in range(cfg.grad_accum):
-                    first = (step * cfg.grad_accum + micro) * cfg.micro_batch
-                    x, y = (t.to(device) for t in train_data.batch(first, cfg.micro_batch, cfg.seq_len, cfg.seed))
+        log = open(log_path, "a") if cluster.main else None
+        while step < cfg.max_steps and not stopped:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            total = 0.0
+            for i, micro in enumerate(local_micro):
+                first = (step * cfg.grad_accum + micro) * cfg.micro_batch
+                x, y = (t.to(device) for t in train_data.batch(first, cfg.micro_batch, cfg.seq_len, cfg.seed))
+                with no_sync(model, cfg.fsdp, sync=i == len(local_micro) - 1):
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         logits = forward(x)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)) / cfg.grad_accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    total += loss.item()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                dt = time.perf_counter() - t0
-                tps = tokens_per_step / dt
-                record = {"step": step, "loss": total, "lr": lr, "grad_norm": norm, "tokens_per_s": round(tps, 1),
-                          "mfu": round(tps * flops_per_token(mcfg, n_params, cfg.seq_len) / peak, 4)}
-                if val_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    record["val_loss"] = evaluate(model, val_data, cfg, device, amp_dtype)
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50))
-                if step % cfg.log_every == 0 or "val_loss" in record or step == cfg.max_steps:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
-                if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop["signal"] is not None:
-                    save_checkpoint(out, step, model, optimizer, cfg, mcfg, cfg.keep_last)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+                    # Gradients are averaged over ranks, so each rank divides by its own share of micro-batches.
+                    scaled = loss / len(local_micro)
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                total += loss.item() / cfg.grad_accum
+            total = sum_across(total, cluster, device)
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tps = tokens_per_step / (time.perf_counter() - t0)
+            record = {"step": step, "loss": total, "lr": lr, "grad_norm": norm, "tokens_per_s": round(tps, 1),
+                      "mfu": round(tps * flops_per_token(mcfg, n_params, cfg.seq_len) / peak, 4)}
+            if val_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                record["val_loss"] = evaluate(model, val_data, cfg, device, amp_dtype, cluster)
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                record["sample"] = sample_text(model, tokenizer, cfg, device, mcfg.max_seq_len)
+                if cluster.main:
+                    tqdm.write(f"step {step} sample: {record['sample']!r}")
+            # Every rank must agree to stop at the same step: the checkpoint below is collective.
+            stopped = sum_across(float(stop["signal"] is not None), cluster, device) > 0
+            if log and (step % cfg.log_every == 0 or "val_loss" in record or "sample" in record
+                        or step == cfg.max_steps):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopped:
+                save_checkpoint(out, step, model, optimizer, cfg, mcfg, cluster)
+                if cluster.main:
                     plot_loss(log_path, out / "loss.png")
     finally:
         bar.close()
+        if cluster.main and log:
+            log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stop["signal"] is not None:
-        print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume auto")
+    if stopped:
+        if cluster.main:
+            print(f"stopped by signal at step {step}; resume with --resume auto")
         return None
-    return export_model(model, cfg, out / "model")
+    model_state, _ = full_state(model)
+    if not cluster.main:
+        return None
+    final = Transformer(mcfg)
+    final.load_state_dict(model_state)
+    return export_model(final, tokenizer, out / "model")
+
+
+def _tokenizer(cfg: TrainConfig, data: TokenShards):
+    """The tokenizer the final model ships with; it must be the one the shards were made with."""
+    from camelid.tokenizer.tokenizer import load_tokenizer_file
+
+    if not cfg.tokenizer:
+        raise CamelidError("tokenizer: needed to write a model folder that chat/generate can load")
+    made_with = data.index.get("tokenizer")
+    if made_with and made_with != file_digest(cfg.tokenizer):
+        raise CamelidError(f"{cfg.tokenizer}: not the tokenizer the shards in {cfg.data} were made with")
+    return load_tokenizer_file(cfg.tokenizer)
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenShards, cfg: TrainConfig, device, amp_dtype) -> float:
-    """Mean loss over fixed validation windows (the same every time, so curves compare)."""
+def sample_text(model, tokenizer, cfg: TrainConfig, device, context: int) -> str:
+    """A short sample from the model as it trains (every rank runs it: under FSDP the forward is collective).
+    No KV cache, so it works on any wrapped model; the samples are short."""
+    from camelid.generate.sampling import SamplingParams, make_generator, sample
+
     model.eval()
-    losses = []
-    for b in range(cfg.eval_batches):
+    ids = tokenizer.encode(cfg.sample_prompt, bos=tokenizer.add_bos) if cfg.sample_prompt else []
+    ids = ids or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_ids[0]]
+    params = SamplingParams(temperature=0.8, top_k=40, seed=cfg.seed)
+    gen, out = make_generator(params.seed, device), []
+    for _ in range(cfg.sample_tokens):
+        window = torch.tensor([(ids + out)[-context:]], device=device)
+        logits = model(window)[:, -1].float()
+        token = int(sample(logits, params, [ids + out], gen)[0])
+        if token in tokenizer.eos_ids:
+            break
+        out.append(token)
+    model.train()
+    return tokenizer.decode(out)
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenShards, cfg: TrainConfig, device, amp_dtype, cluster: Cluster) -> float:
+    """Mean loss over fixed validation windows (the same every time, so curves compare), split over ranks."""
+    model.eval()
+    total = 0.0
+    for b in range(cluster.rank, cfg.eval_batches, cluster.world):
         x, y = (t.to(device) for t in data.batch(b * cfg.micro_batch, cfg.micro_batch, cfg.seq_len, seed=0))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-        losses.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)).item())
+        total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)).item()
     model.train()
-    return sum(losses) / len(losses)
+    return sum_across(total, cluster, device) / cfg.eval_batches
 
 
 def plot_loss(log_path: Path, png: Path):
@@ -244,12 +329,9 @@ def plot_loss(log_path: Path, png: Path):
     os.replace(tmp, png)
 
 
-def export_model(model, cfg: TrainConfig, folder: Path) -> Path:
+def export_model(model, tokenizer, folder: Path) -> Path:
     from camelid.formats.load import LoadedModel, save_native
-    from camelid.tokenizer.tokenizer import load_tokenizer_file
 
-    if not cfg.tokenizer:
-        raise CamelidError("tokenizer: needed to write a model folder that chat/generate can load")
     model.eval().requires_grad_(False)
-    save_native(LoadedModel(model.cpu(), load_tokenizer_file(cfg.tokenizer), "raw"), folder)
+    save_native(LoadedModel(model.cpu(), tokenizer, "raw"), folder)
     return folder
