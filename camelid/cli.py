@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.dim=128")
 
+    p = sub.add_parser("sweep", help="hyperparameter search with short proxy trainings (Optuna)")
+    p.add_argument("--config", help="the recipe to tune (see recipes/)")
+    p.add_argument("--out", required=True, help="sweep folder (study.db, trial runs, best.yaml, sweep.png)")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--steps", type=int, default=200, help="training steps per trial")
+    p.add_argument("--space", default=None, help="YAML search space (default: lr, warmup, batch, weight decay)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
+
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -283,7 +291,18 @@ def cmd_pretrain(args):
         print(f"wrote {folder}")
 
 
-COMMANDS = {"tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+def cmd_sweep(args):
+    from camelid.train.sweep import sweep
+
+    if args.trials < 1 or args.steps < 1:
+        raise CamelidError("--trials and --steps must be at least 1")
+    result = sweep(args.config, args.overrides, args.out, args.trials, args.steps, args.space)
+    print(f"best validation loss {result['best_val_loss']:.4f} with {result['best_params']} "
+          f"({result['trials']} trials, {result['pruned']} pruned)")
+    print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
+
+
+COMMANDS = {"sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":

@@ -219,3 +219,26 @@ def test_samples_are_logged_and_a_mismatched_tokenizer_is_refused(corpus, tmp_pa
     with pytest.raises(CamelidError, match="grad_accum 3 must be a multiple of the number of processes"):
         _train(TrainConfig(**make_config(root, tok, tmp_path / "z", grad_accum=3)), None, Cluster(0, 2),
                torch.device("cpu"))
+
+
+def test_sweep_finds_the_better_learning_rate_and_prunes(corpus, tmp_path):
+    from camelid.train.sweep import sweep
+
+    root, tok = corpus
+    recipe = write_yaml(tmp_path / "recipe.yaml", make_config(root, tok, tmp_path / "unused", ckpt_every=1000))
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, choices: [0.003, 0.0000001]}\n"
+                     "warmup_steps: {type: int, low: 0, high: 5}\n")
+    result = sweep(str(recipe), ["model.dropout=0.0"], tmp_path / "sweep", trials=6, steps=20, space_path=str(space))
+    assert result["best_params"]["lr"] == 0.003
+    assert result["trials"] == 6 and result["pruned"] >= 1
+    best = load_train_config(tmp_path / "sweep" / "best.yaml")  # a valid recipe for the full run
+    assert best.lr == 0.003 and best.model["dropout"] == 0.0
+    rows = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 7 and "pruned" in "".join(rows)
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
+    # Running again adds trials to the same study.
+    assert sweep(str(recipe), [], tmp_path / "sweep", trials=1, steps=20, space_path=str(space))["trials"] == 7
+    (tmp_path / "bad.yaml").write_text("learning_rate: {type: float, low: 0.1, high: 1}\n")
+    with pytest.raises(CamelidError, match="bad.yaml: unknown key 'learning_rate'"):
+        sweep(str(recipe), [], tmp_path / "s2", trials=1, steps=5, space_path=str(tmp_path / "bad.yaml"))

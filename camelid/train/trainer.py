@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +61,11 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
     return 2 * size ** 3 * n / (time.perf_counter() - t0)
 
 
-def flops_per_token(mcfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    # PaLM appendix B: 6N for the matmuls plus attention over the context.
-    return 6 * n_params + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
+def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
+    """PaLM appendix B: 6N for the matmuls plus attention over the context. N leaves out the input embedding
+    table (a lookup, not a matmul) unless it is tied to the output layer."""
+    n = count_parameters(mcfg) - (0 if mcfg.tie_embeddings else mcfg.vocab_size * (mcfg.embed_proj_dim or mcfg.dim))
+    return 6 * n + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -131,18 +134,21 @@ def _truncate_log(path: Path, step: int):
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path | None:
+def train(cfg: TrainConfig, resume: str | None = None, on_eval: Callable[[int, float], None] | None = None
+          ) -> Path | None:
     """Train; returns the exported model folder, or None when a signal stopped the run (resumable).
     Under torchrun each rank runs this; the global batch (micro_batch x grad_accum) is the same for any
-    number of processes, so losses match a single-process run."""
+    number of processes, so losses match a single-process run. `on_eval(step, val_loss)` sees each
+    validation (a sweep uses it to prune a trial by raising)."""
     cluster, device = init_cluster(cfg.device)
     try:
-        return _train(cfg, resume, cluster, device)
+        return _train(cfg, resume, cluster, device, on_eval)
     finally:
         close_cluster(cluster)
 
 
-def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch.device) -> Path | None:
+def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch.device,
+           on_eval: Callable[[int, float], None] | None = None) -> Path | None:
     if cfg.grad_accum % cluster.world:
         raise CamelidError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of processes "
                            f"({cluster.world}) so the global batch stays micro_batch x grad_accum")
@@ -162,17 +168,26 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
     raw = init_weights(Transformer(mcfg)).to(device)
     raw.activation_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, cluster, cfg.fsdp, device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type == "cuda")
+    # Compiled, the step is one fused kernel; the learning rate is then a tensor so a new value is not a new graph.
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), betas=(cfg.beta1, cfg.beta2),
+                                  lr=torch.tensor(cfg.lr) if cfg.compile else cfg.lr, fused=device.type == "cuda")
     torch.manual_seed(cfg.seed + cluster.rank)  # dropout differs between ranks
     log_path = out / LOG
     step = resume_from(resume, out, model, optimizer, mcfg, cluster) if resume else 0
     if not resume and cluster.main and log_path.exists():
         log_path.unlink()
-    forward = torch.compile(model) if cfg.compile else model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None
-    n_params = count_parameters(mcfg)
+
+    def loss_of(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+
+    # Compiling the loss with the model fuses the upcast and log-softmax over the vocabulary too.
+    compute_loss = torch.compile(loss_of) if cfg.compile else loss_of
+    optimizer_step = torch.compile(optimizer.step) if cfg.compile and scaler is None else optimizer.step
+    flops = flops_per_token(mcfg, cfg.seq_len)
     peak = measure_peak_flops(device, amp_dtype or torch.float32) * cluster.world
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
     local_micro = list(range(cluster.rank, cfg.grad_accum, cluster.world))
@@ -190,16 +205,17 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
             model.train()
             total = 0.0
             for i, micro in enumerate(local_micro):
                 first = (step * cfg.grad_accum + micro) * cfg.micro_batch
                 x, y = (t.to(device) for t in train_data.batch(first, cfg.micro_batch, cfg.seq_len, cfg.seed))
                 with no_sync(model, cfg.fsdp, sync=i == len(local_micro) - 1):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = forward(x)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+                    loss = compute_loss(x, y)
                     # Gradients are averaged over ranks, so each rank divides by its own share of micro-batches.
                     scaled = loss / len(local_micro)
                     (scaler.scale(scaled) if scaler else scaled).backward()
@@ -213,15 +229,17 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                optimizer.step()
+                optimizer_step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tps = tokens_per_step / (time.perf_counter() - t0)
             record = {"step": step, "loss": total, "lr": lr, "grad_norm": norm, "tokens_per_s": round(tps, 1),
-                      "mfu": round(tps * flops_per_token(mcfg, n_params, cfg.seq_len) / peak, 4)}
+                      "mfu": round(tps * flops / peak, 4)}
             if val_data and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record["val_loss"] = evaluate(model, val_data, cfg, device, amp_dtype, cluster)
                 record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+                if on_eval:
+                    on_eval(step, record["val_loss"])
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                 record["sample"] = sample_text(model, tokenizer, cfg, device, mcfg.max_seq_len)
                 if cluster.main:

@@ -1,0 +1,107 @@
+"""Training speed: camelid's trainer against transformers' LlamaForCausalLM, same configuration, same run.
+
+About 17M parameters: hidden 384, 6 layers, 6 heads, FFN 1024, vocab 8192, sequence 256, batch 8, AdamW
+(weight decay on matrices only), gradient clipping at 1.0, in fp32 and in bf16 autocast. camelid runs its
+real trainer (`camelid.train.trainer.train`) on token shards; transformers runs the textbook loop on the
+same windows. Prints one JSON line per dtype with tokens/s of both, the ratio and camelid's MFU.
+
+    python bench/train.py [--threads 2] [--dtypes fp32,bf16] [--steps 30] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from camelid.data.shards import TokenShards, write_shards  # noqa: E402
+from camelid.train.config import TrainConfig  # noqa: E402
+from camelid.train.trainer import param_groups, train  # noqa: E402
+
+SHAPE = dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, ffn_dim=1024, max_seq_len=256)
+VOCAB, SEQ, BATCH, WARMUP = 8192, 256, 8, 5
+
+
+def make_shards(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    docs = (rng.integers(0, VOCAB - 1, 2000).tolist() for _ in range(200))
+    write_shards(docs, folder, VOCAB - 1, VOCAB)
+    return folder
+
+
+def run_camelid(data: Path, out: Path, dtype: str, steps: int, threads: int, compile: bool) -> tuple[float, float]:
+    tokenizer = out.parent / "tokenizer.json"  # the trainer needs one to write the final model
+    if not tokenizer.exists():
+        from tokenizers import Tokenizer, models
+
+        vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<|endoftext|>": VOCAB - 1}
+        Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tokenizer))
+    cfg = TrainConfig(out_dir=str(out), data=str(data), tokenizer=str(tokenizer), model=dict(SHAPE), seq_len=SEQ,
+                      micro_batch=BATCH, max_steps=steps, warmup_steps=2, dtype=dtype, threads=threads,
+                      log_every=1, ckpt_every=10 ** 6, eval_every=10 ** 6, compile=compile, weight_decay=0.1)
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][WARMUP:]
+    return statistics.median(r["tokens_per_s"] for r in rows), statistics.median(r["mfu"] for r in rows)
+
+
+def run_transformers(data: Path, dtype: str, steps: int) -> float:
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=SHAPE["dim"], num_hidden_layers=SHAPE["n_layers"],
+                         num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
+                         intermediate_size=SHAPE["ffn_dim"], vocab_size=VOCAB, max_position_embeddings=SEQ,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95))
+    shards = TokenShards(data)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        x, y = shards.batch(step * BATCH, BATCH, SEQ, 1337)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(BATCH * SEQ / t for t in times[WARMUP:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--no-compile", action="store_true", help="camelid without torch.compile")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_shards(Path(tmp) / "shards")
+        for dtype in args.dtypes.split(","):
+            ours, mfu = run_camelid(data, Path(tmp) / f"run-{dtype}", dtype, args.steps, args.threads,
+                                    not args.no_compile)
+            theirs = run_transformers(data, dtype, args.steps)
+            print(json.dumps({"bench": "train", "params": "17M", "dtype": dtype, "threads": args.threads,
+                              "seq_len": SEQ, "batch": BATCH, "compile": not args.no_compile,
+                              "camelid_tok_s": round(ours, 1), "transformers_tok_s": round(theirs, 1),
+                              "ratio": round(ours / theirs, 3), "camelid_mfu": round(mfu, 3),
+                              "torch": torch.__version__, "transformers": tf.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
