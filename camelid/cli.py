@@ -97,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--blocklist", default=None, help="file of words or phrases; documents with any are dropped")
     d.add_argument("--min-words", type=int, default=50)
     d.add_argument("--workers", type=int, default=None)
+    d = dsub.add_parser("convert", help="rewrite instruction data as alpaca, dolly, sharegpt or messages")
+    d.add_argument("src", help="Alpaca/Dolly JSON or JSONL, ShareGPT JSON, or messages JSONL")
+    d.add_argument("dest", help="output file: .jsonl for one record per line, else a JSON array")
+    d.add_argument("--to", required=True, choices=["alpaca", "dolly", "sharegpt", "messages"])
+    d.add_argument("--from", dest="fmt", default=None, choices=["alpaca", "dolly", "sharegpt", "messages"],
+                   help="the input format (default: detected per record)")
+    d = dsub.add_parser("show-mask", help="show which tokens of instruction samples the loss trains on")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d.add_argument("--template", required=True, help="alpaca, vicuna, llama2, chatml, llama3 or Jinja source")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or a model folder")
+    d.add_argument("--max-len", type=int, default=2048, help="the training context")
+    d.add_argument("--samples", type=int, default=2, help="how many samples to print")
+    d.add_argument("--train-on-prompt", action="store_true", help="train on the prompt too")
     d = dsub.add_parser("tokenize", help="text/JSONL files or a prepared folder into train/val token shards")
     d.add_argument("inputs", nargs="+", help=".txt files (paragraphs are documents), .jsonl, or folders")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json or a SentencePiece .model")
@@ -256,15 +269,59 @@ def cmd_tokenizer(args):
 
 
 def cmd_data(args):
-    if not 0 <= args.val_fraction < 1:
+    if not 0 <= getattr(args, "val_fraction", 0) < 1:
         raise CamelidError("--val-fraction must be in [0, 1)")
     if args.data_command == "prepare":
         return cmd_data_prepare(args)
+    if args.data_command == "convert":
+        from camelid.data.instruct import convert
+
+        result = convert(args.src, args.dest, args.to, args.fmt)
+        print(f"wrote {result['written']} records to {args.dest}"
+              + (f"; skipped {result['skipped']}" if result["skipped"] else ""))
+        return 0
+    if args.data_command == "show-mask":
+        return cmd_show_mask(args)
     from camelid.data.tokenize import tokenize_corpus
 
     report = tokenize_corpus(args.inputs, args.tokenizer, args.out, args.val_fraction, args.workers)
     for split, r in report.items():
         print(f"{split}: {r['documents']} documents, {r['tokens']} tokens -> {Path(args.out) / split}")
+
+
+def cmd_show_mask(args):
+    from camelid.data.instruct import Skipped, load_conversations
+    from camelid.data.masking import MaskStats, mask_conversation, show_mask
+    from camelid.tokenizer.chat_template import resolve_template
+
+    if args.max_len < 8:
+        raise CamelidError("--max-len must be at least 8")
+    tokenizer = _tokenizer_for(args.tokenizer)
+    resolve_template(args.template)
+    skipped, stats, shown = Skipped(), MaskStats(), 0
+    for where, conversation in load_conversations(args.file, skipped=skipped):
+        for sample in mask_conversation(tokenizer, args.template, conversation, args.max_len, args.train_on_prompt,
+                                        stats):
+            if shown < args.samples:
+                print(f"--- {where} ({len(sample.ids)} tokens"
+                      f"{', truncated' if sample.truncated else ''}) ---")
+                print(show_mask(tokenizer, sample, colour=sys.stdout.isatty()))
+                shown += 1
+    print(f"\n{stats.samples} samples -> {stats.pieces} training sequences of at most {args.max_len} tokens; "
+          f"{stats.truncated} truncated; {stats.trained_tokens} of {stats.tokens} tokens trained "
+          f"({stats.trained_tokens / max(stats.tokens, 1):.0%}); {stats.boundary_merges} turn boundaries "
+          f"tokenized apart; {skipped.total} records skipped")
+
+
+def _tokenizer_for(path: str):
+    """A tokenizer file, or the tokenizer of a model folder."""
+    from camelid.tokenizer.tokenizer import load_tokenizer_file
+
+    if Path(path).is_dir():
+        from camelid.formats.load import load_model
+
+        return load_model(path, "cpu", "fp32").tokenizer
+    return load_tokenizer_file(path)
 
 
 def cmd_data_prepare(args):

@@ -117,6 +117,14 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
 
+    def special_text(self, tid: int) -> str:
+        """How a BOS or EOS id is written in templates ("</s>"), which decode() leaves out."""
+        names = {"bos_token": [self.bos_id], "eos_token": self.eos_ids}
+        for key, ids in names.items():
+            if tid in ids and self.special_tokens_map.get(key):
+                return self.special_tokens_map[key]
+        return self.decode([tid])
+
     def token_id(self, piece: str) -> int | None:
         return self.backend.token_id(piece)
 

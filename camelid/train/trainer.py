@@ -172,9 +172,11 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
     raw = init_weights(Transformer(mcfg)).to(device)
     raw.activation_checkpointing = cfg.activation_checkpointing
     model = wrap(raw, cluster, cfg.fsdp, device)
-    # Compiled, the step is one fused kernel; the learning rate is then a tensor so a new value is not a new graph.
+    # On CUDA AdamW has a fused kernel; elsewhere `compile` makes one of the step, and the learning rate is then
+    # a tensor so that a new value is not a new graph.
+    compile_step = cfg.compile and device.type != "cuda" and cfg.dtype != "fp16"
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), betas=(cfg.beta1, cfg.beta2),
-                                  lr=torch.tensor(cfg.lr) if cfg.compile else cfg.lr, fused=device.type == "cuda")
+                                  lr=torch.tensor(cfg.lr) if compile_step else cfg.lr, fused=device.type == "cuda")
     torch.manual_seed(cfg.seed + cluster.rank)  # dropout differs between ranks
     log_path = out / LOG
     step = resume_from(resume, out, model, optimizer, mcfg, cluster) if resume else 0
@@ -192,7 +194,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
 
     # Compiling the loss with the model fuses the upcast and log-softmax over the vocabulary too.
     compute_loss = torch.compile(loss_of) if cfg.compile else loss_of
-    optimizer_step = torch.compile(optimizer.step) if cfg.compile and scaler is None else optimizer.step
+    optimizer_step = torch.compile(optimizer.step) if compile_step else optimizer.step
     flops = flops_per_token(mcfg, cfg.seq_len)
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
     local_micro = list(range(cluster.rank, cfg.grad_accum, cluster.world))
@@ -203,7 +205,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=cfg.max_steps, initial=step, desc="pretraining", unit="step", disable=None if cluster.main else True)
-    stopped = False
+    stopped, log = False, None
     try:
         log = open(log_path, "a") if cluster.main else None
         while step < cfg.max_steps and not stopped:
@@ -263,7 +265,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
                     plot_loss(log_path, out / "loss.png")
     finally:
         bar.close()
-        if cluster.main and log:
+        if log:
             log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

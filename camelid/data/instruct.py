@@ -1,0 +1,207 @@
+"""Instruction and chat datasets: Alpaca, Dolly, ShareGPT and OpenAI `messages`, read into one shape.
+
+A sample is a conversation: a list of {"role": "system"|"user"|"assistant", "content": str}; an Alpaca user
+turn may also carry "input", which the Alpaca template renders in its own section. Malformed records are
+reported with their file and line and skipped, never dropped silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from camelid.errors import CamelidError
+
+FORMATS = ("alpaca", "dolly", "sharegpt", "messages")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                   "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Skipped:
+    """Records that could not be read: counted by reason, each also printed with its place."""
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, where: str, reason: str, quiet: bool = False):
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if not quiet:
+            print(f"camelid: skipping {where}: {reason}", file=sys.stderr)
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+
+def _records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) from a JSON array or JSONL file, where = "FILE:LINE" (plus the record's number in an
+    array, whose records may share a line); JSON that does not parse is an error naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CamelidError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise CamelidError(f"{path}: not UTF-8 text") from None
+    stripped = text.lstrip()
+    decoder = json.JSONDecoder()
+    if stripped.startswith("["):
+        i, number = text.index("[") + 1, 0
+        while True:
+            while i < len(text) and text[i] in " \t\r\n,":
+                i += 1
+            if i >= len(text) or text[i] == "]":
+                return
+            try:
+                record, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as exc:
+                raise CamelidError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+            number += 1
+            yield f"{path}:{text.count(chr(10), 0, i) + 1} (record {number})", record
+            i = end
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CamelidError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+
+
+def _text(value, what: str) -> str:
+    """A message's content: a string, or OpenAI-style parts [{"type": "text", "text"|"value": ...}]."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", p.get("value", ""))) for p in value)
+    raise ValueError(f"{what} is not text")
+
+
+def detect_format(record: dict) -> str | None:
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record:
+        return "dolly" if "response" in record or "context" in record else "alpaca"
+    return None
+
+
+def to_conversation(record, fmt: str | None = None) -> list[dict]:
+    """One record in any supported format as a conversation; ValueError says what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    fmt = fmt or detect_format(record)
+    if fmt == "alpaca":
+        user = {"role": "user", "content": _text(record["instruction"], "instruction")}
+        if record.get("input"):
+            user["input"] = _text(record["input"], "input")
+        conversation = [user, {"role": "assistant", "content": _text(record["output"], "output")}]
+    elif fmt == "dolly":
+        user = {"role": "user", "content": _text(record["instruction"], "instruction")}
+        if record.get("context"):
+            user["input"] = _text(record["context"], "context")
+        conversation = [user, {"role": "assistant", "content": _text(record["response"], "response")}]
+    elif fmt == "sharegpt":
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' is not a list")
+        conversation = []
+        for i, t in enumerate(turns):
+            role = _SHAREGPT_ROLES.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+            if role is None:
+                raise ValueError(f"conversations[{i}] has no known 'from' (human, gpt or system)")
+            conversation.append({"role": role, "content": _text(t.get("value"), f"conversations[{i}].value")})
+    elif fmt == "messages":
+        turns = record["messages"]
+        if not isinstance(turns, list):
+            raise ValueError("'messages' is not a list")
+        conversation = []
+        for i, m in enumerate(turns):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"messages[{i}] has no role system, user or assistant")
+            conversation.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
+    else:
+        raise ValueError("not Alpaca (instruction, output), Dolly (instruction, response), ShareGPT "
+                         "(conversations) or messages")
+    check_conversation(conversation)
+    return conversation
+
+
+def check_conversation(conversation: list[dict]):
+    roles = [m["role"] for m in conversation if m["role"] != "system"]
+    if not roles or "assistant" not in roles:
+        raise ValueError("no assistant turn to learn from")
+    if roles[0] != "user" or any(a == b for a, b in zip(roles, roles[1:])):
+        raise ValueError("turns must alternate user, assistant, user, ...")
+    if any(m["role"] == "system" for m in conversation[1:]):
+        raise ValueError("a system message may only come first")
+    if not any(m["content"].strip() for m in conversation if m["role"] == "assistant"):
+        raise ValueError("the assistant turns are empty")
+
+
+def read_conversations(path: str | Path, fmt: str | None = None, skipped: Skipped | None = None
+                       ) -> Iterator[tuple[str, list[dict]]]:
+    """(file:line, conversation) for each readable record; the others go to `skipped`."""
+    if fmt is not None and fmt not in FORMATS:
+        raise CamelidError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
+    skipped = skipped if skipped is not None else Skipped()
+    path = Path(path)
+    for where, record in _records(path):
+        try:
+            yield where, to_conversation(record, fmt)
+        except KeyError as exc:
+            skipped.add(where, f"missing field {exc.args[0]!r}")
+        except ValueError as exc:
+            skipped.add(where, str(exc))
+
+
+def load_conversations(path: str | Path, fmt: str | None = None, skipped: Skipped | None = None
+                       ) -> list[tuple[str, list[dict]]]:
+    data = list(read_conversations(path, fmt, skipped))
+    if not data:
+        raise CamelidError(f"{path}: no usable records (an empty dataset, or every record was malformed)")
+    return data
+
+
+def from_conversation(conversation: list[dict], fmt: str) -> dict:
+    """A conversation written in `fmt`; ValueError when the format cannot hold it (Alpaca is one turn)."""
+    if fmt in ("alpaca", "dolly"):
+        turns = [m for m in conversation if m["role"] != "system"]
+        if len(turns) != 2:
+            raise ValueError(f"{len(turns) // 2} turns do not fit the single-turn {fmt} format")
+        keys = ("instruction", "input", "output") if fmt == "alpaca" else ("instruction", "context", "response")
+        return dict(zip(keys, (turns[0]["content"], turns[0].get("input", ""), turns[1]["content"])))
+    if fmt == "sharegpt":
+        names = {"user": "human", "assistant": "gpt", "system": "system"}
+        return {"conversations": [{"from": names[m["role"]], "value": _with_input(m)} for m in conversation]}
+    return {"messages": [{"role": m["role"], "content": _with_input(m)} for m in conversation]}
+
+
+def _with_input(message: dict) -> str:
+    """Formats without an input field carry it after the instruction, as Alpaca's own data does."""
+    return message["content"] + ("\n\n" + message["input"] if message.get("input") else "")
+
+
+def convert(src: str | Path, dest: str | Path, to: str, fmt: str | None = None) -> dict:
+    """Rewrite a dataset in another format: JSONL for sharegpt/messages, a JSON array for alpaca/dolly."""
+    if to not in FORMATS:
+        raise CamelidError(f"--to {to!r}: use one of {', '.join(FORMATS)}")
+    skipped = Skipped()
+    rows = []
+    for where, conversation in load_conversations(src, fmt, skipped):
+        try:
+            rows.append(from_conversation(conversation, to))
+        except ValueError as exc:
+            skipped.add(where, str(exc))
+    if not rows:
+        raise CamelidError(f"{src}: no record can be written as {to}")
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        if dest.suffix == ".jsonl":
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        else:
+            json.dump(rows, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, dest)
+    return {"written": len(rows), "skipped": skipped.reasons}
