@@ -57,6 +57,8 @@ MAX_KERNEL_ROWS = 8
 
 
 def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    if type(layer) is not torch.nn.Linear:  # LoRA and quantized layers bring their own forward
+        return layer(x)
     if _use_kernel(x, layer):
         try:
             x2 = x.reshape(-1, x.shape[-1])

@@ -169,6 +169,18 @@ class Block(nn.Module):
         return x + drop(self.mlp(self.mlp_norm(x)))
 
 
+def packed_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions that restart at each segment and a causal mask that never crosses one, for packed rows."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    segment_start = torch.cummax(torch.where(first, index, 0), dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    return index - segment_start, mask.unsqueeze(1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -192,17 +204,23 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
-                pad_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, last_only: bool = False,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
         positions then count real tokens only, so a padded row computes what it would alone.
         `start` may instead be a (B,) tensor with each row's own position, for one new token per row
         (continuous batching, where every request in the batch is at a different length).
+        segment_ids (B, T) packs several samples in a row (training, from position 0): a token attends only
+        to earlier tokens of its own segment, and positions restart at each segment.
         """
         cfg = self.cfg
         B, T = tokens.shape
-        positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
+        if segment_ids is not None:
+            positions, mask = packed_positions_and_mask(segment_ids)
+        else:
+            positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
         x = self.tok_embeddings(tokens)
         if self.training and cfg.dropout:
             x = F.dropout(x, cfg.dropout)
