@@ -1,0 +1,124 @@
+"""LoRA (Hu et al. 2021): a frozen weight W plus a trained low-rank update (alpha / r) * B @ A.
+
+camelid fuses projections (q, k and v in `wqkv`; gate and up in `w_in`), so a LoRA target is a slice of
+rows of a fused layer: targeting q_proj and v_proj, as alpaca-lora does, adds one (A, B) pair per slice and
+leaves k's rows alone. Targets use the Hugging Face / PEFT names, which `camelid.formats.peft` writes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camelid.errors import CamelidError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self):
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise CamelidError(f"LoRA target module {unknown[0]!r} does not exist; choose from {', '.join(TARGETS)}")
+        if not self.targets or self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise CamelidError("LoRA needs targets, rank >= 1, alpha > 0 and 0 <= dropout < 1")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear and one low-rank update per targeted slice of its output rows."""
+
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], cfg: LoRAConfig):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.slices = slices
+        self.scaling = cfg.scaling
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        device, dtype = base.weight.device, base.weight.dtype
+        for name, (lo, hi) in slices.items():
+            a = torch.empty(cfg.rank, base.in_features, device=device, dtype=dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's initialisation: B = 0, so training starts at W
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(hi - lo, cfg.rank, device=device, dtype=dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base.weight, self.base.bias)
+        h = self.dropout(x)
+        for name, (lo, hi) in self.slices.items():
+            delta = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scaling
+            y = y + (delta if hi - lo == y.shape[-1] else F.pad(delta, (lo, y.shape[-1] - hi)))
+        return y
+
+    def delta(self) -> torch.Tensor:
+        """The update to the full weight, (alpha / r) * B @ A on each slice."""
+        d = torch.zeros_like(self.base.weight)
+        for name, (lo, hi) in self.slices.items():
+            d[lo:hi] = (self.lora_B[name] @ self.lora_A[name]) * self.scaling
+        return d
+
+
+def target_slices(model, layer: int, cfg_targets: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """{layer path: {target: rows}} for one block, e.g. {"layers.0.attn.wqkv": {"q_proj": (0, 512)}}."""
+    mc = model.cfg
+    q, kv, ffn = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim, mc.ffn_dim
+    where = {"q_proj": ("attn", "wqkv", (0, q)), "k_proj": ("attn", "wqkv", (q, q + kv)),
+             "v_proj": ("attn", "wqkv", (q + kv, q + 2 * kv)), "o_proj": ("attn", "wo", (0, mc.dim)),
+             "gate_proj": ("mlp", "w_in", (0, ffn)),
+             "up_proj": ("mlp", "w_in", (ffn, 2 * ffn) if mc.gated_mlp else (0, ffn)),
+             "down_proj": ("mlp", "w_out", (0, mc.dim))}
+    if "gate_proj" in cfg_targets and not mc.gated_mlp:
+        raise CamelidError("LoRA target module 'gate_proj' does not exist in this model (its MLP is not gated)")
+    out: dict = {}
+    for t in cfg_targets:
+        parent, attr, rows = where[t]
+        out.setdefault(f"layers.{layer}.{parent}.{attr}", {})[t] = rows
+    return out
+
+
+def add_lora(model, cfg: LoRAConfig):
+    """Freeze the model and wrap the targeted layers; only the LoRA matrices are left trainable."""
+    cfg.validate()
+    model.requires_grad_(False)
+    for i in range(model.cfg.n_layers):
+        for path, slices in target_slices(model, i, cfg.targets).items():
+            parent_path, attr = path.rsplit(".", 1)
+            parent = model.get_submodule(parent_path)
+            base = getattr(parent, attr)
+            if isinstance(base, LoRALinear):
+                raise CamelidError(f"{path} already has a LoRA adapter")
+            setattr(parent, attr, LoRALinear(base, slices, cfg))
+    model.lora_config = cfg
+    return model
+
+
+def lora_layers(model) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight and put the plain layers back."""
+    for name, layer in lora_layers(model).items():
+        layer.base.weight += layer.delta().to(layer.base.weight.dtype)
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, layer.base)
+    model.lora_config = None
+    return model
