@@ -28,6 +28,7 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on gpu)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) applied on top of MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-compile", action="store_true",
                    help="do not compile the CPU decode kernel (first use compiles for a few seconds)")
@@ -123,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.dim=128")
 
+    p = sub.add_parser("finetune", help="instruction-tune a model (Alpaca/Vicuna data; full or LoRA)")
+    p.add_argument("--config", help="a YAML recipe (see recipes/alpaca*.yaml, vicuna.yaml)")
+    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base=models/x method=lora")
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT layout) into its base model")
+    p.add_argument("base", help="the base model")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output camelid folder")
+    p.add_argument("--template", default=None, help="chat template to store (default: the base model's)")
+
     p = sub.add_parser("sweep", help="hyperparameter search with short proxy trainings (Optuna)")
     p.add_argument("--config", help="the recipe to tune (see recipes/)")
     p.add_argument("--out", required=True, help="sweep folder (study.db, trial runs, best.yaml, sweep.png)")
@@ -174,6 +186,11 @@ def _load(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.device, args.dtype, args.tokenizer)
+    if args.adapter:
+        from camelid.formats.peft import load_adapter
+        from camelid.model.lora import merge_lora
+
+        merge_lora(load_adapter(lm.model, args.adapter))  # merged: decoding then costs what the base costs
     if lm.model.output.weight.device.type == "cpu" and not args.no_compile and lm.config.dim >= 512:
         enable_fast_decode(True)  # small models are dominated by Python overhead, not weight reads
     return lm
@@ -348,6 +365,26 @@ def cmd_pretrain(args):
         print(f"wrote {folder}")
 
 
+def cmd_finetune(args):
+    from camelid.train.config import FinetuneConfig, load_config
+    from camelid.train.finetune import finetune
+
+    folder = finetune(load_config(args.config, args.overrides, FinetuneConfig), args.resume)
+    if folder is not None:
+        print(f"wrote {folder}")
+
+
+def cmd_merge(args):
+    from camelid.formats.load import load_model, save_native
+    from camelid.formats.peft import load_adapter
+    from camelid.model.lora import merge_lora
+
+    lm = load_model(args.base, "cpu", None)
+    merge_lora(load_adapter(lm.model, args.adapter))
+    save_native(lm, args.out, args.template)
+    print(f"wrote {args.out}")
+
+
 def cmd_sweep(args):
     from camelid.train.sweep import sweep
 
@@ -359,7 +396,7 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+COMMANDS = {"finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":

@@ -73,14 +73,77 @@ def _coerce(value, kind: str, key: str, source: str):
     except (TypeError, ValueError):
         pass
     expected = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-                "dict": "a mapping"}[kind]
-    ok = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict,)}[kind]
+                "dict": "a mapping", "list": "a list"}[kind]
+    ok = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,)}[kind]
     if not isinstance(value, ok) or (kind in ("int", "float") and isinstance(value, bool)):
         raise CamelidError(f"{source}: {key} must be {expected}, got {value!r}")
     return value
 
 
+@dataclass
+class FinetuneConfig:
+    """Instruction tuning (camelid finetune): Alpaca/Vicuna data on a pretrained model, full or LoRA."""
+    base: str = ""  # the model to tune: any folder or file camelid opens
+    data: str = ""  # Alpaca, Dolly, ShareGPT or messages data
+    val_data: str = ""  # optional; else val_fraction of `data` is held out
+    val_fraction: float = 0.0
+    format: str = ""  # alpaca | dolly | sharegpt | messages (empty: detected per record)
+    template: str = ""  # chat template (empty: the base model's own)
+    out_dir: str = "out/finetune"
+    max_len: int = 512
+    train_on_prompt: bool = False
+    pack: bool = True
+    method: str = "full"  # full | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    epochs: float = 3.0
+    micro_batch: int = 4
+    grad_accum: int = 1  # global batch = micro_batch * grad_accum rows
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    decay_every: int = 1000
+    decay_gamma: float = 0.5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    device: str = "cpu"
+    seed: int = 42
+    threads: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 100
+    keep_last: int = 2
+    activation_checkpointing: bool = False
+
+    def validate(self, source: str = "config"):
+        checks = [(self.base != "", "base: the model to tune is required"),
+                  (self.data != "", "data: the instruction data file is required"),
+                  (self.method in ("full", "lora"), "method must be full or lora"),
+                  (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+                  (self.dtype in ("fp32", "bf16", "fp16"), "dtype must be fp32, bf16 or fp16"),
+                  (self.epochs > 0, "epochs must be > 0"), (self.lr > 0, "lr must be > 0"),
+                  (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+                  (isinstance(self.lora_targets, list), "lora_targets must be a list of module names")]
+        for key in ("max_len", "micro_batch", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last"):
+            checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,
+                           f"{key} must be a positive integer"))
+        for ok, message in checks:
+            if not ok:
+                raise CamelidError(f"{source}: {message}")
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(path, overrides, TrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=TrainConfig):
     import yaml
 
     data = {}
@@ -104,11 +167,11 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
         for p in parents:
             target = target.setdefault(p, {})
         target[leaf] = yaml.safe_load(value)
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
             raise CamelidError(f"{source}: unknown key {key!r}")
         data[key] = _coerce(data[key], fields[key], key, source)
-    cfg = TrainConfig(**data)
+    cfg = cls(**data)
     cfg.validate(source)
     return cfg

@@ -124,12 +124,12 @@ def resume_from(resume: str, out: Path, model, optimizer, mcfg: ModelConfig, clu
         if "cuda" in rng[cluster.rank] and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng[cluster.rank]["cuda"])
     if cluster.main:
-        _truncate_log(out / LOG, state["step"])  # steps after the checkpoint are redone
+        truncate_log(out / LOG, state["step"])  # steps after the checkpoint are redone
         print(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 
-def _truncate_log(path: Path, step: int):
+def truncate_log(path: Path, step: int):
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]

@@ -1,0 +1,245 @@
+"""Instruction tuning, the way Stanford Alpaca and Vicuna did it: full fine-tuning or LoRA, with the loss
+only on what the model must learn to say.
+
+Samples are rendered with the chat template `camelid chat` uses and masked on tokens
+(`camelid.data.masking`), optionally packed several to a row (`camelid.data.packing`). The data order is a
+function of (seed, epoch), so a run resumed mid-epoch continues at the same sample. The result is a camelid
+model folder that records the template and stop strings it was trained with; a LoRA run also writes the
+adapter in PEFT's layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from camelid.data.corpus import is_validation
+from camelid.data.instruct import Skipped, load_conversations
+from camelid.data.masking import IGNORE, MaskStats, mask_conversation
+from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
+from camelid.errors import CamelidError
+from camelid.formats.load import LoadedModel, load_model, save_native
+from camelid.formats.peft import save_adapter
+from camelid.model.lora import LoRAConfig, add_lora, merge_lora
+from camelid.tokenizer.chat_template import resolve_template
+from camelid.train.config import FinetuneConfig
+from camelid.train.schedule import lr_at
+from camelid.train.trainer import LOG, param_groups, plot_loss, truncate_log
+
+CKPT_DIR = "checkpoints"
+
+
+def build_rows(cfg: FinetuneConfig, lm: LoadedModel, template: str) -> tuple[list[Row], list[Row], dict]:
+    """Masked (and packed) training and validation rows, plus counts for the log."""
+    skipped, stats = Skipped(), MaskStats()
+    records = load_conversations(cfg.data, cfg.format or None, skipped)
+    if cfg.val_data:
+        train_records, val_records = records, load_conversations(cfg.val_data, cfg.format or None, skipped)
+    else:
+        key = [json.dumps(c, sort_keys=True) for _, c in records]
+        train_records = [r for r, k in zip(records, key) if not is_validation(k, cfg.val_fraction)]
+        val_records = [r for r, k in zip(records, key) if is_validation(k, cfg.val_fraction)]
+
+    def rows(items):
+        samples = [s for _, conversation in tqdm(items, desc="masking", unit="sample", disable=None)
+                   for s in mask_conversation(lm.tokenizer, template, conversation, cfg.max_len, cfg.train_on_prompt,
+                                              stats)]
+        return pack_samples(samples, cfg.max_len) if cfg.pack else unpacked_rows(samples)
+
+    train_rows, val_rows = rows(train_records), rows(val_records)
+    if not train_rows:
+        raise CamelidError(f"{cfg.data}: no sample has a token to train on")
+    info = {"samples": stats.samples, "sequences": stats.pieces, "truncated": stats.truncated,
+            "trained_tokens": stats.trained_tokens, "tokens": stats.tokens, "boundary_merges": stats.boundary_merges,
+            "skipped_records": skipped.total, "train_rows": len(train_rows), "val_rows": len(val_rows)}
+    return train_rows, val_rows, info
+
+
+def batch_rows(rows: list[Row], step: int, global_batch: int, seed: int) -> list[Row]:
+    """The rows of a step: epoch e is permutation(seed, e) of all rows, and steps walk through it."""
+    n = len(rows)
+    out = []
+    for k in range(step * global_batch, (step + 1) * global_batch):
+        epoch, i = divmod(k, n)
+        out.append(rows[_order(n, seed, epoch)[i]])
+    return out
+
+
+_ORDERS: dict = {}
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    if (n, seed, epoch) not in _ORDERS:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        _ORDERS.clear()
+        _ORDERS[(n, seed, epoch)] = order
+    return _ORDERS[(n, seed, epoch)]
+
+
+def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
+    """Tune; returns the model folder, or None when a signal stopped the run (resumable with resume="auto")."""
+    import signal
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    lm = load_model(cfg.base, cfg.device, "fp32")
+    template = cfg.template or lm.template
+    if template == "raw":
+        raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
+                           "llama3 or Jinja source)")
+    _, stop = resolve_template(template)
+    train_rows, val_rows, info = build_rows(cfg, lm, template)
+    print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
+          f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
+    model = lm.model
+    model.train().requires_grad_(cfg.method == "full")  # loading prepares a model for inference: frozen
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.method == "lora":
+        add_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets)))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+    global_batch = cfg.micro_batch * cfg.grad_accum
+    max_steps = max(1, math.ceil(len(train_rows) * cfg.epochs / global_batch))
+    schedule = _Schedule(cfg, max_steps)
+    step = _resume(out, resume, trainable, optimizer, cfg) if resume else 0
+    log_path = out / LOG
+    if not resume and log_path.exists():
+        log_path.unlink()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+    stop_signal = {"signal": None}
+    previous = {s: signal.signal(s, lambda signum, _f: stop_signal.update(signal=signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(total=max_steps, initial=step, desc=f"finetune ({cfg.method})", unit="step", disable=None)
+    try:
+        with open(log_path, "a") as log:
+            while step < max_steps and stop_signal["signal"] is None:
+                t0 = time.perf_counter()
+                lr = lr_at(step, schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                rows = batch_rows(train_rows, step, global_batch, cfg.seed)
+                n_trained = sum(t != IGNORE for r in rows for t in r.targets)
+                total, tokens = 0.0, 0
+                for m in range(cfg.grad_accum):
+                    batch = {k: v.to(device) for k, v in
+                             collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = model(batch["inputs"], segment_ids=batch["segments"])
+                    # Sum over trained tokens, divided by those of the whole global batch: every token weighs
+                    # the same whatever micro-batch it landed in.
+                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["targets"].view(-1),
+                                           ignore_index=IGNORE, reduction="sum") / max(n_trained, 1)
+                    loss.backward()
+                    total += loss.item()
+                    tokens += batch["inputs"].numel()
+                norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf")).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                record = {"step": step, "epoch": round(step * global_batch / len(train_rows), 3), "loss": total,
+                          "lr": lr, "grad_norm": norm,
+                          "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+                if val_rows and (step % cfg.eval_every == 0 or step == max_steps):
+                    record["val_loss"] = evaluate(model, val_rows, cfg, device, amp_dtype)
+                if step % cfg.log_every == 0 or "val_loss" in record or step == max_steps:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}")
+                if step % cfg.ckpt_every == 0 or step == max_steps or stop_signal["signal"] is not None:
+                    _save(out, step, trainable, optimizer, cfg)
+                    plot_loss(log_path, out / "loss.png")
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop_signal["signal"] is not None:
+        print(f"stopped by signal at step {step}; resume with --resume auto")
+        return None
+    model.eval().requires_grad_(False)
+    if cfg.method == "lora":
+        save_adapter(model, out / "adapter", cfg.base)
+        merge_lora(model)
+    save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop)
+    return out / "model"
+
+
+class _Schedule:
+    """The pretraining schedule's inputs, with warmup given as a share of the run."""
+
+    def __init__(self, cfg: FinetuneConfig, max_steps: int):
+        self.lr, self.min_lr, self.schedule = cfg.lr, cfg.min_lr, cfg.schedule
+        self.decay_every, self.decay_gamma = cfg.decay_every, cfg.decay_gamma
+        self.max_steps = max_steps
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * max_steps)
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[Row], cfg: FinetuneConfig, device, amp_dtype) -> float:
+    """Mean loss per trained token over the validation rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), cfg.micro_batch):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.micro_batch]).items()}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch["inputs"], segment_ids=batch["segments"])
+        total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["targets"].view(-1),
+                                 ignore_index=IGNORE, reduction="sum").item()
+        count += int((batch["targets"] != IGNORE).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / CKPT_DIR).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig):
+    """Only what changes is saved (for LoRA, megabytes instead of the whole base model)."""
+    import dataclasses
+
+    folder = out / CKPT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}
+    path = folder / f"step_{step:08d}.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in _checkpoints(out)[:-cfg.keep_last]:
+        old.unlink()
+
+
+def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneConfig) -> int:
+    found = _checkpoints(out)
+    path = (found[-1] if found else None) if resume == "auto" else Path(resume)
+    if path is None:
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CamelidError(f"{path}: no such checkpoint") from None
+    except Exception as exc:
+        raise CamelidError(f"{path}: cannot be read as a camelid checkpoint ({str(exc).splitlines()[0]})") from None
+    if set(state["trainable"]) != set(trainable) or any(
+            state["trainable"][n].shape != p.shape for n, p in trainable.items()):
+        raise CamelidError(f"{path}: a checkpoint of another model or method")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    truncate_log(out / LOG, state["step"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
