@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-len", type=int, default=2048, help="the training context")
     d.add_argument("--samples", type=int, default=2, help="how many samples to print")
     d.add_argument("--train-on-prompt", action="store_true", help="train on the prompt too")
+    d = dsub.add_parser("search", help="full-text search of instruction data from the terminal")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d.add_argument("query", help='words, "a phrase", a OR b, prefix*; with --substring, any text')
+    d.add_argument("--limit", type=int, default=10)
+    d.add_argument("--substring", action="store_true", help="a LIKE '%%text%%' search instead of full-text")
+    d = dsub.add_parser("browse", help="open instruction data in Datasette on 127.0.0.1")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8001)
     d = dsub.add_parser("tokenize", help="text/JSONL files or a prepared folder into train/val token shards")
     d.add_argument("inputs", nargs="+", help=".txt files (paragraphs are documents), .jsonl, or folders")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json or a SentencePiece .model")
@@ -299,6 +308,19 @@ def cmd_data(args):
         return 0
     if args.data_command == "show-mask":
         return cmd_show_mask(args)
+    if args.data_command == "search":
+        from camelid.data.explore import search
+
+        if args.limit < 1:
+            raise CamelidError("--limit must be at least 1")
+        for row in search(args.file, args.query, args.limit, substring=args.substring):
+            print(f"#{row['id']}  {row['instruction']}" + (f"\n    input: {row['input']}" if row["input"] else "")
+                  + f"\n    -> {row['output'][:300]}\n")
+        return 0
+    if args.data_command == "browse":
+        from camelid.data.explore import browse
+
+        return browse(args.file, args.host, args.port)
     from camelid.data.tokenize import tokenize_corpus
 
     report = tokenize_corpus(args.inputs, args.tokenizer, args.out, args.val_fraction, args.workers)

@@ -137,3 +137,31 @@ def test_show_mask_cli(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip() == "camelid: error: --max-len must be at least 8"
     bad = subprocess.run(run[:7] + ["nonsense"] + run[8:], capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown chat template 'nonsense'" in bad.stderr
+
+
+def test_search_and_the_datasette_saved_query(tmp_path, monkeypatch):
+    import asyncio
+
+    from datasette.app import Datasette
+
+    from camelid.data.explore import build_db, datasette_metadata, search
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = SHARED / "instruct" / "alpaca_5000.json"
+    hits = search(data, "haiku", limit=50)
+    assert hits and all("haiku" in (h["instruction"] + h["input"] + h["output"]).lower() for h in hits)
+    like = search(data, "capital of France", limit=100, substring=True)
+    assert like and all("capital of france" in (h["instruction"] + " " + h["input"] + " " + h["output"]).lower()
+                        for h in like)
+    with pytest.raises(CamelidError, match="search query '\"open': unterminated string"):
+        search(data, '"open')
+    db = build_db(data)
+    assert db.parent == tmp_path / "cache" / "camelid" / "data" and build_db(data) == db  # cached
+
+    async def saved_query():
+        ds = Datasette([str(db)], metadata=datasette_metadata(db))
+        response = await ds.client.get(f"/{db.stem}/search.json?search=capital+of+France&_shape=array")
+        return response.status_code, response.json()
+
+    status, rows = asyncio.run(saved_query())
+    assert status == 200 and [r["id"] for r in rows] == [h["id"] for h in like]
