@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base=models/x method=lora")
 
+    p = sub.add_parser("self-instruct", help="generate Alpaca-style instruction data with a model (Self-Instruct)")
+    p.add_argument("--out", required=True, help="Alpaca JSON to write (an existing one is resumed)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a local model camelid opens")
+    src.add_argument("--endpoint", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--endpoint-model", default="default", help="the model name the endpoint expects")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="for the endpoint (or OPENAI_API_KEY)")
+    p.add_argument("--num", type=int, default=100, help="how many new instructions to keep")
+    p.add_argument("--max-tokens", type=int, default=3072)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-tasks", default=None, help="seed tasks JSONL (default: Self-Instruct's 175)")
+    p.add_argument("--prompt", default=None, help="the generation prompt (default: Alpaca's)")
+
     p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT layout) into its base model")
     p.add_argument("base", help="the base model")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -396,6 +409,20 @@ def cmd_finetune(args):
         print(f"wrote {folder}")
 
 
+def cmd_self_instruct(args):
+    from camelid.train import self_instruct as si
+
+    if args.num < 1 or args.max_tokens < 16:
+        raise CamelidError("--num must be at least 1 and --max-tokens at least 16")
+    here = Path(si.__file__).parent / "self_instruct_data"
+    complete = (si.local_client(args.model, args.max_tokens, args.seed) if args.model else
+                si.endpoint_client(args.endpoint, args.endpoint_model, args.max_tokens, args.api_key))
+    report = si.self_instruct(complete, args.seed_tasks or here / "seed_tasks.jsonl", args.prompt or here / "prompt.txt",
+                              args.out, args.num, args.seed)
+    print(f"kept {report['kept']} instructions after {report['requests']} requests; dropped: {report['dropped']}")
+    print(f"wrote {args.out}")
+
+
 def cmd_merge(args):
     from camelid.formats.load import load_model, save_native
     from camelid.formats.peft import load_adapter
@@ -418,7 +445,7 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+COMMANDS = {"self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":
