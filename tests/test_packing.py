@@ -7,6 +7,7 @@ from camelid.data.masking import IGNORE, Sample
 from camelid.data.packing import collate, pack_samples, unpacked_rows
 from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer, init_weights, packed_positions_and_mask
+from camelid.train.finetune import sft_loss
 
 
 def samples(n=6):
@@ -50,5 +51,7 @@ def test_packed_loss_and_gradients_equal_unpacked():
         b = sum(loss_sum(model, collate([row])) for row in unpacked_rows(data))
         grads_b = torch.autograd.grad(b, list(model.parameters()))
         assert torch.allclose(a, b, rtol=1e-5)
+        # Fine-tuning computes logits only where a token is trained: the same loss.
+        assert torch.allclose(sft_loss(model, collate(packed)), a, rtol=1e-5)
         for ga, gb in zip(grads_a, grads_b):
             assert torch.allclose(ga, gb, atol=1e-5)

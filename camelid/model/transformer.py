@@ -205,7 +205,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
@@ -214,6 +214,8 @@ class Transformer(nn.Module):
         (continuous batching, where every request in the batch is at a different length).
         segment_ids (B, T) packs several samples in a row (training, from position 0): a token attends only
         to earlier tokens of its own segment, and positions restart at each segment.
+        logits_at (B, T) bool returns logits (N, vocab) for those positions only: fine-tuning needs none for
+        the prompt and padding, and the output layer is a large share of a small model's work and memory.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -243,6 +245,8 @@ class Transformer(nn.Module):
                 x = layer(x, rope, mask, kv_cache, i, start)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]
         if self.norm is not None:
             x = self.norm(x)
         if cfg.embed_proj_dim:

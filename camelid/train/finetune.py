@@ -135,12 +135,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
                 for m in range(cfg.grad_accum):
                     batch = {k: v.to(device) for k, v in
                              collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = model(batch["inputs"], segment_ids=batch["segments"])
-                    # Sum over trained tokens, divided by those of the whole global batch: every token weighs
-                    # the same whatever micro-batch it landed in.
-                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["targets"].view(-1),
-                                           ignore_index=IGNORE, reduction="sum") / max(n_trained, 1)
+                    # Summed over trained tokens, divided by those of the whole global batch: every token
+                    # weighs the same whatever micro-batch it landed in.
+                    loss = sft_loss(model, batch, amp_dtype) / max(n_trained, 1)
                     loss.backward()
                     total += loss.item()
                     tokens += batch["inputs"].numel()
@@ -176,6 +173,15 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
     return out / "model"
 
 
+def sft_loss(model, batch: dict, amp_dtype=None) -> torch.Tensor:
+    """Summed cross-entropy over the trained tokens; logits are computed for those positions only."""
+    trained = batch["targets"] != IGNORE
+    device_type = batch["inputs"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(batch["inputs"], segment_ids=batch.get("segments"), logits_at=trained)
+    return F.cross_entropy(logits.float(), batch["targets"][trained], reduction="sum")
+
+
 class _Schedule:
     """The pretraining schedule's inputs, with warmup given as a share of the run."""
 
@@ -193,10 +199,7 @@ def evaluate(model, rows: list[Row], cfg: FinetuneConfig, device, amp_dtype) -> 
     total, count = 0.0, 0
     for i in range(0, len(rows), cfg.micro_batch):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.micro_batch]).items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(batch["inputs"], segment_ids=batch["segments"])
-        total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["targets"].view(-1),
-                                 ignore_index=IGNORE, reduction="sum").item()
+        total += sft_loss(model, batch, amp_dtype).item()
         count += int((batch["targets"] != IGNORE).sum())
     model.train()
     return total / max(count, 1)

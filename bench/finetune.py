@@ -1,0 +1,152 @@
+"""LoRA fine-tuning speed and memory: camelid against Hugging Face PEFT + transformers, same run.
+
+A LLaMA-shaped base (hidden 1024, 8 layers, 16 heads, 4 KV heads, FFN 2816, vocab 32000; ~160M parameters,
+random weights), LoRA rank 8 / alpha 16 on q and v, AdamW 3e-4, batches of 4 Alpaca samples masked by
+camelid's template code and padded to the same 256 tokens for both. Each engine runs in its own process so
+its peak resident memory (ru_maxrss) is its own. Prints one JSON line per dtype with both tokens/s, both
+peaks and the ratios.
+
+    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_5000.json"
+TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "llama2_tokenizer.model"
+SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+             intermediate_size=2816, vocab_size=32000, max_position_embeddings=512)
+SEQ, BATCH, WARMUP = 256, 4, 2
+
+
+def make_base(folder: Path):
+    import torch
+    import transformers as tf
+
+    import shutil
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPE))
+    model.save_pretrained(folder)
+    shutil.copy(TOKENIZER, folder / "tokenizer.model")
+
+
+def batches(steps: int):
+    """The same token batches for both engines: Alpaca samples masked with camelid's template code."""
+    import torch
+
+    from camelid.data.instruct import load_conversations
+    from camelid.data.masking import IGNORE, mask_conversation
+    from camelid.data.packing import collate, unpacked_rows
+    from camelid.tokenizer.tokenizer import load_tokenizer_file
+
+    tok = load_tokenizer_file(TOKENIZER)
+    samples = []
+    for _, conversation in load_conversations(DATA)[:BATCH * (steps + WARMUP)]:
+        samples += mask_conversation(tok, "alpaca", conversation, SEQ)[:1]
+    out = []
+    for i in range(0, BATCH * (steps + WARMUP), BATCH):
+        batch = collate(unpacked_rows(samples[i:i + BATCH]))
+        pad = SEQ - batch["inputs"].shape[1]  # a fixed shape: both engines do the same work every step
+        out.append({"inputs": torch.nn.functional.pad(batch["inputs"], (0, pad)),
+                    "targets": torch.nn.functional.pad(batch["targets"], (0, pad), value=IGNORE)})
+    return out
+
+
+def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    data = batches(steps)
+    amp = dtype == "bf16"
+    if engine == "camelid":
+        from camelid.formats.load import load_model
+        from camelid.model.lora import LoRAConfig, add_lora
+
+        from camelid.train.finetune import sft_loss
+
+        model = load_model(base).model.train()
+        add_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"]))
+
+        def loss_of(batch):  # camelid's fine-tuning loss: logits only where a token is trained
+            return sft_loss(model, batch, torch.bfloat16 if amp else None) / (batch["targets"] != -100).sum()
+    else:
+        import transformers as tf
+        from peft import LoraConfig, get_peft_model
+
+        hf = tf.LlamaForCausalLM.from_pretrained(base, attn_implementation="sdpa")
+        model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).train()
+
+        def loss_of(batch):  # the textbook loss over the whole sequence, as Trainer + PEFT compute it
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                logits = model(input_ids=batch["inputs"]).logits
+            return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["targets"].view(-1),
+                                   ignore_index=-100)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    times = []
+    for batch in data:
+        t0 = time.perf_counter()
+        loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"tok_s": statistics.median(BATCH * SEQ / t for t in times[WARMUP:]),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine:  # a child process: one engine, one dtype
+        print(json.dumps(run_engine(args.engine, Path(args.base), args.dtypes, args.steps, args.threads)))
+        return
+    import peft
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        make_base(base)
+        for dtype in args.dtypes.split(","):
+            res = {}
+            for engine in ("camelid", "peft"):
+                child = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base), "--dtypes",
+                                        dtype, "--steps", str(args.steps), "--threads", str(args.threads)],
+                                       capture_output=True, text=True, check=True)
+                res[engine] = json.loads(child.stdout.strip().splitlines()[-1])
+            c, p = res["camelid"], res["peft"]
+            print(json.dumps({"bench": "finetune-lora", "dtype": dtype, "threads": args.threads, "seq_len": SEQ,
+                              "batch": BATCH, "camelid_tok_s": round(c["tok_s"], 1), "peft_tok_s": round(p["tok_s"], 1),
+                              "speed_ratio": round(c["tok_s"] / p["tok_s"], 3),
+                              "camelid_peak_mb": round(c["peak_rss_mb"]), "peft_peak_mb": round(p["peak_rss_mb"]),
+                              "memory_ratio": round(c["peak_rss_mb"] / p["peak_rss_mb"], 3),
+                              "trainable": [c["trainable"], p["trainable"]], "torch": torch.__version__,
+                              "transformers": transformers.__version__, "peft": peft.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
