@@ -6,7 +6,7 @@ camelid's template code and padded to the same 256 tokens for both. Each engine 
 its peak resident memory (ru_maxrss) is its own. Prints one JSON line per dtype with both tokens/s, both
 peaks and the ratios.
 
-    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8]
+    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--no-compile]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_5000.json"
 TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "llama2_tokenizer.model"
 SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
              intermediate_size=2816, vocab_size=32000, max_position_embeddings=512)
-SEQ, BATCH, WARMUP = 256, 4, 2
+SEQ, BATCH, WARMUP = 256, 4, 3  # the first steps compile
 
 
 def make_base(folder: Path):
@@ -66,7 +66,7 @@ def batches(steps: int):
     return out
 
 
-def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int) -> dict:
+def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, compile: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -81,9 +81,10 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int) ->
 
         model = load_model(base).model.train()
         add_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"]))
+        forward = torch.compile(model, dynamic=True) if compile else model  # as `compile: true` does
 
         def loss_of(batch):  # camelid's fine-tuning loss: logits only where a token is trained
-            return sft_loss(model, batch, torch.bfloat16 if amp else None) / (batch["targets"] != -100).sum()
+            return sft_loss(forward, batch, torch.bfloat16 if amp else None) / (batch["targets"] != -100).sum()
     else:
         import transformers as tf
         from peft import LoraConfig, get_peft_model
@@ -118,11 +119,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--no-compile", action="store_true", help="camelid without torch.compile")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:  # a child process: one engine, one dtype
-        print(json.dumps(run_engine(args.engine, Path(args.base), args.dtypes, args.steps, args.threads)))
+        print(json.dumps(run_engine(args.engine, Path(args.base), args.dtypes, args.steps, args.threads,
+                                    not args.no_compile)))
         return
     import peft
     import torch
@@ -135,11 +138,13 @@ def main():
             res = {}
             for engine in ("camelid", "peft"):
                 child = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base), "--dtypes",
-                                        dtype, "--steps", str(args.steps), "--threads", str(args.threads)],
+                                        dtype, "--steps", str(args.steps), "--threads", str(args.threads)]
+                                       + ["--no-compile"] * args.no_compile,
                                        capture_output=True, text=True, check=True)
                 res[engine] = json.loads(child.stdout.strip().splitlines()[-1])
             c, p = res["camelid"], res["peft"]
             print(json.dumps({"bench": "finetune-lora", "dtype": dtype, "threads": args.threads, "seq_len": SEQ,
+                              "camelid_compile": not args.no_compile,
                               "batch": BATCH, "camelid_tok_s": round(c["tok_s"], 1), "peft_tok_s": round(p["tok_s"], 1),
                               "speed_ratio": round(c["tok_s"] / p["tok_s"], 3),
                               "camelid_peak_mb": round(c["peak_rss_mb"]), "peft_peak_mb": round(p["peak_rss_mb"]),

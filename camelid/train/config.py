@@ -120,6 +120,7 @@ class FinetuneConfig:
     ckpt_every: int = 100
     keep_last: int = 2
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model: less activation memory, one-off compile time
 
     def validate(self, source: str = "config"):
         checks = [(self.base != "", "base: the model to tune is required"),
