@@ -31,10 +31,7 @@ from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.train.config import FinetuneConfig
 from camelid.train.schedule import lr_at
-from camelid.train.trainer import LOG, param_groups, plot_loss, truncate_log
-
-CKPT_DIR = "checkpoints"
-
+from camelid.train.trainer import CKPT_DIR, LOG, list_checkpoints, param_groups, plot_loss, truncate_log
 
 def build_rows(cfg: FinetuneConfig, lm: LoadedModel, template: str) -> tuple[list[Row], list[Row], dict]:
     """Masked (and packed) training and validation rows, plus counts for the log."""
@@ -207,10 +204,6 @@ def evaluate(model, rows: list[Row], cfg: FinetuneConfig, device, amp_dtype) -> 
     return total / max(count, 1)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / CKPT_DIR).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-
-
 def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig):
     """Only what changes is saved (for LoRA, megabytes instead of the whole base model)."""
     import dataclasses
@@ -222,12 +215,12 @@ def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig)
     path = folder / f"step_{step:08d}.pt"
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-    for old in _checkpoints(out)[:-cfg.keep_last]:
+    for old in list_checkpoints(out)[:-cfg.keep_last]:
         old.unlink()
 
 
 def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneConfig) -> int:
-    found = _checkpoints(out)
+    found = list_checkpoints(out)
     path = (found[-1] if found else None) if resume == "auto" else Path(resume)
     if path is None:
         return 0

@@ -72,7 +72,7 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def list_checkpoints(out: Path) -> list[Path]:
     return sorted((out / CKPT_DIR).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
 
 
@@ -92,7 +92,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, mc
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoints intact
-    for old in _checkpoints(out)[:-cfg.keep_last]:
+    for old in list_checkpoints(out)[:-cfg.keep_last]:
         old.unlink()
     return path
 
@@ -110,7 +110,7 @@ def load_checkpoint(path: Path, mcfg: ModelConfig) -> dict:
 
 def resume_from(resume: str, out: Path, model, optimizer, mcfg: ModelConfig, cluster: Cluster) -> int:
     """Restore model, optimizer and this rank's RNG; returns the step to continue from (0: fresh start)."""
-    found = _checkpoints(out)
+    found = list_checkpoints(out)
     path = (found[-1] if found else None) if resume == "auto" else Path(resume)
     if path is None:
         return 0
