@@ -3,7 +3,9 @@
 A LLaMA-shaped base (hidden 1024, 8 layers, 16 heads, 4 KV heads, FFN 2816, vocab 32000; ~160M parameters,
 random weights), LoRA rank 8 / alpha 16 on q and v, AdamW 3e-4, batches of 4 Alpaca samples masked by
 camelid's template code and padded to the same 256 tokens for both. Each engine runs in its own process so
-its peak resident memory (ru_maxrss) is its own. Prints one JSON line per dtype with both tokens/s, both
+its peak resident memory (ru_maxrss) is its own. In bf16 each engine does what its fine-tuning does by
+default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under autocast); PEFT + transformers
+load the base in fp32 and train under autocast, as Trainer(bf16=True) does. Prints one JSON line per dtype with both tokens/s, both
 peaks and the ratios.
 
     python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--no-compile]
@@ -79,7 +81,7 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
 
         from camelid.train.finetune import sft_loss
 
-        model = load_model(base).model.train()
+        model = load_model(base, "cpu", dtype).model.train()  # as finetune does: the frozen base in the compute dtype
         add_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"]))
         forward = torch.compile(model, dynamic=True) if compile else model  # as `compile: true` does
 

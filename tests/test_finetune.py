@@ -98,3 +98,13 @@ def test_finetune_bad_input(alpaca, tmp_path):
     run = subprocess.run([sys.executable, "-m", "camelid", "finetune", "base=x", f"data={alpaca}", "lora_rank=two"],
                          capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr.strip() == "camelid: error: command line: lora_rank must be an integer, got 'two'"
+
+
+def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(alpaca, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = finetune(config(alpaca, tmp_path / "run", method="lora", dtype="bf16", epochs=0.5, lora_rank=2))
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
+    assert load_file(str(folder / "model.safetensors"))["output.weight"].dtype == torch.bfloat16

@@ -48,7 +48,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        device, dtype = base.weight.device, base.weight.dtype
+        # The adapter is trained, so it stays fp32 even over a bf16 base (frozen weights need no fp32 master).
+        device, dtype = base.weight.device, torch.float32
         for name, (lo, hi) in slices.items():
             a = torch.empty(cfg.rank, base.in_features, device=device, dtype=dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's initialisation: B = 0, so training starts at W
@@ -63,7 +64,8 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.base.weight, self.base.bias)
         h = self.dropout(x)
         for name, (lo, hi) in self.slices.items():
-            delta = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scaling
+            a, b = self.lora_A[name], self.lora_B[name]
+            delta = (F.linear(F.linear(h.to(a.dtype), a), b) * self.scaling).to(y.dtype)
             y = y + (delta if hi - lo == y.shape[-1] else F.pad(delta, (lo, y.shape[-1] - hi)))
         return y
 

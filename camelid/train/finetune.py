@@ -90,7 +90,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
-    lm = load_model(cfg.base, cfg.device, "fp32")
+    # Full fine-tuning keeps fp32 master weights; LoRA's base is frozen, so it can stay in the compute dtype.
+    lm = load_model(cfg.base, cfg.device, cfg.dtype if cfg.method == "lora" else "fp32")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
