@@ -107,4 +107,4 @@ def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(alpaca, tmp_pa
     adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
-    assert load_file(str(folder / "model.safetensors"))["output.weight"].dtype == torch.bfloat16
+    assert load_file(str(folder / "model.safetensors"))["layers.0.attn.wqkv.weight"].dtype == torch.bfloat16
