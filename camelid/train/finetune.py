@@ -118,6 +118,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
     if not resume and log_path.exists():
         log_path.unlink()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+    scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None  # fp16 gradients underflow
     stop_signal = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, _f: stop_signal.update(signal=signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -138,11 +139,17 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
                     # Summed over trained tokens, divided by those of the whole global batch: every token
                     # weighs the same whatever micro-batch it landed in.
                     loss = sft_loss(forward, batch, amp_dtype) / max(n_trained, 1)
-                    loss.backward()
+                    (scaler.scale(loss) if scaler else loss).backward()
                     total += loss.item()
                     tokens += batch["inputs"].numel()
+                if scaler:
+                    scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf")).item()
-                optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 record = {"step": step, "epoch": round(step * global_batch / len(train_rows), 3), "loss": total,
