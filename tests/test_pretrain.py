@@ -184,7 +184,7 @@ def test_empty_corpus_and_bad_inputs(corpus, tmp_path):
 def test_two_processes_give_the_losses_of_one(corpus, tmp_path, mode):
     root, tok = corpus
     common = dict(model=dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, dropout=0.0), max_steps=6, micro_batch=2,
-                  grad_accum=4, eval_every=3, eval_batches=4, ckpt_every=3, threads=1)
+                  grad_accum=4, eval_every=3, eval_batches=4, ckpt_every=3, threads=1, sample_every=6, sample_tokens=4)
     train(TrainConfig(**make_config(root, tok, tmp_path / "one", **common)))
     cfg_path = write_yaml(tmp_path / "two.yaml", make_config(root, tok, tmp_path / "two", **common))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -196,6 +196,8 @@ def test_two_processes_give_the_losses_of_one(corpus, tmp_path, mode):
     for step in one:
         assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-6)
     assert two[6][1] == pytest.approx(one[6][1], rel=1e-5)
+    last = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+    assert isinstance(last["sample"], str)  # sampling runs through the wrapped (DDP or sharded) model
     # The checkpoint holds the whole model, whatever the sharding: it resumes in one process.
     single = load_model(tmp_path / "two" / "model")
     reference = load_model(tmp_path / "one" / "model")
