@@ -165,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default=None, help="YAML search space (default: lr, warmup, batch, weight decay)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
 
+    p = sub.add_parser("eval", help="evaluate a model (perplexity)")
+    _model_args(p)
+    p.add_argument("--tasks", required=True, help="perplexity")
+    p.add_argument("--data", nargs="+", required=True, help="text files (one document each) or JSONL with 'text'")
+    p.add_argument("--protocol", default="harness", choices=["harness", "llamacpp"],
+                   help="lm-evaluation-harness's rolling windows (default) or llama.cpp's chunks")
+    p.add_argument("--max-length", type=int, default=None, help="harness window (default: the model's context)")
+    p.add_argument("--ctx", type=int, default=512, help="llama.cpp chunk size")
+    p.add_argument("--output", default=None, help="write results JSON (lm-eval's layout) here")
+
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -434,6 +444,31 @@ def cmd_merge(args):
     print(f"wrote {args.out}")
 
 
+def cmd_eval(args):
+    import json
+
+    from camelid.data.corpus import read_corpus
+    from camelid.eval.perplexity import harness_perplexity, llamacpp_perplexity
+
+    if args.tasks != "perplexity":
+        raise CamelidError(f"--tasks {args.tasks!r}: unknown task (available: perplexity)")
+    documents = [d.text for d in read_corpus(args.data)]
+    lm = _load(args)
+    if args.protocol == "harness":
+        metrics = harness_perplexity(lm, documents, args.max_length)
+    else:
+        metrics = llamacpp_perplexity(lm, "\n\n".join(documents), args.ctx)
+    results = {"results": {"perplexity": {f"{k},none": v for k, v in metrics.items()}},
+               "config": {"model": args.model, "protocol": args.protocol, "data": args.data,
+                          "max_length": args.max_length, "ctx": args.ctx if args.protocol == "llamacpp" else None},
+               "n-samples": {"perplexity": {"original": len(documents), "effective": len(documents)}}}
+    print(json.dumps(results["results"]["perplexity"], indent=2))
+    if args.output:
+        tmp = Path(args.output).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, args.output)
+
+
 def cmd_sweep(args):
     from camelid.train.sweep import sweep
 
@@ -445,7 +480,7 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+COMMANDS = {"eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":
