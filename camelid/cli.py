@@ -447,26 +447,15 @@ def cmd_merge(args):
 def cmd_eval(args):
     import json
 
-    from camelid.data.corpus import read_corpus
-    from camelid.eval.perplexity import harness_perplexity, llamacpp_perplexity
+    from camelid.eval.perplexity import evaluate_perplexity, write_results
 
     if args.tasks != "perplexity":
         raise CamelidError(f"--tasks {args.tasks!r}: unknown task (available: perplexity)")
-    documents = [d.text for d in read_corpus(args.data)]
-    lm = _load(args)
-    if args.protocol == "harness":
-        metrics = harness_perplexity(lm, documents, args.max_length)
-    else:
-        metrics = llamacpp_perplexity(lm, "\n\n".join(documents), args.ctx)
-    results = {"results": {"perplexity": {f"{k},none": v for k, v in metrics.items()}},
-               "config": {"model": args.model, "protocol": args.protocol, "data": args.data,
-                          "max_length": args.max_length, "ctx": args.ctx if args.protocol == "llamacpp" else None},
-               "n-samples": {"perplexity": {"original": len(documents), "effective": len(documents)}}}
+    results = evaluate_perplexity(_load(args), args.data, args.protocol, args.max_length, args.ctx)
+    results["config"]["model"] = args.model
     print(json.dumps(results["results"]["perplexity"], indent=2))
     if args.output:
-        tmp = Path(args.output).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, args.output)
+        write_results(results, args.output)
 
 
 def cmd_sweep(args):

@@ -100,3 +100,31 @@ def llamacpp_perplexity(lm, text: str, n_ctx: int = 512) -> dict:
     ppl = math.exp(float(nll.mean()))
     spread = math.sqrt(float(nll.var(unbiased=False)) / max(len(nll) - 1, 1)) * ppl
     return {"perplexity": ppl, "plus_minus": spread, "chunks": n_chunk, "tokens_scored": len(nll), "n_ctx": n_ctx}
+
+
+def evaluate_perplexity(lm, data: list[str], protocol: str = "harness", max_len: int | None = None,
+                        n_ctx: int = 512) -> dict:
+    """Perplexity of `lm` on text/JSONL files (a file or a record is a document), in lm-eval's results layout."""
+    from camelid.data.corpus import read_corpus
+
+    documents = [d.text for d in read_corpus(data)]
+    if protocol == "harness":
+        metrics = harness_perplexity(lm, documents, max_len)
+    elif protocol == "llamacpp":
+        metrics = llamacpp_perplexity(lm, "\n\n".join(documents), n_ctx)
+    else:
+        raise CamelidError(f"protocol {protocol!r}: use harness or llamacpp")
+    return {"results": {"perplexity": {f"{k},none": v for k, v in metrics.items()}},
+            "config": {"model": lm.source, "protocol": protocol, "data": list(map(str, data)), "max_length": max_len,
+                       "ctx": n_ctx if protocol == "llamacpp" else None},
+            "n-samples": {"perplexity": {"original": len(documents), "effective": len(documents)}}}
+
+
+def write_results(results: dict, path) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
