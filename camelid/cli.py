@@ -165,15 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default=None, help="YAML search space (default: lr, warmup, batch, weight decay)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
 
-    p = sub.add_parser("eval", help="evaluate a model (perplexity)")
+    p = sub.add_parser("eval", help="evaluate a model: perplexity and lm-eval's multiple-choice tasks")
     _model_args(p)
-    p.add_argument("--tasks", required=True, help="perplexity")
-    p.add_argument("--data", nargs="+", required=True, help="text files (one document each) or JSONL with 'text'")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: perplexity, arc_easy, arc_challenge, hellaswag, mmlu (or mmlu_<subject>), "
+                        "truthfulqa_mc1, truthfulqa_mc2")
+    p.add_argument("--suite", default=None, choices=["leaderboard-v1"],
+                   help="the Open LLM Leaderboard v1: ARC 25-shot, HellaSwag 10-shot, MMLU 5-shot, TruthfulQA mc2")
+    p.add_argument("--data", nargs="+", default=None, help="perplexity: text files (one document each) or JSONL")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the tasks' files (hub parquet/JSON, or e.g. ../shared/data/eval)")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="shots (default: 0, or the suite's)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
+    p.add_argument("--fewshot-seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
+    p.add_argument("--fewshot-sampler", default=None, choices=["lm-eval", "leaderboard-v1"],
+                   help="draw shots as lm-eval v0.4 does (default) or as the leaderboard's old harness did")
+    p.add_argument("--add-bos", action="store_true",
+                   help="prepend the tokenizer's BOS as lm-eval >= 0.4.10 does (off: the leaderboard and <= 0.4.9)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring batch")
     p.add_argument("--protocol", default="harness", choices=["harness", "llamacpp"],
-                   help="lm-evaluation-harness's rolling windows (default) or llama.cpp's chunks")
+                   help="perplexity: lm-evaluation-harness's rolling windows (default) or llama.cpp's chunks")
     p.add_argument("--max-length", type=int, default=None, help="harness window (default: the model's context)")
     p.add_argument("--ctx", type=int, default=512, help="llama.cpp chunk size")
-    p.add_argument("--output", default=None, help="write results JSON (lm-eval's layout) here")
+    p.add_argument("--output", default=None,
+                   help="a .json file, or a folder for results_<time>.json (lm-eval's layout)")
+    p.add_argument("--log-samples", action="store_true", help="also write samples_<task>_<time>.jsonl")
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
     _model_args(p)
@@ -445,17 +461,37 @@ def cmd_merge(args):
 
 
 def cmd_eval(args):
-    import json
+    from camelid.eval import harness
+    from camelid.eval.perplexity import evaluate_perplexity
+    from camelid.eval.results import merge, write_results
 
-    from camelid.eval.perplexity import evaluate_perplexity, write_results
-
-    if args.tasks != "perplexity":
-        raise CamelidError(f"--tasks {args.tasks!r}: unknown task (available: perplexity)")
-    results = evaluate_perplexity(_load(args), args.data, args.protocol, args.max_length, args.ctx)
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not tasks and not args.suite:
+        raise CamelidError("eval: give --tasks or --suite")
+    choice_tasks = [t for t in tasks if t != "perplexity"]
+    if "perplexity" in tasks and not args.data:
+        raise CamelidError("--tasks perplexity needs --data FILE...")
+    if (choice_tasks or args.suite) and not args.data_dir:
+        raise CamelidError(f"--tasks {','.join(choice_tasks) or args.suite} needs --data-dir (the tasks' local files)")
+    lm = _load(args)
+    results, samples = None, {}
+    if "perplexity" in tasks:
+        results = evaluate_perplexity(lm, args.data, args.protocol, args.max_length, args.ctx)
+    if choice_tasks or args.suite:
+        options = dict(limit=args.limit, seed=args.fewshot_seed, bos=args.add_bos, batch_tokens=args.batch_tokens)
+        if args.fewshot_sampler:
+            options["fewshot_sampler"] = args.fewshot_sampler
+        settings = harness.suite_settings(args.suite, args.data_dir, **options) if args.suite else \
+            harness.EvalSettings(choice_tasks, args.data_dir, num_fewshot=args.num_fewshot, **options)
+        choice_results, samples = harness.evaluate(lm, settings)
+        results = merge(results, choice_results)
     results["config"]["model"] = args.model
-    print(json.dumps(results["results"]["perplexity"], indent=2))
+    print(harness.format_table(results))
+    if "leaderboard" in results:
+        print("leaderboard-v1: " + ", ".join(f"{k} {v:.2f}" for k, v in results["leaderboard"].items()))
     if args.output:
-        write_results(results, args.output)
+        paths = write_results(results, args.output, samples if args.log_samples else None, args.model)
+        print(f"wrote {paths[0]}" + (f" and {len(paths) - 1} samples files beside it" if len(paths) > 1 else ""))
 
 
 def cmd_sweep(args):

@@ -118,13 +118,3 @@ def evaluate_perplexity(lm, data: list[str], protocol: str = "harness", max_len:
             "config": {"model": lm.source, "protocol": protocol, "data": list(map(str, data)), "max_length": max_len,
                        "ctx": n_ctx if protocol == "llamacpp" else None},
             "n-samples": {"perplexity": {"original": len(documents), "effective": len(documents)}}}
-
-
-def write_results(results: dict, path) -> None:
-    import json
-    import os
-    from pathlib import Path
-
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)

@@ -205,7 +205,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False,
-                segment_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
@@ -214,12 +215,16 @@ class Transformer(nn.Module):
         (continuous batching, where every request in the batch is at a different length).
         segment_ids (B, T) packs several samples in a row (training, from position 0): a token attends only
         to earlier tokens of its own segment, and positions restart at each segment.
+        layout = (positions (B, T), mask (B, 1, T, T) bool) is any other arrangement a caller builds from
+        position 0, e.g. one context followed by several continuations that each see it but not each other.
         logits_at (B, T) bool returns logits (N, vocab) for those positions only: fine-tuning needs none for
         the prompt and padding, and the output layer is a large share of a small model's work and memory.
         """
         cfg = self.cfg
         B, T = tokens.shape
-        if segment_ids is not None:
+        if layout is not None:
+            positions, mask = layout
+        elif segment_ids is not None:
             positions, mask = packed_positions_and_mask(segment_ids)
         else:
             positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)

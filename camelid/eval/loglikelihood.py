@@ -1,0 +1,147 @@
+"""Log-likelihoods of continuations, computed the way lm-evaluation-harness computes them.
+
+lm-eval reads each (context, continuation) request in a row of its own, so a question with four choices
+reads its context four times. camelid puts a context and all of its continuations in one row: the
+continuations follow the context one after another, each at the positions it would have alone, seeing the
+context and itself but not its siblings. The log-likelihoods are the same (tested against transformers and
+lm-eval); the context is read once, and rows of many questions are batched by length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from camelid.errors import CamelidError
+
+
+@dataclass
+class Request:
+    context: str
+    continuation: str
+
+
+def prefix_token(tok) -> int:
+    """What an empty context is replaced by: BOS when the vocabulary has one, else EOS (lm-eval's HF backend)."""
+    if tok.bos_id is not None:
+        return tok.bos_id
+    if not tok.eos_ids:
+        raise CamelidError("the tokenizer has neither a BOS nor an EOS token to stand for an empty context")
+    return tok.eos_ids[0]
+
+
+def encode_pair(tok, context: str, continuation: str, bos: bool = False) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair: trailing whitespace moves from the context to the continuation, the
+    concatenation is encoded, and it is split where the context's own tokens end. `bos` adds the
+    tokenizer's BOS to both encodings (lm-eval >= 0.4.10 with a tokenizer that adds one by default)."""
+    if not context:
+        prefix = prefix_token(tok)
+        cont = tok.encode(continuation, bos=False)
+        return ([prefix], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok.encode(context + continuation, bos=bos)
+    ctx = tok.encode(context, bos=bos)
+    return ctx, whole[len(ctx):]
+
+
+def truncate(ctx: list[int], cont: list[int], max_len: int) -> tuple[int, ...]:
+    """The context the model actually sees: lm-eval keeps the last max_len + 1 tokens of context +
+    continuation and feeds all but the last."""
+    if not cont:
+        raise CamelidError("a continuation encodes to no tokens")
+    if len(cont) > max_len:
+        raise CamelidError(f"a continuation of {len(cont)} tokens is longer than the model's context {max_len}")
+    whole = (ctx + cont)[-(max_len + 1):]
+    return tuple(whole[:len(whole) - len(cont)])
+
+
+def shared_row(ctx: tuple[int, ...], conts: list[list[int]]):
+    """Tokens, positions, segment of each token (0 context, i for continuation i) and, for every
+    continuation, the row index whose logits predict each of its tokens."""
+    tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    predict_from = []
+    for i, cont in enumerate(conts, 1):
+        start = len(tokens)
+        body = cont[:-1]  # the last token is predicted, never read
+        tokens += body
+        positions += range(len(ctx), len(ctx) + len(body))
+        segments += [i] * len(body)
+        predict_from.append([len(ctx) - 1] + list(range(start, start + len(body))))
+    return tokens, positions, segments, predict_from
+
+
+def batch_layout(rows: list[tuple], device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded tokens and the (positions, mask) layout for a batch of shared rows."""
+    width = max(len(r[0]) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding, which sees only padding
+    for b, (tok, pos, seg, _) in enumerate(rows):
+        tokens[b, :len(tok)] = torch.tensor(tok)
+        positions[b, :len(pos)] = torch.tensor(pos)
+        segments[b, :len(seg)] = torch.tensor(seg)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    sees_context = (segments[:, None, :] == 0) & (segments[:, :, None] >= 0)
+    mask = (same | sees_context) & causal
+    return tokens.to(device), (positions.to(device), mask.unsqueeze(1).to(device))
+
+
+@torch.inference_mode()
+def score_rows(model, rows: list[tuple], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+    """(log-likelihood, is_greedy) of every continuation of every row, in one forward pass."""
+    device = model.output.weight.device
+    tokens, layout = batch_layout(rows, device)
+    want = torch.zeros(tokens.shape, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        for idx in row[3]:
+            want[b, idx] = True
+    logprobs = torch.log_softmax(model(tokens, layout=layout, logits_at=want.to(device)).float(), dim=-1).cpu()
+    index = (want.flatten().cumsum(0) - 1).view(want.shape)  # (b, t) -> row of `logprobs`
+    out = []
+    for b, row in enumerate(rows):
+        results = []
+        for cont, where in zip(conts[b], row[3]):
+            lp = logprobs[index[b, where]]
+            target = torch.tensor(cont)
+            ll = float(lp.gather(-1, target[:, None]).sum())
+            results.append((ll, bool((lp.argmax(-1) == target).all())))
+        out.append(results)
+    return out
+
+
+def loglikelihoods(lm, requests: list[Request], bos: bool = False, max_len: int | None = None,
+                   batch_tokens: int = 4096, progress: bool = True, truncated: list | None = None
+                   ) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) for each request, in order. Requests whose (truncated) contexts are
+    equal share a row; rows are batched longest first up to `batch_tokens` tokens a batch. The indices of
+    requests whose context was cut to fit the model are appended to `truncated`."""
+    max_len = max_len or lm.config.max_seq_len
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for i, r in enumerate(requests):
+        ctx, cont = encode_pair(lm.tokenizer, r.context, r.continuation, bos)
+        seen = truncate(ctx, cont, max_len)
+        if truncated is not None and len(seen) < len(ctx):
+            truncated.append(i)
+        groups.setdefault(seen, []).append((i, cont))
+    rows = sorted(((ctx, members, shared_row(ctx, [c for _, c in members])) for ctx, members in groups.items()),
+                  key=lambda g: -len(g[2][0]))
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", disable=None if progress else True)
+    start = 0
+    while start < len(rows):
+        width = len(rows[start][2][0])
+        end = start + max(1, batch_tokens // max(width, 1))
+        batch = rows[start:end]
+        scored = score_rows(lm.model, [g[2] for g in batch], [[c for _, c in g[1]] for g in batch])
+        for (_, members, _), row_scores in zip(batch, scored):
+            for (i, _), score in zip(members, row_scores):
+                results[i] = score
+        bar.update(sum(len(g[1]) for g in batch))
+        start = end
+    bar.close()
+    return results
