@@ -464,11 +464,15 @@ def cmd_eval(args):
     from camelid.eval import harness
     from camelid.eval.perplexity import evaluate_perplexity
     from camelid.eval.results import merge, write_results
+    from camelid.eval.tasks import TASKS
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tasks and not args.suite:
         raise CamelidError("eval: give --tasks or --suite")
     choice_tasks = [t for t in tasks if t != "perplexity"]
+    unknown = [t for t in choice_tasks if t not in TASKS and not t.startswith("mmlu_")]
+    if unknown:
+        raise CamelidError(f"--tasks: unknown task {unknown[0]!r} (available: perplexity, {', '.join(TASKS)})")
     if "perplexity" in tasks and not args.data:
         raise CamelidError("--tasks perplexity needs --data FILE...")
     if (choice_tasks or args.suite) and not args.data_dir:

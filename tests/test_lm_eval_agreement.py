@@ -2,129 +2,21 @@
 TruthfulQA mc1/mc2) pointed at local files, lm-eval's HF backend on the same model. Prompts must be the
 same strings, every request's log-likelihood equal within 1e-4, and the accuracies identical."""
 
-import json
-import os
-import re
-import shutil
-from pathlib import Path
-
 import pytest
-import yaml
-import torch
-from conftest import REPO, SHARED
+from conftest import REPO
 
-from camelid.eval import data
 from camelid.eval.harness import EvalSettings, evaluate
 from camelid.formats.load import export_hf, load_model
 
-lm_eval = pytest.importorskip("lm_eval")
-LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
+pytest.importorskip("lm_eval")
+from lm_eval_local import run_lm_eval, tiny_gpt2, write_local_tasks  # noqa: E402
+
 SHOTS = {"arc_easy": 3, "hellaswag": 2, "mmlu_abstract_algebra": 2, "truthfulqa_mc1": 0, "truthfulqa_mc2": 0}
-
-ARC = [("Which gas do plants take in to make food?", ["oxygen", "carbon dioxide", "nitrogen", "helium"], "B"),
-       ("What is the boiling point of water at sea level?", ["50 C", "75 C", "100 C", "150 C"], "C"),
-       ("Which tool measures temperature?", ["ruler", "thermometer", "scale", "clock"], "B"),
-       ("What makes a shadow?", ["light blocked by an object", "sound", "wind"], "A"),
-       ("Which planet is closest to the Sun?", ["Venus", "Earth", "Mercury", "Mars", "Jupiter"], "3"),
-       ("What do bees make?", ["milk", "honey", "silk", "wax paper"], "2"),
-       ("Which is a mammal?", ["shark", "frog", "whale", "trout"], "C"),
-       ("What causes day and night?", ["the Moon", "Earth's rotation", "clouds", "the seasons"], "B")]
-
-
-def write_jsonl(path: Path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def arc_rows(questions):
-    rows = []
-    for i, (q, choices, key) in enumerate(questions):
-        labels = [str(n + 1) for n in range(len(choices))] if key.isdigit() else list("ABCDE"[:len(choices)])
-        rows.append({"id": f"q{i}", "question": q, "answerKey": key, "choices": {"text": choices, "label": labels}})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory):
-    """The same few questions in camelid's --data-dir layout (hub-style JSONL) and as lm-eval task YAMLs."""
-    root = tmp_path_factory.mktemp("eval")
-    d = root / "data"
-    hs = data.llamacpp_hellaswag(SHARED / "eval" / "hellaswag" / "hellaswag_val_full.txt.bz2")
-    write_jsonl(d / "hellaswag" / "validation.jsonl", hs[:8])
-    write_jsonl(d / "hellaswag" / "train.jsonl", hs[100:112])
-    write_jsonl(d / "ARC-Easy" / "test.jsonl", arc_rows(ARC[:5]))
-    write_jsonl(d / "ARC-Easy" / "train.jsonl", arc_rows(ARC[5:]))
-    mm = SHARED / "eval" / "mmlu"
-    write_jsonl(d / "mmlu" / "all" / "test.jsonl", [r for r in data.mmlu(mm, "test") if r["subject"] == "abstract_algebra"][:6])
-    write_jsonl(d / "mmlu" / "all" / "dev.jsonl", [r for r in data.mmlu(mm, "dev") if r["subject"] == "abstract_algebra"])
-    write_jsonl(d / "truthfulqa" / "multiple_choice" / "validation.jsonl", data.truthfulqa(SHARED / "eval" / "truthfulqa")[:5])
-
-    tasks = root / "tasks"
-
-    def task_yaml(src: Path, name: str, files: dict, extra: str = "", drop=()):
-        text = src.read_text()
-        text = re.sub(r"^tag:\n(  - .*\n)*", "", text, flags=re.M)
-        text = re.sub(r"^(dataset_path|dataset_name|task|tag|include|num_fewshot):.*\n", "", text, flags=re.M)
-        for key in drop:
-            text = re.sub(rf"^{key}:.*\n", "", text, flags=re.M)
-        kwargs = json.dumps({"data_files": {k: str(v) for k, v in files.items()}})
-        folder = tasks / name
-        folder.mkdir(parents=True)
-        for helper in src.parent.glob("utils.py"):
-            shutil.copy(helper, folder / "utils.py")
-        (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs: {kwargs}\n"
-                                              f"num_fewshot: {SHOTS[name]}\n{extra}{text}")
-
-    task_yaml(LM_EVAL_TASKS / "arc" / "arc_easy.yaml", "arc_easy",
-              {"train": d / "ARC-Easy/train.jsonl", "test": d / "ARC-Easy/test.jsonl"}, drop=("validation_split",))
-    task_yaml(LM_EVAL_TASKS / "hellaswag" / "hellaswag.yaml", "hellaswag",
-              {"train": d / "hellaswag/train.jsonl", "validation": d / "hellaswag/validation.jsonl"})
-    template = (LM_EVAL_TASKS / "mmlu" / "default" / "_default_template_yaml").read_text()
-    subject = (LM_EVAL_TASKS / "mmlu" / "default" / "mmlu_abstract_algebra.yaml").read_text()
-    description = "description: " + json.dumps(yaml.safe_load(subject)["description"])
-    mmlu_src = tasks / "mmlu_src.yaml"
-    tasks.mkdir(exist_ok=True)
-    mmlu_src.write_text(template + "\n" + description + "\n")
-    task_yaml(mmlu_src, "mmlu_abstract_algebra",
-              {"test": d / "mmlu/all/test.jsonl", "dev": d / "mmlu/all/dev.jsonl"}, drop=("validation_split",))
-    mmlu_src.unlink()
-    tqa = {"validation": d / "truthfulqa/multiple_choice/validation.jsonl"}
-    mc1 = (LM_EVAL_TASKS / "truthfulqa" / "truthfulqa_mc1.yaml").read_text()
-    mc2 = (LM_EVAL_TASKS / "truthfulqa" / "truthfulqa_mc2.yaml").read_text()
-    task_yaml(LM_EVAL_TASKS / "truthfulqa" / "truthfulqa_mc1.yaml", "truthfulqa_mc1", tqa)
-    mc2_full = tasks / "mc2_src" / "utils.py"
-    mc2_full.parent.mkdir()
-    shutil.copy(LM_EVAL_TASKS / "truthfulqa" / "utils.py", mc2_full)
-    (mc2_full.parent / "truthfulqa_mc2.yaml").write_text(
-        re.sub(r"^include:.*\n", "", mc1) + "\n" + re.sub(r"^(include|task):.*\n", "", mc2, flags=re.M))
-    task_yaml(mc2_full.parent / "truthfulqa_mc2.yaml", "truthfulqa_mc2", tqa)
-    shutil.rmtree(mc2_full.parent)
-    for path in tasks.rglob("*.yaml"):  # our task names must not collide with the built-in ones
-        path.write_text(path.read_text().replace("task: ", "task: local_", 1))
-    return d, tasks
-
-
-def run_lm_eval(hf_folder: Path, tasks: Path, add_bos: bool):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    args = f"pretrained={hf_folder},dtype=float32,add_bos_token={add_bos}"
-    out = simple_evaluate(model="hf", model_args=args, tasks=[f"local_{t}" for t in SHOTS], batch_size=1,
-                          device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tasks)))
-    return out
-
-
-def tiny_gpt2(folder: Path):
-    """A random GPT-2 with the real GPT-2 tokenizer: byte-level BPE, no BOS (EOS stands in for it)."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
-    model = tf.GPT2LMHeadModel(cfg).eval()
-    model.save_pretrained(folder)
-    shutil.copy(SHARED / "tokenizers" / "gpt2_tokenizer.json", folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    return write_local_tasks(tmp_path_factory.mktemp("eval"), SHOTS)
 
 
 @pytest.mark.parametrize("model,add_bos", [("stories260K", False), ("stories260K", True), ("gpt2", False)])
@@ -138,7 +30,7 @@ def test_prompts_loglikelihoods_and_accuracies_equal_lm_eval(local_data, tmp_pat
     else:
         lm = load_model(REPO / "models" / "stories260K")
         export_hf(lm, folder)
-    theirs = run_lm_eval(folder, tasks, add_bos)
+    theirs = run_lm_eval(folder, tasks, SHOTS, add_bos)
     ours, samples = evaluate(lm, EvalSettings(list(SHOTS), str(d), bos=add_bos, shots=SHOTS, batch_tokens=700))
     worst = 0.0
     for task in SHOTS:

@@ -81,5 +81,6 @@ def test_eval_cli(tmp_path):
 
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["results"]["perplexity"]["word_perplexity,none"] > 1
-    bad = subprocess.run(run + ["--tasks", "hellaswag"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "unknown task (available: perplexity)" in bad.stderr
+    bad = subprocess.run(run + ["--tasks", "hellawsag"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown task 'hellawsag' (available: perplexity, arc_easy" in bad.stderr
+    assert "Traceback" not in bad.stderr

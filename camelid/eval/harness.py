@@ -194,8 +194,9 @@ def format_table(results: dict) -> str:
                 continue
             metric = key.split(",")[0]
             se = row.get(f"{metric}_stderr,none", "N/A")
-            version = results["versions"].get(task, "")
-            shots = results["n-shot"].get(task, results["n-shot"].get(results["group_subtasks"].get(task, [""])[0], ""))
+            version = results.get("versions", {}).get(task, "")
+            n_shot, groups = results.get("n-shot", {}), results.get("group_subtasks", {})
+            shots = n_shot.get(task, n_shot.get(groups.get(task, [""])[0], ""))
             se_text = f"{se:.4f}" if isinstance(se, float) else se
             lines.append(f"|{task}|{version}|none|{shots}|{metric}|↑|{value:.4f}|±|{se_text}|")
     return "\n".join(lines)

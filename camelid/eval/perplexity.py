@@ -117,4 +117,6 @@ def evaluate_perplexity(lm, data: list[str], protocol: str = "harness", max_len:
     return {"results": {"perplexity": {f"{k},none": v for k, v in metrics.items()}},
             "config": {"model": lm.source, "protocol": protocol, "data": list(map(str, data)), "max_length": max_len,
                        "ctx": n_ctx if protocol == "llamacpp" else None},
-            "n-samples": {"perplexity": {"original": len(documents), "effective": len(documents)}}}
+            "n-samples": {"perplexity": {"original": len(documents), "effective": len(documents)}},
+            "versions": {"perplexity": 1.0}, "n-shot": {"perplexity": 0}, "higher_is_better": {"perplexity": {}},
+            "group_subtasks": {}}

@@ -14,7 +14,7 @@ def merge(a: dict | None, b: dict) -> dict:
     if a is None:
         return b
     out = dict(b)
-    for key in ("results", "n-samples", "configs", "versions", "n-shot", "higher_is_better"):
+    for key in ("results", "n-samples", "configs", "versions", "n-shot", "higher_is_better", "group_subtasks"):
         out[key] = {**a.get(key, {}), **b.get(key, {})}
     out["config"] = {**a.get("config", {}), **b.get("config", {})}
     return out
