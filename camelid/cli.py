@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -190,6 +191,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="a .json file, or a folder for results_<time>.json (lm-eval's layout)")
     p.add_argument("--log-samples", action="store_true", help="also write samples_<task>_<time>.jsonl")
+
+    p = sub.add_parser("leaderboard", help="results files side by side: a table and a bar chart PNG")
+    p.add_argument("results", nargs="+", help="results JSON files from camelid eval or lm-eval")
+    p.add_argument("--names", default=None, help="comma-separated model names, one per results file")
+    p.add_argument("--out", default="leaderboard", help="writes OUT.md, OUT.json and OUT.png (default: leaderboard)")
+
+    p = sub.add_parser("answer", help="a model's answers to MT-bench or Vicuna-bench questions (FastChat layout)")
+    _model_args(p)
+    p.add_argument("--questions", default="mt_bench", help="mt_bench (default), vicuna, or a question.jsonl")
+    p.add_argument("--model-id", default=None, help="name in the answers (default: the model folder's name)")
+    p.add_argument("--out", default=None, help="answers JSONL (default: answers/<questions>/<model-id>.jsonl)")
+    p.add_argument("--template", default=None, help="chat template (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (FastChat's default 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("judge", help="LLM-as-a-judge over answers: MT-bench single grading or pairwise")
+    p.add_argument("answers", nargs="+", help="answer JSONL files from camelid answer (or FastChat)")
+    p.add_argument("--questions", default="mt_bench", help="mt_bench (default), vicuna, or a question.jsonl")
+    p.add_argument("--mode", default="single", choices=["single", "pairwise-baseline", "pairwise-all"])
+    p.add_argument("--baseline", default=None, help="pairwise-baseline: the model id every other is compared to")
+    judge = p.add_mutually_exclusive_group(required=True)
+    judge.add_argument("--judge-url", default=None, help="an OpenAI-compatible server (OpenAI, camelid serve, ...)")
+    judge.add_argument("--judge-local", default=None, help="a camelid model folder to judge with")
+    p.add_argument("--judge-model", default=None, help="model name sent to --judge-url (default: gpt-4)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="(or set OPENAI_API_KEY)")
+    p.add_argument("--references", default=None,
+                   help="reference answers for math/reasoning/coding (default: MT-bench's GPT-4 answers)")
+    p.add_argument("--judge-prompts", default=None, help="judge_prompts.jsonl (default: FastChat's, bundled)")
+    p.add_argument("--out", default="judgments", help="folder for the judgment JSONL, table and chart")
+    p.add_argument("--parallel", type=int, default=1, help="judge requests in flight (endpoint judges)")
+    p.add_argument("--device", default="cpu", help="--judge-local: cpu (default), cuda, mps or auto")
+    p.add_argument("--dtype", default=None, help="--judge-local: fp32, bf16 or fp16")
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
     _model_args(p)
@@ -498,6 +533,61 @@ def cmd_eval(args):
         print(f"wrote {paths[0]}" + (f" and {len(paths) - 1} samples files beside it" if len(paths) > 1 else ""))
 
 
+def cmd_leaderboard(args):
+    from camelid.eval.leaderboard import format_leaderboard, leaderboard, write_leaderboard
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    columns, rows = leaderboard(args.results, names)
+    print(format_leaderboard(columns, rows))
+    print("wrote " + ", ".join(map(str, write_leaderboard(columns, rows, args.out))))
+
+
+def cmd_answer(args):
+    from camelid.eval.answer import answer_questions
+    from camelid.eval.questions import load_questions
+
+    questions = load_questions(args.questions)[:args.limit]
+    model_id = args.model_id or Path(args.model.rstrip("/")).stem
+    bench = Path(args.questions).stem if args.questions.endswith(".jsonl") else args.questions
+    out = args.out or Path("answers") / bench / f"{model_id}.jsonl"
+    report = answer_questions(_load(args), questions, model_id, out, args.max_new_tokens, args.template,
+                              args.batch_size, args.seed)
+    print(f"answered {report['answered']} questions ({report['skipped']} already in the file); wrote {report['out']}")
+
+
+def cmd_judge(args):
+    from camelid.eval import judge
+    from camelid.eval.judge_clients import endpoint_judge, local_judge
+    from camelid.eval.questions import load_answers, load_questions, load_references
+
+    if args.parallel < 1:
+        raise CamelidError("--parallel must be at least 1")
+    questions = load_questions(args.questions)
+    answers = load_answers(args.answers)
+    matches = judge.make_matches(questions, answers, load_references(args.references, args.questions),
+                                 judge.load_judge_prompts(args.judge_prompts), args.mode, args.baseline)
+    if args.judge_url:
+        judge_model = args.judge_model or "gpt-4"
+        ask = endpoint_judge(args.judge_url, judge_model, args.api_key)
+    else:
+        from camelid.formats.load import load_model
+
+        judge_model = args.judge_model or Path(args.judge_local.rstrip("/")).stem
+        ask, args.parallel = local_judge(load_model(args.judge_local, args.device, args.dtype)), 1
+    kind = "single" if args.mode == "single" else "pair"
+    out = Path(args.out)
+    safe = re.sub(r"[^\w.-]+", "_", judge_model)
+    rows = judge.judge_matches(ask, judge_model, matches, answers, out / f"{safe}_{kind}.jsonl", args.parallel)
+    table = judge.single_scores(rows) if kind == "single" else judge.pairwise_rates(rows, args.baseline)
+    print(judge.format_scores(table))
+    errors = sum(r["score"] < 0 if kind == "single" else "error" in (r["g1_winner"], r["g2_winner"]) for r in rows)
+    if errors:
+        print(f"{errors} judgments had no verdict the rules could parse; they are counted as errors, not scores",
+              file=sys.stderr)
+    paths = judge.write_summary(table, args.mode, out, f"{safe}_{args.mode}")
+    print(f"wrote {out / f'{safe}_{kind}.jsonl'}, " + ", ".join(map(str, paths)))
+
+
 def cmd_sweep(args):
     from camelid.train.sweep import sweep
 
@@ -509,7 +599,7 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+COMMANDS = {"leaderboard": cmd_leaderboard, "answer": cmd_answer, "judge": cmd_judge, "eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":
