@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the tasks' files (hub parquet/JSON, or e.g. ../shared/data/eval)")
     p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="shots (default: 0, or the suite's)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
-    p.add_argument("--fewshot-seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
+    p.add_argument("--fewshot-seed", "--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
     p.add_argument("--fewshot-sampler", default=None, choices=["lm-eval", "leaderboard-v1"],
                    help="draw shots as lm-eval v0.4 does (default) or as the leaderboard's old harness did")
     p.add_argument("--add-bos", action="store_true",
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-prompts", default=None, help="judge_prompts.jsonl (default: FastChat's, bundled)")
     p.add_argument("--out", default="judgments", help="folder for the judgment JSONL, table and chart")
     p.add_argument("--parallel", type=int, default=1, help="judge requests in flight (endpoint judges)")
+    p.add_argument("--judge-max-tokens", type=int, default=2048, help="longest judgment (FastChat's 2048)")
     p.add_argument("--device", default="cpu", help="--judge-local: cpu (default), cuda, mps or auto")
     p.add_argument("--dtype", default=None, help="--judge-local: fp32, bf16 or fp16")
 
@@ -560,20 +561,21 @@ def cmd_judge(args):
     from camelid.eval.judge_clients import endpoint_judge, local_judge
     from camelid.eval.questions import load_answers, load_questions, load_references
 
-    if args.parallel < 1:
-        raise CamelidError("--parallel must be at least 1")
+    if args.parallel < 1 or args.judge_max_tokens < 1:
+        raise CamelidError("--parallel and --judge-max-tokens must be at least 1")
     questions = load_questions(args.questions)
     answers = load_answers(args.answers)
     matches = judge.make_matches(questions, answers, load_references(args.references, args.questions),
                                  judge.load_judge_prompts(args.judge_prompts), args.mode, args.baseline)
     if args.judge_url:
         judge_model = args.judge_model or "gpt-4"
-        ask = endpoint_judge(args.judge_url, judge_model, args.api_key)
+        ask = endpoint_judge(args.judge_url, judge_model, args.api_key, args.judge_max_tokens)
     else:
         from camelid.formats.load import load_model
 
         judge_model = args.judge_model or Path(args.judge_local.rstrip("/")).stem
-        ask, args.parallel = local_judge(load_model(args.judge_local, args.device, args.dtype)), 1
+        lm = load_model(args.judge_local, args.device, args.dtype)
+        ask, args.parallel = local_judge(lm, max_tokens=args.judge_max_tokens), 1
     kind = "single" if args.mode == "single" else "pair"
     out = Path(args.out)
     safe = re.sub(r"[^\w.-]+", "_", judge_model)

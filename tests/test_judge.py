@@ -158,7 +158,10 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         user = body["messages"][-1]["content"]
         text = "garbled" if "### Assistant A" in user else "Rating: [[6]]"
         data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
+        too_long = "[Question]\nDraft a professional email" in user
+        if too_long:
+            data = json.dumps({"error": {"message": "this model's maximum context length is 8 tokens"}}).encode()
+        self.send_response(400 if too_long else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -187,13 +190,13 @@ def test_answer_then_judge_through_an_openai_endpoint(tmp_path):
         out = cli("judge", "answers/mt_bench/stories260K.jsonl", "--questions", str(questions), "--judge-url", url,
                   "--judge-model", "fake-gpt", "--api-key", "k", cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        assert "|stories260K|6.0000||6.0000|2|2|" in out.stdout
-        assert "2 judgments had no verdict" in out.stderr
+        assert "|stories260K|6.0000||6.0000|1|3|" in out.stdout
+        assert "3 judgments had no verdict" in out.stderr
         path, body = FakeOpenAI.requests[0]
         assert path == "/v1/chat/completions" and body["temperature"] == 0 and body["max_tokens"] == 2048
         assert body["model"] == "fake-gpt" and body["messages"][0]["role"] == "system"
-        lines = (tmp_path / "judgments/fake-gpt_single.jsonl").read_text().splitlines()
-        assert len(lines) == 4 and (tmp_path / "judgments/fake-gpt_single.png").stat().st_size > 1000
+        lines = [json.loads(line) for line in (tmp_path / "judgments/fake-gpt_single.jsonl").open()]
+        assert len(lines) == 4 and sum(r["judgment"].startswith("$ERROR$ HTTP 400") for r in lines) == 1 and (tmp_path / "judgments/fake-gpt_single.png").stat().st_size > 1000
         seen = len(FakeOpenAI.requests)
         again = cli("judge", "answers/mt_bench/stories260K.jsonl", "--questions", str(questions), "--judge-url",
                     url, "--judge-model", "fake-gpt", cwd=tmp_path)

@@ -12,11 +12,14 @@ from typing import Callable
 from camelid.errors import CamelidError
 
 Ask = Callable[[str, str], str]
+API_ERROR = "$ERROR$"  # FastChat's judgment text when the API gave none; it parses as an error
 
 
 def endpoint_judge(url: str, model: str, api_key: str | None = None, max_tokens: int = 2048,
                    timeout: float = 600, retries: int = 3) -> Ask:
-    """FastChat's judge call: temperature 0, max_tokens 2048, the system prompt as a system message."""
+    """FastChat's judge call: temperature 0, max_tokens 2048, the system prompt as a system message. A request
+    the server rejects as invalid (say, too long for its context) becomes an error judgment; a server that
+    cannot be reached or refuses us ends the run (it resumes from what was judged)."""
     base = url.rstrip("/")
     target = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
@@ -30,6 +33,8 @@ def endpoint_judge(url: str, model: str, api_key: str | None = None, max_tokens:
                 with urllib.request.urlopen(urllib.request.Request(target, body, headers), timeout=timeout) as r:
                     return json.loads(r.read())["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as exc:
+                if exc.code in (400, 413, 422):  # this request cannot be judged (e.g. too long): an error row
+                    return f"{API_ERROR} HTTP {exc.code} {exc.read()[:300].decode(errors='replace')}"
                 if exc.code not in (429, 500, 502, 503) or attempt == retries - 1:
                     raise CamelidError(f"{target}: HTTP {exc.code} "
                                        f"{exc.read()[:200].decode(errors='replace')}") from None
