@@ -158,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output camelid folder")
     p.add_argument("--template", default=None, help="chat template to store (default: the base model's)")
 
+    p = sub.add_parser("quantize", help="int8 or int4 weights (round-to-nearest, or GPTQ for int4)")
+    _model_args(p)
+    p.add_argument("out", help="output camelid folder")
+    p.add_argument("--mode", default="int4", choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=32, help="int4: inputs sharing a scale (32, 64, 128, 256)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (int4)")
+    p.add_argument("--calibration", nargs="+", default=None, help="GPTQ: text or JSONL files to calibrate on")
+    p.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per window")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("sweep", help="hyperparameter search with short proxy trainings (Optuna)")
     p.add_argument("--config", help="the recipe to tune (see recipes/)")
     p.add_argument("--out", required=True, help="sweep folder (study.db, trial runs, best.yaml, sweep.png)")
@@ -590,6 +601,17 @@ def cmd_judge(args):
     print(f"wrote {out / f'{safe}_{kind}.jsonl'}, " + ", ".join(map(str, paths)))
 
 
+def cmd_quantize(args):
+    from camelid.quantize import quantize_folder
+
+    if args.samples < 1 or args.seq_len < 2:
+        raise CamelidError("--samples must be at least 1 and --seq-len at least 2")
+    info = quantize_folder(_load(args), args.out, mode=args.mode, group=args.group_size, method=args.method,
+                           calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
+    print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
+
+
 def cmd_sweep(args):
     from camelid.train.sweep import sweep
 
@@ -601,7 +623,7 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"leaderboard": cmd_leaderboard, "answer": cmd_answer, "judge": cmd_judge, "eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+COMMANDS = {"quantize": cmd_quantize, "leaderboard": cmd_leaderboard, "answer": cmd_answer, "judge": cmd_judge, "eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from camelid.errors import CamelidError
 from camelid.formats import hf, llama2c
 from camelid.formats.tensors import load_safetensors, save_safetensors
 from camelid.model.config import ModelConfig
+from camelid.model.quant import QUANTIZED, quantized_shells
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
@@ -34,6 +35,7 @@ class LoadedModel:
     template: str = "raw"  # a built-in template name or Jinja source
     stop: list[str] = field(default_factory=list)  # stop strings besides the tokenizer's EOS ids
     source: str = ""
+    quantization: dict | None = None  # how the weights were quantized (camelid quantize), if they were
 
     @property
     def config(self) -> ModelConfig:
@@ -68,8 +70,9 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     """A model whose parameters are the given tensors (no copy when device and dtype already match)."""
     with torch.device("meta"):
         model = Transformer(cfg)
+        quantized_shells(model, sd)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.output, torch.nn.Linear):
         expected.pop("output.weight")
         sd = {k: v for k, v in sd.items() if k != "output.weight"}
     for name, shape in expected.items():
@@ -81,7 +84,8 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise CamelidError(f"{source}: unexpected tensor {extra[0]!r}")
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    # packed integer weights keep their dtype; their scales follow the model's
+    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     if cfg.positions == "rope":
@@ -122,7 +126,8 @@ def _load_native(folder: Path, device, dtype) -> LoadedModel:
     model = build_model(cfg, load_safetensors(weights), str(weights), device, dtype)
     tok = load_saved_tokenizer(folder, meta["tokenizer"])
     chat = meta.get("chat", {})
-    return LoadedModel(model, tok, chat.get("template", "raw"), list(chat.get("stop", [])), str(folder))
+    return LoadedModel(model, tok, chat.get("template", "raw"), list(chat.get("stop", [])), str(folder),
+                       meta.get("quantization"))
 
 
 def _load_hf(folder: Path, device, dtype) -> LoadedModel:
@@ -144,12 +149,13 @@ def _load_llama2c(path: Path, device, dtype, tokenizer_path) -> LoadedModel:
 
 def _state_dict(model: Transformer) -> dict:
     sd = {k: v for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+    if model.cfg.tie_embeddings and isinstance(model.output, torch.nn.Linear):
         sd.pop("output.weight", None)
     return sd
 
 
-def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None):
+def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None,
+                quantization: dict | None = None):
     """Write a camelid folder; written beside the target and renamed, so a failure leaves nothing half-done."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp-camelid")
@@ -158,6 +164,7 @@ def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None
     resolve_template(template)
     save_safetensors(_state_dict(lm.model), tmp / "model.safetensors", metadata={"format": "camelid"})
     meta = {"format": "camelid", "version": FORMAT_VERSION, "model": lm.config.to_dict(),
+            **({"quantization": quantization or lm.quantization} if quantization or lm.quantization else {}),
             "tokenizer": save_tokenizer(lm.tokenizer, tmp),
             "chat": {"template": template, "stop": stop if stop is not None else lm.stop}}
     (tmp / "camelid.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -166,6 +173,9 @@ def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None
 
 def export_hf(lm: LoadedModel, folder: str | Path):
     """Write a Hugging Face folder (config, safetensors, tokenizer files) that transformers loads."""
+    if any(isinstance(m, QUANTIZED) for m in lm.model.modules()):
+        raise CamelidError(f"{lm.source}: a quantized model cannot be written as a Hugging Face folder "
+                           f"(export the float model, or use GGUF)")
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp-camelid")
     _fresh_dir(tmp)

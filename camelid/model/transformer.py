@@ -200,7 +200,7 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def tie_weights(self):
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and isinstance(self.output, nn.Linear):  # a quantized output has its own copy
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,

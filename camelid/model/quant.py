@@ -1,0 +1,200 @@
+"""Weight-only quantized linear layers on PyTorch's packed CPU kernels.
+
+- int8: one symmetric scale per output channel, `torch._weight_int8pack_mm`.
+- int4: groups of 32/64/128/256 inputs, each with a scale and a float zero point, w = (q - 8) * scale + zero
+  (the formula of `torch._weight_int4pack_mm_for_cpu`, which also covers GGUF's Q4_0, Q4_1 and Q4_K exactly).
+
+On disk an int4 weight is (N, K/2) uint8, two 4-bit values per byte with the even input in the high nibble
+(gpt-fast's layout); at load it is repacked once into the CPU kernel's tiled layout. Devices without a
+kernel here dequantize on the fly, which is correct but slow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from camelid.errors import CamelidError
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest, symmetric, per output channel: (int8 (N, K), fp32 scales (N,))."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest, asymmetric, per group of `group` inputs: (values 0..15 (N, K) uint8,
+    scales (N, K/group), zeros (N, K/group)) with w ~ (q - 8) * scale + zero."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15)
+    return q.reshape(N, K).to(torch.uint8), scales, lo + 8 * scales
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack(((packed >> 4) & 15, packed & 15), dim=-1).reshape(packed.shape[0], -1)
+
+
+def int4_fits(out_features: int, in_features: int, group: int) -> bool:
+    """The CPU kernel wants whole groups along the input and output channels in multiples of 16."""
+    return in_features % group == 0 and out_features % 16 == 0 and in_features % 64 == 0
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        layer.weight, scales = quantize_int8(linear.weight.detach())
+        layer.scales = scales.to(linear.weight.dtype)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group: int, bias: bool = False):
+        super().__init__()
+        if group not in INT4_GROUPS:
+            raise CamelidError(f"int4 group size {group}: use one of {', '.join(map(str, INT4_GROUPS))}")
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        # (K/group, N, 2): scale and zero, the kernel's own layout, so nothing is reshaped per token
+        self.register_buffer("scales_zeros", torch.zeros(in_features // group, out_features, 2))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.cpu_layout = False  # `weight` repacked in place for the CPU kernel (same shape), on first use
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int) -> "Int4Linear":
+        layer = cls(linear.in_features, linear.out_features, group, linear.bias is not None)
+        q, scales, zeros = quantize_int4(linear.weight.detach(), group)
+        layer.set_quantized(q, scales, zeros, linear.weight.dtype)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32):
+        """q (N, K) values 0..15; scales and zeros (N, K/group)."""
+        self.weight = pack_int4(q)
+        self.scales_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()
+        self.cpu_layout = False
+
+    def _kernel_weight(self) -> torch.Tensor:
+        if not self.cpu_layout:
+            self.weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 2)
+            self.cpu_layout = True
+        return self.weight
+
+    def portable_weight(self) -> torch.Tensor:
+        """The on-disk layout, recovered from the kernel's by running it on the identity matrix."""
+        if not self.cpu_layout:
+            return self.weight
+        sz = self.scales_zeros.float()
+        w = torch.cat([torch._weight_int4pack_mm_for_cpu(eye, self.weight, self.group, sz)
+                       for eye in torch.eye(self.in_features).split(1024)]).t()
+        scales, zeros = sz.permute(2, 1, 0)
+        g = w.reshape(self.out_features, -1, self.group)
+        q = torch.round((g - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
+        return pack_int4(q.reshape(self.out_features, self.in_features))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.portable_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.cpu_layout = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group,
+                                                  self.scales_zeros.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.dequantize().to(x2.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_int4(self.portable_weight()).float().reshape(self.out_features, -1, self.group)
+        scales, zeros = self.scales_zeros.float().permute(2, 1, 0)
+        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+
+
+QUANTIZED = (Int8Linear, Int4Linear)
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, parent, attribute) of every matmul weight a quantizer may replace: the blocks' projections and
+    the output layer (embeddings stay in float: a lookup reads one row a token)."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, (nn.Linear, *QUANTIZED)) and attr not in ("embed_proj_in", "embed_proj_out"):
+                found.append((f"{name}.{attr}" if name else attr, module, attr))
+    return found
+
+
+def quantize_model(model: nn.Module, mode: str, group: int = 32, weights: dict | None = None) -> dict[str, int]:
+    """Replaces the float linear layers in place. `weights` maps a layer name to a float weight to quantize
+    instead of the layer's own (GPTQ's error-compensated weights). Returns how many layers got each kind."""
+    if mode not in ("int8", "int4"):
+        raise CamelidError(f"quantization mode {mode!r}: use int8 or int4")
+    counts = {"int8": 0, "int4": 0}
+    for name, parent, attr in linear_layers(model):
+        layer = getattr(parent, attr)
+        if not isinstance(layer, nn.Linear):
+            continue
+        if weights and name in weights:
+            layer = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            layer.weight.data, layer.bias = weights[name], getattr(parent, attr).bias
+        if mode == "int4" and int4_fits(layer.out_features, layer.in_features, group):
+            setattr(parent, attr, Int4Linear.from_linear(layer, group))
+            counts["int4"] += 1
+        else:  # int8, or a shape the int4 kernel cannot take
+            setattr(parent, attr, Int8Linear.from_linear(layer))
+            counts["int8"] += 1
+    return counts
+
+
+def quantized_shells(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Before loading a quantized checkpoint: swap in empty quantized layers wherever its tensors say so."""
+    for name, parent, attr in linear_layers(model):
+        layer = getattr(parent, attr)
+        bias = layer.bias is not None
+        if f"{name}.scales_zeros" in tensors:
+            groups = tensors[f"{name}.scales_zeros"].shape[0]
+            setattr(parent, attr, Int4Linear(layer.in_features, layer.out_features, layer.in_features // groups,
+                                             bias))
+        elif f"{name}.scales" in tensors:
+            setattr(parent, attr, Int8Linear(layer.in_features, layer.out_features, bias))
