@@ -1,0 +1,109 @@
+"""camelid quantize: int8/int4 layers against their own dequantized weights, saved folders, GPTQ vs RTN."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from camelid.errors import CamelidError
+from camelid.formats.load import load_model
+from camelid.model.quant import Int4Linear, Int8Linear, pack_int4, quantize_int4
+from camelid.quantize import calibration_batches, quantize
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO / "models" / "stories260K"
+SHAKESPEARE = REPO.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_kernel_equals_its_dequantized_weight_and_round_trips(group):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 48, bias=True)
+    layer = Int4Linear.from_linear(lin, group)
+    x = torch.randn(7, 256)
+    deq = layer.dequantize()
+    assert (deq - lin.weight).abs().max() <= (lin.weight.max() - lin.weight.min()) / 15
+    y = layer(x)  # repacks for the CPU kernel
+    assert layer.cpu_layout and torch.allclose(y, x @ deq.T + lin.bias, atol=1e-5)
+    q, _, _ = quantize_int4(lin.weight.detach(), group)
+    assert torch.equal(layer.state_dict()["weight"], pack_int4(q))  # saved in the portable layout
+    again = Int4Linear(256, 48, group, bias=True)
+    again.load_state_dict(layer.state_dict())
+    assert torch.equal(again(x), y)
+
+
+def test_int8_kernel_equals_its_dequantized_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=False)
+    layer = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 5, 96)
+    assert torch.allclose(layer(x), x @ layer.dequantize().T, atol=1e-5)
+    assert (layer.dequantize() - lin.weight).abs().max() <= lin.weight.abs().max() / 127 / 2 + 1e-7
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_folder_loads_with_the_same_logits(tmp_path, mode):
+    lm = load_model(STORIES)
+    tokens = torch.tensor([[1, 403, 407, 261, 378, 434, 260, 395]])
+    ref = lm.model(tokens)
+    info = quantize(lm, mode)
+    assert info["layers"]["int4" if mode == "int4" else "int8"] > 0
+    out = subprocess.run([sys.executable, "-m", "camelid", "quantize", str(STORIES), str(tmp_path / "q"), "--mode",
+                          mode], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = load_model(tmp_path / "q")
+    assert loaded.quantization["mode"] == mode
+    assert torch.equal(loaded.model(tokens), lm.model(tokens))
+    got = loaded.model(tokens)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > (0.999 if mode == "int8" else 0.98)
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert size < 0.5 * (STORIES / "model.safetensors").stat().st_size
+    text = subprocess.run([sys.executable, "-m", "camelid", "generate", str(tmp_path / "q"), "--temperature", "0",
+                           "-n", "20", ""], capture_output=True, text=True)
+    assert text.returncode == 0 and text.stdout.startswith("Once upon a time"), text.stderr
+
+
+def _kl_to_float(base, lm, batches):
+    total = 0.0
+    for b in batches:
+        p = torch.log_softmax(base.model(b), -1)
+        q = torch.log_softmax(lm.model(b), -1)
+        total += float((p.exp() * (p - q)).sum(-1).mean())
+    return total / len(batches)
+
+
+def test_gptq_loses_less_than_round_to_nearest(tmp_path):
+    text = SHAKESPEARE.read_text()
+    (tmp_path / "calib.txt").write_text(text[:60_000])
+    (tmp_path / "held.txt").write_text(text[-60_000:])
+    base = load_model(STORIES)
+    held = calibration_batches(base, [str(tmp_path / "held.txt")], 12, 128, seed=1)
+    rtn, gptq = load_model(STORIES), load_model(STORIES)
+    quantize(rtn, "int4", 32)
+    quantize(gptq, "int4", 32, "gptq", [str(tmp_path / "calib.txt")], samples=24, seq_len=128)
+    kl_rtn, kl_gptq = _kl_to_float(base, rtn, held), _kl_to_float(base, gptq, held)
+    assert kl_gptq < 0.75 * kl_rtn, (kl_gptq, kl_rtn)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "gptq"], "--method gptq needs --calibration"),
+    (["--mode", "int8", "--method", "gptq", "--calibration", "x.txt"], "--method gptq quantizes to int4"),
+    (["--group-size", "48"], "--group-size 48: use one of 32, 64, 128, 256"),
+    (["--samples", "0"], "--samples must be at least 1"),
+])
+def test_bad_quantize_input_is_one_line(tmp_path, args, message):
+    out = subprocess.run([sys.executable, "-m", "camelid", "quantize", str(STORIES), str(tmp_path / "q"), *args],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_quantized_model_is_not_quantized_again(tmp_path):
+    lm = load_model(STORIES)
+    quantize(lm, "int8")
+    with pytest.raises(CamelidError, match="already quantized"):
+        quantize(lm, "int4")
