@@ -52,6 +52,33 @@ def int4_fits(out_features: int, in_features: int, group: int) -> bool:
     return in_features % group == 0 and out_features % 16 == 0 and in_features % 64 == 0
 
 
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels are fast for bf16 activations only (fp32 runs 50-100x slower on a prompt), so fp32
+    inputs are rounded to bf16 for the matmul; the int4/int8 weights are far coarser than that rounding.
+    The bf16 int8 kernel reads past rows whose length is not a multiple of 16 (wrong sums or a crash in
+    torch 2.13), so those stay in fp32."""
+    x = x.to(torch.bfloat16) if x.dtype == torch.float32 and x.shape[-1] % 16 == 0 else x
+    return _aligned(x.contiguous())
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read in 16-byte vectors and crash on a tensor that starts between them, as a weight
+    memory-mapped from a safetensors file may; a copy is freshly (64-byte) aligned."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def _cached(layer: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer in the activations' dtype, converted once rather than on every call."""
+    tensor = getattr(layer, name)
+    cache = layer.__dict__.setdefault("_dtype_cache", {})
+    key = (name, dtype, tensor.data_ptr())
+    if key not in cache:
+        if len(cache) > 4:  # stale entries of buffers since replaced
+            cache.clear()
+        cache[key] = tensor.to(dtype)
+    return cache[key]
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -72,7 +99,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(x2.dtype))
+            xk = _kernel_input(x2)
+            self.weight = _aligned(self.weight)
+            y = torch._weight_int8pack_mm(xk, self.weight, _cached(self, "scales", xk.dtype)).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
@@ -138,8 +167,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu":
-            y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group,
-                                                  self.scales_zeros.to(x2.dtype))
+            xk = _kernel_input(x2)
+            y = torch._weight_int4pack_mm_for_cpu(xk, self._kernel_weight(), self.group,
+                                                  _cached(self, "scales_zeros", xk.dtype)).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize().to(x2.dtype))
         y = y.view(*x.shape[:-1], self.out_features)
