@@ -198,5 +198,6 @@ def format_table(results: dict) -> str:
             n_shot, groups = results.get("n-shot", {}), results.get("group_subtasks", {})
             shots = n_shot.get(task, n_shot.get(groups.get(task, [""])[0], ""))
             se_text = f"{se:.4f}" if isinstance(se, float) else se
-            lines.append(f"|{task}|{version}|none|{shots}|{metric}|↑|{value:.4f}|±|{se_text}|")
+            arrow = "↓" if "perplexity" in metric or metric in ("bits_per_byte", "plus_minus") else "↑"
+            lines.append(f"|{task}|{version}|none|{shots}|{metric}|{arrow}|{value:.4f}|±|{se_text}|")
     return "\n".join(lines)
