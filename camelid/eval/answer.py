@@ -3,6 +3,7 @@ writes them: both turns in one conversation, per-category temperatures, one JSON
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -96,8 +97,6 @@ def answer_questions(lm, questions: list[dict], model_id: str, out: str | Path, 
 
 def _sort_answers(path: Path) -> None:
     """Sorted by question id, one answer per (model, question): the last one written wins."""
-    import json
-
     records = {(r["model_id"], r["question_id"]): r
                for r in read_jsonl(path, ("question_id", "model_id"), "answer")}
     tmp = path.with_name(path.name + ".tmp")
