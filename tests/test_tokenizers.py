@@ -3,7 +3,7 @@
 import pytest
 from conftest import SHARED, STORIES
 
-from camelid.formats.gguf_metadata import read_gguf_metadata
+from camelid.formats.gguf_file import read_gguf_metadata
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer

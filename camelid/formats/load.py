@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats import hf, llama2c
+from camelid.formats import gguf, hf, llama2c
+from camelid.formats.gguf_file import read_gguf
 from camelid.formats.tensors import load_safetensors, save_safetensors
 from camelid.model.config import ModelConfig
-from camelid.model.quant import QUANTIZED, quantized_shells
+from camelid.model.quant import QUANTIZED, GGMLEmbedding, quantized_shells
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
+from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
 from camelid.tokenizer.tokenizer import PieceBackend, Tokenizer, load_hf_tokenizer, piece_tokenizer
@@ -84,10 +86,14 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise CamelidError(f"{source}: unexpected tensor {extra[0]!r}")
-    # packed integer weights keep their dtype; their scales follow the model's
-    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
+    # packed integer weights and int4 scales keep their dtype (the kernels cast scales once, as they need);
+    # everything else follows the model's
+    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and not k.endswith("scales_zeros")
+          else v.to(device) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
+    if isinstance(model.tok_embeddings, GGMLEmbedding):
+        model.tok_embeddings.out_dtype = dtype
     if cfg.positions == "rope":
         model.inv_freq = rope_frequencies(cfg).to(device)
     return model.eval().requires_grad_(False)
@@ -104,10 +110,19 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
         return _load_native(path, dev, dt)
     if path.is_dir() and (path / "config.json").exists():
         return _load_hf(path, dev, dt)
+    if path.is_file() and _is_gguf(path):
+        return _load_gguf(path, dev, dt)
     if path.is_file() and path.suffix == ".bin":
         return _load_llama2c(path, dev, dt, tokenizer_path)
     raise CamelidError(f"{path}: not a model camelid can open (a camelid folder, a Hugging Face folder "
-                       f"with config.json, or a llama2.c .bin checkpoint)")
+                       f"with config.json, a GGUF file or a llama2.c .bin checkpoint)")
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _load_native(folder: Path, device, dtype) -> LoadedModel:
@@ -137,6 +152,16 @@ def _load_hf(folder: Path, device, dtype) -> LoadedModel:
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(folder))
 
 
+def _load_gguf(path: Path, device, dtype) -> LoadedModel:
+    gf = read_gguf(path)
+    cfg = gguf.config_from_gguf(gf)
+    tok = gguf_tokenizer(gf.metadata, str(path))
+    if tok.vocab_size > cfg.vocab_size:
+        raise CamelidError(f"{path}: the tokenizer has {tok.vocab_size} tokens, token_embd only {cfg.vocab_size}")
+    model = build_model(cfg, gguf.state_dict_from_gguf(gf, cfg, dtype), str(path), device, dtype)
+    return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
+
+
 def _load_llama2c(path: Path, device, dtype, tokenizer_path) -> LoadedModel:
     cfg, sd = llama2c.read_llama2c(path)
     model = build_model(cfg, sd, str(path), device, dtype)
@@ -151,6 +176,21 @@ def _state_dict(model: Transformer) -> dict:
     sd = {k: v for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings and isinstance(model.output, torch.nn.Linear):
         sd.pop("output.weight", None)
+    return sd
+
+
+def plain_state_dict(lm: LoadedModel) -> dict:
+    """Float tensors for every weight, quantized layers dequantized: for formats that quantize their own way."""
+    sd = _state_dict(lm.model)
+    for name, module in lm.model.named_modules():
+        if isinstance(module, QUANTIZED):
+            for key in ("scales", "scales_zeros"):
+                sd.pop(f"{name}.{key}", None)
+            sd[f"{name}.weight"] = module.dequantize()
+        elif isinstance(module, GGMLEmbedding):
+            sd.pop(f"{name}.blocks")
+            sd.pop(f"{name}.ggml_type")
+            sd[f"{name}.weight"] = module(torch.arange(module.num_embeddings)).float()
     return sd
 
 
@@ -173,7 +213,7 @@ def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None
 
 def export_hf(lm: LoadedModel, folder: str | Path):
     """Write a Hugging Face folder (config, safetensors, tokenizer files) that transformers loads."""
-    if any(isinstance(m, QUANTIZED) for m in lm.model.modules()):
+    if any(isinstance(m, (*QUANTIZED, GGMLEmbedding)) for m in lm.model.modules()):
         raise CamelidError(f"{lm.source}: a quantized model cannot be written as a Hugging Face folder "
                            f"(export the float model, or use GGUF)")
     folder = Path(folder)

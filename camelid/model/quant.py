@@ -181,6 +181,27 @@ class Int4Linear(nn.Module):
         return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
 
 
+class GGMLEmbedding(nn.Module):
+    """A token embedding kept in a GGUF file's own quantized blocks (one row of blocks per token): a lookup
+    dequantizes only the rows it reads, as llama.cpp does, so the table costs its file size, not 4 bytes a
+    weight."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ggml_type: int, row_bytes: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("blocks", torch.zeros(num_embeddings, row_bytes, dtype=torch.uint8))
+        self.register_buffer("ggml_type", torch.tensor(ggml_type, dtype=torch.int32))
+        self.out_dtype = torch.float32  # the model's compute dtype, set when the model is built
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, quants
+
+        rows = self.blocks[ids.reshape(-1).to(self.blocks.device)].cpu().numpy()
+        values = quants.dequantize(rows, GGMLQuantizationType(int(self.ggml_type)))
+        out = torch.from_numpy(values).to(device=ids.device, dtype=self.out_dtype)
+        return out.view(*ids.shape, self.embedding_dim)
+
+
 QUANTIZED = (Int8Linear, Int4Linear)
 
 
@@ -219,6 +240,11 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, weights: dict |
 
 def quantized_shells(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Before loading a quantized checkpoint: swap in empty quantized layers wherever its tensors say so."""
+    if "tok_embeddings.blocks" in tensors:
+        emb = model.tok_embeddings
+        model.tok_embeddings = GGMLEmbedding(emb.num_embeddings, emb.embedding_dim,
+                                             int(tensors["tok_embeddings.ggml_type"]),
+                                             tensors["tok_embeddings.blocks"].shape[1])
     for name, parent, attr in linear_layers(model):
         layer = getattr(parent, attr)
         bias = layer.bias is not None

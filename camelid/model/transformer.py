@@ -50,6 +50,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_frequencies(inv_freq, scaling)
+    elif kind == "factors":  # GGUF's rope_freqs tensor: one divisor per frequency
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype)
     return inv_freq
 
 

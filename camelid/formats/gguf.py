@@ -1,0 +1,160 @@
+"""Running llama.cpp's GGUF files: config, tokenizer and weights all come from the file.
+
+Weights map onto camelid's layers as directly as the kernels allow (README "GGUF"):
+- F32/F16/BF16 stay float (a zero-copy view when the dtype matches).
+- Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
+- Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K and Q3_K become int8 per output channel (`_weight_int8pack_mm`): a
+  re-quantization, within a fraction of the file's own rounding error.
+- A fused camelid layer (QKV, gate+up) whose parts have different types takes int8.
+- A quantized token embedding stays in the file's blocks; rows are dequantized as they are looked up.
+
+llama.cpp stores LLaMA's q and k rows in Meta's interleaved-RoPE order; they are put back into the
+Hugging Face order camelid uses (a row permutation, so quantized rows move as they are).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from camelid.errors import CamelidError
+from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups
+from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
+from camelid.model.config import ModelConfig
+from camelid.model.quant import int4_fits, pack_int4, quantize_int8
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_ARCHS = ("llama", "gpt2")
+
+
+def _key(meta: dict, source: str, key: str, kind=int, default=None):
+    if key not in meta:
+        if default is not None:
+            return default
+        raise CamelidError(f"{source}: metadata key {key!r} is missing")
+    value = meta[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+        isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise CamelidError(f"{source}: metadata key {key!r} should be {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def config_from_gguf(gf: GGUFFile) -> ModelConfig:
+    meta, src = gf.metadata, str(gf.path)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise CamelidError(f"{src}: general.architecture={arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
+    if "token_embd.weight" not in gf.tensors:
+        raise CamelidError(f"{src}: tensor 'token_embd.weight' is missing")
+    n_heads = _key(meta, src, f"{arch}.attention.head_count")
+    dim = _key(meta, src, f"{arch}.embedding_length")
+    common = dict(dim=dim, n_layers=_key(meta, src, f"{arch}.block_count"), n_heads=n_heads,
+                  ffn_dim=_key(meta, src, f"{arch}.feed_forward_length"),
+                  max_seq_len=_key(meta, src, f"{arch}.context_length", default=2048),
+                  vocab_size=gf.tensors["token_embd.weight"].shape[0],
+                  tie_embeddings="output.weight" not in gf.tensors)
+    if arch == "gpt2":
+        return ModelConfig(arch="gpt2", **common, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
+                           positions="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+                           norm_eps=_key(meta, src, "gpt2.attention.layer_norm_epsilon", float, 1e-5))
+    head_dim = _key(meta, src, "llama.attention.key_length", default=dim // n_heads)
+    rope_dim = _key(meta, src, "llama.rope.dimension_count", default=head_dim)
+    scaling = None
+    if meta.get("llama.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": _key(meta, src, "llama.rope.scaling.factor", float)}
+    if "rope_freqs.weight" in gf.tensors:  # Llama 3.1: per-frequency divisors, stored as a tensor
+        factors = dequantize(gf.tensors["rope_freqs.weight"].data, gf.tensors["rope_freqs.weight"].type, (-1,))
+        scaling = {"type": "factors", "factors": factors.tolist()}
+    return ModelConfig(arch="llama", **common, head_dim=head_dim, rotary_pct=rope_dim / head_dim,
+                       n_kv_heads=_key(meta, src, "llama.attention.head_count_kv", default=n_heads),
+                       norm_eps=_key(meta, src, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+                       rope_theta=_key(meta, src, "llama.rope.freq_base", float, 10000.0), rope_scaling=scaling)
+
+
+def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
+    """Meta's interleaved q/k rows -> Hugging Face's half-split rows (the inverse of llama.cpp's permute)."""
+    rows = raw.shape[0]
+    return raw.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
+
+
+def _layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[tuple[str, int | None]]]:
+    """camelid tensor -> [(GGUF tensor, heads to un-permute or None)] whose rows it concatenates."""
+    b = f"blk.{i}."
+    if cfg.arch == "gpt2":
+        names = {"attn_norm": "attn_norm", "attn.wqkv": "attn_qkv", "attn.wo": "attn_output",
+                 "mlp_norm": "ffn_norm", "mlp.w_in": "ffn_up", "mlp.w_out": "ffn_down"}
+        return {f"layers.{i}.{ours}.{p}": [(f"{b}{theirs}.{p}", None)]
+                for ours, theirs in names.items() for p in ("weight", "bias")}
+    return {f"layers.{i}.attn_norm.weight": [(f"{b}attn_norm.weight", None)],
+            f"layers.{i}.attn.wqkv.weight": [(f"{b}attn_q.weight", cfg.n_heads), (f"{b}attn_k.weight", cfg.n_kv_heads),
+                                             (f"{b}attn_v.weight", None)],
+            f"layers.{i}.attn.wo.weight": [(f"{b}attn_output.weight", None)],
+            f"layers.{i}.mlp_norm.weight": [(f"{b}ffn_norm.weight", None)],
+            f"layers.{i}.mlp.w_in.weight": [(f"{b}ffn_gate.weight", None), (f"{b}ffn_up.weight", None)],
+            f"layers.{i}.mlp.w_out.weight": [(f"{b}ffn_down.weight", None)]}
+
+
+def _global_parts(cfg: ModelConfig, gf: GGUFFile) -> dict[str, list[tuple[str, int | None]]]:
+    parts = {"tok_embeddings.weight": [("token_embd.weight", None)], "norm.weight": [("output_norm.weight", None)]}
+    if cfg.arch == "gpt2":
+        parts["pos_embeddings.weight"] = [("position_embd.weight", None)]
+        parts["norm.bias"] = [("output_norm.bias", None)]
+    if "output.weight" in gf.tensors:
+        parts["output.weight"] = [("output.weight", None)]
+    return parts
+
+
+def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    parts = _global_parts(cfg, gf)
+    for i in range(cfg.n_layers):
+        parts.update(_layer_parts(cfg, i))
+    sd: dict[str, torch.Tensor] = {}
+    used = set()
+    for ours, sources in parts.items():
+        found = [(gf.tensors.get(name), heads) for name, heads in sources]
+        if any(t is None for t, _ in found):
+            missing = next(name for (name, _), (t, _) in zip(sources, found) if t is None)
+            if ours.endswith(".bias") and all(t is None for t, _ in found):
+                continue  # the config's biases are checked against the model when it is built
+            raise CamelidError(f"{gf.path}: tensor {missing!r} is missing")
+        used.update(name for name, _ in sources)
+        base = ours.rsplit(".", 1)[0]
+        if ours == "tok_embeddings.weight":
+            sd.update(_embedding(found[0][0], dtype))
+            if cfg.tie_embeddings and "tok_embeddings.blocks" in sd:  # the output layer needs its own copy
+                sd.update({f"output.{k}": v for k, v in _linear(found, dtype).items()})
+        elif len(found[0][0].shape) == 1:
+            sd[ours] = dequantize(found[0][0].data, found[0][0].type, found[0][0].shape).to(dtype)
+        else:
+            sd.update({f"{base}.{k}": v for k, v in _linear(found, dtype).items()})
+        for t, _ in found:
+            gf.release(t)
+    extra = sorted(set(gf.tensors) - used - {"rope_freqs.weight"})
+    if extra:
+        raise CamelidError(f"{gf.path}: tensor {extra[0]!r} is not part of a {cfg.arch} model camelid runs")
+    return sd
+
+
+def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:
+    if t.type in FLOAT_TYPES:
+        return {"tok_embeddings.weight": dequantize(t.data, t.type, t.shape).to(dtype)}
+    return {"tok_embeddings.blocks": torch.from_numpy(t.data.copy()),
+            "tok_embeddings.ggml_type": torch.tensor(GGML_TYPE_IDS[t.type], dtype=torch.int32)}
+
+
+def _linear(found: list[tuple[GGUFTensor, int | None]], dtype) -> dict[str, torch.Tensor]:
+    """The parts of one camelid matmul weight -> its tensors: float `weight`, int4 `weight` + `scales_zeros`,
+    or int8 `weight` + `scales`."""
+    raws = [(_unpermute(t.data, heads) if heads else t.data, t) for t, heads in found]
+    types = {t.type for t in (p for p, _ in found)}
+    n = sum(t.shape[0] for t, _ in found)
+    k = found[0][0].shape[-1]
+    if types <= set(FLOAT_TYPES):
+        return {"weight": torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]).to(dtype)}
+    if len(types) == 1 and types <= set(INT4_TYPES) and int4_fits(n, k, 32):
+        q, scales, zeros = (torch.cat(x) for x in zip(*(int4_groups(raw, t.type) for raw, t in raws)))
+        sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+        return {"weight": pack_int4(q), "scales_zeros": sz}
+    w, scales = quantize_int8(torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]))
+    return {"weight": w, "scales": scales.to(dtype)}

@@ -1,0 +1,328 @@
+"""Writing camelid models as GGUF files that llama.cpp and Ollama run, with a model card and a Modelfile.
+
+Quantization follows llama-quantize's choices, so a camelid export looks like what people download:
+- 1-D tensors (norms, biases) stay F32.
+- Q4_0 and Q4_K_M files keep the output layer at Q6_K.
+- Q4_K_M gives attn_v and ffn_down Q6_K in llama.cpp's "more bits" layers.
+- A row length that a block type cannot split falls back as llama.cpp's does (Q4_K to Q5_0, Q6_K to Q8_0,
+  legacy types to F16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from camelid.errors import CamelidError
+from camelid.formats.gguf_blocks import quantize
+from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
+from camelid.tokenizer.chat_template import resolve_template
+from camelid.model.transformer import count_parameters
+from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBackend, Tokenizer
+
+# --quant -> (base type, llama.cpp's general.file_type)
+QUANTS = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2), "q4_k_m": ("Q4_K", 15)}
+_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0", "Q4_0": "F16", "Q8_0": "F16", "Q5_0": "F16"}
+_BLOCK = {name: block for name, block, _ in GGML_TYPES.values()}
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None, n_layers: int) -> str:
+    base = QUANTS[quant][0]
+    if len(shape) == 1 or name == "position_embd.weight":
+        return "F32"
+    kind = base
+    if quant in ("q4_0", "q4_k_m") and name == "output.weight":
+        kind = "Q6_K"
+    elif quant == "q4_k_m" and layer is not None and name.split(".")[2] in ("attn_v", "ffn_down") \
+            and _more_bits(layer, n_layers):
+        kind = "Q6_K"
+    while shape[-1] % _BLOCK[kind]:
+        kind = _FALLBACK[kind]
+    return kind
+
+
+def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tensor, int | None]]:
+    """camelid's state dict -> (GGUF name, tensor in PyTorch order, layer index) in llama.cpp's naming."""
+    out = [("token_embd.weight", sd["tok_embeddings.weight"], None)]
+    if cfg.arch == "gpt2":
+        out.append(("position_embd.weight", sd["pos_embeddings.weight"], None))
+    for i in range(cfg.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        if cfg.arch == "gpt2":
+            for ours, theirs in (("attn_norm", "attn_norm"), ("attn.wqkv", "attn_qkv"), ("attn.wo", "attn_output"),
+                                 ("mlp_norm", "ffn_norm"), ("mlp.w_in", "ffn_up"), ("mlp.w_out", "ffn_down")):
+                out += [(f"{b}{theirs}.{s}", sd[f"{p}{ours}.{s}"], i) for s in ("weight", "bias")]
+            continue
+        hd = cfg.head_dim
+        q, k, v = sd[f"{p}attn.wqkv.weight"].split((cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd))
+        gate, up = sd[f"{p}mlp.w_in.weight"].chunk(2)
+        out += [(f"{b}attn_norm.weight", sd[f"{p}attn_norm.weight"], i),
+                (f"{b}attn_q.weight", _permute(q, cfg.n_heads), i), (f"{b}attn_k.weight", _permute(k, cfg.n_kv_heads), i),
+                (f"{b}attn_v.weight", v, i), (f"{b}attn_output.weight", sd[f"{p}attn.wo.weight"], i),
+                (f"{b}ffn_norm.weight", sd[f"{p}mlp_norm.weight"], i), (f"{b}ffn_gate.weight", gate, i),
+                (f"{b}ffn_up.weight", up, i), (f"{b}ffn_down.weight", sd[f"{p}mlp.w_out.weight"], i)]
+    out.append(("output_norm.weight", sd["norm.weight"], None))
+    if cfg.arch == "gpt2":
+        out.append(("output_norm.bias", sd["norm.bias"], None))
+    if not cfg.tie_embeddings:
+        out.append(("output.weight", sd["output.weight"], None))
+    return out
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face half-split q/k rows -> Meta's interleaved rows, which llama.cpp's RoPE expects."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def check_exportable(cfg, source: str):
+    llama_like = (cfg.arch in ("llama", "mistral") and cfg.norm == "rmsnorm" and cfg.gated_mlp
+                  and cfg.activation == "silu" and cfg.positions == "rope" and not cfg.rope_interleaved
+                  and cfg.rotary_pct == 1.0 and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias))
+    gpt2_like = cfg.arch == "gpt2"
+    if not (llama_like or gpt2_like):
+        raise CamelidError(f"{source}: GGUF export covers the LLaMA and GPT-2 families; this model is {cfg.arch!r}")
+    if (cfg.rope_scaling or {}).get("type") not in (None, "linear"):
+        raise CamelidError(f"{source}: GGUF export does not write rope scaling {cfg.rope_scaling.get('type')!r}")
+
+
+def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = None) -> Path:
+    """Write DEST/NAME-QUANT.gguf, DEST/README.md (a model card) and DEST/Modelfile; returns the GGUF path."""
+    from camelid.formats.load import plain_state_dict
+
+    if quant not in QUANTS:
+        raise CamelidError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
+    cfg = lm.config
+    check_exportable(cfg, lm.source)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    name = name or Path(lm.source.rstrip("/")).stem or "model"
+    path = dest / f"{name}-{quant.upper()}.gguf"
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write(lm, cfg, plain_state_dict(lm), tmp, quant, name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_model_card(lm, dest, name, path)
+    return path
+
+
+def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
+    import gguf
+
+    arch = "gpt2" if cfg.arch == "gpt2" else "llama"
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_name(name)
+    w.add_file_type(QUANTS[quant][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    if arch == "llama":
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_vocab_size(cfg.vocab_size)
+        if cfg.head_dim != cfg.dim // cfg.n_heads:
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
+        if (cfg.rope_scaling or {}).get("type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    else:
+        w.add_layer_norm_eps(cfg.norm_eps)
+    _add_tokenizer(w, lm.tokenizer, cfg.vocab_size, lm.source)
+    if lm.template != "raw":
+        w.add_chat_template(resolve_template(lm.template)[0])
+    tensors = gguf_tensors(sd, cfg)
+    for tname, t, layer in tqdm(tensors, desc=f"quantizing to {quant}", unit="tensor", leave=False):
+        kind = tensor_type(tname, tuple(t.shape), quant, layer, cfg.n_layers)
+        data = quantize(t.detach().float().cpu().numpy(), kind)
+        if kind in ("F32", "F16"):
+            w.add_tensor(tname, data)
+        else:
+            w.add_tensor(tname, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType(GGML_TYPE_IDS[kind]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=True)
+    w.close()
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+CONTROL, NORMAL, UNKNOWN, USER_DEFINED, UNUSED, BYTE = 3, 1, 2, 4, 5, 6
+
+
+def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str):
+    b = tok.backend
+    if isinstance(b, PieceBackend):
+        v = b.vocab
+        tokens = [p if i in v.byte_of else p.replace(v.space, "▁") for i, p in enumerate(v.pieces)]
+        types = [CONTROL if i in v.special_ids and i != v.unk_id else UNKNOWN if i == v.unk_id
+                 else BYTE if i in v.byte_of else NORMAL for i in range(len(tokens))]
+        _spm(w, tokens, list(v.scores), types, v.unk_id, v.add_space_prefix)
+    elif isinstance(b, SentencePieceBackend):
+        sp = b.sp
+        n = sp.get_piece_size()
+        types = [CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i)
+                 else UNUSED if sp.is_unused(i) else NORMAL for i in range(n)]
+        tokens = [sp.id_to_piece(i) for i in range(n)]
+        for i, t in enumerate(tokens):  # user-defined symbols (camelid's special tokens) are not normal pieces
+            if types[i] == NORMAL and t.startswith("<") and t.endswith(">") and len(sp.encode(t)) == 1 \
+                    and sp.get_score(i) == 0.0:
+                types[i] = USER_DEFINED
+        _spm(w, tokens, [sp.get_score(i) for i in range(n)], types, sp.unk_id(), True)
+    elif isinstance(b, HFBackend):
+        _hf_tokenizer(w, json.loads(b.tok.to_str()), source)
+    else:
+        raise CamelidError(f"{source}: this tokenizer cannot be written to GGUF")
+    _pad_vocab(w, vocab_size)
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+    if tok.eos_ids:
+        w.add_eos_token_id(tok.eos_ids[0])
+        if len(tok.eos_ids) > 1:
+            w.add_eot_token_id(tok.eos_ids[1])
+    w.add_add_bos_token(bool(tok.add_bos and tok.bos_id is not None))
+    w.add_add_eos_token(False)
+
+
+def _pad_vocab(w, vocab_size: int):
+    """llama.cpp wants one token per embedding row; rows past the tokenizer (padding) become unused tokens."""
+    tokens = w.kv_data[0].get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    have = len(tokens.value)
+    if have < vocab_size:
+        tokens.value.extend(f"[PAD{i}]" for i in range(have, vocab_size))
+        for key, fill in (("tokenizer.ggml.scores", -1e9), ("tokenizer.ggml.token_type", UNUSED)):
+            if key in w.kv_data[0]:
+                w.kv_data[0][key].value.extend([fill] * (vocab_size - have))
+
+
+def _spm(w, tokens, scores, types, unk_id, add_space_prefix):
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(unk_id)
+    w.add_add_space_prefix(add_space_prefix)
+
+
+def _hf_tokenizer(w, spec: dict, source: str):
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise CamelidError(f"{source}: GGUF export supports BPE tokenizers, not {model.get('type')!r}")
+    vocab = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for t in added.values():
+        vocab[t["content"]] = t["id"]
+    tokens = [None] * (max(vocab.values()) + 1)
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    types = [CONTROL if t in added and added[t].get("special") else USER_DEFINED if t in added
+             else UNUSED if t.startswith("[PAD") else NORMAL for t in tokens]
+    if model.get("byte_fallback"):
+        # a SentencePiece vocabulary in tokenizers' clothes (Hugging Face LLaMA): llama.cpp merges by score,
+        # so each piece scores by the rank of the merge that makes it
+        rank = {a + b: -r for r, (a, b) in enumerate(m.split(" ", 1) for m in merges)}
+        types = [BYTE if t.startswith("<0x") and len(t) == 6 else ty for t, ty in zip(tokens, types)]
+        unk = model.get("unk_token")
+        _spm(w, tokens, [float(rank.get(t, 0)) for t in tokens], types, vocab.get(unk, 0),
+             "Prepend" in json.dumps(spec.get("normalizer")))
+        return
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+
+# ------------------------------------------------------------------------------------ model card
+
+_OLLAMA_TEMPLATES = {
+    "alpaca": "{{ if .System }}{{ .System }}{{ else }}Below is an instruction that describes a task. Write a "
+              "response that appropriately completes the request.{{ end }}\n\n### Instruction:\n{{ .Prompt }}"
+              "\n\n### Response:{{ .Response }}",
+    "vicuna": "{{ if .System }}{{ .System }} {{ else }}A chat between a curious user and an artificial "
+              "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+              "questions. {{ end }}USER: {{ .Prompt }} ASSISTANT:{{ .Response }}",
+    "chatml": "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n"
+              "{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}",
+    "llama2": "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]"
+              "{{ .Response }}",
+    "raw": "{{ .Prompt }}{{ .Response }}",
+}
+
+
+def write_model_card(lm, dest: Path, name: str, latest: Path):
+
+    cfg = lm.config
+    files = sorted(dest.glob(f"{name}-*.gguf"))
+    rows = "\n".join(f"| [{f.name}]({f.name}) | {f.name[len(name) + 1:-5]} | {f.stat().st_size / 1e6:.1f} MB |"
+                     for f in files)
+    stop = [lm.tokenizer.special_text(i) for i in lm.tokenizer.eos_ids] + list(lm.stop)
+    template = lm.template if lm.template in _OLLAMA_TEMPLATES else None
+    card = f"""---
+library_name: gguf
+tags: [gguf, camelid, {cfg.arch}]
+pipeline_tag: text-generation
+---
+
+# {name} (GGUF)
+
+A {cfg.arch} model with {count_parameters(cfg) / 1e6:.1f}M parameters, exported by camelid from `{lm.source}`.
+
+| file | quantization | size |
+|---|---|---|
+{rows}
+
+## Architecture
+
+| | |
+|---|---|
+| layers | {cfg.n_layers} |
+| hidden size | {cfg.dim} |
+| attention heads (KV heads) | {cfg.n_heads} ({cfg.n_kv_heads}) |
+| feed-forward size | {cfg.ffn_dim} |
+| context length | {cfg.max_seq_len} |
+| vocabulary | {cfg.vocab_size} |
+
+Chat template: `{lm.template if len(lm.template) < 40 else 'custom (stored in the GGUF metadata)'}`;
+generation stops at {', '.join(f'`{s}`' for s in stop) or 'the end-of-text token'}.
+
+## Use
+
+```sh
+llama-cli -m {latest.name} -p "Once upon a time"
+ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}
+camelid chat {latest.name}
+```
+"""
+    _atomic_write(dest / "README.md", card)
+    modelfile = [f"FROM ./{latest.name}"]
+    if template:
+        modelfile.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[template]}"""')
+    modelfile += [f"PARAMETER stop {json.dumps(s)}" for s in stop if s]
+    _atomic_write(dest / "Modelfile", "\n".join(modelfile) + "\n")
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
