@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
 
+    p = sub.add_parser("export", help="write a model as GGUF for llama.cpp and Ollama, with a model card")
+    p.add_argument("source", help="any model camelid opens")
+    p.add_argument("dest", help="output folder: NAME-QUANT.gguf, README.md and an Ollama Modelfile go there")
+    p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one export format)")
+    p.add_argument("--quant", default="f16", help="f32, f16, q8_0, q4_0 or q4_k_m")
+    p.add_argument("--name", default=None, help="file and model name (default: the source's name)")
+    p.add_argument("--template", default=None, help="chat template to store (default: the model's own)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+
     p = sub.add_parser("generate", help="complete one or more prompts")
     _model_args(p)
     p.add_argument("prompt", nargs="*", help="prompt text; '-' reads stdin")
@@ -333,6 +342,18 @@ def cmd_convert(args):
     else:
         save_native(lm, args.dest, template, args.stop)
     print(f"wrote {args.dest}")
+
+
+def cmd_export(args):
+    from camelid.formats.gguf_export import export_gguf
+    from camelid.formats.load import load_model
+
+    lm = load_model(args.source, "cpu", "fp32", args.tokenizer)
+    if args.template:
+        lm.template = _template(args.template)
+    path = export_gguf(lm, args.dest, args.quant.lower(), args.name)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), {Path(args.dest) / 'README.md'} and "
+          f"{Path(args.dest) / 'Modelfile'}")
 
 
 def cmd_generate(args):
@@ -623,7 +644,7 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"quantize": cmd_quantize, "leaderboard": cmd_leaderboard, "answer": cmd_answer, "judge": cmd_judge, "eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "generate": cmd_generate,
+COMMANDS = {"quantize": cmd_quantize, "leaderboard": cmd_leaderboard, "answer": cmd_answer, "judge": cmd_judge, "eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "export": cmd_export, "generate": cmd_generate,
             "chat": cmd_chat}
 
 if __name__ == "__main__":

@@ -123,5 +123,5 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(CamelidError, match="no GGUF magic"):
         read_gguf_metadata(tmp_path / "x.gguf")
     (tmp_path / "t.gguf").write_bytes((TOK / "ggml-vocab-llama-spm.gguf").read_bytes()[:5000])
-    with pytest.raises(CamelidError, match="truncated GGUF header"):
+    with pytest.raises(CamelidError, match="truncated"):
         read_gguf_metadata(tmp_path / "t.gguf")

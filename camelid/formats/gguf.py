@@ -22,6 +22,7 @@ from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
 from camelid.model.config import ModelConfig
 from camelid.model.quant import int4_fits, pack_int4, quantize_int8
+from camelid.model.transformer import Transformer
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_ARCHS = ("llama", "gpt2")
@@ -109,6 +110,8 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> 
     parts = _global_parts(cfg, gf)
     for i in range(cfg.n_layers):
         parts.update(_layer_parts(cfg, i))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     sd: dict[str, torch.Tensor] = {}
     used = set()
     for ours, sources in parts.items():
@@ -118,6 +121,7 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> 
             if ours.endswith(".bias") and all(t is None for t, _ in found):
                 continue  # the config's biases are checked against the model when it is built
             raise CamelidError(f"{gf.path}: tensor {missing!r} is missing")
+        _check_shapes(gf, found, expected.get(ours))
         used.update(name for name, _ in sources)
         base = ours.rsplit(".", 1)[0]
         if ours == "tok_embeddings.weight":
@@ -134,6 +138,16 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> 
     if extra:
         raise CamelidError(f"{gf.path}: tensor {extra[0]!r} is not part of a {cfg.arch} model camelid runs")
     return sd
+
+
+def _check_shapes(gf: GGUFFile, found, want: tuple[int, ...] | None):
+    """Parts must stack into the layer's shape (and permute by head) before their bytes are touched."""
+    rows = sum(t.shape[0] for t, _ in found)
+    for t, heads in found:
+        if want is None or len(t.shape) != len(want) or t.shape[1:] != want[1:] or rows != want[0] \
+                or (heads and t.shape[0] % (2 * heads)):
+            raise CamelidError(f"{gf.path}: tensor {t.name!r} has shape {t.shape}, which does not fit the "
+                               f"model its metadata describes")
 
 
 def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:

@@ -78,7 +78,7 @@ class _Cursor:
     def count(self, min_item_bytes: int, what: str) -> int:
         n = self.unpack("<Q")
         if n * min_item_bytes > len(self.data) - self.pos:
-            self.fail(f"{what} count {n} does not fit in the file (truncated or corrupt)")
+            self.fail(f"truncated or corrupt GGUF file: {what} count {n} runs past its end")
         return n
 
     def string(self) -> str:

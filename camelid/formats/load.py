@@ -271,6 +271,8 @@ def read_config(path: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(meta.get("model", {}), str(path / "camelid.json"))
     if path.is_dir() and (path / "config.json").exists():
         return hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
+    if path.is_file() and _is_gguf(path):
+        return gguf.config_from_gguf(read_gguf(path))
     if path.is_file() and path.suffix == ".bin":
         return llama2c.read_llama2c(path)[0]
     raise CamelidError(f"{path}: not a model camelid can open")

@@ -1,0 +1,264 @@
+"""GGUF in and out, checked against llama.cpp itself (through llama-cpp-python): files llama.cpp wrote and
+quantized run in camelid with the same logits, and files camelid writes run in llama.cpp with the same logits
+and tokens."""
+
+import ctypes
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp  # a test dependency only: llama.cpp itself, the reference
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from camelid.errors import CamelidError
+from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize
+from camelid.formats.gguf_export import export_gguf
+from camelid.formats.gguf_file import read_gguf
+from camelid.formats.load import LoadedModel, load_model, save_native
+from camelid.model.config import ModelConfig
+from camelid.model.quant import GGMLEmbedding, Int4Linear, Int8Linear
+from camelid.model.transformer import Transformer
+from camelid.tokenizer.tokenizer import load_tokenizer_file
+from conftest import REPO, SHARED
+
+
+# llama.cpp's LLAMA_FTYPE values
+FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+TEXT = (SHARED / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str):
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, n_batch=128, logits_all=True, verbose=False)
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)])
+
+
+def assert_agree(ours: np.ndarray, ref: np.ndarray):
+    """Correlation at least 0.999 and the same top token wherever llama.cpp's own top two are not a near-tie
+    (llama.cpp rounds activations to 8 bits for quantized matmuls, which flips near-ties either way)."""
+    corr = np.corrcoef(ours.ravel(), ref.ravel())[0, 1]
+    assert corr >= 0.999, corr
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.sum() >= 0.8 * len(ref)
+    np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """A small LLaMA with every dimension a multiple of 256 (so K-quants apply), trained for a moment on
+    Shakespeare so its predictions are peaked like a real model's, exported by camelid as F32 GGUF."""
+    root = tmp_path_factory.mktemp("gguf")
+    stories = load_model(REPO / "models" / "stories260K")
+    ids = torch.tensor(stories.tokenizer.encode(TEXT[:100_000], bos=False))
+    cfg = ModelConfig(arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                      max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        starts = torch.randint(0, len(ids) - 65, (16,))
+        x = torch.stack([ids[s:s + 65] for s in starts])
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(False)
+    save_native(LoadedModel(model, stories.tokenizer, "alpaca", [], "tiny"), root / "tiny")
+    f32 = export_gguf(load_model(root / "tiny"), root / "export", "f32")
+    tokens = stories.tokenizer.encode(TEXT[300_000:300_400])[:60]
+    return root, f32, tokens
+
+
+@pytest.mark.parametrize("ftype", list(FTYPES))
+def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype):
+    root, f32, tokens = trained_tiny
+    path = root / f"llama-{ftype}.gguf"
+    llama_quantize(f32, path, ftype)
+    lm = load_model(path)
+    ours = lm.model(torch.tensor([tokens]))[0].numpy()
+    assert_agree(ours, llama_cpp_logits(path, tokens))
+    kinds = {type(m) for m in lm.model.modules()}
+    if ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
+        assert Int4Linear in kinds and GGMLEmbedding in kinds
+    elif ftype != "F16":
+        assert Int8Linear in kinds and Int4Linear not in kinds
+
+
+def test_float_gguf_is_exact(trained_tiny):
+    root, f32, tokens = trained_tiny
+    ours = load_model(f32).model(torch.tensor([tokens]))[0].numpy()
+    native = load_model(root / "tiny").model(torch.tensor([tokens]))[0].numpy()
+    np.testing.assert_allclose(ours, native, atol=1e-5)
+    np.testing.assert_allclose(ours, llama_cpp_logits(f32, tokens), atol=2e-2)
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0", "q4_k_m"])
+def test_exports_run_in_llama_cpp(trained_tiny, quant):
+    root, f32, tokens = trained_tiny
+    path = export_gguf(load_model(root / "tiny"), root / "export", quant)
+    assert_agree(load_model(path).model(torch.tensor([tokens]))[0].numpy(), llama_cpp_logits(path, tokens))
+    types = {name: t.type for name, t in read_gguf(path).tensors.items()}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    if quant != "f16":  # the same type for every tensor as llama-quantize picks (Q4_K_M: a Q4_K/Q6_K mix)
+        llama_quantize(f32, root / "reference.gguf", {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}[quant])
+        assert types == {name: t.type for name, t in read_gguf(root / "reference.gguf").tensors.items()}
+    card = (root / "export" / "README.md").read_text()
+    assert path.name in card and "llama-cli" in card
+    modelfile = (root / "export" / "Modelfile").read_text()
+    assert f"FROM ./{path.name}" in modelfile and "### Instruction" in modelfile
+
+
+def test_export_carries_tokenizer_template_and_stop_tokens(trained_tiny):
+    root, f32, _ = trained_tiny
+    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=128, verbose=False, vocab_only=True)
+    tok = load_model(root / "tiny").tokenizer
+    for text in ("Hello world", " ROMEO: What, ho!\nJULIET:  spaces  and 123", "émigré café"):
+        assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(text)
+    assert llm.token_eos() == tok.eos_ids[0] and llm.token_bos() == tok.bos_id
+    assert "### Response:" in llm.metadata["tokenizer.chat_template"]
+
+
+def test_gpt2_round_trip(tmp_path):
+    """A GPT-2 with the real GPT-2 byte-level BPE: camelid -> GGUF -> llama.cpp, logits and tokens."""
+    tok = load_tokenizer_file(SHARED / "tokenizers" / "gpt2_tokenizer.json")
+    cfg = ModelConfig(arch="gpt2", vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
+                      max_seq_len=64, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
+                      positions="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.tie_weights()
+    lm = LoadedModel(model.eval().requires_grad_(False), tok, "raw", [], "gpt2-tiny")
+    path = export_gguf(lm, tmp_path, "f32")
+    text = "The quick brown fox's 1234 jumps,  over\nthe lazy dog."
+    tokens = tok.encode(text)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    assert llm.tokenize(text.encode(), add_bos=False) == tokens
+    ours = load_model(path).model(torch.tensor([tokens]))[0].numpy()
+    np.testing.assert_allclose(ours, model(torch.tensor([tokens]))[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours, llama_cpp_logits(path, tokens), atol=2e-2)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_groups_are_ggml_dequantization(ggml_type):
+    w = np.random.RandomState(0).randn(32, 512).astype(np.float32)
+    raw = quantize(w, ggml_type) if ggml_type == "Q4_K" else quantize(w, ggml_type)
+    q, scales, zeros = int4_groups(raw, ggml_type)
+    ours = ((q.float() - 8).view(32, -1, 32) * scales[..., None] + zeros[..., None]).view(32, 512)
+    torch.testing.assert_close(ours, dequantize(raw, ggml_type, (32, 512)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ggml_type,rel_error", [("Q4_K", 0.12), ("Q6_K", 0.03)])
+def test_k_quant_encoders(ggml_type, rel_error):
+    w = np.random.RandomState(1).randn(16, 1024).astype(np.float32) * np.linspace(0.1, 3, 1024)
+    back = dequantize(quantize(w, ggml_type), ggml_type, w.shape).numpy()
+    err = np.sqrt(((back - w) ** 2).mean() / (w ** 2).mean())
+    assert err < rel_error, err
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def _camelid(*args):
+    return subprocess.run([sys.executable, "-m", "camelid", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _patched(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    data = src.read_bytes()
+    assert data.count(old) >= 1
+    dst.write_bytes(data.replace(old, new, 1))
+    return dst
+
+
+def test_bad_gguf_files_are_one_line_errors(trained_tiny, tmp_path):
+    root, f32, _ = trained_tiny
+    data = f32.read_bytes()
+    cases = {
+        "truncated": (data[:len(data) // 2], "points outside the file"),
+        "header cut": (data[:300], "truncated"),
+        "magic": (b"GGUX" + data[4:], "no GGUF magic"),
+        "version": (data[:4] + struct.pack("<I", 7) + data[8:], "GGUF version 7 is not supported"),
+        "empty": (b"", "cannot be read"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.gguf"
+        path.write_bytes(content)
+        r = _camelid("generate", path, "--max-new-tokens", "2", "hi")
+        assert r.returncode == 1, name
+        assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+            (name, r.stderr)
+
+    # a tensor type camelid does not read (IQ2_XXS = 16): named with the tensor
+    info = data.index(b"blk.0.attn_q.weight")
+    type_at = info + len(b"blk.0.attn_q.weight") + 4 + 2 * 8
+    bad = bytearray(data)
+    bad[type_at:type_at + 4] = struct.pack("<I", 16)
+    (tmp_path / "type.gguf").write_bytes(bytes(bad))
+    with pytest.raises(CamelidError, match="'blk.0.attn_q.weight' has ggml type 16"):
+        load_model(tmp_path / "type.gguf")
+    # metadata of the wrong type
+    key = b"llama.block_count"
+    at = data.index(key) + len(key)
+    bad = bytearray(data)
+    assert struct.unpack_from("<I", bad, at)[0] == 4  # UINT32
+    bad[at:at + 4] = struct.pack("<I", 6)  # now FLOAT32
+    (tmp_path / "meta.gguf").write_bytes(bytes(bad))
+    with pytest.raises(CamelidError, match="'llama.block_count' should be int"):
+        load_model(tmp_path / "meta.gguf")
+    # an offset beyond the end of the file
+    bad = bytearray(data)
+    off_at = type_at + 4
+    bad[off_at:off_at + 8] = struct.pack("<Q", 1 << 40)
+    (tmp_path / "offset.gguf").write_bytes(bytes(bad))
+    with pytest.raises(CamelidError, match="points outside the file"):
+        load_model(tmp_path / "offset.gguf")
+
+
+def test_export_refuses_bad_requests(trained_tiny, tmp_path):
+    root, _, _ = trained_tiny
+    r = _camelid("export", root / "tiny", tmp_path / "out", "--gguf", "--quant", "q3_k")
+    assert r.returncode == 1 and "--quant 'q3_k'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def small_gguf(trained_tiny, tmp_path_factory):
+    root, _, _ = trained_tiny
+    return export_gguf(load_model(root / "tiny"), tmp_path_factory.mktemp("fuzz"), "q4_0").read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_gguf_is_read_or_refused_cleanly(small_gguf, tmp_path, data):
+    """Corrupt bytes anywhere (header, tensor index, data) or cut the file: the reader and the model loader
+    either work or raise CamelidError, never another exception or a crash."""
+    raw = bytearray(small_gguf)
+    header_end = min(len(raw), 6000)  # most mutations land where the structure is
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, header_end - 1) | st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    path = tmp_path / "fuzz.gguf"
+    path.write_bytes(bytes(raw))
+    try:
+        read_gguf(path)
+        load_model(path)
+    except CamelidError:
+        pass
