@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import llama_cpp  # a test dependency only: llama.cpp itself, the reference
 import numpy as np
 import pytest
@@ -19,11 +20,12 @@ from hypothesis import strategies as st
 from camelid.errors import CamelidError
 from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize
 from camelid.formats.gguf_export import export_gguf
-from camelid.formats.gguf_file import read_gguf
+from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
 from camelid.formats.load import LoadedModel, load_model, save_native
 from camelid.model.config import ModelConfig
 from camelid.model.quant import GGMLEmbedding, Int4Linear, Int8Linear
 from camelid.model.transformer import Transformer
+from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.tokenizer import load_tokenizer_file
 from conftest import REPO, SHARED
 
@@ -262,3 +264,22 @@ def test_fuzzed_gguf_is_read_or_refused_cleanly(small_gguf, tmp_path, data):
         load_model(path)
     except CamelidError:
         pass
+
+
+def test_well_formed_file_with_wrong_metadata_types(tmp_path):
+    for key, value, message in (("tokenizer.ggml.tokens", [1, 2, 3], "should be array of str"),
+                                ("tokenizer.ggml.bos_token_id", "one", "should be int"),
+                                ("tokenizer.ggml.bos_token_id", 99, "is not one of the 3 tokens")):
+        w = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+        w.add_tokenizer_model("llama")
+        if key != "tokenizer.ggml.tokens":
+            w.add_token_list(["<unk>", "<s>", "</s>"])
+        w.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str) else
+                        gguf.GGUFValueType.ARRAY if isinstance(value, list) else gguf.GGUFValueType.UINT32)
+        w.add_tensor("token_embd.weight", np.zeros((3, 32), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(CamelidError, match=message):
+            gguf_tokenizer(read_gguf_metadata(tmp_path / "m.gguf"), "m.gguf")

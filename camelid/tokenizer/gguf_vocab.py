@@ -17,11 +17,45 @@ PRE_TOKENIZER_REGEX = {"default": None, "gpt-2": None, "gpt2": None, "llama-bpe"
                        "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
 
 
+_KEY_TYPES = {"tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
+              "tokenizer.ggml.tokens": [str], "tokenizer.ggml.merges": [str], "tokenizer.ggml.scores": [float],
+              "tokenizer.ggml.token_type": [int], "tokenizer.ggml.bos_token_id": int,
+              "tokenizer.ggml.eos_token_id": int, "tokenizer.ggml.eot_token_id": int,
+              "tokenizer.ggml.eom_token_id": int, "tokenizer.ggml.unknown_token_id": int,
+              "tokenizer.ggml.add_bos_token": bool, "tokenizer.ggml.add_space_prefix": bool}
+
+
+def _check_types(meta: dict, source: str):
+    def ok(value, kind):
+        if kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+    for key, kind in _KEY_TYPES.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        good = isinstance(value, list) and all(ok(v, kind[0]) for v in value) if isinstance(kind, list) \
+            else ok(value, kind)
+        if not good:
+            name = f"array of {kind[0].__name__}" if isinstance(kind, list) else kind.__name__
+            raise CamelidError(f"{source}: metadata key {key!r} should be {name}")
+    n = len(meta.get("tokenizer.ggml.tokens") or [])
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in meta and len(meta[key]) != n:
+            raise CamelidError(f"{source}: {key} has {len(meta[key])} entries for {n} tokens")
+    for key in ("bos", "eos", "eot", "eom", "unknown"):
+        tid = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if tid is not None and not 0 <= tid < n:
+            raise CamelidError(f"{source}: tokenizer.ggml.{key}_token_id={tid} is not one of the {n} tokens")
+
+
 def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
         raise CamelidError(f"{source}: no tokenizer in the metadata (tokenizer.ggml.model/tokens)")
+    _check_types(meta, source)
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
