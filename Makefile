@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $@
 
 # The web page test drives Debian's chromium (Playwright never downloads a browser here).
+# llama-cpp-python (the reference the GGUF tests compare against) compiles llama.cpp once, CPU only and
+# without the parts the tests do not use; pip's wheel cache keeps the build.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e '.[dev]'
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium could not be installed: the web page test will be skipped"
