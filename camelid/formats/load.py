@@ -18,7 +18,7 @@ from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.tensors import load_safetensors, save_safetensors
 from camelid.model.config import ModelConfig
-from camelid.model.quant import QUANTIZED, GGMLEmbedding, quantized_shells
+from camelid.model.quant import QUANTIZED, GGMLEmbedding, Int4Linear, quantized_shells
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
@@ -94,6 +94,9 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     model.tie_weights()
     if isinstance(model.tok_embeddings, GGMLEmbedding):
         model.tok_embeddings.out_dtype = dtype
+    for module in model.modules():  # repack int4 weights for the CPU kernel now, not on the first token
+        if isinstance(module, Int4Linear) and torch.device(device).type == "cpu":
+            module.kernel_weight()
     if cfg.positions == "rope":
         model.inv_freq = rope_frequencies(cfg).to(device)
     return model.eval().requires_grad_(False)

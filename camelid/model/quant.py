@@ -47,6 +47,36 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack(((packed >> 4) & 15, packed & 15), dim=-1).reshape(packed.shape[0], -1)
 
 
+def pack_for_cpu_kernel(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) values 0..15 -> the tiled layout `_weight_int4pack_mm_for_cpu` reads, byte for byte what
+    `_convert_weight_to_int4pack_for_cpu` makes, but from uint8 (that op wants int32: 8x the bytes and
+    several seconds for a 1B model). Each block of rows stores, per input, row j and row j + block/2 in one
+    byte; the block size depends on the CPU's vector width, so it is found once by probing torch's own packer."""
+    N, K = q.shape
+    block = _kernel_block()
+    if block is None or N % block:
+        return torch._convert_weight_to_int4pack_for_cpu(q.int(), 2)
+    qb = q.to(torch.uint8).view(N // block, 2, block // 2, K)
+    return (qb[:, 0] | (qb[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+
+
+_KERNEL_BLOCK: list[int | None] = []
+
+
+def _kernel_block() -> int | None:
+    if not _KERNEL_BLOCK:
+        probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        want = torch._convert_weight_to_int4pack_for_cpu(probe, 2)
+        found = None
+        for block in (64, 32, 16):
+            qb = probe.to(torch.uint8).view(128 // block, 2, block // 2, 64)
+            if torch.equal((qb[:, 0] | (qb[:, 1] << 4)).transpose(1, 2).reshape(128, 32), want):
+                found = block
+                break
+        _KERNEL_BLOCK.append(found)
+    return _KERNEL_BLOCK[0]
+
+
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:
     """The CPU kernel wants whole groups along the input and output channels in multiples of 16."""
     return in_features % group == 0 and out_features % 16 == 0 and in_features % 64 == 0
@@ -138,9 +168,9 @@ class Int4Linear(nn.Module):
         self.scales_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()
         self.cpu_layout = False
 
-    def _kernel_weight(self) -> torch.Tensor:
+    def kernel_weight(self) -> torch.Tensor:
         if not self.cpu_layout:
-            self.weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 2)
+            self.weight = pack_for_cpu_kernel(unpack_int4(self.weight))
             self.cpu_layout = True
         return self.weight
 
@@ -168,7 +198,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu":
             xk = _kernel_input(x2)
-            y = torch._weight_int4pack_mm_for_cpu(xk, self._kernel_weight(), self.group,
+            y = torch._weight_int4pack_mm_for_cpu(xk, self.kernel_weight(), self.group,
                                                   _cached(self, "scales_zeros", xk.dtype)).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize().to(x2.dtype))
