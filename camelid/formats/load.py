@@ -94,9 +94,6 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     model.tie_weights()
     if isinstance(model.tok_embeddings, GGMLEmbedding):
         model.tok_embeddings.out_dtype = dtype
-    for module in model.modules():  # repack int4 weights for the CPU kernel now, not on the first token
-        if isinstance(module, Int4Linear) and torch.device(device).type == "cpu":
-            module.kernel_weight()
     if cfg.positions == "rope":
         model.inv_freq = rope_frequencies(cfg).to(device)
     return model.eval().requires_grad_(False)
@@ -107,6 +104,17 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    lm = _load(path, dev, dt, tokenizer_path)
+    # Repack int4 weights for the CPU kernel now rather than on the first token; here, once the loaders'
+    # tensor dicts are gone, so the on-disk layout is freed layer by layer instead of living beside the copy.
+    if dev.type == "cpu":
+        for module in lm.model.modules():
+            if isinstance(module, Int4Linear):
+                module.kernel_weight()
+    return lm
+
+
+def _load(path: Path, dev, dt, tokenizer_path) -> LoadedModel:
     if not path.exists():
         raise CamelidError(f"{path}: no such file or directory")
     if path.is_dir() and (path / "camelid.json").exists():
