@@ -100,6 +100,22 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype):
         assert Int8Linear in kinds and Int4Linear not in kinds
 
 
+def test_cli_runs_a_gguf_file(trained_tiny):
+    root, f32, _ = trained_tiny
+    path = root / "cli-Q4_0.gguf"
+    llama_quantize(f32, path, "Q4_0")
+    r = _camelid("generate", path, "--temperature", "0", "--max-new-tokens", "8", "ROMEO:")
+    assert r.returncode == 0, r.stderr
+    lm = load_model(path)
+    ids = lm.tokenizer.encode("ROMEO:")
+    with torch.inference_mode():
+        for _ in range(8):
+            ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
+    assert lm.tokenizer.decode(ids[-8:]).strip() in r.stdout
+    info = _camelid("info", path)
+    assert info.returncode == 0 and "layers         2, dim 256" in info.stdout
+
+
 def test_float_gguf_is_exact(trained_tiny):
     root, f32, tokens = trained_tiny
     ours = load_model(f32).model(torch.tensor([tokens]))[0].numpy()
@@ -160,7 +176,7 @@ def test_gpt2_round_trip(tmp_path):
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K"])
 def test_int4_groups_are_ggml_dequantization(ggml_type):
     w = np.random.RandomState(0).randn(32, 512).astype(np.float32)
-    raw = quantize(w, ggml_type) if ggml_type == "Q4_K" else quantize(w, ggml_type)
+    raw = quantize(w, ggml_type)
     q, scales, zeros = int4_groups(raw, ggml_type)
     ours = ((q.float() - 8).view(32, -1, 32) * scales[..., None] + zeros[..., None]).view(32, 512)
     torch.testing.assert_close(ours, dequantize(raw, ggml_type, (32, 512)), rtol=0, atol=1e-5)

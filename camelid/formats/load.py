@@ -132,8 +132,11 @@ def _load(path: Path, dev, dt, tokenizer_path) -> LoadedModel:
 def _is_gguf(path: Path) -> bool:
     if path.suffix == ".gguf":
         return True
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _load_native(folder: Path, device, dtype) -> LoadedModel:
