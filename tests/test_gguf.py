@@ -96,6 +96,9 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype):
     kinds = {type(m) for m in lm.model.modules()}
     if ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
         assert Int4Linear in kinds and GGMLEmbedding in kinds
+        save_native(lm, root / f"native-{ftype}")  # and saved as a camelid folder, the same model
+        again = load_model(root / f"native-{ftype}").model(torch.tensor([tokens]))[0].numpy()
+        np.testing.assert_array_equal(again, ours)
     elif ftype != "F16":
         assert Int8Linear in kinds and Int4Linear not in kinds
 

@@ -21,7 +21,7 @@ from camelid.errors import CamelidError
 from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
 from camelid.model.config import ModelConfig
-from camelid.model.quant import int4_fits, pack_int4, quantize_int8
+from camelid.model.quant import int4_fits, kernel_block, pack_for_cpu_kernel, pack_int4, quantize_int8, unpack_int4
 from camelid.model.transformer import Transformer
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -106,7 +106,10 @@ def _global_parts(cfg: ModelConfig, gf: GGUFFile) -> dict[str, list[tuple[str, i
     return parts
 
 
-def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
+                         cpu_kernel: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """camelid's tensors, and the int4 layers among them already in the CPU kernel's layout (`cpu_kernel`:
+    packed straight from the file's blocks, skipping the portable layout a camelid folder stores)."""
     parts = _global_parts(cfg, gf)
     for i in range(cfg.n_layers):
         parts.update(_layer_parts(cfg, i))
@@ -127,17 +130,18 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> 
         if ours == "tok_embeddings.weight":
             sd.update(_embedding(found[0][0], dtype))
             if cfg.tie_embeddings and "tok_embeddings.blocks" in sd:  # the output layer needs its own copy
-                sd.update({f"output.{k}": v for k, v in _linear(found, dtype).items()})
+                sd.update({f"output.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
         elif len(found[0][0].shape) == 1:
             sd[ours] = dequantize(found[0][0].data, found[0][0].type, found[0][0].shape).to(dtype)
         else:
-            sd.update({f"{base}.{k}": v for k, v in _linear(found, dtype).items()})
+            sd.update({f"{base}.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
         for t, _ in found:
             gf.release(t)
     extra = sorted(set(gf.tensors) - used - {"rope_freqs.weight"})
     if extra:
         raise CamelidError(f"{gf.path}: tensor {extra[0]!r} is not part of a {cfg.arch} model camelid runs")
-    return sd
+    packed = {k.rsplit(".", 1)[0] for k in sd if k.endswith("scales_zeros")} if cpu_kernel else set()
+    return sd, packed
 
 
 def _check_shapes(gf: GGUFFile, found, want: tuple[int, ...] | None):
@@ -157,18 +161,32 @@ def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:
             "tok_embeddings.ggml_type": torch.tensor(GGML_TYPE_IDS[t.type], dtype=torch.int32)}
 
 
-def _linear(found: list[tuple[GGUFTensor, int | None]], dtype) -> dict[str, torch.Tensor]:
-    """The parts of one camelid matmul weight -> its tensors: float `weight`, int4 `weight` + `scales_zeros`,
-    or int8 `weight` + `scales`."""
+def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool) -> dict[str, torch.Tensor]:
+    """The parts of one camelid matmul weight -> its tensors: float `weight`, int4 `weight` + `scales_zeros`
+    (in the CPU kernel's layout when `cpu_kernel`), or int8 `weight` + `scales`. One part at a time, and
+    int8 in slices of rows, so converting never holds more than a slice of float weights."""
     raws = [(_unpermute(t.data, heads) if heads else t.data, t) for t, heads in found]
-    types = {t.type for t in (p for p, _ in found)}
+    types = {t.type for t, _ in found}
     n = sum(t.shape[0] for t, _ in found)
     k = found[0][0].shape[-1]
     if types <= set(FLOAT_TYPES):
         return {"weight": torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]).to(dtype)}
     if len(types) == 1 and types <= set(INT4_TYPES) and int4_fits(n, k, 32):
-        q, scales, zeros = (torch.cat(x) for x in zip(*(int4_groups(raw, t.type) for raw, t in raws)))
-        sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
-        return {"weight": pack_int4(q), "scales_zeros": sz}
-    w, scales = quantize_int8(torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]))
-    return {"weight": w, "scales": scales.to(dtype)}
+        groups = [int4_groups(raw, t.type) for raw, t in raws]
+        sz = torch.cat([torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16) for _, s, z in groups], dim=1)
+        block = kernel_block()
+        if cpu_kernel and block and all(t.shape[0] % block == 0 for t, _ in found):
+            # the kernel's layout is made of independent blocks of rows: parts pack on their own
+            weight = torch.cat([pack_for_cpu_kernel(q) for q, _, _ in groups])
+        else:
+            weight = pack_int4(torch.cat([q for q, _, _ in groups]))
+            if cpu_kernel:
+                weight = pack_for_cpu_kernel(unpack_int4(weight))
+        return {"weight": weight, "scales_zeros": sz.contiguous()}
+    weight, scales, row = torch.empty(n, k, dtype=torch.int8), torch.empty(n), 0
+    for raw, t in raws:
+        for start in range(0, raw.shape[0], 1024):
+            w8, s8 = quantize_int8(dequantize(raw[start:start + 1024], t.type, (-1, k)))
+            weight[row:row + len(w8)], scales[row:row + len(w8)] = w8, s8
+            row += len(w8)
+    return {"weight": weight, "scales": scales.to(dtype)}

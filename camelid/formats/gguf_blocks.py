@@ -8,6 +8,8 @@ it cannot, so Q4_K and Q6_K are encoded here, with llama.cpp's block layouts and
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
@@ -16,47 +18,46 @@ INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 QK_K = 256
 
 
-def _f16(raw: np.ndarray, at: int) -> np.ndarray:
-    return raw[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    return b[..., at:at + 2].contiguous().view(torch.float16).float()
 
 
 def int4_groups(raw: np.ndarray, ggml_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of Q4_0/Q4_1/Q4_K blocks (N, row bytes) -> q (N, K) uint8 0..15, scales and zeros (N, K/32)."""
     n = raw.shape[0]
+    with warnings.catch_warnings():  # a read-only view of the file: nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(raw)
     if ggml_type == "Q4_0":
-        b = raw.reshape(n, -1, 18)
+        b = data.view(n, -1, 18)
         d = _f16(b, 0)
         qs = b[..., 2:]
-        q = np.concatenate((qs & 15, qs >> 4), axis=-1)  # low nibbles hold elements 0-15, high ones 16-31
-        scales, zeros = d, np.zeros_like(d)
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # low nibbles hold elements 0-15, high ones 16-31
+        scales, zeros = d, torch.zeros_like(d)
     elif ggml_type == "Q4_1":
-        b = raw.reshape(n, -1, 20)
+        b = data.view(n, -1, 20)
         d, m = _f16(b, 0), _f16(b, 2)
         qs = b[..., 4:]
-        q = np.concatenate((qs & 15, qs >> 4), axis=-1)
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)
         scales, zeros = d, m + 8 * d
     elif ggml_type == "Q4_K":
-        b = raw.reshape(n, -1, 144)
-        d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]
+        b = data.view(n, -1, 144)
+        d, dmin = _f16(b, 0), _f16(b, 2)
         sc, mn = _k4_scales_mins(b[..., 4:16])
         qs = b[..., 16:].reshape(n, -1, 4, 32)  # four chunks of 64 values: 32 low nibbles, then 32 high
-        q = np.stack((qs & 15, qs >> 4), axis=3).reshape(n, -1, 8, 32)
+        q = torch.stack((qs & 15, qs >> 4), dim=3)
         scales = d * sc
         zeros = 8 * scales - dmin * mn
     else:
         raise ValueError(f"{ggml_type} is not a 4-bit type")
-    K = q.size // n
-    return (torch.from_numpy(np.ascontiguousarray(q).reshape(n, K)),
-            torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(n, K // 32)),
-            torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32).reshape(n, K // 32)))
+    return q.reshape(n, -1), scales.reshape(n, -1), zeros.reshape(n, -1)
 
 
-def _k4_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _k4_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The eight 6-bit scales and mins of a Q4_K/Q5_K super-block, unpacked from their 12 bytes."""
-    s = s.astype(np.uint8)
-    sc = np.concatenate((s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)), axis=-1)
-    mn = np.concatenate((s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)), axis=-1)
-    return sc.astype(np.float32), mn.astype(np.float32)
+    sc = torch.cat((s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)), dim=-1)
+    mn = torch.cat((s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)), dim=-1)
+    return sc.float(), mn.float()
 
 
 def dequantize(raw: np.ndarray, ggml_type: str, shape: tuple[int, ...]) -> torch.Tensor:

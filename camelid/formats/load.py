@@ -172,7 +172,12 @@ def _load_gguf(path: Path, device, dtype) -> LoadedModel:
     tok = gguf_tokenizer(gf.metadata, str(path))
     if tok.vocab_size > cfg.vocab_size:
         raise CamelidError(f"{path}: the tokenizer has {tok.vocab_size} tokens, token_embd only {cfg.vocab_size}")
-    model = build_model(cfg, gguf.state_dict_from_gguf(gf, cfg, dtype), str(path), device, dtype)
+    sd, packed = gguf.state_dict_from_gguf(gf, cfg, dtype, cpu_kernel=torch.device(device).type == "cpu")
+    model = build_model(cfg, sd, str(path), device, dtype)
+    del sd
+    modules = dict(model.named_modules())
+    for name in packed:
+        modules[name].cpu_layout = True
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
 
 

@@ -53,7 +53,7 @@ def pack_for_cpu_kernel(q: torch.Tensor) -> torch.Tensor:
     several seconds for a 1B model). Each block of rows stores, per input, row j and row j + block/2 in one
     byte; the block size depends on the CPU's vector width, so it is found once by probing torch's own packer."""
     N, K = q.shape
-    block = _kernel_block()
+    block = kernel_block()
     if block is None or N % block:
         return torch._convert_weight_to_int4pack_for_cpu(q.int(), 2)
     qb = q.to(torch.uint8).view(N // block, 2, block // 2, K)
@@ -63,7 +63,7 @@ def pack_for_cpu_kernel(q: torch.Tensor) -> torch.Tensor:
 _KERNEL_BLOCK: list[int | None] = []
 
 
-def _kernel_block() -> int | None:
+def kernel_block() -> int | None:
     if not _KERNEL_BLOCK:
         probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
         want = torch._convert_weight_to_int4pack_for_cpu(probe, 2)
