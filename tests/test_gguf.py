@@ -23,7 +23,8 @@ from camelid.formats.gguf_export import export_gguf
 from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
 from camelid.formats.load import LoadedModel, load_model, save_native
 from camelid.model.config import ModelConfig
-from camelid.model.quant import GGMLEmbedding, Int4Linear, Int8Linear
+from camelid.model import ggml_kernel
+from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.tokenizer import load_tokenizer_file
@@ -85,22 +86,51 @@ def trained_tiny(tmp_path_factory):
     return root, f32, tokens
 
 
+@pytest.fixture(params=["c-kernel", "torch-kernels"])
+def kernels(request, monkeypatch):
+    """Both ways camelid runs Q4_0/Q8_0: its C kernel on the file's blocks, and PyTorch's int4/int8 kernels."""
+    if request.param == "c-kernel" and not ggml_kernel.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    if request.param == "torch-kernels":
+        monkeypatch.setattr(ggml_kernel, "_lib", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("ftype", list(FTYPES))
-def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype):
+def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kernels):
     root, f32, tokens = trained_tiny
     path = root / f"llama-{ftype}.gguf"
-    llama_quantize(f32, path, ftype)
+    if not path.exists():
+        llama_quantize(f32, path, ftype)
     lm = load_model(path)
     ours = lm.model(torch.tensor([tokens]))[0].numpy()
     assert_agree(ours, llama_cpp_logits(path, tokens))
     kinds = {type(m) for m in lm.model.modules()}
-    if ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
-        assert Int4Linear in kinds and GGMLEmbedding in kinds
-        save_native(lm, root / f"native-{ftype}")  # and saved as a camelid folder, the same model
-        again = load_model(root / f"native-{ftype}").model(torch.tensor([tokens]))[0].numpy()
-        np.testing.assert_array_equal(again, ours)
+    if ftype in ("Q4_0", "Q8_0") and kernels == "c-kernel":  # the file's own blocks
+        assert GGMLLinear in kinds
+    elif ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
+        assert Int4Linear in kinds and GGMLEmbedding in kinds and GGMLLinear not in kinds
     elif ftype != "F16":
-        assert Int8Linear in kinds and Int4Linear not in kinds
+        assert Int8Linear in kinds and Int4Linear not in kinds and GGMLLinear not in kinds
+    if ftype in ("Q4_0", "Q4_K_M"):  # saved as a camelid folder, it is the same model
+        save_native(lm, root / f"native-{ftype}-{kernels}")
+        again = load_model(root / f"native-{ftype}-{kernels}").model(torch.tensor([tokens]))[0].numpy()
+        np.testing.assert_array_equal(again, ours)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("rows,k", [(1, 512), (3, 2016), (19, 256)])
+def test_c_kernel_matches_dequantized_weights(ggml_type, rows, k):
+    """int8 activations (one scale per 32) times the file's blocks: within llama.cpp's own rounding."""
+    if not ggml_kernel.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    w = np.random.RandomState(2).randn(80, k).astype(np.float32)
+    raw = torch.from_numpy(quantize(w, ggml_type))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
+    ref = x @ dequantize(raw.numpy(), ggml_type, (80, k)).t()
+    y = ggml_kernel.matmul(ggml_type, raw, x, 80)
+    assert y.shape == (rows, 80)
+    assert ((y - ref).norm() / ref.norm()) < 0.01
 
 
 def test_cli_runs_a_gguf_file(trained_tiny):

@@ -2,6 +2,8 @@
 
 Weights map onto camelid's layers as directly as the kernels allow (README "GGUF"):
 - F32/F16/BF16 stay float (a zero-copy view when the dtype matches).
+- Q4_0 and Q8_0 stay in their blocks where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as
+  llama.cpp computes them); elsewhere they take the int4/int8 paths below.
 - Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
 - Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K and Q3_K become int8 per output channel (`_weight_int8pack_mm`): a
   re-quantization, within a fraction of the file's own rounding error.
@@ -20,6 +22,7 @@ import torch
 from camelid.errors import CamelidError
 from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
+from camelid.model import ggml_kernel
 from camelid.model.config import ModelConfig
 from camelid.model.quant import int4_fits, kernel_block, pack_for_cpu_kernel, pack_int4, quantize_int8, unpack_int4
 from camelid.model.transformer import Transformer
@@ -171,6 +174,10 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
     k = found[0][0].shape[-1]
     if types <= set(FLOAT_TYPES):
         return {"weight": torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]).to(dtype)}
+    if cpu_kernel and len(types) == 1 and types <= set(ggml_kernel.TYPES) and ggml_kernel.available():
+        rows = [torch.from_numpy(np.array(raw)) for raw, _ in raws]  # copied, so the file's pages can go
+        return {"blocks": torch.cat(rows) if len(rows) > 1 else rows[0],
+                "ggml_type": torch.tensor(GGML_TYPE_IDS[found[0][0].type], dtype=torch.int32)}
     if len(types) == 1 and types <= set(INT4_TYPES) and int4_fits(n, k, 32):
         groups = [int4_groups(raw, t.type) for raw, t in raws]
         sz = torch.cat([torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16) for _, s, z in groups], dim=1)

@@ -203,7 +203,7 @@ def plain_state_dict(lm: LoadedModel) -> dict:
     sd = _state_dict(lm.model)
     for name, module in lm.model.named_modules():
         if isinstance(module, QUANTIZED):
-            for key in ("scales", "scales_zeros"):
+            for key in ("scales", "scales_zeros", "blocks", "ggml_type"):
                 sd.pop(f"{name}.{key}", None)
             sd[f"{name}.weight"] = module.dequantize()
         elif isinstance(module, GGMLEmbedding):

@@ -232,7 +232,42 @@ class GGMLEmbedding(nn.Module):
         return out.view(*ids.shape, self.embedding_dim)
 
 
-QUANTIZED = (Int8Linear, Int4Linear)
+class GGMLLinear(nn.Module):
+    """A matmul weight kept in a GGUF file's own Q4_0 or Q8_0 blocks, run by camelid's C kernel
+    (ggml_gemv.c: int8 activations, AVX-512 VNNI), as llama.cpp runs it. Only built where that kernel is
+    available; elsewhere the same file loads into Int4Linear/Int8Linear. Other devices dequantize per call."""
+
+    def __init__(self, in_features: int, out_features: int, ggml_type: int, row_bytes: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("blocks", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
+        self.register_buffer("ggml_type", torch.tensor(ggml_type, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @property
+    def type_name(self) -> str:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(int(self.ggml_type)).name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from camelid.model import ggml_kernel
+
+        x2 = x.reshape(-1, self.in_features)
+        y = ggml_kernel.matmul(self.type_name, self.blocks, x2, self.out_features)
+        if y is None:
+            y = F.linear(x2, self.dequantize().to(device=x2.device, dtype=x2.dtype))
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, quants
+
+        values = quants.dequantize(self.blocks.cpu().numpy(), GGMLQuantizationType(int(self.ggml_type)))
+        return torch.from_numpy(values).to(self.blocks.device)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, GGMLLinear)
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -278,7 +313,10 @@ def quantized_shells(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
     for name, parent, attr in linear_layers(model):
         layer = getattr(parent, attr)
         bias = layer.bias is not None
-        if f"{name}.scales_zeros" in tensors:
+        if f"{name}.blocks" in tensors:
+            setattr(parent, attr, GGMLLinear(layer.in_features, layer.out_features, int(tensors[f"{name}.ggml_type"]),
+                                             tensors[f"{name}.blocks"].shape[1], bias))
+        elif f"{name}.scales_zeros" in tensors:
             groups = tensors[f"{name}.scales_zeros"].shape[0]
             setattr(parent, attr, Int4Linear(layer.in_features, layer.out_features, layer.in_features // groups,
                                              bias))

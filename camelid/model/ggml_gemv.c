@@ -1,0 +1,176 @@
+// Matrix-vector products straight on GGUF's Q4_0 and Q8_0 blocks, for CPU decode.
+//
+// As llama.cpp does it: the few activation rows are rounded to int8 in blocks of 32 (one float scale per
+// block), and each weight block meets them in integer dot products (AVX-512 VNNI `vpdpbusd`: unsigned
+// bytes times signed bytes, four at a time into int32), with one float multiply-add per block. The
+// weights are read once per call whatever the number of rows, in their file layout, so nothing is
+// repacked or expanded.
+//
+// vpdpbusd wants unsigned weights: Q4_0's nibbles q (0..15) are used as they are and Q8_0's signed values
+// are flipped to q + 128; the offset (8 or 128) times the activations' sum is taken back out per block.
+//
+// Built by camelid at first use for the machine it runs on (camelid/model/ggml_kernel.py); without
+// AVX-512 VNNI camelid keeps to PyTorch's kernels.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+#define MAX_ROWS 8
+
+typedef struct {
+    int8_t q[QK];
+} act_block;
+
+// x (m, k) float -> per block: int8 values, scale, and the 8 int32 lanes of offset * sum (for vpdpbusd).
+static void quantize_activations(const float *x, int64_t k, int64_t m, int8_t *q, float *d, __m256i *bias,
+                                 int offset) {
+    const int64_t nb = k / QK;
+    const __m256i off = _mm256_set1_epi8((char)offset);
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + r * k + b * QK;
+            float amax = 0.0f;
+            for (int j = 0; j < QK; j++) {
+                float a = xb[j] < 0 ? -xb[j] : xb[j];
+                amax = a > amax ? a : amax;
+            }
+            const float scale = amax / 127.0f;
+            const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+            int8_t *qb = q + r * k + b * QK;
+            for (int j = 0; j < QK; j++) {
+                float v = xb[j] * inv;
+                qb[j] = (int8_t)(v >= 0 ? (int)(v + 0.5f) : -(int)(-v + 0.5f));
+            }
+            d[r * nb + b] = scale;
+            const __m256i a = _mm256_loadu_si256((const __m256i *)qb);
+            bias[r * nb + b] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), off, a);
+        }
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+// Q4_0 block: f16 d, then 16 bytes: element j in the low nibble of byte j, element j + 16 in its high
+// nibble. Two blocks at a time make one 512-bit vector of 64 values: [lo0, hi0, lo1, hi1].
+static inline __m512i q4_0_pair(const uint8_t *blk, int64_t stride) {
+    const __m256i q0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
+    const __m256i q1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + stride + 2)));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+    const __m512i shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);  // high nibbles in the 2nd and 4th lanes
+    return _mm512_and_si512(_mm512_srlv_epi64(both, shift), _mm512_set1_epi8(15));
+}
+
+static inline __m512i q8_0_pair(const uint8_t *blk, int64_t stride) {
+    const __m256i q0 = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    const __m256i q1 = _mm256_loadu_si256((const __m256i *)(blk + stride + 2));
+    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8((char)0x80));
+}
+
+static inline __m256i q4_0_one(const uint8_t *blk) {
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 2));
+    const __m128i m4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+}
+
+static inline __m256i q8_0_one(const uint8_t *blk) {
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)), _mm256_set1_epi8((char)0x80));
+}
+
+// One output row against M activation rows. Always inlined with M a constant (see ROWS below), so the
+// accumulators live in registers; two per row, so consecutive block pairs do not wait on each other.
+static inline __attribute__((always_inline)) void gemv_row(
+        const uint8_t *row, int64_t bb, int is_q4, int64_t nb, int64_t k, const int8_t *xq, const float *xd,
+        const __m256i *bias, const __m512 *xdv, float *y, int64_t n_out, const int M) {
+    __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 3 < nb; b += 4) {
+        for (int half = 0; half < 2; half++) {
+            const int64_t bh = b + 2 * half;
+            const uint8_t *blk = row + bh * bb;
+            const __m512i v = is_q4 ? q4_0_pair(blk, bb) : q8_0_pair(blk, bb);
+            const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(f16(blk)), _mm256_set1_ps(f16(blk + bb)), 1);
+            for (int r = 0; r < M; r++) {
+                const __m512i a = _mm512_loadu_si512((const void *)(xq + r * k + bh * QK));
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, a);
+                dot = _mm512_sub_epi32(dot, _mm512_loadu_si512((const void *)(bias + r * nb + bh)));
+                const __m512 sc = _mm512_mul_ps(dw, xdv[r * (nb / 2) + bh / 2]);
+                if (half == 0) acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc0[r]);
+                else acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < M; r++) {
+        float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+        for (int64_t t = b; t < nb; t++) {
+            const uint8_t *blk = row + t * bb;
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * k + t * QK));
+            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), is_q4 ? q4_0_one(blk) : q8_0_one(blk), a);
+            dot = _mm256_sub_epi32(dot, bias[r * nb + t]);
+            total += hsum(_mm256_cvtepi32_ps(dot)) * f16(blk) * xd[r * nb + t];
+        }
+        y[r * n_out] = total;
+    }
+}
+
+#define ROWS(M)                                                                                                \
+    case M:                                                                                                    \
+        for (int64_t n = n0; n < n1; n++)                                                                      \
+            gemv_row(w + n * row_bytes, bb, is_q4, nb, k, tq, td, tb, tv, ty + n, n_out, M);                 \
+        break;
+
+// y (m, n_out) = x (m, k) @ w.T, w being n_out rows of k/32 blocks of `type` (2: Q4_0, 8: Q8_0). Each
+// thread takes 16 weight rows at a time and runs every activation row past them (8 at a time) while they
+// are in its cache, so the weights come from memory once however long the prompt.
+// Returns 0, or -1 for arguments it does not take (the caller then uses PyTorch).
+int ggml_matmul(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
+                int threads) {
+    if (k % QK || m < 1 || (type != 2 && type != 8)) return -1;
+    const int64_t nb = k / QK;
+    const int is_q4 = type == 2;
+    const int64_t bb = is_q4 ? 18 : 34, row_bytes = nb * bb;
+    int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
+    float *xd = malloc(sizeof(float) * m * nb);
+    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * m * nb);
+    __m512 *xdv = aligned_alloc(64, sizeof(__m512) * (m * (nb / 2) + 1));
+    if (!xq || !xd || !bias || !xdv) {
+        free(xq), free(xd), free(bias), free(xdv);
+        return -1;
+    }
+    quantize_activations(x, k, m, xq, xd, bias, is_q4 ? 8 : 128);
+    for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
+        for (int64_t p = 0; p < nb / 2; p++)
+            xdv[r * (nb / 2) + p] = _mm512_insertf32x8(_mm512_set1_ps(xd[r * nb + 2 * p]),
+                                                       _mm256_set1_ps(xd[r * nb + 2 * p + 1]), 1);
+    const int64_t chunk = 16;
+    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n_chunks; c++) {
+        const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
+        for (int64_t t = 0; t < m; t += MAX_ROWS) {
+            const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
+            const int8_t *tq = xq + t * k;
+            const float *td = xd + t * nb;
+            const __m256i *tb = bias + t * nb;
+            const __m512 *tv = xdv + t * (nb / 2);
+            float *ty = y + t * n_out;
+            switch (rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+        }
+    }
+    free(xq), free(xd), free(bias), free(xdv);
+    return 0;
+}
