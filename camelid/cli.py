@@ -295,7 +295,7 @@ def _load(args):
         from camelid.model.lora import merge_lora
 
         merge_lora(load_adapter(lm.model, args.adapter))  # merged: decoding then costs what the base costs
-    if lm.model.output.weight.device.type == "cpu" and not args.no_compile and lm.config.dim >= 512:
+    if lm.model.device.type == "cpu" and not args.no_compile and lm.config.dim >= 512:
         enable_fast_decode(True)  # small models are dominated by Python overhead, not weight reads
     return lm
 

@@ -22,7 +22,7 @@ def calibration_batches(lm: LoadedModel, files: list[str], samples: int, seq_len
         raise CamelidError(f"--calibration: {len(ids)} tokens, fewer than one window of {seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g).tolist()
-    tokens = torch.tensor([ids[s:s + seq_len] for s in starts], device=lm.model.output.weight.device)
+    tokens = torch.tensor([ids[s:s + seq_len] for s in starts], device=lm.model.device)
     return list(tokens.split(batch))
 
 

@@ -291,7 +291,7 @@ def test_export_refuses_bad_requests(trained_tiny, tmp_path):
 @pytest.fixture(scope="module")
 def small_gguf(trained_tiny, tmp_path_factory):
     root, _, _ = trained_tiny
-    return export_gguf(load_model(root / "tiny"), tmp_path_factory.mktemp("fuzz"), "q4_0").read_bytes()
+    return export_gguf(load_model(root / "tiny"), tmp_path_factory.mktemp("fuzz"), "q4_0")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -299,7 +299,7 @@ def small_gguf(trained_tiny, tmp_path_factory):
 def test_fuzzed_gguf_is_read_or_refused_cleanly(small_gguf, tmp_path, data):
     """Corrupt bytes anywhere (header, tensor index, data) or cut the file: the reader and the model loader
     either work or raise CamelidError, never another exception or a crash."""
-    raw = bytearray(small_gguf)
+    raw = bytearray(small_gguf.read_bytes())
     header_end = min(len(raw), 6000)  # most mutations land where the structure is
     for _ in range(data.draw(st.integers(1, 8))):
         pos = data.draw(st.integers(0, header_end - 1) | st.integers(0, len(raw) - 1))

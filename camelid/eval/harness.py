@@ -130,7 +130,7 @@ def evaluate(lm, settings: EvalSettings) -> tuple[dict, dict[str, list[dict]]]:
                                 for t, r in results.items()},
            "config": {"model": "camelid", "model_args": lm.source,
                       "model_num_parameters": sum(p.numel() for p in lm.model.parameters()),
-                      "model_dtype": str(lm.model.output.weight.dtype), "device": str(lm.model.output.weight.device),
+                      "model_dtype": str(lm.model.dtype), "device": str(lm.model.device),
                       "batch_tokens": settings.batch_tokens, "limit": settings.limit, "fewshot_seed": settings.seed,
                       "fewshot_sampler": settings.fewshot_sampler, "add_bos_token": settings.bos,
                       "max_length": lm.config.max_seq_len},

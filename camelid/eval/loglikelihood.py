@@ -94,7 +94,7 @@ def batch_layout(rows: list[tuple], device) -> tuple[torch.Tensor, tuple[torch.T
 @torch.inference_mode()
 def score_rows(model, rows: list[tuple], conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
     """(log-likelihood, is_greedy) of every continuation of every row, in one forward pass."""
-    device = model.output.weight.device
+    device = model.device
     tokens, layout = batch_layout(rows, device)
     want = torch.zeros(tokens.shape, dtype=torch.bool)
     for b, row in enumerate(rows):

@@ -41,7 +41,7 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[
 @torch.inference_mode()
 def continuation_logprobs(model, context: list[int], continuation: list[int]) -> torch.Tensor:
     """log p of each continuation token given everything before it (logits only where scored)."""
-    device = model.output.weight.device
+    device = model.device
     ids = torch.tensor([(context + continuation)[:-1]], device=device)
     at = torch.zeros_like(ids, dtype=torch.bool)
     at[0, -len(continuation):] = True

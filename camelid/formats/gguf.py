@@ -41,6 +41,8 @@ def _key(meta: dict, source: str, key: str, kind=int, default=None):
         isinstance(value, kind) and not isinstance(value, bool)
     if not ok:
         raise CamelidError(f"{source}: metadata key {key!r} should be {kind.__name__}, got {value!r}")
+    if kind is int and value <= 0:  # every integer the config reads is a size or a count
+        raise CamelidError(f"{source}: metadata key {key!r} should be a positive integer, got {value}")
     return kind(value)
 
 
@@ -53,17 +55,27 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raise CamelidError(f"{src}: tensor 'token_embd.weight' is missing")
     n_heads = _key(meta, src, f"{arch}.attention.head_count")
     dim = _key(meta, src, f"{arch}.embedding_length")
-    common = dict(dim=dim, n_layers=_key(meta, src, f"{arch}.block_count"), n_heads=n_heads,
-                  ffn_dim=_key(meta, src, f"{arch}.feed_forward_length"),
-                  max_seq_len=_key(meta, src, f"{arch}.context_length", default=2048),
-                  vocab_size=gf.tensors["token_embd.weight"].shape[0],
-                  tie_embeddings="output.weight" not in gf.tensors)
+    n_layers = _key(meta, src, f"{arch}.block_count")
+    ffn_dim = _key(meta, src, f"{arch}.feed_forward_length")
+    max_seq_len = _key(meta, src, f"{arch}.context_length", default=2048)
+    embd = gf.tensors["token_embd.weight"]
+    # sizes are checked against the tensors before anything is built from them
+    down = gf.tensors.get(f"blk.{n_layers - 1}.ffn_down.weight")
+    if embd.shape[-1] != dim or n_heads > dim or down is None or len(down.shape) != 2 \
+            or ffn_dim not in down.shape or (arch == "gpt2" and max_seq_len > len(gf.tensors.get(
+                "position_embd.weight", embd).data)):
+        raise CamelidError(f"{src}: the metadata's sizes (embedding_length={dim}, block_count={n_layers}, "
+                           f"feed_forward_length={ffn_dim}) do not match the file's tensors")
+    common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len,
+                  vocab_size=embd.shape[0], tie_embeddings="output.weight" not in gf.tensors)
     if arch == "gpt2":
         return ModelConfig(arch="gpt2", **common, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
                            positions="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True,
                            norm_eps=_key(meta, src, "gpt2.attention.layer_norm_epsilon", float, 1e-5))
-    head_dim = _key(meta, src, "llama.attention.key_length", default=dim // n_heads)
+    head_dim = _key(meta, src, "llama.attention.key_length", default=max(dim // n_heads, 1))
     rope_dim = _key(meta, src, "llama.rope.dimension_count", default=head_dim)
+    if rope_dim > head_dim or rope_dim % 2:
+        raise CamelidError(f"{src}: llama.rope.dimension_count={rope_dim} does not fit heads of {head_dim}")
     scaling = None
     if meta.get("llama.rope.scaling.type") == "linear":
         scaling = {"type": "linear", "factor": _key(meta, src, "llama.rope.scaling.factor", float)}

@@ -53,7 +53,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     """
     cfg = model.cfg
     check_prompts(prompts, cfg.max_seq_len, max_new_tokens)
-    device = model.output.weight.device
+    device = model.device
     B, longest = len(prompts), max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
     total = longest + max_new_tokens

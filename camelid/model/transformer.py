@@ -278,11 +278,19 @@ class Transformer(nn.Module):
         mask = causal & (pad_mask[:, None, :] | (keys == steps.unsqueeze(1)))
         return positions, mask.unsqueeze(1)
 
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].attn_norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (a norm's; matmul weights may be quantized)."""
+        return self.layers[0].attn_norm.weight.dtype
+
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         cfg = self.cfg
-        p = self.output.weight
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
-                       dtype=p.dtype if p.dtype.is_floating_point else torch.float32, device=p.device)
+                       dtype=self.dtype, device=self.device)
 
 
 def init_weights(model: Transformer, std: float = 0.02) -> Transformer:

@@ -65,7 +65,7 @@ class Engine:
         self.max_queue = max_queue
         self.ctx = lm.config.max_seq_len
         self.cache = self.model.new_kv_cache(max_batch, self.ctx)
-        self.device = self.model.output.weight.device
+        self.device = self.model.device
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []
         self.metrics = Metrics()
