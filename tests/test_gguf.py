@@ -128,7 +128,7 @@ def test_c_kernel_matches_dequantized_weights(ggml_type, rows, k):
     raw = torch.from_numpy(quantize(w, ggml_type))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
     ref = x @ dequantize(raw.numpy(), ggml_type, (80, k)).t()
-    y = ggml_kernel.matmul(ggml_type, raw, x, 80)
+    y = ggml_kernel.matmul(ggml_kernel.TYPES[ggml_type], raw, x, 80)
     assert y.shape == (rows, 80)
     assert ((y - ref).norm() / ref.norm()) < 0.01
 

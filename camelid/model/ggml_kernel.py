@@ -23,6 +23,8 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512
          "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 TYPES = {"Q4_0": 2, "Q8_0": 8}
+TYPE_IDS = set(TYPES.values())
+PROMPT_ROWS = 16  # above this many rows, expanding to bf16 beats integer dot products
 _lib: list = []
 
 
@@ -59,6 +61,9 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.ggml_dequantize_bf16.restype = ctypes.c_int
+    lib.ggml_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -68,13 +73,21 @@ def available() -> bool:
     return _lib[0] is not None
 
 
-def matmul(ggml_type: str, blocks: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor | None:
-    """x (M, K) @ the block rows' weights -> float32 (M, out_features); None when the kernel does not take
-    the call (the caller falls back)."""
-    if not available() or ggml_type not in TYPES or blocks.device.type != "cpu":
+def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """x (M, K) @ the block rows' weights (ggml type id 2: Q4_0, 8: Q8_0) -> float32 (M, out_features); None
+    when the kernel does not take the call (the caller falls back). A few rows (decode) go through the
+    integer kernel; more (a prompt) through the weights expanded to bf16 and oneDNN's matrix product."""
+    lib = _lib[0] if _lib else (_lib.append(_build()) or _lib[0])
+    if lib is None or ggml_type not in TYPE_IDS or blocks.device.type != "cpu":
         return None
+    if x.shape[0] > PROMPT_ROWS:
+        w = torch.empty(out_features, x.shape[1], dtype=torch.bfloat16)
+        if lib.ggml_dequantize_bf16(ggml_type, blocks.data_ptr(), out_features, x.shape[1], w.data_ptr(),
+                                    torch.get_num_threads()) != 0:
+            return None
+        return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
-    rc = _lib[0].ggml_matmul(TYPES[ggml_type], blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(),
-                           x.shape[0], y.data_ptr(), torch.get_num_threads())
+    rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
+                         y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None

@@ -244,17 +244,11 @@ class GGMLLinear(nn.Module):
         self.register_buffer("ggml_type", torch.tensor(ggml_type, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
-    @property
-    def type_name(self) -> str:
-        from gguf import GGMLQuantizationType
-
-        return GGMLQuantizationType(int(self.ggml_type)).name
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from camelid.model import ggml_kernel
 
         x2 = x.reshape(-1, self.in_features)
-        y = ggml_kernel.matmul(self.type_name, self.blocks, x2, self.out_features)
+        y = ggml_kernel.matmul(int(self.ggml_type), self.blocks, x2, self.out_features)
         if y is None:
             y = F.linear(x2, self.dequantize().to(device=x2.device, dtype=x2.dtype))
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
