@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from camelid.errors import CamelidError
-from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize
+from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize, quantize_q8_0
 from camelid.formats.gguf_export import export_gguf
 from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
 from camelid.formats.load import LoadedModel, load_model, save_native
@@ -106,8 +106,9 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
     ours = lm.model(torch.tensor([tokens]))[0].numpy()
     assert_agree(ours, llama_cpp_logits(path, tokens))
     kinds = {type(m) for m in lm.model.modules()}
-    if ftype in ("Q4_0", "Q8_0") and kernels == "c-kernel":  # the file's own blocks
-        assert GGMLLinear in kinds
+    if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0 blocks as they are, 5-6 bit types as Q8_0
+        assert GGMLLinear in kinds and Int8Linear not in kinds
+        assert (Int4Linear in kinds) == (ftype in ("Q4_1", "Q4_K_M"))
     elif ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
         assert Int4Linear in kinds and GGMLEmbedding in kinds and GGMLLinear not in kinds
     elif ftype != "F16":
@@ -213,6 +214,12 @@ def test_int4_groups_are_ggml_dequantization(ggml_type):
     q, scales, zeros = int4_groups(raw, ggml_type)
     ours = ((q.float() - 8).view(32, -1, 32) * scales[..., None] + zeros[..., None]).view(32, 512)
     torch.testing.assert_close(ours, dequantize(raw, ggml_type, (32, 512)), rtol=0, atol=1e-5)
+
+
+def test_torch_q8_0_encoder_is_ggml_bit_exact():
+    w = np.random.RandomState(3).randn(48, 512).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block
+    np.testing.assert_array_equal(quantize_q8_0(torch.from_numpy(w)).numpy(), quantize(w, "Q8_0"))
 
 
 @pytest.mark.parametrize("ggml_type,rel_error", [("Q4_K", 0.12), ("Q6_K", 0.03)])

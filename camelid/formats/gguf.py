@@ -5,8 +5,8 @@ Weights map onto camelid's layers as directly as the kernels allow (README "GGUF
 - Q4_0 and Q8_0 stay in their blocks where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as
   llama.cpp computes them); elsewhere they take the int4/int8 paths below.
 - Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
-- Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K and Q3_K become int8 per output channel (`_weight_int8pack_mm`): a
-  re-quantization, within a fraction of the file's own rounding error.
+- Q5_0, Q5_1, Q5_K, Q6_K, Q2_K and Q3_K are re-quantized to Q8_0 blocks for the C kernel, or where it does
+  not run, to int8 per output channel (`_weight_int8pack_mm`): within a fraction of the file's own rounding.
 - A fused camelid layer (QKV, gate+up) whose parts have different types takes int8.
 - A quantized token embedding stays in the file's blocks; rows are dequantized as they are looked up.
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups
+from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups, quantize_q8_0
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
 from camelid.model import ggml_kernel
 from camelid.model.config import ModelConfig
@@ -202,6 +202,10 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
             if cpu_kernel:
                 weight = pack_for_cpu_kernel(unpack_int4(weight))
         return {"weight": weight, "scales_zeros": sz.contiguous()}
+    if cpu_kernel and ggml_kernel.available():  # re-quantized to Q8_0 blocks for the C kernel
+        blocks = torch.cat([quantize_q8_0(dequantize(raw[s:s + 1024], t.type, (-1, k)))
+                            for raw, t in raws for s in range(0, raw.shape[0], 1024)])
+        return {"blocks": blocks, "ggml_type": torch.tensor(GGML_TYPE_IDS["Q8_0"], dtype=torch.int32)}
     weight, scales, row = torch.empty(n, k, dtype=torch.int8), torch.empty(n), 0
     for raw, t in raws:
         for start in range(0, raw.shape[0], 1024):
