@@ -16,6 +16,8 @@ Hugging Face order camelid uses (a row permutation, so quantized rows move as th
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -172,7 +174,10 @@ def _check_shapes(gf: GGUFFile, found, want: tuple[int, ...] | None):
 def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:
     if t.type in FLOAT_TYPES:
         return {"tok_embeddings.weight": dequantize(t.data, t.type, t.shape).to(dtype)}
-    return {"tok_embeddings.blocks": torch.from_numpy(t.data.copy()),
+    with warnings.catch_warnings():  # a read-only view of the file: lookups only read it, and only the rows
+        warnings.simplefilter("ignore", UserWarning)  # they need become resident
+        blocks = torch.from_numpy(t.data)
+    return {"tok_embeddings.blocks": blocks,
             "tok_embeddings.ggml_type": torch.tensor(GGML_TYPE_IDS[t.type], dtype=torch.int32)}
 
 

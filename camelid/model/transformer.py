@@ -18,6 +18,14 @@ from camelid.model.kernels import linear
 from camelid.model.kv_cache import KVCache
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, but on the meta device (a shell that a checkpoint fills) without drawing its random
+    init: on meta, normal_ goes through PyTorch's reference ops and imports the compiler stack (~1.5 s)."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -43,7 +51,8 @@ ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lamb
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     rot = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+    # on the CPU even while a model is built on the meta device: meta arithmetic imports the compiler stack
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -51,7 +60,7 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     elif kind == "llama3":
         inv_freq = _llama3_frequencies(inv_freq, scaling)
     elif kind == "factors":  # GGUF's rope_freqs tensor: one divisor per frequency
-        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype)
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype, device="cpu")
     return inv_freq
 
 
@@ -188,9 +197,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         emb_dim = cfg.embed_proj_dim or cfg.dim
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, emb_dim)
+        self.tok_embeddings = _embedding(cfg.vocab_size, emb_dim)
         if cfg.positions == "learned":
-            self.pos_embeddings = nn.Embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.dim)
+            self.pos_embeddings = _embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.dim)
         if cfg.embed_proj_dim:
             self.embed_proj_in = nn.Linear(emb_dim, cfg.dim, bias=False)
             self.embed_proj_out = nn.Linear(cfg.dim, emb_dim, bias=False)
