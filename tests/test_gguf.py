@@ -184,10 +184,12 @@ def test_export_carries_tokenizer_template_and_stop_tokens(trained_tiny):
     assert "### Response:" in llm.metadata["tokenizer.chat_template"]
 
 
-def test_gpt2_round_trip(tmp_path):
-    """A GPT-2 with the real GPT-2 byte-level BPE: camelid -> GGUF -> llama.cpp, logits and tokens."""
+@pytest.mark.parametrize("padding", [0, 7])
+def test_gpt2_round_trip(tmp_path, padding):
+    """A GPT-2 with the real GPT-2 byte-level BPE: camelid -> GGUF -> llama.cpp, logits and tokens; with
+    embedding rows past the tokenizer (padded vocabularies), which become unused tokens."""
     tok = load_tokenizer_file(SHARED / "tokenizers" / "gpt2_tokenizer.json")
-    cfg = ModelConfig(arch="gpt2", vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
+    cfg = ModelConfig(arch="gpt2", vocab_size=tok.vocab_size + padding, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
                       max_seq_len=64, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
                       positions="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
     torch.manual_seed(0)

@@ -172,7 +172,7 @@ def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str):
         tokens = [p if i in v.byte_of else p.replace(v.space, "▁") for i, p in enumerate(v.pieces)]
         types = [CONTROL if i in v.special_ids and i != v.unk_id else UNKNOWN if i == v.unk_id
                  else BYTE if i in v.byte_of else NORMAL for i in range(len(tokens))]
-        _spm(w, tokens, list(v.scores), types, v.unk_id, v.add_space_prefix)
+        _spm(w, tokens, list(v.scores), types, v.unk_id, v.add_space_prefix, vocab_size)
     elif isinstance(b, SentencePieceBackend):
         sp = b.sp
         n = sp.get_piece_size()
@@ -183,12 +183,11 @@ def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str):
             if types[i] == NORMAL and t.startswith("<") and t.endswith(">") and len(sp.encode(t)) == 1 \
                     and sp.get_score(i) == 0.0:
                 types[i] = USER_DEFINED
-        _spm(w, tokens, [sp.get_score(i) for i in range(n)], types, sp.unk_id(), True)
+        _spm(w, tokens, [sp.get_score(i) for i in range(n)], types, sp.unk_id(), True, vocab_size)
     elif isinstance(b, HFBackend):
-        _hf_tokenizer(w, json.loads(b.tok.to_str()), source)
+        _hf_tokenizer(w, json.loads(b.tok.to_str()), source, vocab_size)
     else:
         raise CamelidError(f"{source}: this tokenizer cannot be written to GGUF")
-    _pad_vocab(w, vocab_size)
     if tok.bos_id is not None:
         w.add_bos_token_id(tok.bos_id)
     if tok.eos_ids:
@@ -199,20 +198,15 @@ def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str):
     w.add_add_eos_token(False)
 
 
-def _pad_vocab(w, vocab_size: int):
+def _padded(tokens: list, scores: list | None, types: list, vocab_size: int):
     """llama.cpp wants one token per embedding row; rows past the tokenizer (padding) become unused tokens."""
-    tokens = w.kv_data[0].get("tokenizer.ggml.tokens")
-    if tokens is None:
-        return
-    have = len(tokens.value)
-    if have < vocab_size:
-        tokens.value.extend(f"[PAD{i}]" for i in range(have, vocab_size))
-        for key, fill in (("tokenizer.ggml.scores", -1e9), ("tokenizer.ggml.token_type", UNUSED)):
-            if key in w.kv_data[0]:
-                w.kv_data[0][key].value.extend([fill] * (vocab_size - have))
+    extra = max(vocab_size - len(tokens), 0)
+    tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), len(tokens) + extra)]
+    return tokens, None if scores is None else scores + [-1e9] * extra, types + [UNUSED] * extra
 
 
-def _spm(w, tokens, scores, types, unk_id, add_space_prefix):
+def _spm(w, tokens, scores, types, unk_id, add_space_prefix, vocab_size):
+    tokens, scores, types = _padded(tokens, scores, types, vocab_size)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -222,7 +216,7 @@ def _spm(w, tokens, scores, types, unk_id, add_space_prefix):
     w.add_add_space_prefix(add_space_prefix)
 
 
-def _hf_tokenizer(w, spec: dict, source: str):
+def _hf_tokenizer(w, spec: dict, source: str, vocab_size: int):
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise CamelidError(f"{source}: GGUF export supports BPE tokenizers, not {model.get('type')!r}")
@@ -244,8 +238,9 @@ def _hf_tokenizer(w, spec: dict, source: str):
         types = [BYTE if t.startswith("<0x") and len(t) == 6 else ty for t, ty in zip(tokens, types)]
         unk = model.get("unk_token")
         _spm(w, tokens, [float(rank.get(t, 0)) for t in tokens], types, vocab.get(unk, 0),
-             "Prepend" in json.dumps(spec.get("normalizer")))
+             "Prepend" in json.dumps(spec.get("normalizer")), vocab_size)
         return
+    tokens, _, types = _padded(tokens, None, types, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)

@@ -145,7 +145,7 @@ int ggml_matmul(int type, const uint8_t *w, int64_t n_out, int64_t k, const floa
     const int64_t bb = is_q4 ? 18 : 34, row_bytes = nb * bb;
     int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
     float *xd = malloc(sizeof(float) * m * nb);
-    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * m * nb);
+    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));  // a multiple of 64 bytes
     __m512 *xdv = aligned_alloc(64, sizeof(__m512) * (m * (nb / 2) + 1));
     if (!xq || !xd || !bias || !xdv) {
         free(xq), free(xd), free(bias), free(xdv);
