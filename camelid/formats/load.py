@@ -18,7 +18,7 @@ from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.tensors import load_safetensors, save_safetensors
 from camelid.model.config import ModelConfig
-from camelid.model.quant import QUANTIZED, GGMLEmbedding, Int4Linear, quantized_shells
+from camelid.model.quant import QUANTIZED, GGMLEmbedding, GGMLLinear, Int4Linear, quantized_shells
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
@@ -111,6 +111,8 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
         for module in lm.model.modules():
             if isinstance(module, Int4Linear):
                 module.kernel_weight()
+            elif isinstance(module, GGMLLinear):
+                module.prepare()
     return lm
 
 

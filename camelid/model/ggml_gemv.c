@@ -185,18 +185,19 @@ static inline __m256i to_bf16(__m512 v) {  // round to nearest even
 }
 
 int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint16_t *out, int threads) {
-    if (k % QK || (type != 2 && type != 8)) return -1;
+    if (k % QK || (type != 2 && type != 8 && type != 102)) return -1;
     const int64_t nb = k / QK;
-    const int64_t bb = type == 2 ? 18 : 34;
+    const int64_t bb = type == 8 ? 34 : 18;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *row = w + r * nb * bb;
         uint16_t *o = out + r * k;
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = row + b * bb;
-            const __m512 d = _mm512_set1_ps(f16(blk));
+            // Q4_0 (and its repacked form) keeps 16 nibble bytes after the scale; 102 has the scales apart
+            const uint8_t *blk = type == 102 ? row + 2 * nb + b * 16 - 2 : row + b * bb;
+            const __m512 d = _mm512_set1_ps(f16(type == 102 ? row + 2 * b : blk));
             __m512i v0, v1;
-            if (type == 2) {
+            if (type != 8) {
                 const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 2));
                 const __m128i m4 = _mm_set1_epi8(15);
                 v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, m4)), _mm512_set1_epi32(8));
@@ -210,5 +211,93 @@ int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint1
             _mm256_storeu_si256((__m256i *)(o + b * QK + 16), to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(v1), d)));
         }
     }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Q4_0 rows repacked once at load as [nb f16 scales][nb x 16 bytes of nibbles] (type 102 here): four
+// blocks' nibbles are then one 512-bit load and their scales one 64-bit load, instead of gathering them
+// from 18-byte blocks. The activations are laid out to match: per four blocks, their first halves (the
+// low nibbles' partners) together, then their second halves.
+#define Q4S 102
+
+static inline __attribute__((always_inline)) void q4s_row(
+        const uint8_t *row, int64_t nb, const __m512i *alo, const __m512i *ahi, const __m512i *bias4,
+        const __m512 *xd4, float *y, int64_t n_out, const int M) {
+    const uint16_t *d = (const uint16_t *)row;
+    const uint8_t *qs = row + 2 * nb;
+    const int64_t ng = nb / 4;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(qs + g * 64));
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
+        const __m512 dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(d4));
+        for (int r = 0; r < M; r++) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo[r * ng + g]);
+            dot = _mm512_dpbusd_epi32(dot, hi, ahi[r * ng + g]);
+            dot = _mm512_sub_epi32(dot, bias4[r * ng + g]);
+            const __m512 sc = _mm512_mul_ps(dw, xd4[r * ng + g]);
+            if (g & 1) acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc1[r]);
+            else acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc0[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+#define Q4S_ROWS(M)                                                                                            \
+    case M:                                                                                                    \
+        for (int64_t n = n0; n < n1; n++)                                                                      \
+            q4s_row(w + n * row_bytes, nb, lo + t * ng, hi + t * ng, b4 + t * ng, x4 + t * ng, y + t * n_out + n, \
+                    n_out, M);                                                                                 \
+        break;
+
+int ggml_matmul_q4s(const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
+                    int threads) {
+    if (k % (4 * QK) || m < 1) return -1;
+    const int64_t nb = k / QK, ng = nb / 4, row_bytes = nb * 18;
+    int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
+    float *xd = malloc(sizeof(float) * m * nb);
+    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));
+    __m512i *lo = aligned_alloc(64, 64 * m * ng), *hi = aligned_alloc(64, 64 * m * ng);
+    __m512i *b4 = aligned_alloc(64, 64 * m * ng);
+    __m512 *x4 = aligned_alloc(64, 64 * m * ng);
+    if (!xq || !xd || !bias || !lo || !hi || !b4 || !x4) {
+        free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4);
+        return -1;
+    }
+    quantize_activations(x, k, m, xq, xd, bias, 8);
+    const __m512i eight = _mm512_set1_epi8(8);
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t g = 0; g < ng; g++) {
+            int8_t l[64] __attribute__((aligned(64))), h[64] __attribute__((aligned(64)));
+            float s[16];
+            for (int j = 0; j < 4; j++) {
+                const int8_t *a = xq + r * k + (4 * g + j) * QK;
+                memcpy(l + 16 * j, a, 16);
+                memcpy(h + 16 * j, a + 16, 16);
+                for (int e = 0; e < 4; e++) s[4 * j + e] = xd[r * nb + 4 * g + j];
+            }
+            const int64_t i = r * ng + g;
+            lo[i] = _mm512_load_si512(l);
+            hi[i] = _mm512_load_si512(h);
+            b4[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, lo[i]), eight, hi[i]);
+            x4[i] = _mm512_loadu_ps(s);
+        }
+    }
+    const int64_t chunk = 16;
+    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n_chunks; c++) {
+        const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
+        for (int64_t t = 0; t < m; t += MAX_ROWS) {
+            const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
+            switch (rows) { Q4S_ROWS(1) Q4S_ROWS(2) Q4S_ROWS(3) Q4S_ROWS(4) Q4S_ROWS(5) Q4S_ROWS(6) Q4S_ROWS(7) Q4S_ROWS(8) }
+        }
+    }
+    free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4);
     return 0;
 }

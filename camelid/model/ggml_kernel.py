@@ -23,7 +23,8 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512
          "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 TYPES = {"Q4_0": 2, "Q8_0": 8}
-TYPE_IDS = set(TYPES.values())
+Q4_0_SPLIT = 102  # Q4_0 rows repacked as [scales][nibbles] (see split_q4_0)
+TYPE_IDS = {*TYPES.values(), Q4_0_SPLIT}
 PROMPT_ROWS = 16  # above this many rows, expanding to bf16 beats integer dot products
 _lib: list = []
 
@@ -61,6 +62,9 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.ggml_matmul_q4s.restype = ctypes.c_int
+    lib.ggml_matmul_q4s.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_int]
     lib.ggml_dequantize_bf16.restype = ctypes.c_int
     lib.ggml_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_int]
@@ -88,6 +92,23 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
         return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
-    rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
-                         y.data_ptr(), torch.get_num_threads())
+    if ggml_type == Q4_0_SPLIT:
+        rc = lib.ggml_matmul_q4s(blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
+                                 y.data_ptr(), torch.get_num_threads())
+    else:
+        rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
+                             y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def split_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 rows (N, nb * 18) -> [nb f16 scales][nb * 16 nibble bytes] per row, the layout the kernel reads
+    four blocks at a time from (same size; `join_q4_0` undoes it)."""
+    n = blocks.shape[0]
+    b = blocks.view(n, -1, 18)
+    return torch.cat((b[..., :2].reshape(n, -1), b[..., 2:].reshape(n, -1)), dim=1)
+
+
+def join_q4_0(split: torch.Tensor) -> torch.Tensor:
+    n, nb = split.shape[0], split.shape[1] // 18
+    return torch.cat((split[:, :2 * nb].view(n, nb, 2), split[:, 2 * nb:].view(n, nb, 16)), dim=-1).view(n, -1)

@@ -243,12 +243,36 @@ class GGMLLinear(nn.Module):
         self.register_buffer("blocks", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
         self.register_buffer("ggml_type", torch.tensor(ggml_type, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.split = False  # Q4_0 repacked for the kernel (ggml_kernel.split_q4_0), after load
+
+    def prepare(self):
+        """Once loaded: repack Q4_0 into the layout the CPU kernel reads fastest (same size)."""
+        from camelid.model import ggml_kernel
+
+        if (not self.split and int(self.ggml_type) == ggml_kernel.TYPES["Q4_0"] and self.in_features % 128 == 0
+                and self.blocks.device.type == "cpu" and ggml_kernel.available()):
+            self.blocks = ggml_kernel.split_q4_0(self.blocks)
+            self.split = True
+
+    def file_blocks(self) -> torch.Tensor:
+        from camelid.model import ggml_kernel
+
+        return ggml_kernel.join_q4_0(self.blocks) if self.split else self.blocks
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "blocks"] = self.file_blocks()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.split = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from camelid.model import ggml_kernel
 
         x2 = x.reshape(-1, self.in_features)
-        y = ggml_kernel.matmul(int(self.ggml_type), self.blocks, x2, self.out_features)
+        kind = ggml_kernel.Q4_0_SPLIT if self.split else int(self.ggml_type)
+        y = ggml_kernel.matmul(kind, self.blocks, x2, self.out_features)
         if y is None:
             y = F.linear(x2, self.dequantize().to(device=x2.device, dtype=x2.dtype))
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -257,7 +281,7 @@ class GGMLLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         from gguf import GGMLQuantizationType, quants
 
-        values = quants.dequantize(self.blocks.cpu().numpy(), GGMLQuantizationType(int(self.ggml_type)))
+        values = quants.dequantize(self.file_blocks().cpu().numpy(), GGMLQuantizationType(int(self.ggml_type)))
         return torch.from_numpy(values).to(self.blocks.device)
 
 
