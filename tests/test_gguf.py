@@ -106,9 +106,8 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
     ours = lm.model(torch.tensor([tokens]))[0].numpy()
     assert_agree(ours, llama_cpp_logits(path, tokens))
     kinds = {type(m) for m in lm.model.modules()}
-    if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0 blocks as they are, 5-6 bit types as Q8_0
-        assert GGMLLinear in kinds and Int8Linear not in kinds
-        assert (Int4Linear in kinds) == (ftype in ("Q4_1", "Q4_K_M"))
+    if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0/Q4_1 blocks, Q4_K as Q4_1, 5-6 bit types as Q8_0
+        assert GGMLLinear in kinds and Int8Linear not in kinds and Int4Linear not in kinds
     elif ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
         assert Int4Linear in kinds and GGMLEmbedding in kinds and GGMLLinear not in kinds
     elif ftype != "F16":
@@ -119,17 +118,25 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
         np.testing.assert_array_equal(again, ours)
 
 
-@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q8_0"])
-@pytest.mark.parametrize("rows,k", [(1, 512), (3, 2016), (19, 256)])
-def test_c_kernel_matches_dequantized_weights(ggml_type, rows, k):
-    """int8 activations (one scale per 32) times the file's blocks: within llama.cpp's own rounding."""
+@pytest.mark.parametrize("ggml_type,split", [("Q4_0", False), ("Q8_0", False), ("Q4_0", True), ("Q4_1", True)])
+@pytest.mark.parametrize("rows,k", [(1, 512), (3, 2048), (19, 256), (2, 2016)])
+def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k):
+    """int8 activations (one scale per 32) times the blocks, as they are in the file or repacked (rows of
+    scales, then nibbles): within llama.cpp's own rounding; more than 16 rows take the bf16 path."""
     if not ggml_kernel.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
+    if split and k % 128:
+        pytest.skip("repacked rows are whole groups of four blocks")
     w = np.random.RandomState(2).randn(80, k).astype(np.float32)
     raw = torch.from_numpy(quantize(w, ggml_type))
+    type_id = {"Q4_0": 2, "Q8_0": 8, "Q4_1": 3}[ggml_type]
+    blocks, kind = raw, type_id
+    if split:
+        blocks, kind = ggml_kernel.split_rows(raw, type_id), ggml_kernel.SPLIT[type_id]
+        assert torch.equal(ggml_kernel.join_rows(blocks, type_id), raw)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
     ref = x @ dequantize(raw.numpy(), ggml_type, (80, k)).t()
-    y = ggml_kernel.matmul(ggml_kernel.TYPES[ggml_type], raw, x, 80)
+    y = ggml_kernel.matmul(kind, blocks, x, 80)
     assert y.shape == (rows, 80)
     assert ((y - ref).norm() / ref.norm()) < 0.01
 

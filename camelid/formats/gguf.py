@@ -195,6 +195,15 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
         rows = [torch.from_numpy(np.array(raw)) for raw, _ in raws]  # copied, so the file's pages can go
         return {"blocks": torch.cat(rows) if len(rows) > 1 else rows[0],
                 "ggml_type": torch.tensor(GGML_TYPE_IDS[found[0][0].type], dtype=torch.int32)}
+    if cpu_kernel and len(types) == 1 and types <= {"Q4_1", "Q4_K"} and k % 128 == 0 and ggml_kernel.available():
+        # as Q4_1 blocks (w = d * q + m per 32; Q4_K's sub-block scales and mins are exactly that)
+        blocks = []
+        for raw, t in raws:
+            q, scales, zeros = int4_groups(raw, t.type)
+            q = q.view(q.shape[0], -1, 32)
+            head = torch.stack((scales, zeros - 8 * scales), dim=-1).to(torch.float16).view(torch.uint8)
+            blocks.append(torch.cat((head, q[..., :16] | (q[..., 16:] << 4)), dim=-1).reshape(q.shape[0], -1))
+        return {"blocks": torch.cat(blocks), "ggml_type": torch.tensor(GGML_TYPE_IDS["Q4_1"], dtype=torch.int32)}
     if len(types) == 1 and types <= set(INT4_TYPES) and int4_fits(n, k, 32):
         groups = [int4_groups(raw, t.type) for raw, t in raws]
         sz = torch.cat([torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16) for _, s, z in groups], dim=1)

@@ -185,30 +185,33 @@ static inline __m256i to_bf16(__m512 v) {  // round to nearest even
 }
 
 int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint16_t *out, int threads) {
-    if (k % QK || (type != 2 && type != 8 && type != 102)) return -1;
+    if (k % QK || (type != 2 && type != 8 && type != 102 && type != 103)) return -1;
     const int64_t nb = k / QK;
-    const int64_t bb = type == 8 ? 34 : 18;
+    const int64_t bb = type == 8 ? 34 : type == 103 ? 20 : 18;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *row = w + r * nb * bb;
         uint16_t *o = out + r * k;
         for (int64_t b = 0; b < nb; b++) {
-            // Q4_0 (and its repacked form) keeps 16 nibble bytes after the scale; 102 has the scales apart
-            const uint8_t *blk = type == 102 ? row + 2 * nb + b * 16 - 2 : row + b * bb;
-            const __m512 d = _mm512_set1_ps(f16(type == 102 ? row + 2 * b : blk));
+            // blk + 2 is where the block's 16 nibble bytes start; the repacked forms keep scales apart
+            const uint8_t *blk = type == 102 ? row + 2 * nb + b * 16 - 2
+                                 : type == 103 ? row + 4 * nb + b * 16 - 2 : row + b * bb;
+            const __m512 d = _mm512_set1_ps(f16(type >= 102 ? row + 2 * b : blk));
+            const __m512 mn = _mm512_set1_ps(type == 103 ? f16(row + 2 * nb + 2 * b) : 0.0f);
             __m512i v0, v1;
             if (type != 8) {
                 const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 2));
                 const __m128i m4 = _mm_set1_epi8(15);
-                v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, m4)), _mm512_set1_epi32(8));
-                v1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), m4)),
-                                      _mm512_set1_epi32(8));
+                const __m512i off = _mm512_set1_epi32(type == 103 ? 0 : 8);
+                v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, m4)), off);
+                v1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), m4)), off);
             } else {
                 v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
                 v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
             }
-            _mm256_storeu_si256((__m256i *)(o + b * QK), to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(v0), d)));
-            _mm256_storeu_si256((__m256i *)(o + b * QK + 16), to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(v1), d)));
+            _mm256_storeu_si256((__m256i *)(o + b * QK), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), d, mn)));
+            _mm256_storeu_si256((__m256i *)(o + b * QK + 16),
+                                to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), d, mn)));
         }
     }
     return 0;
@@ -299,5 +302,94 @@ int ggml_matmul_q4s(const uint8_t *w, int64_t n_out, int64_t k, const float *x, 
         }
     }
     free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Q4_1 (w = d * q + m, q 0..15; Q4_K arrives here too, as d = d*sc and m = -dmin*min per 32 values),
+// repacked at load as [nb f16 d][nb f16 m][nb x 16 nibble bytes] (type 103). No offset to take out: the
+// min meets the activations' block sums, a quarter of each in each of the block's four lanes.
+#define Q41S 103
+
+static inline __attribute__((always_inline)) void q41s_row(
+        const uint8_t *row, int64_t nb, const __m512i *alo, const __m512i *ahi, const __m512 *xd4,
+        const __m512 *xs4, float *y, int64_t n_out, const int M) {
+    const uint16_t *d = (const uint16_t *)row, *mn = d + nb;
+    const uint8_t *qs = row + 4 * nb;
+    const int64_t ng = nb / 4;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(qs + g * 64));
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __m512 dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
+            _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)))));
+        const __m512 mw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
+            _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(mn + 4 * g)))));
+        for (int r = 0; r < M; r++) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo[r * ng + g]);
+            dot = _mm512_dpbusd_epi32(dot, hi, ahi[r * ng + g]);
+            acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, xd4[r * ng + g]), acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(mw, xs4[r * ng + g], acc1[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+#define Q41S_ROWS(M)                                                                                           \
+    case M:                                                                                                    \
+        for (int64_t n = n0; n < n1; n++)                                                                      \
+            q41s_row(w + n * row_bytes, nb, lo + t * ng, hi + t * ng, x4 + t * ng, s4 + t * ng, y + t * n_out + n, \
+                     n_out, M);                                                                                \
+        break;
+
+int ggml_matmul_q41s(const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
+                     int threads) {
+    if (k % (4 * QK) || m < 1) return -1;
+    const int64_t nb = k / QK, ng = nb / 4, row_bytes = nb * 20;
+    int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
+    float *xd = malloc(sizeof(float) * m * nb);
+    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));
+    __m512i *lo = aligned_alloc(64, 64 * m * ng), *hi = aligned_alloc(64, 64 * m * ng);
+    __m512 *x4 = aligned_alloc(64, 64 * m * ng), *s4 = aligned_alloc(64, 64 * m * ng);
+    if (!xq || !xd || !bias || !lo || !hi || !x4 || !s4) {
+        free(xq), free(xd), free(bias), free(lo), free(hi), free(x4), free(s4);
+        return -1;
+    }
+    quantize_activations(x, k, m, xq, xd, bias, 8);
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t g = 0; g < ng; g++) {
+            int8_t l[64] __attribute__((aligned(64))), h[64] __attribute__((aligned(64)));
+            float s[16], sums[16];
+            for (int j = 0; j < 4; j++) {
+                const int64_t b = 4 * g + j;
+                memcpy(l + 16 * j, xq + r * k + b * QK, 16);
+                memcpy(h + 16 * j, xq + r * k + b * QK + 16, 16);
+                // the min term uses the rounded activations' sum, as the dot products do (llama.cpp's Q8_1):
+                // the two are large and cancel, so they must see the same activations
+                int total = 0;
+                for (int e = 0; e < QK; e++) total += xq[r * k + b * QK + e];
+                for (int e = 0; e < 4; e++) s[4 * j + e] = xd[r * nb + b], sums[4 * j + e] = total * xd[r * nb + b] * 0.25f;
+            }
+            const int64_t i = r * ng + g;
+            lo[i] = _mm512_load_si512(l);
+            hi[i] = _mm512_load_si512(h);
+            x4[i] = _mm512_loadu_ps(s);
+            s4[i] = _mm512_loadu_ps(sums);
+        }
+    }
+    const int64_t chunk = 16;
+    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < n_chunks; c++) {
+        const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
+        for (int64_t t = 0; t < m; t += MAX_ROWS) {
+            const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
+            switch (rows) { Q41S_ROWS(1) Q41S_ROWS(2) Q41S_ROWS(3) Q41S_ROWS(4) Q41S_ROWS(5) Q41S_ROWS(6) Q41S_ROWS(7) Q41S_ROWS(8) }
+        }
+    }
+    free(xq), free(xd), free(bias), free(lo), free(hi), free(x4), free(s4);
     return 0;
 }

@@ -23,8 +23,9 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512
          "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 TYPES = {"Q4_0": 2, "Q8_0": 8}
-Q4_0_SPLIT = 102  # Q4_0 rows repacked as [scales][nibbles] (see split_q4_0)
-TYPE_IDS = {*TYPES.values(), Q4_0_SPLIT}
+Q4_1 = 3
+SPLIT = {2: 102, Q4_1: 103}  # Q4_0 and Q4_1 rows repacked as [scales][mins][nibbles] (see split_rows)
+TYPE_IDS = {*TYPES.values(), *SPLIT.values()}
 PROMPT_ROWS = 16  # above this many rows, expanding to bf16 beats integer dot products
 _lib: list = []
 
@@ -65,6 +66,8 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul_q4s.restype = ctypes.c_int
     lib.ggml_matmul_q4s.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_int]
+    lib.ggml_matmul_q41s.restype = ctypes.c_int
+    lib.ggml_matmul_q41s.argtypes = lib.ggml_matmul_q4s.argtypes
     lib.ggml_dequantize_bf16.restype = ctypes.c_int
     lib.ggml_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_int]
@@ -92,23 +95,27 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
         return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
-    if ggml_type == Q4_0_SPLIT:
-        rc = lib.ggml_matmul_q4s(blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
-                                 y.data_ptr(), torch.get_num_threads())
+    if ggml_type in (102, 103):
+        fn = lib.ggml_matmul_q4s if ggml_type == 102 else lib.ggml_matmul_q41s
+        rc = fn(blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
+                torch.get_num_threads())
     else:
         rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
                              y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
 
 
-def split_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    """Q4_0 rows (N, nb * 18) -> [nb f16 scales][nb * 16 nibble bytes] per row, the layout the kernel reads
-    four blocks at a time from (same size; `join_q4_0` undoes it)."""
-    n = blocks.shape[0]
-    b = blocks.view(n, -1, 18)
-    return torch.cat((b[..., :2].reshape(n, -1), b[..., 2:].reshape(n, -1)), dim=1)
+def split_rows(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Q4_0 (18-byte) or Q4_1 (20-byte) block rows -> per row all scales, [all mins,] then all nibble bytes:
+    the layout the kernel reads four blocks at a time from (same size; `join_rows` undoes it)."""
+    n, head = blocks.shape[0], 2 if ggml_type == 2 else 4
+    b = blocks.view(n, -1, head + 16)
+    parts = [b[..., i:i + 2].reshape(n, -1) for i in range(0, head, 2)] + [b[..., head:].reshape(n, -1)]
+    return torch.cat(parts, dim=1)
 
 
-def join_q4_0(split: torch.Tensor) -> torch.Tensor:
-    n, nb = split.shape[0], split.shape[1] // 18
-    return torch.cat((split[:, :2 * nb].view(n, nb, 2), split[:, 2 * nb:].view(n, nb, 16)), dim=-1).view(n, -1)
+def join_rows(split: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    head = 2 if ggml_type == 2 else 4
+    n, nb = split.shape[0], split.shape[1] // (head + 16)
+    parts = [split[:, i * nb:(i + 2) * nb].view(n, nb, 2) for i in range(0, head, 2)]
+    return torch.cat(parts + [split[:, head * nb:].view(n, nb, 16)], dim=-1).view(n, -1)

@@ -233,7 +233,7 @@ class GGMLEmbedding(nn.Module):
 
 
 class GGMLLinear(nn.Module):
-    """A matmul weight kept in a GGUF file's own Q4_0 or Q8_0 blocks, run by camelid's C kernel
+    """A matmul weight kept in GGUF blocks (Q4_0, Q8_0, or Q4_1 made from Q4_1/Q4_K), run by camelid's C kernel
     (ggml_gemv.c: int8 activations, AVX-512 VNNI), as llama.cpp runs it. Only built where that kernel is
     available; elsewhere the same file loads into Int4Linear/Int8Linear. Other devices dequantize per call."""
 
@@ -249,15 +249,15 @@ class GGMLLinear(nn.Module):
         """Once loaded: repack Q4_0 into the layout the CPU kernel reads fastest (same size)."""
         from camelid.model import ggml_kernel
 
-        if (not self.split and int(self.ggml_type) == ggml_kernel.TYPES["Q4_0"] and self.in_features % 128 == 0
+        if (not self.split and int(self.ggml_type) in ggml_kernel.SPLIT and self.in_features % 128 == 0
                 and self.blocks.device.type == "cpu" and ggml_kernel.available()):
-            self.blocks = ggml_kernel.split_q4_0(self.blocks)
+            self.blocks = ggml_kernel.split_rows(self.blocks, int(self.ggml_type))
             self.split = True
 
     def file_blocks(self) -> torch.Tensor:
         from camelid.model import ggml_kernel
 
-        return ggml_kernel.join_q4_0(self.blocks) if self.split else self.blocks
+        return ggml_kernel.join_rows(self.blocks, int(self.ggml_type)) if self.split else self.blocks
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -271,7 +271,7 @@ class GGMLLinear(nn.Module):
         from camelid.model import ggml_kernel
 
         x2 = x.reshape(-1, self.in_features)
-        kind = ggml_kernel.Q4_0_SPLIT if self.split else int(self.ggml_type)
+        kind = ggml_kernel.SPLIT[int(self.ggml_type)] if self.split else int(self.ggml_type)
         y = ggml_kernel.matmul(kind, self.blocks, x2, self.out_features)
         if y is None:
             y = F.linear(x2, self.dequantize().to(device=x2.device, dtype=x2.dtype))
