@@ -2,12 +2,12 @@
 
 Weights map onto camelid's layers as directly as the kernels allow (README "GGUF"):
 - F32/F16/BF16 stay float (a zero-copy view when the dtype matches).
-- Q4_0 and Q8_0 stay in their blocks where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as
-  llama.cpp computes them); elsewhere they take the int4/int8 paths below.
-- Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
+- Where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as llama.cpp computes them), Q4_0 and
+  Q8_0 stay in their blocks and Q4_1/Q4_K become Q4_1 blocks (exactly), Q4 rows repacked for the kernel.
+- Elsewhere Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
 - Q5_0, Q5_1, Q5_K, Q6_K, Q2_K and Q3_K are re-quantized to Q8_0 blocks for the C kernel, or where it does
   not run, to int8 per output channel (`_weight_int8pack_mm`): within a fraction of the file's own rounding.
-- A fused camelid layer (QKV, gate+up) whose parts have different types takes int8.
+- A fused camelid layer (QKV, gate+up) whose parts have different types takes Q8_0 (or int8).
 - A quantized token embedding stays in the file's blocks; rows are dequantized as they are looked up.
 
 llama.cpp stores LLaMA's q and k rows in Meta's interleaved-RoPE order; they are put back into the
@@ -158,6 +158,10 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
     if extra:
         raise CamelidError(f"{gf.path}: tensor {extra[0]!r} is not part of a {cfg.arch} model camelid runs")
     packed = {k.rsplit(".", 1)[0] for k in sd if k.endswith("scales_zeros")} if cpu_kernel else set()
+    for key in [k for k in sd if k.endswith(".split_blocks")]:
+        name = key.rsplit(".", 1)[0]
+        sd[f"{name}.blocks"] = sd.pop(key)
+        packed.add(name)
     return sd, packed
 
 
@@ -181,6 +185,17 @@ def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:
             "tok_embeddings.ggml_type": torch.tensor(GGML_TYPE_IDS[t.type], dtype=torch.int32)}
 
 
+def _ggml_blocks(blocks: torch.Tensor, type_id: int) -> dict[str, torch.Tensor]:
+    """Blocks for GGMLLinear; Q4_0/Q4_1 rows already repacked for the kernel where it takes them (the layer
+    is then marked so), which spares a second copy of every layer after loading."""
+    out = {"ggml_type": torch.tensor(type_id, dtype=torch.int32)}
+    if type_id in ggml_kernel.SPLIT and blocks.shape[1] // (18 if type_id == 2 else 20) % 4 == 0:
+        out["split_blocks"] = ggml_kernel.split_rows(blocks, type_id)
+    else:
+        out["blocks"] = blocks
+    return out
+
+
 def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool) -> dict[str, torch.Tensor]:
     """The parts of one camelid matmul weight -> its tensors: float `weight`, int4 `weight` + `scales_zeros`
     (in the CPU kernel's layout when `cpu_kernel`), or int8 `weight` + `scales`. One part at a time, and
@@ -193,8 +208,7 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
         return {"weight": torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]).to(dtype)}
     if cpu_kernel and len(types) == 1 and types <= set(ggml_kernel.TYPES) and ggml_kernel.available():
         rows = [torch.from_numpy(np.array(raw)) for raw, _ in raws]  # copied, so the file's pages can go
-        return {"blocks": torch.cat(rows) if len(rows) > 1 else rows[0],
-                "ggml_type": torch.tensor(GGML_TYPE_IDS[found[0][0].type], dtype=torch.int32)}
+        return _ggml_blocks(torch.cat(rows) if len(rows) > 1 else rows[0], GGML_TYPE_IDS[found[0][0].type])
     if cpu_kernel and len(types) == 1 and types <= {"Q4_1", "Q4_K"} and k % 128 == 0 and ggml_kernel.available():
         # as Q4_1 blocks (w = d * q + m per 32; Q4_K's sub-block scales and mins are exactly that)
         blocks = []
@@ -203,7 +217,7 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
             q = q.view(q.shape[0], -1, 32)
             head = torch.stack((scales, zeros - 8 * scales), dim=-1).to(torch.float16).view(torch.uint8)
             blocks.append(torch.cat((head, q[..., :16] | (q[..., 16:] << 4)), dim=-1).reshape(q.shape[0], -1))
-        return {"blocks": torch.cat(blocks), "ggml_type": torch.tensor(GGML_TYPE_IDS["Q4_1"], dtype=torch.int32)}
+        return _ggml_blocks(torch.cat(blocks), GGML_TYPE_IDS["Q4_1"])
     if len(types) == 1 and types <= set(INT4_TYPES) and int4_fits(n, k, 32):
         groups = [int4_groups(raw, t.type) for raw, t in raws]
         sz = torch.cat([torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16) for _, s, z in groups], dim=1)

@@ -178,8 +178,11 @@ def _load_gguf(path: Path, device, dtype) -> LoadedModel:
     model = build_model(cfg, sd, str(path), device, dtype)
     del sd
     modules = dict(model.named_modules())
-    for name in packed:
-        modules[name].cpu_layout = True
+    for name in packed:  # tensors the loader already laid out for the CPU kernels
+        if isinstance(modules[name], GGMLLinear):
+            modules[name].split = True
+        else:
+            modules[name].cpu_layout = True
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
 
 
