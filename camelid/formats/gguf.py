@@ -185,14 +185,15 @@ def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:
             "tok_embeddings.ggml_type": torch.tensor(GGML_TYPE_IDS[t.type], dtype=torch.int32)}
 
 
-def _ggml_blocks(blocks: torch.Tensor, type_id: int) -> dict[str, torch.Tensor]:
-    """Blocks for GGMLLinear; Q4_0/Q4_1 rows already repacked for the kernel where it takes them (the layer
-    is then marked so), which spares a second copy of every layer after loading."""
+def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Tensor]:
+    """One layer's block rows for GGMLLinear, copied once: Q4_0/Q4_1 rows straight into the layout the kernel
+    reads (the layer is then marked so), rather than repacked after loading in a second copy."""
     out = {"ggml_type": torch.tensor(type_id, dtype=torch.int32)}
-    if type_id in ggml_kernel.SPLIT and blocks.shape[1] // (18 if type_id == 2 else 20) % 4 == 0:
-        out["split_blocks"] = ggml_kernel.split_rows(blocks, type_id)
+    if type_id in ggml_kernel.SPLIT and parts[0].shape[1] // (18 if type_id == 2 else 20) % 4 == 0:
+        split = [ggml_kernel.split_rows(p, type_id) for p in parts]  # row by row, so parts split alone
+        out["split_blocks"] = torch.cat(split) if len(split) > 1 else split[0]
     else:
-        out["blocks"] = blocks
+        out["blocks"] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
     return out
 
 
@@ -207,8 +208,10 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
     if types <= set(FLOAT_TYPES):
         return {"weight": torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]).to(dtype)}
     if cpu_kernel and len(types) == 1 and types <= set(ggml_kernel.TYPES) and ggml_kernel.available():
-        rows = [torch.from_numpy(np.array(raw)) for raw, _ in raws]  # copied, so the file's pages can go
-        return _ggml_blocks(torch.cat(rows) if len(rows) > 1 else rows[0], GGML_TYPE_IDS[found[0][0].type])
+        with warnings.catch_warnings():  # read-only views of the file, copied below, so its pages can go
+            warnings.simplefilter("ignore", UserWarning)
+            rows = [torch.from_numpy(raw) for raw, _ in raws]
+        return _ggml_blocks(rows, GGML_TYPE_IDS[found[0][0].type])
     if cpu_kernel and len(types) == 1 and types <= {"Q4_1", "Q4_K"} and k % 128 == 0 and ggml_kernel.available():
         # as Q4_1 blocks (w = d * q + m per 32; Q4_K's sub-block scales and mins are exactly that)
         blocks = []
@@ -217,7 +220,7 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
             q = q.view(q.shape[0], -1, 32)
             head = torch.stack((scales, zeros - 8 * scales), dim=-1).to(torch.float16).view(torch.uint8)
             blocks.append(torch.cat((head, q[..., :16] | (q[..., 16:] << 4)), dim=-1).reshape(q.shape[0], -1))
-        return _ggml_blocks(torch.cat(blocks), GGML_TYPE_IDS["Q4_1"])
+        return _ggml_blocks(blocks, GGML_TYPE_IDS["Q4_1"])
     if len(types) == 1 and types <= set(INT4_TYPES) and int4_fits(n, k, 32):
         groups = [int4_groups(raw, t.type) for raw, t in raws]
         sz = torch.cat([torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16) for _, s, z in groups], dim=1)
