@@ -1,4 +1,4 @@
-// Matrix-vector products straight on GGUF's Q4_0 and Q8_0 blocks, for CPU decode.
+// Matrix products on GGUF's Q4_0, Q4_1 and Q8_0 blocks, for CPU decode (and their bf16 expansion for prompts).
 //
 // As llama.cpp does it: the few activation rows are rounded to int8 in blocks of 32 (one float scale per
 // block), and each weight block meets them in integer dot products (AVX-512 VNNI `vpdpbusd`: unsigned
