@@ -350,3 +350,13 @@ def test_well_formed_file_with_wrong_metadata_types(tmp_path):
         w.close()
         with pytest.raises(CamelidError, match=message):
             gguf_tokenizer(read_gguf_metadata(tmp_path / "m.gguf"), "m.gguf")
+
+
+def test_kernel_build_failure_falls_back_to_pytorch(monkeypatch, tmp_path):
+    """No C compiler (or no writable cache): a warning, PyTorch's kernels, nothing left behind."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ggml_kernel, "_lib", [])
+    assert not ggml_kernel.available()
+    assert ggml_kernel.matmul(2, torch.zeros(4, 18, dtype=torch.uint8), torch.zeros(1, 32), 4) is None
+    assert not list((tmp_path / "cache").rglob("*.so"))

@@ -47,19 +47,22 @@ def _build() -> ctypes.CDLL | None:
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "camelid"
     lib_path = cache / f"ggml_gemv-{tag}.so"
-    if not lib_path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
-            pass
-        cc = os.environ.get("CC", "cc")
-        try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp.name], check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("the GGUF decode kernel did not build (%s); using PyTorch's kernels", exc)
-            Path(tmp.name).unlink(missing_ok=True)
-            return None
-        os.replace(tmp.name, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    try:
+        if not lib_path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+                pass
+            try:
+                subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", tmp.name], check=True,
+                               capture_output=True, timeout=120)
+            except BaseException:
+                Path(tmp.name).unlink(missing_ok=True)
+                raise
+            os.replace(tmp.name, lib_path)
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.SubprocessError) as exc:  # no compiler, no writable cache, a broken library
+        log.warning("the GGUF kernel is not available (%s); using PyTorch's kernels", exc)
+        return None
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
