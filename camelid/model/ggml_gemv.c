@@ -251,60 +251,6 @@ static inline __attribute__((always_inline)) void q4s_row(
     for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
-#define Q4S_ROWS(M)                                                                                            \
-    case M:                                                                                                    \
-        for (int64_t n = n0; n < n1; n++)                                                                      \
-            q4s_row(w + n * row_bytes, nb, lo + t * ng, hi + t * ng, b4 + t * ng, x4 + t * ng, y + t * n_out + n, \
-                    n_out, M);                                                                                 \
-        break;
-
-int ggml_matmul_q4s(const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
-                    int threads) {
-    if (k % (4 * QK) || m < 1) return -1;
-    const int64_t nb = k / QK, ng = nb / 4, row_bytes = nb * 18;
-    int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
-    float *xd = malloc(sizeof(float) * m * nb);
-    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));
-    __m512i *lo = aligned_alloc(64, 64 * m * ng), *hi = aligned_alloc(64, 64 * m * ng);
-    __m512i *b4 = aligned_alloc(64, 64 * m * ng);
-    __m512 *x4 = aligned_alloc(64, 64 * m * ng);
-    if (!xq || !xd || !bias || !lo || !hi || !b4 || !x4) {
-        free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4);
-        return -1;
-    }
-    quantize_activations(x, k, m, xq, xd, bias, 8);
-    const __m512i eight = _mm512_set1_epi8(8);
-    for (int64_t r = 0; r < m; r++) {
-        for (int64_t g = 0; g < ng; g++) {
-            int8_t l[64] __attribute__((aligned(64))), h[64] __attribute__((aligned(64)));
-            float s[16];
-            for (int j = 0; j < 4; j++) {
-                const int8_t *a = xq + r * k + (4 * g + j) * QK;
-                memcpy(l + 16 * j, a, 16);
-                memcpy(h + 16 * j, a + 16, 16);
-                for (int e = 0; e < 4; e++) s[4 * j + e] = xd[r * nb + 4 * g + j];
-            }
-            const int64_t i = r * ng + g;
-            lo[i] = _mm512_load_si512(l);
-            hi[i] = _mm512_load_si512(h);
-            b4[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, lo[i]), eight, hi[i]);
-            x4[i] = _mm512_loadu_ps(s);
-        }
-    }
-    const int64_t chunk = 16;
-    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n_chunks; c++) {
-        const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
-        for (int64_t t = 0; t < m; t += MAX_ROWS) {
-            const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
-            switch (rows) { Q4S_ROWS(1) Q4S_ROWS(2) Q4S_ROWS(3) Q4S_ROWS(4) Q4S_ROWS(5) Q4S_ROWS(6) Q4S_ROWS(7) Q4S_ROWS(8) }
-        }
-    }
-    free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4);
-    return 0;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Q4_1 (w = d * q + m, q 0..15; Q4_K arrives here too, as d = d*sc and m = -dmin*min per 32 values),
 // repacked at load as [nb f16 d][nb f16 m][nb x 16 nibble bytes] (type 103). No offset to take out: the
@@ -338,44 +284,55 @@ static inline __attribute__((always_inline)) void q41s_row(
     for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
-#define Q41S_ROWS(M)                                                                                           \
+#define SPLIT_ROWS(M)                                                                                          \
     case M:                                                                                                    \
-        for (int64_t n = n0; n < n1; n++)                                                                      \
-            q41s_row(w + n * row_bytes, nb, lo + t * ng, hi + t * ng, x4 + t * ng, s4 + t * ng, y + t * n_out + n, \
-                     n_out, M);                                                                                \
+        for (int64_t n = n0; n < n1; n++) {                                                                    \
+            const int64_t i = t * ng;                                                                          \
+            if (type == Q4S)                                                                                   \
+                q4s_row(w + n * row_bytes, nb, lo + i, hi + i, b4 + i, x4 + i, y + t * n_out + n, n_out, M);   \
+            else                                                                                               \
+                q41s_row(w + n * row_bytes, nb, lo + i, hi + i, x4 + i, s4 + i, y + t * n_out + n, n_out, M);  \
+        }                                                                                                      \
         break;
 
-int ggml_matmul_q41s(const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
-                     int threads) {
-    if (k % (4 * QK) || m < 1) return -1;
-    const int64_t nb = k / QK, ng = nb / 4, row_bytes = nb * 20;
+// y (m, n_out) = x (m, k) @ w.T for repacked Q4_0 (102) or Q4_1 (103) rows. The activations are rounded
+// and laid out to match once: per four blocks their first and second halves, the -8 offset's lanes (Q4_0),
+// the scales, and the scaled sums the mins meet (Q4_1).
+int ggml_matmul_split(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
+                      int threads) {
+    if (k % (4 * QK) || m < 1 || (type != Q4S && type != Q41S)) return -1;
+    const int64_t nb = k / QK, ng = nb / 4, row_bytes = nb * (type == Q4S ? 18 : 20);
     int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
     float *xd = malloc(sizeof(float) * m * nb);
     __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));
     __m512i *lo = aligned_alloc(64, 64 * m * ng), *hi = aligned_alloc(64, 64 * m * ng);
+    __m512i *b4 = aligned_alloc(64, 64 * m * ng);
     __m512 *x4 = aligned_alloc(64, 64 * m * ng), *s4 = aligned_alloc(64, 64 * m * ng);
-    if (!xq || !xd || !bias || !lo || !hi || !x4 || !s4) {
-        free(xq), free(xd), free(bias), free(lo), free(hi), free(x4), free(s4);
+    if (!xq || !xd || !bias || !lo || !hi || !b4 || !x4 || !s4) {
+        free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4), free(s4);
         return -1;
     }
     quantize_activations(x, k, m, xq, xd, bias, 8);
+    const __m512i eight = _mm512_set1_epi8(8);
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < ng; g++) {
             int8_t l[64] __attribute__((aligned(64))), h[64] __attribute__((aligned(64)));
             float s[16], sums[16];
             for (int j = 0; j < 4; j++) {
                 const int64_t b = 4 * g + j;
-                memcpy(l + 16 * j, xq + r * k + b * QK, 16);
-                memcpy(h + 16 * j, xq + r * k + b * QK + 16, 16);
-                // the min term uses the rounded activations' sum, as the dot products do (llama.cpp's Q8_1):
-                // the two are large and cancel, so they must see the same activations
+                const int8_t *a = xq + r * k + b * QK;
+                memcpy(l + 16 * j, a, 16);
+                memcpy(h + 16 * j, a + 16, 16);
+                // Q4_1's min term uses the rounded activations' sum, as the dot products do (llama.cpp's
+                // Q8_1): the two are large and cancel, so they must see the same activations
                 int total = 0;
-                for (int e = 0; e < QK; e++) total += xq[r * k + b * QK + e];
+                for (int e = 0; e < QK; e++) total += a[e];
                 for (int e = 0; e < 4; e++) s[4 * j + e] = xd[r * nb + b], sums[4 * j + e] = total * xd[r * nb + b] * 0.25f;
             }
             const int64_t i = r * ng + g;
             lo[i] = _mm512_load_si512(l);
             hi[i] = _mm512_load_si512(h);
+            b4[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, lo[i]), eight, hi[i]);
             x4[i] = _mm512_loadu_ps(s);
             s4[i] = _mm512_loadu_ps(sums);
         }
@@ -387,9 +344,9 @@ int ggml_matmul_q41s(const uint8_t *w, int64_t n_out, int64_t k, const float *x,
         const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
         for (int64_t t = 0; t < m; t += MAX_ROWS) {
             const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
-            switch (rows) { Q41S_ROWS(1) Q41S_ROWS(2) Q41S_ROWS(3) Q41S_ROWS(4) Q41S_ROWS(5) Q41S_ROWS(6) Q41S_ROWS(7) Q41S_ROWS(8) }
+            switch (rows) { SPLIT_ROWS(1) SPLIT_ROWS(2) SPLIT_ROWS(3) SPLIT_ROWS(4) SPLIT_ROWS(5) SPLIT_ROWS(6) SPLIT_ROWS(7) SPLIT_ROWS(8) }
         }
     }
-    free(xq), free(xd), free(bias), free(lo), free(hi), free(x4), free(s4);
+    free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4), free(s4);
     return 0;
 }

@@ -66,11 +66,8 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.ggml_matmul_q4s.restype = ctypes.c_int
-    lib.ggml_matmul_q4s.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_void_p, ctypes.c_int]
-    lib.ggml_matmul_q41s.restype = ctypes.c_int
-    lib.ggml_matmul_q41s.argtypes = lib.ggml_matmul_q4s.argtypes
+    lib.ggml_matmul_split.restype = ctypes.c_int
+    lib.ggml_matmul_split.argtypes = lib.ggml_matmul.argtypes
     lib.ggml_dequantize_bf16.restype = ctypes.c_int
     lib.ggml_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_int]
@@ -98,13 +95,9 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
         return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
-    if ggml_type in (102, 103):
-        fn = lib.ggml_matmul_q4s if ggml_type == 102 else lib.ggml_matmul_q41s
-        rc = fn(blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
-                torch.get_num_threads())
-    else:
-        rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
-                             y.data_ptr(), torch.get_num_threads())
+    fn = lib.ggml_matmul_split if ggml_type in SPLIT.values() else lib.ggml_matmul
+    rc = fn(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
+            torch.get_num_threads())
     return y if rc == 0 else None
 
 
