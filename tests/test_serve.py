@@ -214,11 +214,12 @@ def test_full_queue_answers_429():
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.post, f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2},
                                  timeout=30)
-            for _ in range(200):
+            for _ in range(1000):  # a loaded machine can take seconds to get the first request queued
                 if engine.queue_depth == 1:
                     break
                 time.sleep(0.02)
-            r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert engine.queue_depth == 1
+            r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
             release.set()
             assert queued.result().status_code == 200
