@@ -198,9 +198,10 @@ def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Ten
 
 
 def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool) -> dict[str, torch.Tensor]:
-    """The parts of one camelid matmul weight -> its tensors: float `weight`, int4 `weight` + `scales_zeros`
-    (in the CPU kernel's layout when `cpu_kernel`), or int8 `weight` + `scales`. One part at a time, and
-    int8 in slices of rows, so converting never holds more than a slice of float weights."""
+    """The parts of one camelid matmul weight -> its tensors: float `weight`; GGUF `blocks` for the C kernel
+    (Q4_0/Q8_0 as they are, Q4_1/Q4_K as Q4_1, the rest as Q8_0); or, where that kernel does not run, int4
+    `weight` + `scales_zeros` (in PyTorch's CPU layout when `cpu_kernel`) or int8 `weight` + `scales`. One
+    part at a time, and re-quantization in slices of rows, so converting never holds a whole float layer."""
     raws = [(_unpermute(t.data, heads) if heads else t.data, t) for t, heads in found]
     types = {t.type for t, _ in found}
     n = sum(t.shape[0] for t, _ in found)
