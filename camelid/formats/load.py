@@ -218,8 +218,7 @@ def plain_state_dict(lm: LoadedModel) -> dict:
     return sd
 
 
-def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None,
-                quantization: dict | None = None):
+def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None):
     """Write a camelid folder; written beside the target and renamed, so a failure leaves nothing half-done."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp-camelid")
@@ -228,7 +227,7 @@ def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None
     resolve_template(template)
     save_safetensors(_state_dict(lm.model), tmp / "model.safetensors", metadata={"format": "camelid"})
     meta = {"format": "camelid", "version": FORMAT_VERSION, "model": lm.config.to_dict(),
-            **({"quantization": quantization or lm.quantization} if quantization or lm.quantization else {}),
+            **({"quantization": lm.quantization} if lm.quantization else {}),
             "tokenizer": save_tokenizer(lm.tokenizer, tmp),
             "chat": {"template": template, "stop": stop if stop is not None else lm.stop}}
     (tmp / "camelid.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

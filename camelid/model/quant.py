@@ -14,8 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType, quants
 
 from camelid.errors import CamelidError
+from camelid.model import ggml_kernel
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -224,8 +226,6 @@ class GGMLEmbedding(nn.Module):
         self.out_dtype = torch.float32  # the model's compute dtype, set when the model is built
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        from gguf import GGMLQuantizationType, quants
-
         rows = self.blocks[ids.reshape(-1).to(self.blocks.device)].cpu().numpy()
         values = quants.dequantize(rows, GGMLQuantizationType(int(self.ggml_type)))
         out = torch.from_numpy(values).to(device=ids.device, dtype=self.out_dtype)
@@ -243,20 +243,16 @@ class GGMLLinear(nn.Module):
         self.register_buffer("blocks", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
         self.register_buffer("ggml_type", torch.tensor(ggml_type, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.split = False  # Q4_0 repacked for the kernel (ggml_kernel.split_q4_0), after load
+        self.split = False  # Q4_0/Q4_1 rows repacked for the kernel (ggml_kernel.split_rows)
 
     def prepare(self):
         """Once loaded: repack Q4_0 into the layout the CPU kernel reads fastest (same size)."""
-        from camelid.model import ggml_kernel
-
         if (not self.split and int(self.ggml_type) in ggml_kernel.SPLIT and self.in_features % 128 == 0
                 and self.blocks.device.type == "cpu" and ggml_kernel.available()):
             self.blocks = ggml_kernel.split_rows(self.blocks, int(self.ggml_type))
             self.split = True
 
     def file_blocks(self) -> torch.Tensor:
-        from camelid.model import ggml_kernel
-
         return ggml_kernel.join_rows(self.blocks, int(self.ggml_type)) if self.split else self.blocks
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -268,8 +264,6 @@ class GGMLLinear(nn.Module):
         self.split = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from camelid.model import ggml_kernel
-
         x2 = x.reshape(-1, self.in_features)
         kind = ggml_kernel.SPLIT[int(self.ggml_type)] if self.split else int(self.ggml_type)
         y = ggml_kernel.matmul(kind, self.blocks, x2, self.out_features)
@@ -279,8 +273,6 @@ class GGMLLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        from gguf import GGMLQuantizationType, quants
-
         values = quants.dequantize(self.file_blocks().cpu().numpy(), GGMLQuantizationType(int(self.ggml_type)))
         return torch.from_numpy(values).to(self.blocks.device)
 
@@ -299,19 +291,15 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-def quantize_model(model: nn.Module, mode: str, group: int = 32, weights: dict | None = None) -> dict[str, int]:
-    """Replaces the float linear layers in place. `weights` maps a layer name to a float weight to quantize
-    instead of the layer's own (GPTQ's error-compensated weights). Returns how many layers got each kind."""
+def quantize_model(model: nn.Module, mode: str, group: int = 32) -> dict[str, int]:
+    """Replaces the float linear layers in place. Returns how many layers got each kind."""
     if mode not in ("int8", "int4"):
         raise CamelidError(f"quantization mode {mode!r}: use int8 or int4")
     counts = {"int8": 0, "int4": 0}
-    for name, parent, attr in linear_layers(model):
+    for _, parent, attr in linear_layers(model):
         layer = getattr(parent, attr)
         if not isinstance(layer, nn.Linear):
             continue
-        if weights and name in weights:
-            layer = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-            layer.weight.data, layer.bias = weights[name], getattr(parent, attr).bias
         if mode == "int4" and int4_fits(layer.out_features, layer.in_features, group):
             setattr(parent, attr, Int4Linear.from_linear(layer, group))
             counts["int4"] += 1
