@@ -132,12 +132,15 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu":
             xk = _kernel_input(x2)
-            self.weight = _aligned(self.weight)
             y = torch._weight_int8pack_mm(xk, self.weight, _cached(self, "scales", xk.dtype)).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.weight = _aligned(self.weight)  # once, here: a memory-mapped weight may start off alignment
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
