@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="int4", choices=["int8", "int4"])
     p.add_argument("--group-size", type=int, default=32, help="int4: inputs sharing a scale (32, 64, 128, 256)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (int4)")
+    p.add_argument("--output-mode", default=None, choices=["int8", "int4", "float"],
+                   help="the output layer (default int8: llama.cpp's 4-bit files keep it at 6 bits too)")
     p.add_argument("--calibration", nargs="+", default=None, help="GPTQ: text or JSONL files to calibrate on")
     p.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per window")
@@ -628,7 +630,8 @@ def cmd_quantize(args):
     if args.samples < 1 or args.seq_len < 2:
         raise CamelidError("--samples must be at least 1 and --seq-len at least 2")
     info = quantize_folder(_load(args), args.out, mode=args.mode, group=args.group_size, method=args.method,
-                           calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+                           calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                           output=args.output_mode)
     layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
 

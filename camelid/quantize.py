@@ -8,7 +8,7 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.formats.load import LoadedModel, save_native
-from camelid.model.quant import INT4_GROUPS, QUANTIZED, quantize_model
+from camelid.model.quant import INT4_GROUPS, QUANTIZED, output_mode, quantize_model
 
 
 def calibration_batches(lm: LoadedModel, files: list[str], samples: int, seq_len: int, seed: int = 0,
@@ -27,14 +27,19 @@ def calibration_batches(lm: LoadedModel, files: list[str], samples: int, seq_len
 
 
 def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", calibration: list[str] | None = None,
-             samples: int = 128, seq_len: int = 512, seed: int = 0) -> dict:
-    """Quantizes `lm` in place; returns the description stored in the folder's camelid.json."""
+             samples: int = 128, seq_len: int = 512, seed: int = 0, output: str | None = None) -> dict:
+    """Quantizes `lm` in place; returns the description stored in the folder's camelid.json. `output` is the
+    output layer's mode (default int8: see `output_mode`)."""
     if any(isinstance(m, QUANTIZED) for m in lm.model.modules()):
         raise CamelidError(f"{lm.source}: already quantized ({(lm.quantization or {}).get('mode', '?')})")
     if mode not in ("int8", "int4"):
         raise CamelidError(f"--mode {mode!r}: use int8 or int4")
     if group not in INT4_GROUPS:
         raise CamelidError(f"--group-size {group}: use one of {', '.join(map(str, INT4_GROUPS))}")
+    try:
+        output = output_mode(mode, output)
+    except CamelidError as e:
+        raise CamelidError(f"--output-mode: {e}") from None
     if method == "gptq":
         if mode != "int4":
             raise CamelidError("--method gptq quantizes to int4: add --mode int4")
@@ -44,13 +49,13 @@ def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", c
 
         seq_len = min(seq_len, lm.config.max_seq_len)
         batches = calibration_batches(lm, calibration, samples, seq_len, seed)
-        counts = gptq_quantize_model(lm.model.float(), batches, group)
+        counts = gptq_quantize_model(lm.model.float(), batches, group, output=output)
     elif method == "rtn":
-        counts = quantize_model(lm.model, mode, group)
+        counts = quantize_model(lm.model, mode, group, output)
     else:
         raise CamelidError(f"--method {method!r}: use rtn or gptq")
     lm.model.tie_weights()
-    lm.quantization = {"mode": mode, "method": method, "layers": counts,
+    lm.quantization = {"mode": mode, "method": method, "layers": counts, "output": output,
                        **({"group_size": group} if mode == "int4" else {}),
                        **({"calibration_samples": samples, "calibration_seq_len": seq_len} if method == "gptq"
                           else {})}

@@ -108,3 +108,35 @@ def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(alpaca, tmp_pa
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
     assert load_file(str(folder / "model.safetensors"))["layers.0.attn.wqkv.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_qlora_trains_over_a_quantized_base_and_merges_into_the_float_one(alpaca, tmp_path, bits):
+    from camelid.model.quant import QUANTIZED
+
+    run = config(alpaca, tmp_path / "q", method="lora", lora_rank=4, quantize_base=bits, quantize_group=32)
+    plain = config(alpaca, tmp_path / "p", method="lora", lora_rank=4)
+    folder = finetune(run)
+    finetune(plain)
+    q, p = log(tmp_path / "q"), log(tmp_path / "p")
+    assert q[max(q)][0] < q[1][0] - 0.3, q  # it learns
+    assert q[1][0] != p[1][0] and abs(q[1][0] - p[1][0]) < 0.05 * p[1][0]  # over a close, quantized copy
+    # The saved model is the float base with the adapter merged: what `camelid merge` makes of it.
+    tuned = load_model(folder).model
+    assert not any(isinstance(m, QUANTIZED) for m in tuned.modules())
+    base = merge_lora(load_adapter(load_model(BASE).model, tmp_path / "q" / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(IDS), base(IDS), atol=1e-5, rtol=0)
+
+
+def test_qlora_bad_input(alpaca, tmp_path):
+    with pytest.raises(CamelidError, match="quantize_base needs method lora"):
+        finetune(config(alpaca, tmp_path / "a", quantize_base="int4"))
+    with pytest.raises(CamelidError, match="quantize_base must be int8 or int4"):
+        finetune(config(alpaca, tmp_path / "b", method="lora", quantize_base="nf4"))
+    quantized = tmp_path / "int4-base"
+    done = subprocess.run([sys.executable, "-m", "camelid", "quantize", str(BASE), str(quantized), "--mode", "int4"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(CamelidError, match="is quantized, so its weights cannot be trained; use method: lora"):
+        finetune(config(alpaca, tmp_path / "c", base=str(quantized)))

@@ -85,3 +85,75 @@ def test_only_lora_weights_train_and_bad_adapters_are_refused(tmp_path):
         load_adapter(camelid_model(tmp_path / "other"), tmp_path / "adapter")
     with pytest.raises(CamelidError, match="no adapter_config.json"):
         load_adapter(camelid_model(tmp_path / "base"), tmp_path / "base")
+
+
+def _quantized(kind, linear):
+    from gguf import GGMLQuantizationType, quants
+
+    from camelid.model.quant import GGMLLinear, Int4Linear, Int8Linear
+
+    if kind == "int8":
+        return Int8Linear.from_linear(linear)
+    if kind == "int4":
+        layer = Int4Linear.from_linear(linear, 32)
+        layer.kernel_weight()  # as loading leaves it: in the CPU kernel's layout
+        return layer
+    blocks = quants.quantize(linear.weight.detach().numpy(), GGMLQuantizationType.Q8_0)
+    layer = GGMLLinear(linear.in_features, linear.out_features, int(GGMLQuantizationType.Q8_0), blocks.shape[1])
+    layer.blocks = torch.from_numpy(blocks)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "q8_0"])
+def test_qlora_gradients_equal_lora_over_the_dequantized_weight(kind):
+    """LoRA over a frozen quantized layer (QLoRA): the packed kernels have no backward of their own, so
+    camelid's gives dx = dy W with W dequantized; the adapter's gradients must be those of LoRA over an
+    ordinary Linear holding the same dequantized weight."""
+    from camelid.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=True)
+    quantized = _quantized(kind, linear)
+    reference = torch.nn.Linear(128, 96, bias=True)
+    with torch.no_grad():
+        reference.weight.copy_(quantized.dequantize())
+        reference.bias.copy_(linear.bias)
+        quantized.bias = linear.bias.detach().clone()
+    cfg = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=["q_proj"])
+    torch.manual_seed(1)
+    ours = LoRALinear(quantized, {"q_proj": (0, 64)}, cfg)
+    torch.manual_seed(1)
+    theirs = LoRALinear(reference, {"q_proj": (0, 64)}, cfg)
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.lora_B["q_proj"].copy_(torch.linspace(-0.5, 0.5, 64 * 4).view(64, 4))
+    x = torch.randn(3, 5, 128).bfloat16().float()  # the CPU kernels round activations to bf16
+    target = torch.randn(3, 5, 96)
+    grads = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        torch.nn.functional.mse_loss(torch.tanh(layer(xi)) * 3, target).backward()
+        grads.append([xi.grad, layer.lora_A["q_proj"].grad, layer.lora_B["q_proj"].grad])
+    for got, want in zip(*grads):
+        assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.9999
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
+def test_merging_an_adapter_over_a_quantized_base_gives_a_float_layer():
+    from camelid.model.lora import LoRALinear
+    from camelid.model.quant import Int4Linear
+
+    torch.manual_seed(0)
+    base = Int4Linear.from_linear(torch.nn.Linear(128, 64), 32)
+    layer = LoRALinear(base, {"q_proj": (0, 64)}, LoRAConfig(rank=2, alpha=4, dropout=0.0, targets=["q_proj"]))
+    with torch.no_grad():
+        layer.lora_B["q_proj"].normal_()
+    x = torch.randn(4, 128).bfloat16().float()
+    want = x @ (base.dequantize() + layer.delta()).T
+    model = torch.nn.Module()
+    model.attn = torch.nn.Module()
+    model.attn.proj = layer
+    merge_lora(model)
+    merged = model.attn.proj
+    assert type(merged) is torch.nn.Linear and not merged.weight.requires_grad
+    torch.testing.assert_close(merged(x), want + merged.bias, atol=1e-4, rtol=0)

@@ -78,17 +78,36 @@ def _kl_to_float(base, lm, batches):
     return total / len(batches)
 
 
-def test_gptq_loses_less_than_round_to_nearest(tmp_path):
+@pytest.mark.parametrize("output", ["int8", "int4"])
+def test_gptq_loses_less_than_round_to_nearest(tmp_path, output):
     text = SHAKESPEARE.read_text()
     (tmp_path / "calib.txt").write_text(text[:60_000])
     (tmp_path / "held.txt").write_text(text[-60_000:])
     base = load_model(STORIES)
     held = calibration_batches(base, [str(tmp_path / "held.txt")], 12, 128, seed=1)
     rtn, gptq = load_model(STORIES), load_model(STORIES)
-    quantize(rtn, "int4", 32)
-    quantize(gptq, "int4", 32, "gptq", [str(tmp_path / "calib.txt")], samples=24, seq_len=128)
+    quantize(rtn, "int4", 32, output=output)
+    quantize(gptq, "int4", 32, "gptq", [str(tmp_path / "calib.txt")], samples=24, seq_len=128, output=output)
+    for lm in (rtn, gptq):
+        assert isinstance(lm.model.output, Int8Linear if output == "int8" else Int4Linear)
+        assert isinstance(lm.model.layers[0].attn.wqkv, Int4Linear)
     kl_rtn, kl_gptq = _kl_to_float(base, rtn, held), _kl_to_float(base, gptq, held)
     assert kl_gptq < 0.75 * kl_rtn, (kl_gptq, kl_rtn)
+
+
+def test_an_int8_output_layer_loses_less_than_an_int4_one(tmp_path):
+    """The default under int4 (as llama.cpp's 4-bit files keep the output layer at Q6_K)."""
+    base = load_model(STORIES)
+    text = SHAKESPEARE.read_text()
+    (tmp_path / "held.txt").write_text(text[-60_000:])
+    held = calibration_batches(base, [str(tmp_path / "held.txt")], 12, 128, seed=1)
+    kl = {}
+    for output in ("int8", "int4"):
+        lm = load_model(STORIES)
+        info = quantize(lm, "int4", 32, output=output)
+        assert info["output"] == output
+        kl[output] = _kl_to_float(base, lm, held)
+    assert kl["int8"] < kl["int4"], kl
 
 
 @pytest.mark.parametrize("args,message", [
@@ -96,6 +115,7 @@ def test_gptq_loses_less_than_round_to_nearest(tmp_path):
     (["--mode", "int8", "--method", "gptq", "--calibration", "x.txt"], "--method gptq quantizes to int4"),
     (["--group-size", "48"], "--group-size 48: use one of 32, 64, 128, 256"),
     (["--samples", "0"], "--samples must be at least 1"),
+    (["--mode", "int8", "--output-mode", "int4"], "--output-mode: an int4 output layer needs --mode int4"),
 ])
 def test_bad_quantize_input_is_one_line(tmp_path, args, message):
     out = subprocess.run([sys.executable, "-m", "camelid", "quantize", str(STORIES), str(tmp_path / "q"), *args],

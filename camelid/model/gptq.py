@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from camelid.model.quant import Int4Linear, Int8Linear, int4_fits
+from camelid.model.quant import Int4Linear, Int8Linear, int4_fits, output_mode
 
 
 class _Recorder(nn.Module):
@@ -96,16 +96,22 @@ def _capture_block_inputs(model, batches: list[torch.Tensor]) -> list[tuple]:
 
 @torch.no_grad()
 def gptq_quantize_model(model, batches: list[torch.Tensor], group: int, damp: float = 0.01,
-                        progress: bool = True) -> dict[str, int]:
-    """Replaces every block projection and the output layer with GPTQ int4 (int8 where the int4 kernel
-    cannot take the shape). `batches` are (B, T) token tensors of calibration text."""
+                        progress: bool = True, output: str | None = None) -> dict[str, int]:
+    """Replaces every block projection with GPTQ int4 (int8 where the int4 kernel cannot take the shape),
+    and the output layer with int8 per channel, GPTQ int4 or nothing (`output`: int8, int4 or float).
+    `batches` are (B, T) token tensors of calibration text."""
     counts = {"int4": 0, "int8": 0}
+    output = output_mode("int4", output)
     calls = _capture_block_inputs(model, batches)
     for block in tqdm(model.layers, desc="GPTQ", unit="block", disable=not progress):
         _quantize_sublayers(block, lambda: [block(*args) for args in calls], group, damp, counts)
         calls = [(out, *args[1:]) for out, args in zip([block(*args) for args in calls], calls)]
-    _quantize_sublayers(model, lambda: [model(tokens) for tokens in batches], group, damp, counts,
-                        only=("output",))
+    if output == "int8":
+        model.output = Int8Linear.from_linear(model.output).to(model.output.weight.device)
+        counts["int8"] += 1
+    elif output == "int4":
+        _quantize_sublayers(model, lambda: [model(tokens) for tokens in batches], group, damp, counts,
+                            only=("output",))
     return counts
 
 

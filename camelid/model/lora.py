@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.errors import CamelidError
+from camelid.model.quant import QUANTIZED
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,9 +39,10 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear and one low-rank update per targeted slice of its output rows."""
+    """A frozen layer and one low-rank update per targeted slice of its output rows. The base is an nn.Linear,
+    or an int8/int4/GGUF-block layer (QLoRA: the 4-bit weights stay 4-bit, gradients reach only A and B)."""
 
-    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], cfg: LoRAConfig):
+    def __init__(self, base: nn.Module, slices: dict[str, tuple[int, int]], cfg: LoRAConfig):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.slices = slices
@@ -49,7 +51,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         # The adapter is trained, so it stays fp32 even over a bf16 base (frozen weights need no fp32 master).
-        device, dtype = base.weight.device, torch.float32
+        device, dtype = next(iter((*base.parameters(), *base.buffers()))).device, torch.float32
         for name, (lo, hi) in slices.items():
             a = torch.empty(cfg.rank, base.in_features, device=device, dtype=dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's initialisation: B = 0, so training starts at W
@@ -61,7 +63,7 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
+        y = self.base(x)
         h = self.dropout(x)
         for name, (lo, hi) in self.slices.items():
             a, b = self.lora_A[name], self.lora_B[name]
@@ -71,7 +73,8 @@ class LoRALinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """The update to the full weight, (alpha / r) * B @ A on each slice."""
-        d = torch.zeros_like(self.base.weight)
+        a = next(iter(self.lora_A.values()))
+        d = torch.zeros(self.base.out_features, self.base.in_features, device=a.device)
         for name, (lo, hi) in self.slices.items():
             d[lo:hi] = (self.lora_B[name] @ self.lora_A[name]) * self.scaling
         return d
@@ -111,16 +114,30 @@ def add_lora(model, cfg: LoRAConfig):
     return model
 
 
+def _float_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    weight = layer.dequantize()
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                    dtype=dtype)
+    out.weight.copy_(weight)
+    if layer.bias is not None:
+        out.bias.copy_(layer.bias)
+    return out.requires_grad_(False)
+
+
 def lora_layers(model) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain layers back."""
+    """Fold every adapter into its base weight and put the plain layers back. A quantized base is
+    dequantized first: the merged layer is float (quantize the merged model again if you want it small)."""
     for name, layer in lora_layers(model).items():
-        layer.base.weight += layer.delta().to(layer.base.weight.dtype)
+        base = layer.base
+        if isinstance(base, QUANTIZED):
+            base = _float_linear(base, torch.float32)
+        base.weight += layer.delta().to(base.weight.dtype)
         parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, layer.base)
+        setattr(model.get_submodule(parent), attr, base)
     model.lora_config = None
     return model

@@ -62,6 +62,16 @@ def pack_for_cpu_kernel(q: torch.Tensor) -> torch.Tensor:
     return (qb[:, 0] | (qb[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
 
 
+def unpack_from_cpu_kernel(packed: torch.Tensor) -> torch.Tensor | None:
+    """The inverse of `pack_for_cpu_kernel`: q (N, K) values 0..15, or None where torch's own packer was used."""
+    N, half = packed.shape
+    block = kernel_block()
+    if block is None or N % block:
+        return None
+    p = packed.view(N // block, 2 * half, block // 2).transpose(1, 2)
+    return torch.stack((p & 15, p >> 4), dim=1).reshape(N, 2 * half)
+
+
 _KERNEL_BLOCK: list[int | None] = []
 
 
@@ -111,6 +121,28 @@ def _cached(layer: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
     return cache[key]
 
 
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x @ W^T for a frozen quantized W, with a backward (the packed kernels have none): dx = dy @ W, W
+    dequantized again for the moment it is needed. Nothing but the layer is saved for backward, so a LoRA
+    over a 4-bit base (QLoRA) never holds a float copy of a weight for longer than one layer's backward."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.matmul(x).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.layer.dequantize().to(device=dy.device, dtype=dy.dtype), None
+
+
+def _quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, layer.in_features)
+    y = _FrozenQuantizedMatmul.apply(x2, layer) if x2.requires_grad else layer.matmul(x2)
+    y = y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -129,14 +161,14 @@ class Int8Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
+        return _quantized_linear(self, x)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) @ W^T, without the bias."""
         if x2.device.type == "cpu":
             xk = _kernel_input(x2)
-            y = torch._weight_int8pack_mm(xk, self.weight, _cached(self, "scales", xk.dtype)).to(x.dtype)
-        else:
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return torch._weight_int8pack_mm(xk, self.weight, _cached(self, "scales", xk.dtype))
+        return F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -200,18 +232,21 @@ class Int4Linear(nn.Module):
         self.cpu_layout = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
+        return _quantized_linear(self, x)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) @ W^T, without the bias."""
         if x2.device.type == "cpu":
             xk = _kernel_input(x2)
-            y = torch._weight_int4pack_mm_for_cpu(xk, self.kernel_weight(), self.group,
-                                                  _cached(self, "scales_zeros", xk.dtype)).to(x.dtype)
-        else:
-            y = F.linear(x2, self.dequantize().to(x2.dtype))
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return torch._weight_int4pack_mm_for_cpu(xk, self.kernel_weight(), self.group,
+                                                     _cached(self, "scales_zeros", xk.dtype))
+        return F.linear(x2, self.dequantize().to(x2.dtype))
 
     def dequantize(self) -> torch.Tensor:
-        q = unpack_int4(self.portable_weight()).float().reshape(self.out_features, -1, self.group)
+        q = unpack_from_cpu_kernel(self.weight) if self.cpu_layout else None
+        if q is None:
+            q = unpack_int4(self.portable_weight())
+        q = q.float().reshape(self.out_features, -1, self.group)
         scales, zeros = self.scales_zeros.float().permute(2, 1, 0)
         return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
 
@@ -267,13 +302,13 @@ class GGMLLinear(nn.Module):
         self.split = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
+        return _quantized_linear(self, x)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) @ W^T, without the bias."""
         kind = ggml_kernel.SPLIT[int(self.ggml_type)] if self.split else int(self.ggml_type)
         y = ggml_kernel.matmul(kind, self.blocks, x2, self.out_features)
-        if y is None:
-            y = F.linear(x2, self.dequantize().to(device=x2.device, dtype=x2.dtype))
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x2, self.dequantize().to(device=x2.device, dtype=x2.dtype)) if y is None else y
 
     def dequantize(self) -> torch.Tensor:
         values = quants.dequantize(self.file_blocks().cpu().numpy(), GGMLQuantizationType(int(self.ggml_type)))
@@ -294,22 +329,38 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-def quantize_model(model: nn.Module, mode: str, group: int = 32) -> dict[str, int]:
-    """Replaces the float linear layers in place. Returns how many layers got each kind."""
+def quantize_model(model: nn.Module, mode: str, group: int = 32, output: str | None = None) -> dict[str, int]:
+    """Replaces the float linear layers in place. Returns how many layers got each kind. `output` is the
+    output layer's mode (default: int8 under int4, see `output_mode`)."""
     if mode not in ("int8", "int4"):
         raise CamelidError(f"quantization mode {mode!r}: use int8 or int4")
+    output = output_mode(mode, output)
     counts = {"int8": 0, "int4": 0}
-    for _, parent, attr in linear_layers(model):
+    for name, parent, attr in linear_layers(model):
         layer = getattr(parent, attr)
         if not isinstance(layer, nn.Linear):
             continue
-        if mode == "int4" and int4_fits(layer.out_features, layer.in_features, group):
+        layer_mode = output if name == "output" else mode
+        if layer_mode == "float":
+            continue
+        if layer_mode == "int4" and int4_fits(layer.out_features, layer.in_features, group):
             setattr(parent, attr, Int4Linear.from_linear(layer, group))
             counts["int4"] += 1
         else:  # int8, or a shape the int4 kernel cannot take
             setattr(parent, attr, Int8Linear.from_linear(layer))
             counts["int8"] += 1
     return counts
+
+
+def output_mode(mode: str, output: str | None) -> str:
+    """The output layer's mode: int8, int4 or float. Under int4 it keeps 8 bits by default, as llama.cpp's 4-bit
+    files keep it at Q6_K: every logit goes through it, so its rounding costs the most perplexity per byte."""
+    output = output or ("int8" if mode == "int4" else mode)
+    if output not in ("int8", "int4", "float"):
+        raise CamelidError(f"output layer mode {output!r}: use int8, int4 or float")
+    if output == "int4" and mode == "int8":
+        raise CamelidError("an int4 output layer needs --mode int4")
+    return output
 
 
 def quantized_shells(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -98,6 +98,8 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    quantize_base: str = ""  # int4 | int8: LoRA over a frozen quantized copy of the base (QLoRA)
+    quantize_group: int = 64  # int4: inputs sharing a scale (QLoRA's block size)
     epochs: float = 3.0
     micro_batch: int = 4
     grad_accum: int = 1  # global batch = micro_batch * grad_accum rows
@@ -131,7 +133,11 @@ class FinetuneConfig:
                   (self.epochs > 0, "epochs must be > 0"), (self.lr > 0, "lr must be > 0"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
                   (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-                  (isinstance(self.lora_targets, list), "lora_targets must be a list of module names")]
+                  (isinstance(self.lora_targets, list), "lora_targets must be a list of module names"),
+                  (self.quantize_base in ("", "int8", "int4"), "quantize_base must be int8 or int4 (or empty)"),
+                  (not self.quantize_base or self.method == "lora",
+                   "quantize_base needs method lora (a quantized base is frozen)"),
+                  (self.quantize_group in (32, 64, 128, 256), "quantize_group must be 32, 64, 128 or 256")]
         for key in ("max_len", "micro_batch", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last"):
             checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,
                            f"{key} must be a positive integer"))

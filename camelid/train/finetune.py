@@ -26,8 +26,9 @@ from camelid.data.masking import IGNORE, MaskStats, mask_conversation
 from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
 from camelid.errors import CamelidError
 from camelid.formats.load import LoadedModel, load_model, save_native
-from camelid.formats.peft import save_adapter
+from camelid.formats.peft import load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
+from camelid.model.quant import QUANTIZED, quantize_model
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.train.config import FinetuneConfig
 from camelid.train.schedule import lr_at
@@ -85,6 +86,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
     """Tune; returns the model folder, or None when a signal stopped the run (resumable with resume="auto")."""
     import signal
 
+    cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -101,6 +103,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
     print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
           f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
     model = lm.model
+    _quantize_base(model, cfg)
     model.train().requires_grad_(cfg.method == "full")  # loading prepares a model for inference: frozen
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.method == "lora":
@@ -174,10 +177,23 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
         return None
     model.eval().requires_grad_(False)
     if cfg.method == "lora":
-        save_adapter(model, out / "adapter", cfg.base)
+        adapter = save_adapter(model, out / "adapter", cfg.base)
+        if cfg.quantize_base:  # merge into the float weights the quantized copy was made from
+            lm.model = model = forward = optimizer = None
+            model = load_adapter(load_model(cfg.base, "cpu", cfg.dtype).model, adapter)
         merge_lora(model)
     save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop)
     return out / "model"
+
+
+def _quantize_base(model, cfg: FinetuneConfig) -> None:
+    """QLoRA: the blocks' weights become int4/int8 and stay frozen; the output layer and embeddings stay float,
+    as QLoRA keeps them. A base that is already quantized (a camelid int4 folder, a GGUF file) is used as it is."""
+    quantized = any(isinstance(m, QUANTIZED) for m in model.modules())
+    if quantized and cfg.method == "full":
+        raise CamelidError(f"base: {cfg.base} is quantized, so its weights cannot be trained; use method: lora")
+    if cfg.quantize_base and not quantized:
+        quantize_model(model, cfg.quantize_base, cfg.quantize_group, output="float")
 
 
 def sft_loss(model, batch: dict, amp_dtype=None) -> torch.Tensor:
