@@ -8,7 +8,11 @@ default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under au
 load the base in fp32 and train under autocast, as Trainer(bf16=True) does. Prints one JSON line per dtype with both tokens/s, both
 peaks and the ratios.
 
-    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--no-compile]
+`--quantize-base int4` (or int8) runs camelid as QLoRA (`quantize_base` in a finetune config: the blocks'
+weights frozen in 4 bits, groups of 64) against the same PEFT LoRA over a float base: PEFT's own QLoRA needs
+bitsandbytes' CUDA kernels, which a CPU machine does not have.
+
+    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--no-compile] [--quantize-base int4]
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ def batches(steps: int):
     return out
 
 
-def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, compile: bool) -> dict:
+def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, compile: bool,
+               quantize_base: str | None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -82,6 +87,10 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
         from camelid.train.finetune import sft_loss
 
         model = load_model(base, "cpu", dtype).model.train()  # as finetune does: the frozen base in the compute dtype
+        if quantize_base:
+            from camelid.model.quant import quantize_model
+
+            quantize_model(model, quantize_base, 64, output="float")
         add_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"]))
         forward = torch.compile(model, dynamic=True) if compile else model  # as `compile: true` does
 
@@ -122,12 +131,13 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="camelid without torch.compile")
+    ap.add_argument("--quantize-base", choices=["int4", "int8"], help="camelid as QLoRA over this base")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:  # a child process: one engine, one dtype
         print(json.dumps(run_engine(args.engine, Path(args.base), args.dtypes, args.steps, args.threads,
-                                    not args.no_compile)))
+                                    not args.no_compile, args.quantize_base)))
         return
     import peft
     import torch
@@ -141,12 +151,13 @@ def main():
             for engine in ("camelid", "peft"):
                 child = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base), "--dtypes",
                                         dtype, "--steps", str(args.steps), "--threads", str(args.threads)]
-                                       + ["--no-compile"] * args.no_compile,
+                                       + ["--no-compile"] * args.no_compile
+                                       + (["--quantize-base", args.quantize_base] if args.quantize_base else []),
                                        capture_output=True, text=True, check=True)
                 res[engine] = json.loads(child.stdout.strip().splitlines()[-1])
             c, p = res["camelid"], res["peft"]
             print(json.dumps({"bench": "finetune-lora", "dtype": dtype, "threads": args.threads, "seq_len": SEQ,
-                              "camelid_compile": not args.no_compile,
+                              "camelid_compile": not args.no_compile, "camelid_base": args.quantize_base or dtype,
                               "batch": BATCH, "camelid_tok_s": round(c["tok_s"], 1), "peft_tok_s": round(p["tok_s"], 1),
                               "speed_ratio": round(c["tok_s"] / p["tok_s"], 3),
                               "camelid_peak_mb": round(c["peak_rss_mb"]), "peft_peak_mb": round(p["peak_rss_mb"]),
