@@ -51,35 +51,43 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
 
 def assert_agree(ours: np.ndarray, ref: np.ndarray):
     """Correlation at least 0.999 and the same top token wherever llama.cpp's own top two are not a near-tie
-    (llama.cpp rounds activations to 8 bits for quantized matmuls, which flips near-ties either way)."""
+    (llama.cpp rounds activations to 8 bits for quantized matmuls, which flips near-ties either way). The
+    rounding error grows with the logits, so a near-tie is a gap under 0.05 or under 2% of the logits' spread
+    (a tied-embedding model's logits spread 4x wider than the tiny LLaMA's)."""
     corr = np.corrcoef(ours.ravel(), ref.ravel())[0, 1]
     assert corr >= 0.999, corr
     top2 = np.sort(ref, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 0.05
-    assert clear.sum() >= 0.8 * len(ref)
+    clear = top2[:, 1] - top2[:, 0] > max(0.05, 0.02 * ref.std())
+    assert clear.sum() >= 0.5 * len(ref)
     np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
-@pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory):
-    """A small LLaMA with every dimension a multiple of 256 (so K-quants apply), trained for a moment on
-    Shakespeare so its predictions are peaked like a real model's, exported by camelid as F32 GGUF."""
-    root = tmp_path_factory.mktemp("gguf")
-    stories = load_model(REPO / "models" / "stories260K")
+def _trained(cfg: ModelConfig, stories, steps: int = 100) -> Transformer:
+    """Trained for a moment on Shakespeare, so its predictions are peaked like a real model's."""
     ids = torch.tensor(stories.tokenizer.encode(TEXT[:100_000], bos=False))
-    cfg = ModelConfig(arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
-                      max_seq_len=128)
     torch.manual_seed(0)
     model = Transformer(cfg)
+    model.tie_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(100):
+    for _ in range(steps):
         starts = torch.randint(0, len(ids) - 65, (16,))
         x = torch.stack([ids[s:s + 65] for s in starts])
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """A small LLaMA with every dimension a multiple of 256 (so K-quants apply), trained for a moment,
+    exported by camelid as F32 GGUF."""
+    root = tmp_path_factory.mktemp("gguf")
+    stories = load_model(REPO / "models" / "stories260K")
+    cfg = ModelConfig(arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                      max_seq_len=128)
+    model = _trained(cfg, stories)
     save_native(LoadedModel(model, stories.tokenizer, "alpaca", [], "tiny"), root / "tiny")
     f32 = export_gguf(load_model(root / "tiny"), root / "export", "f32")
     tokens = stories.tokenizer.encode(TEXT[300_000:300_400])[:60]
@@ -191,6 +199,51 @@ def test_export_carries_tokenizer_template_and_stop_tokens(trained_tiny):
         assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(text)
     assert llm.token_eos() == tok.eos_ids[0] and llm.token_bos() == tok.bos_id
     assert "### Response:" in llm.metadata["tokenizer.chat_template"]
+
+
+FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's and Falcon-40B's shapes
+    "gpt_neox": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
+                     rotary_pct=0.25, qkv_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4),
+    "gpt_neox-sequential": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False,
+                                rotary_pct=0.5, qkv_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4),
+    "falcon-7b": dict(arch="falcon", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
+                      shared_parallel_norm=True, n_kv_heads=1, tie_embeddings=True),
+    "falcon-40b": dict(arch="falcon", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
+                       n_kv_heads=2),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    stories = load_model(REPO / "models" / "stories260K")
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, ffn_dim=1024, max_seq_len=128,
+                      **FAMILIES[request.param])
+    model = _trained(cfg, stories, steps=60)
+    lm = LoadedModel(model, stories.tokenizer, "raw", [], request.param)
+    tokens = stories.tokenizer.encode(TEXT[300_000:300_400])[:60]
+    return root, lm, export_gguf(lm, root, "f32"), tokens
+
+
+def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family):
+    """GPT-NeoX and Falcon: camelid's F32 export runs in llama.cpp with camelid's logits (llama.cpp's GELU is
+    a tanh approximation, hence the tolerance), and the files llama.cpp quantizes from it run in camelid
+    with llama.cpp's logits."""
+    root, lm, f32, tokens = family
+    want = lm.model(torch.tensor([tokens]))[0].numpy()
+    ours = load_model(f32)
+    assert ours.config.arch == lm.config.arch and ours.config.rotary_dim == lm.config.rotary_dim
+    np.testing.assert_allclose(ours.model(torch.tensor([tokens]))[0].numpy(), want, atol=1e-5)
+    assert_agree(want, llama_cpp_logits(f32, tokens))
+    np.testing.assert_allclose(want, llama_cpp_logits(f32, tokens), atol=5e-2)
+    for ftype in ("Q8_0", "Q4_0", "Q4_K_M"):
+        path = root / f"{ftype}.gguf"
+        llama_quantize(f32, path, ftype)
+        assert_agree(load_model(path).model(torch.tensor([tokens]))[0].numpy(), llama_cpp_logits(path, tokens))
+    exported = export_gguf(lm, root / "export", "q4_0")  # llama-quantize's types, Falcon's Q8_0 output included
+    assert {n: t.type for n, t in read_gguf(exported).tensors.items()} == \
+        {n: t.type for n, t in read_gguf(root / "Q4_0.gguf").tensors.items()}
+    assert_agree(load_model(exported).model(torch.tensor([tokens]))[0].numpy(), llama_cpp_logits(exported, tokens))
 
 
 @pytest.mark.parametrize("padding", [0, 7])

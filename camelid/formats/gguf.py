@@ -30,7 +30,8 @@ from camelid.model.quant import int4_fits, kernel_block, pack_for_cpu_kernel, pa
 from camelid.model.transformer import Transformer
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-SUPPORTED_ARCHS = ("llama", "gpt2")
+# camelid's family -> llama.cpp's architecture (llama.cpp has no GPT-J or OPT graph: no GGUF runs them)
+GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2", "gpt_neox": "gptneox", "falcon": "falcon"}
 
 
 def _key(meta: dict, source: str, key: str, kind=int, default=None):
@@ -51,8 +52,9 @@ def _key(meta: dict, source: str, key: str, kind=int, default=None):
 def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     meta, src = gf.metadata, str(gf.path)
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise CamelidError(f"{src}: general.architecture={arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
+    if arch not in GGUF_ARCHS.values():
+        raise CamelidError(f"{src}: general.architecture={arch!r} is not supported "
+                           f"({', '.join(GGUF_ARCHS.values())})")
     if "token_embd.weight" not in gf.tensors:
         raise CamelidError(f"{src}: tensor 'token_embd.weight' is missing")
     n_heads = _key(meta, src, f"{arch}.attention.head_count")
@@ -70,24 +72,41 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
                            f"feed_forward_length={ffn_dim}) do not match the file's tensors")
     common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len,
                   vocab_size=embd.shape[0], tie_embeddings="output.weight" not in gf.tensors)
+    if arch != "llama":
+        common.update(norm="layernorm", gated_mlp=False,
+                      norm_eps=_key(meta, src, f"{arch}.attention.layer_norm_epsilon", float, 1e-5))
     if arch == "gpt2":
-        return ModelConfig(arch="gpt2", **common, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
-                           positions="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True,
-                           norm_eps=_key(meta, src, "gpt2.attention.layer_norm_epsilon", float, 1e-5))
-    head_dim = _key(meta, src, "llama.attention.key_length", default=max(dim // n_heads, 1))
-    rope_dim = _key(meta, src, "llama.rope.dimension_count", default=head_dim)
+        return ModelConfig(arch="gpt2", **common, activation="gelu_tanh", positions="learned", qkv_bias=True,
+                           attn_out_bias=True, mlp_bias=True)
+    head_dim = _key(meta, src, f"{arch}.attention.key_length", default=max(dim // n_heads, 1))
+    rope_dim = _key(meta, src, f"{arch}.rope.dimension_count", default=head_dim)
     if rope_dim > head_dim or rope_dim % 2:
-        raise CamelidError(f"{src}: llama.rope.dimension_count={rope_dim} does not fit heads of {head_dim}")
+        raise CamelidError(f"{src}: {arch}.rope.dimension_count={rope_dim} does not fit heads of {head_dim}")
+    n_kv_heads = _key(meta, src, f"{arch}.attention.head_count_kv", default=n_heads)
+    if n_heads % n_kv_heads:
+        raise CamelidError(f"{src}: {arch}.attention.head_count_kv={n_kv_heads} does not divide "
+                           f"head_count={n_heads}")
+    rope = dict(head_dim=head_dim, rotary_pct=rope_dim / head_dim, n_kv_heads=n_kv_heads,
+                rope_theta=_key(meta, src, f"{arch}.rope.freq_base", float, 10000.0))
+    # HF's NeoX and Falcon use exact GELU (llama.cpp approximates it with tanh); camelid runs the original
+    if arch == "gptneox":
+        parallel = meta.get("gptneox.use_parallel_residual", True)
+        if not isinstance(parallel, bool):
+            raise CamelidError(f"{src}: metadata key 'gptneox.use_parallel_residual' should be bool, got {parallel!r}")
+        return ModelConfig(arch="gpt_neox", **common, **rope, activation="gelu", parallel_residual=parallel,
+                           qkv_bias=True, attn_out_bias=True, mlp_bias=True)
+    if arch == "falcon":
+        two_norms = "blk.0.attn_norm_2.weight" in gf.tensors  # Falcon-40B's ln_attn and ln_mlp
+        return ModelConfig(arch="falcon", **common, **rope, activation="gelu", parallel_residual=True,
+                           shared_parallel_norm=not two_norms)
     scaling = None
     if meta.get("llama.rope.scaling.type") == "linear":
         scaling = {"type": "linear", "factor": _key(meta, src, "llama.rope.scaling.factor", float)}
     if "rope_freqs.weight" in gf.tensors:  # Llama 3.1: per-frequency divisors, stored as a tensor
         factors = dequantize(gf.tensors["rope_freqs.weight"].data, gf.tensors["rope_freqs.weight"].type, (-1,))
         scaling = {"type": "factors", "factors": factors.tolist()}
-    return ModelConfig(arch="llama", **common, head_dim=head_dim, rotary_pct=rope_dim / head_dim,
-                       n_kv_heads=_key(meta, src, "llama.attention.head_count_kv", default=n_heads),
-                       norm_eps=_key(meta, src, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
-                       rope_theta=_key(meta, src, "llama.rope.freq_base", float, 10000.0), rope_scaling=scaling)
+    return ModelConfig(arch="llama", **common, **rope, rope_scaling=scaling,
+                       norm_eps=_key(meta, src, "llama.attention.layer_norm_rms_epsilon", float, 1e-5))
 
 
 def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
@@ -96,14 +115,25 @@ def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
     return raw.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
 
 
+def fused_layer_names(cfg: ModelConfig) -> dict[str, str]:
+    """camelid layer -> llama.cpp tensor, for the families whose GGUF keeps QKV fused in camelid's [q; k; v]
+    order (GPT-2, GPT-NeoX, Falcon: llama.cpp's converter puts NeoX's and Falcon's per-head rows in that order,
+    as camelid's Hugging Face loader does)."""
+    names = {"attn_norm": "attn_norm", "attn.wqkv": "attn_qkv", "attn.wo": "attn_output", "mlp_norm": "ffn_norm",
+             "mlp.w_in": "ffn_up", "mlp.w_out": "ffn_down"}
+    if cfg.arch == "falcon":  # llama.cpp's attn_norm feeds the MLP; Falcon-40B's attention has attn_norm_2
+        del names["mlp_norm"]
+        if not cfg.shared_parallel_norm:
+            names.update(attn_norm="attn_norm_2", mlp_norm="attn_norm")
+    return names
+
+
 def _layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[tuple[str, int | None]]]:
     """camelid tensor -> [(GGUF tensor, heads to un-permute or None)] whose rows it concatenates."""
     b = f"blk.{i}."
-    if cfg.arch == "gpt2":
-        names = {"attn_norm": "attn_norm", "attn.wqkv": "attn_qkv", "attn.wo": "attn_output",
-                 "mlp_norm": "ffn_norm", "mlp.w_in": "ffn_up", "mlp.w_out": "ffn_down"}
+    if cfg.arch != "llama":
         return {f"layers.{i}.{ours}.{p}": [(f"{b}{theirs}.{p}", None)]
-                for ours, theirs in names.items() for p in ("weight", "bias")}
+                for ours, theirs in fused_layer_names(cfg).items() for p in ("weight", "bias")}
     return {f"layers.{i}.attn_norm.weight": [(f"{b}attn_norm.weight", None)],
             f"layers.{i}.attn.wqkv.weight": [(f"{b}attn_q.weight", cfg.n_heads), (f"{b}attn_k.weight", cfg.n_kv_heads),
                                              (f"{b}attn_v.weight", None)],
@@ -117,6 +147,7 @@ def _global_parts(cfg: ModelConfig, gf: GGUFFile) -> dict[str, list[tuple[str, i
     parts = {"tok_embeddings.weight": [("token_embd.weight", None)], "norm.weight": [("output_norm.weight", None)]}
     if cfg.arch == "gpt2":
         parts["pos_embeddings.weight"] = [("position_embd.weight", None)]
+    if cfg.norm == "layernorm":
         parts["norm.bias"] = [("output_norm.bias", None)]
     if "output.weight" in gf.tensors:
         parts["output.weight"] = [("output.weight", None)]

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from camelid.errors import CamelidError
+from camelid.formats.gguf import fused_layer_names
 from camelid.formats.gguf_blocks import quantize
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
 from camelid.tokenizer.chat_template import resolve_template
@@ -35,13 +36,15 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None, n_layers: int) -> str:
+def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None, n_layers: int,
+                arch: str = "llama", has_output: bool = True) -> str:
     base = QUANTS[quant][0]
     if len(shape) == 1 or name == "position_embd.weight":
         return "F32"
     kind = base
-    if quant in ("q4_0", "q4_k_m") and name == "output.weight":
-        kind = "Q6_K"
+    output = name == "output.weight" or (name == "token_embd.weight" and not has_output)  # tied: one table
+    if quant in ("q4_0", "q4_k_m") and output:
+        kind = "Q8_0" if arch == "falcon" else "Q6_K"  # llama-quantize's rule for Falcon
     elif quant == "q4_k_m" and layer is not None and name.split(".")[2] in ("attn_v", "ffn_down") \
             and _more_bits(layer, n_layers):
         kind = "Q6_K"
@@ -57,10 +60,9 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
         out.append(("position_embd.weight", sd["pos_embeddings.weight"], None))
     for i in range(cfg.n_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
-        if cfg.arch == "gpt2":
-            for ours, theirs in (("attn_norm", "attn_norm"), ("attn.wqkv", "attn_qkv"), ("attn.wo", "attn_output"),
-                                 ("mlp_norm", "ffn_norm"), ("mlp.w_in", "ffn_up"), ("mlp.w_out", "ffn_down")):
-                out += [(f"{b}{theirs}.{s}", sd[f"{p}{ours}.{s}"], i) for s in ("weight", "bias")]
+        if cfg.arch in ("gpt2", "gpt_neox", "falcon"):
+            out += [(f"{b}{theirs}.{s}", sd[f"{p}{ours}.{s}"], i) for ours, theirs in fused_layer_names(cfg).items()
+                    for s in ("weight", "bias") if f"{p}{ours}.{s}" in sd]
             continue
         hd = cfg.head_dim
         q, k, v = sd[f"{p}attn.wqkv.weight"].split((cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd))
@@ -71,10 +73,10 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
                 (f"{b}ffn_norm.weight", sd[f"{p}mlp_norm.weight"], i), (f"{b}ffn_gate.weight", gate, i),
                 (f"{b}ffn_up.weight", up, i), (f"{b}ffn_down.weight", sd[f"{p}mlp.w_out.weight"], i)]
     out.append(("output_norm.weight", sd["norm.weight"], None))
-    if cfg.arch == "gpt2":
+    if "norm.bias" in sd:
         out.append(("output_norm.bias", sd["norm.bias"], None))
-    if not cfg.tie_embeddings:
-        out.append(("output.weight", sd["output.weight"], None))
+    if not cfg.tie_embeddings or cfg.arch == "gpt_neox":  # llama.cpp's NeoX always reads its own output layer
+        out.append(("output.weight", sd.get("output.weight", sd["tok_embeddings.weight"]), None))
     return out
 
 
@@ -83,15 +85,30 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-def check_exportable(cfg, source: str):
-    llama_like = (cfg.arch in ("llama", "mistral") and cfg.norm == "rmsnorm" and cfg.gated_mlp
-                  and cfg.activation == "silu" and cfg.positions == "rope" and not cfg.rope_interleaved
-                  and cfg.rotary_pct == 1.0 and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias))
-    gpt2_like = cfg.arch == "gpt2"
-    if not (llama_like or gpt2_like):
-        raise CamelidError(f"{source}: GGUF export covers the LLaMA and GPT-2 families; this model is {cfg.arch!r}")
-    if (cfg.rope_scaling or {}).get("type") not in (None, "linear"):
+def gguf_arch(cfg, source: str, quant: str = "f32") -> str:
+    """llama.cpp's architecture for this model, or a one-line error where llama.cpp's graph would compute
+    something else (llama.cpp reads no flags for these variants)."""
+    rope = cfg.positions == "rope" and not cfg.rope_interleaved
+    shapes = {
+        "llama": cfg.arch in ("llama", "mistral") and cfg.norm == "rmsnorm" and cfg.gated_mlp and rope
+        and cfg.activation == "silu" and cfg.rotary_pct == 1.0
+        and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias),
+        "gpt2": cfg.arch == "gpt2",
+        "gptneox": cfg.arch == "gpt_neox" and rope and cfg.norm == "layernorm" and not cfg.gated_mlp
+        and not cfg.shared_parallel_norm and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias,
+        "falcon": cfg.arch == "falcon" and rope and cfg.rotary_pct == 1.0 and cfg.norm == "layernorm"
+        and cfg.parallel_residual and not cfg.gated_mlp and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias),
+    }
+    arch = next((a for a, ok in shapes.items() if ok), None)
+    if arch is None:
+        raise CamelidError(f"{source}: GGUF export covers the LLaMA, GPT-2, GPT-NeoX and Falcon families as "
+                           f"llama.cpp runs them; this model is {cfg.arch!r}")
+    if (cfg.rope_scaling or {}).get("type") not in (None, "linear") or (cfg.rope_scaling and arch != "llama"):
         raise CamelidError(f"{source}: GGUF export does not write rope scaling {cfg.rope_scaling.get('type')!r}")
+    if quant == "q4_k_m" and arch != "llama":
+        raise CamelidError(f"--quant q4_k_m: camelid writes llama-quantize's Q4_K_M mix for the LLaMA family; "
+                           f"for {cfg.arch!r}, run llama-quantize on the f16 export")
+    return arch
 
 
 def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = None) -> Path:
@@ -101,7 +118,7 @@ def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = Non
     if quant not in QUANTS:
         raise CamelidError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
     cfg = lm.config
-    check_exportable(cfg, lm.source)
+    gguf_arch(cfg, lm.source, quant)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     name = name or Path(lm.source.rstrip("/")).stem or "model"
@@ -119,7 +136,7 @@ def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = Non
 def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
     import gguf
 
-    arch = "gpt2" if cfg.arch == "gpt2" else "llama"
+    arch = gguf_arch(cfg, lm.source, quant)
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(name)
     w.add_file_type(QUANTS[quant][1])
@@ -143,12 +160,19 @@ def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
             w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
     else:
         w.add_layer_norm_eps(cfg.norm_eps)
+    if arch in ("gptneox", "falcon"):
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.rotary_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+    if arch == "gptneox":
+        w.add_parallel_residual(cfg.parallel_residual)
     _add_tokenizer(w, lm.tokenizer, cfg.vocab_size, lm.source)
     if lm.template != "raw":
         w.add_chat_template(resolve_template(lm.template)[0])
     tensors = gguf_tensors(sd, cfg)
+    has_output = any(tname == "output.weight" for tname, _, _ in tensors)
     for tname, t, layer in tqdm(tensors, desc=f"quantizing to {quant}", unit="tensor", leave=False):
-        kind = tensor_type(tname, tuple(t.shape), quant, layer, cfg.n_layers)
+        kind = tensor_type(tname, tuple(t.shape), quant, layer, cfg.n_layers, arch, has_output)
         data = quantize(t.detach().float().cpu().numpy(), kind)
         if kind in ("F32", "F16"):
             w.add_tensor(tname, data)
