@@ -357,6 +357,17 @@ def test_export_refuses_bad_requests(trained_tiny, tmp_path):
     r = _camelid("export", root / "tiny", tmp_path / "out", "--gguf", "--quant", "q3_k")
     assert r.returncode == 1 and "--quant 'q3_k'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.gguf"))
+    stories = load_model(REPO / "models" / "stories260K")
+    for over, message in ((dict(arch="gptj", rope_interleaved=True), "this model is 'gptj'"),
+                          (dict(arch="gpt_neox", norm="layernorm", gated_mlp=False, activation="gelu"),
+                           "this model is 'gpt_neox'"),  # a NeoX without biases is not one llama.cpp computes
+                          (dict(arch="gpt_neox", norm="layernorm", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
+                                mlp_bias=True), "--quant q4_k_m: camelid writes llama-quantize's Q4_K_M mix")):
+        cfg = ModelConfig(vocab_size=512, dim=64, n_layers=1, n_heads=2, ffn_dim=128, **over)
+        lm = LoadedModel(Transformer(cfg).eval(), stories.tokenizer, "raw", [], "x")
+        with pytest.raises(CamelidError, match=message):
+            export_gguf(lm, tmp_path / "families", "q4_k_m")
+    assert not (tmp_path / "families").exists()  # refused before anything is written
 
 
 @pytest.fixture(scope="module")
