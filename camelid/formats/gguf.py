@@ -1,4 +1,5 @@
-"""Running llama.cpp's GGUF files: config, tokenizer and weights all come from the file.
+"""Running llama.cpp's GGUF files (LLaMA family, GPT-2, GPT-NeoX, Falcon): config, tokenizer and weights all
+come from the file.
 
 Weights map onto camelid's layers as directly as the kernels allow (README "GGUF"):
 - F32/F16/BF16 stay float (a zero-copy view when the dtype matches).
