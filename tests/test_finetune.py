@@ -140,3 +140,27 @@ def test_qlora_bad_input(alpaca, tmp_path):
     assert done.returncode == 0, done.stderr
     with pytest.raises(CamelidError, match="is quantized, so its weights cannot be trained; use method: lora"):
         finetune(config(alpaca, tmp_path / "c", base=str(quantized)))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_give_the_losses_of_one(alpaca, tmp_path, method):
+    """torchrun with DDP over gloo: each rank takes half of every step's micro-batches."""
+    over = dict(method=method, lora_rank=4, lora_dropout=0.0, epochs=2, threads=1, lr=1e-3)
+    finetune(config(alpaca, tmp_path / "one", **over))
+    two_cfg = config(alpaca, tmp_path / "two", **over)
+    args = [f"{k}={getattr(two_cfg, k)}" for k in ("base", "data", "template", "max_len", "epochs", "micro_batch",
+                                                    "grad_accum", "lr", "out_dir", "log_every", "eval_every",
+                                                    "ckpt_every", "val_fraction", "threads", "seed", *over)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "camelid", "finetune", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) >= 3
+    for step in one:
+        assert two[step][0] == pytest.approx(one[step][0], rel=1e-5)
+        assert (two[step][1] is None) == (one[step][1] is None)
+        if one[step][1] is not None:
+            assert two[step][1] == pytest.approx(one[step][1], rel=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "two" / "model").model(IDS),
+                                   load_model(tmp_path / "one" / "model").model(IDS), atol=1e-4, rtol=0)

@@ -60,7 +60,10 @@ def wrap(model: torch.nn.Module, cluster: Cluster, fsdp: bool, device: torch.dev
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Buffers are not broadcast on every forward: camelid's are rotary tables and, under QLoRA, the frozen
+    # quantized weights, the same on every rank from the start.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def no_sync(model: torch.nn.Module, fsdp: bool, sync: bool):

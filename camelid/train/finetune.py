@@ -31,6 +31,7 @@ from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, quantize_model
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.train.config import FinetuneConfig
+from camelid.train.distributed import Cluster, close_cluster, gather, init_cluster, no_sync, sum_across, wrap
 from camelid.train.schedule import lr_at
 from camelid.train.trainer import CKPT_DIR, LOG, list_checkpoints, param_groups, plot_loss, truncate_log
 
@@ -83,103 +84,133 @@ def _order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
-    """Tune; returns the model folder, or None when a signal stopped the run (resumable with resume="auto")."""
+    """Tune; returns the model folder, or None when a signal stopped the run (resumable with resume="auto").
+    Under torchrun each rank runs this with DDP: ranks split each step's micro-batches, so the global batch
+    and the losses are those of one process."""
+    cfg.validate()
+    cluster, device = init_cluster(cfg.device)
+    try:
+        return _finetune(cfg, resume, cluster, device)
+    finally:
+        close_cluster(cluster)
+
+
+def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device: torch.device) -> Path | None:
     import signal
 
-    cfg.validate()
+    if cfg.grad_accum % cluster.world:
+        raise CamelidError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of processes "
+                           f"({cluster.world}) so the global batch stays micro_batch x grad_accum")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
     # Full fine-tuning keeps fp32 master weights; LoRA's base is frozen, so it can stay in the compute dtype.
-    lm = load_model(cfg.base, cfg.device, cfg.dtype if cfg.method == "lora" else "fp32")
+    lm = load_model(cfg.base, str(device), cfg.dtype if cfg.method == "lora" else "fp32")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
                            "llama3 or Jinja source)")
     _, stop = resolve_template(template)
     train_rows, val_rows, info = build_rows(cfg, lm, template)
-    print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
-          f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
+    if cluster.main:
+        print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
+              f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
     model = lm.model
     _quantize_base(model, cfg)
     model.train().requires_grad_(cfg.method == "full")  # loading prepares a model for inference: frozen
     model.activation_checkpointing = cfg.activation_checkpointing
+    torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     if cfg.method == "lora":
         add_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets)))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrapped = wrap(model, cluster, False, device)
     # Compiled, elementwise chains are fused and only what backward needs is kept: less activation memory.
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    forward = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
+    torch.manual_seed(cfg.seed + cluster.rank)  # dropout differs between ranks
     global_batch = cfg.micro_batch * cfg.grad_accum
     max_steps = max(1, math.ceil(len(train_rows) * cfg.epochs / global_batch))
     schedule = _Schedule(cfg, max_steps)
-    step = _resume(out, resume, trainable, optimizer, cfg) if resume else 0
+    step = _resume(out, resume, trainable, optimizer, cfg, cluster) if resume else 0
     log_path = out / LOG
-    if not resume and log_path.exists():
+    if not resume and cluster.main and log_path.exists():
         log_path.unlink()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None  # fp16 gradients underflow
+    local_micro = list(range(cluster.rank, cfg.grad_accum, cluster.world))
     stop_signal = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, _f: stop_signal.update(signal=signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    bar = tqdm(total=max_steps, initial=step, desc=f"finetune ({cfg.method})", unit="step", disable=None)
+    bar = tqdm(total=max_steps, initial=step, desc=f"finetune ({cfg.method})", unit="step",
+               disable=None if cluster.main else True)
+    stopped, log = False, None
     try:
-        with open(log_path, "a") as log:
-            while step < max_steps and stop_signal["signal"] is None:
-                t0 = time.perf_counter()
-                lr = lr_at(step, schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                rows = batch_rows(train_rows, step, global_batch, cfg.seed)
-                n_trained = sum(t != IGNORE for r in rows for t in r.targets)
-                total, tokens = 0.0, 0
-                for m in range(cfg.grad_accum):
-                    batch = {k: v.to(device) for k, v in
-                             collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
+        log = open(log_path, "a") if cluster.main else None
+        while step < max_steps and not stopped:
+            t0 = time.perf_counter()
+            lr = lr_at(step, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = batch_rows(train_rows, step, global_batch, cfg.seed)
+            n_trained = sum(t != IGNORE for r in rows for t in r.targets)
+            total, tokens = 0.0, 0
+            for i, m in enumerate(local_micro):
+                batch = {k: v.to(device) for k, v in
+                         collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
+                with no_sync(wrapped, False, sync=i == len(local_micro) - 1):
                     # Summed over trained tokens, divided by those of the whole global batch: every token
-                    # weighs the same whatever micro-batch it landed in.
+                    # weighs the same whatever micro-batch (or rank: DDP averages, hence x world) it landed in.
                     loss = sft_loss(forward, batch, amp_dtype) / max(n_trained, 1)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    total += loss.item()
-                    tokens += batch["inputs"].numel()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf")).item()
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                record = {"step": step, "epoch": round(step * global_batch / len(train_rows), 3), "loss": total,
-                          "lr": lr, "grad_norm": norm,
-                          "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
-                if val_rows and (step % cfg.eval_every == 0 or step == max_steps):
-                    record["val_loss"] = evaluate(model, val_rows, cfg, device, amp_dtype)
-                if step % cfg.log_every == 0 or "val_loss" in record or step == max_steps:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.3f}")
-                if step % cfg.ckpt_every == 0 or step == max_steps or stop_signal["signal"] is not None:
-                    _save(out, step, trainable, optimizer, cfg)
+                    scaled = loss * cluster.world
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                total += loss.item()
+                tokens += batch["inputs"].numel()
+            total, tokens = sum_across(total, cluster, device), int(sum_across(tokens, cluster, device))
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf")).item()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "epoch": round(step * global_batch / len(train_rows), 3), "loss": total,
+                      "lr": lr, "grad_norm": norm,
+                      "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+            if cluster.main and val_rows and (step % cfg.eval_every == 0 or step == max_steps):
+                record["val_loss"] = evaluate(model, val_rows, cfg, device, amp_dtype)
+            # Every rank must agree to stop at the same step: the checkpoint gathers every rank's RNG.
+            stopped = sum_across(float(stop_signal["signal"] is not None), cluster, device) > 0
+            if log and (step % cfg.log_every == 0 or "val_loss" in record or step == max_steps):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if step % cfg.ckpt_every == 0 or step == max_steps or stopped:
+                _save(out, step, trainable, optimizer, cfg, cluster)
+                if cluster.main:
                     plot_loss(log_path, out / "loss.png")
     finally:
         bar.close()
+        if log:
+            log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stop_signal["signal"] is not None:
-        print(f"stopped by signal at step {step}; resume with --resume auto")
+    if stopped:
+        if cluster.main:
+            print(f"stopped by signal at step {step}; resume with --resume auto")
+        return None
+    if not cluster.main:
         return None
     model.eval().requires_grad_(False)
     if cfg.method == "lora":
         adapter = save_adapter(model, out / "adapter", cfg.base)
         if cfg.quantize_base:  # merge into the float weights the quantized copy was made from
-            lm.model = model = forward = optimizer = None
+            lm.model = model = wrapped = forward = optimizer = None
             model = load_adapter(load_model(cfg.base, "cpu", cfg.dtype).model, adapter)
         merge_lora(model)
     save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop)
@@ -228,14 +259,18 @@ def evaluate(model, rows: list[Row], cfg: FinetuneConfig, device, amp_dtype) -> 
     return total / max(count, 1)
 
 
-def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig):
-    """Only what changes is saved (for LoRA, megabytes instead of the whole base model)."""
+def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig, cluster: Cluster):
+    """Only what changes is saved (for LoRA, megabytes instead of the whole base model). Collective: every
+    rank's RNG state is kept (the ranks' weights are the same under DDP); rank 0 writes the file."""
     import dataclasses
 
+    rng = gather(torch.get_rng_state(), cluster)
+    if not cluster.main:
+        return
     folder = out / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}
+             "optimizer": optimizer.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg)}
     path = folder / f"step_{step:08d}.pt"
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -243,7 +278,7 @@ def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig)
         old.unlink()
 
 
-def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneConfig) -> int:
+def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneConfig, cluster: Cluster) -> int:
     found = list_checkpoints(out)
     path = (found[-1] if found else None) if resume == "auto" else Path(resume)
     if path is None:
@@ -261,7 +296,9 @@ def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneCon
         for n, p in trainable.items():
             p.copy_(state["trainable"][n])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    truncate_log(out / LOG, state["step"])
-    print(f"resumed from {path} at step {state['step']}")
+    if len(state["rng"]) == cluster.world:  # with another world size the data order is the same, dropout is not
+        torch.set_rng_state(state["rng"][cluster.rank])
+    if cluster.main:
+        truncate_log(out / LOG, state["step"])
+        print(f"resumed from {path} at step {state['step']}")
     return state["step"]
