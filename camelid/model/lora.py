@@ -135,7 +135,7 @@ def merge_lora(model):
     for name, layer in lora_layers(model).items():
         base = layer.base
         if isinstance(base, QUANTIZED):
-            base = _float_linear(base, torch.float32)
+            base = _float_linear(base, getattr(model, "dtype", torch.float32))
         base.weight += layer.delta().to(base.weight.dtype)
         parent, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, base)
