@@ -58,10 +58,6 @@ class LoRALinear(nn.Module):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(hi - lo, cfg.rank, device=device, dtype=dtype))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         h = self.dropout(x)
