@@ -23,7 +23,7 @@ from camelid.formats.gguf_export import export_gguf
 from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
 from camelid.formats.load import LoadedModel, load_model, save_native
 from camelid.model.config import ModelConfig
-from camelid.model import ggml_kernel
+from camelid.model import fused_decode, ggml_kernel
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
@@ -60,6 +60,12 @@ def assert_agree(ours: np.ndarray, ref: np.ndarray):
     clear = top2[:, 1] - top2[:, 0] > max(0.05, 0.02 * ref.std())
     assert clear.sum() >= 0.5 * len(ref)
     np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def decode_logits(model: Transformer, tokens: list[int]) -> np.ndarray:
+    cache = model.new_kv_cache(1, len(tokens))
+    with torch.inference_mode():
+        return torch.cat([model(torch.tensor([[t]]), i, cache)[0] for i, t in enumerate(tokens)]).numpy()
 
 
 def _trained(cfg: ModelConfig, stories, steps: int = 100) -> Transformer:
@@ -112,7 +118,17 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
         llama_quantize(f32, path, ftype)
     lm = load_model(path)
     ours = lm.model(torch.tensor([tokens]))[0].numpy()
-    assert_agree(ours, llama_cpp_logits(path, tokens))
+    ref = llama_cpp_logits(path, tokens)
+    assert_agree(ours, ref)
+    decoded = decode_logits(lm.model, tokens)  # token by token through the KV cache, as generation runs
+    assert_agree(decoded, ref)
+    fused = getattr(lm.model, "_decode_plan", None) is not None  # the whole step in one C call
+    assert fused == (kernels == "c-kernel" and ftype != "F16")
+    with pytest.MonkeyPatch.context() as mp:  # the same steps op by op through PyTorch
+        mp.setattr(fused_decode, "decode_step", lambda *args: None)
+        op_by_op = decode_logits(lm.model, tokens)
+    # the same math: equal but where an activation's int8 rounding flips on a last-bit difference
+    np.testing.assert_allclose(decoded, op_by_op, atol=0.02)
     kinds = {type(m) for m in lm.model.modules()}
     if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0/Q4_1 blocks, Q4_K as Q4_1, 5-6 bit types as Q8_0
         assert GGMLLinear in kinds and Int8Linear not in kinds and Int4Linear not in kinds
@@ -124,6 +140,28 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
         save_native(lm, root / f"native-{ftype}-{kernels}")
         again = load_model(root / f"native-{ftype}-{kernels}").model(torch.tensor([tokens]))[0].numpy()
         np.testing.assert_array_equal(again, ours)
+
+
+def test_fused_decode_follows_changes_to_the_model(trained_tiny):
+    """The C step keeps pointers to the weights: a swapped tensor or layer must be seen, not read stale."""
+    if not ggml_kernel.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    root, f32, tokens = trained_tiny
+    path = root / "llama-Q8_0.gguf"
+    if not path.exists():
+        llama_quantize(f32, path, "Q8_0")
+    model = load_model(path).model
+    before = decode_logits(model, tokens[:8])
+    norm = model.layers[1].mlp_norm
+    norm.weight = torch.nn.Parameter(norm.weight * 1.5, requires_grad=False)
+    after = decode_logits(model, tokens[:8])
+    assert model._decode_plan is not None and not np.allclose(after, before, atol=0.1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_decode, "decode_step", lambda *args: None)
+        np.testing.assert_allclose(after, decode_logits(model, tokens[:8]), atol=0.02)
+    model.layers[0].attn.wo = torch.nn.Linear(256, 256, bias=False)  # no longer blocks: op by op again
+    decode_logits(model, tokens[:8])
+    assert model._decode_plan is None
 
 
 KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q4_0", True), ("Q4_1", True))

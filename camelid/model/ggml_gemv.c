@@ -13,6 +13,7 @@
 // AVX-512 VNNI camelid keeps to PyTorch's kernels.
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,54 +128,6 @@ static inline __attribute__((always_inline)) void gemv_row(
     }
 }
 
-#define ROWS(M)                                                                                                \
-    case M:                                                                                                    \
-        for (int64_t n = n0; n < n1; n++)                                                                      \
-            gemv_row(w + n * row_bytes, bb, is_q4, nb, k, tq, td, tb, tv, ty + n, n_out, M);                 \
-        break;
-
-// y (m, n_out) = x (m, k) @ w.T, w being n_out rows of k/32 blocks of `type` (2: Q4_0, 8: Q8_0). Each
-// thread takes 16 weight rows at a time and runs every activation row past them (8 at a time) while they
-// are in its cache, so the weights come from memory once however long the prompt.
-// Returns 0, or -1 for arguments it does not take (the caller then uses PyTorch).
-int ggml_matmul(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
-                int threads) {
-    if (k % QK || m < 1 || (type != 2 && type != 8)) return -1;
-    const int64_t nb = k / QK;
-    const int is_q4 = type == 2;
-    const int64_t bb = is_q4 ? 18 : 34, row_bytes = nb * bb;
-    int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
-    float *xd = malloc(sizeof(float) * m * nb);
-    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));  // a multiple of 64 bytes
-    __m512 *xdv = aligned_alloc(64, sizeof(__m512) * (m * (nb / 2) + 1));
-    if (!xq || !xd || !bias || !xdv) {
-        free(xq), free(xd), free(bias), free(xdv);
-        return -1;
-    }
-    quantize_activations(x, k, m, xq, xd, bias, is_q4 ? 8 : 128);
-    for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
-        for (int64_t p = 0; p < nb / 2; p++)
-            xdv[r * (nb / 2) + p] = _mm512_insertf32x8(_mm512_set1_ps(xd[r * nb + 2 * p]),
-                                                       _mm256_set1_ps(xd[r * nb + 2 * p + 1]), 1);
-    const int64_t chunk = 16;
-    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n_chunks; c++) {
-        const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
-        for (int64_t t = 0; t < m; t += MAX_ROWS) {
-            const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
-            const int8_t *tq = xq + t * k;
-            const float *td = xd + t * nb;
-            const __m256i *tb = bias + t * nb;
-            const __m512 *tv = xdv + t * (nb / 2);
-            float *ty = y + t * n_out;
-            switch (rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
-        }
-    }
-    free(xq), free(xd), free(bias), free(xdv);
-    return 0;
-}
-
 // Rows of Q4_0/Q8_0 blocks -> bf16 (n, k), for prompts: there a bf16 matrix product (oneDNN) does many rows
 // at once faster than integer dot products row by row, and this expansion costs a few milliseconds.
 static inline __m256i to_bf16(__m512 v) {  // round to nearest even
@@ -284,35 +237,60 @@ static inline __attribute__((always_inline)) void q41s_row(
     for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
-#define SPLIT_ROWS(M)                                                                                          \
-    case M:                                                                                                    \
-        for (int64_t n = n0; n < n1; n++) {                                                                    \
-            const int64_t i = t * ng;                                                                          \
-            if (type == Q4S)                                                                                   \
-                q4s_row(w + n * row_bytes, nb, lo + i, hi + i, b4 + i, x4 + i, y + t * n_out + n, n_out, M);   \
-            else                                                                                               \
-                q41s_row(w + n * row_bytes, nb, lo + i, hi + i, x4 + i, s4 + i, y + t * n_out + n, n_out, M);  \
-        }                                                                                                      \
-        break;
+// ---------------------------------------------------------------------------------------------------
+// Activations rounded once per matmul, in the layout each weight type's rows meet them in.
+typedef struct {
+    int64_t k, m;
+    int8_t *xq;                 // int8 values, (m, k)
+    float *xd;                  // one scale per block of 32
+    __m256i *bias;              // Q4_0/Q8_0: offset * block sum, per block
+    __m512 *xdv;                // Q4_0/Q8_0: scales of block pairs
+    __m512i *lo, *hi, *b4;      // split rows: per four blocks, first and second halves, the -8 offset's lanes
+    __m512 *x4, *s4;            // split rows: scales, and the scaled sums Q4_1's mins meet
+} prepared;
 
-// y (m, n_out) = x (m, k) @ w.T for repacked Q4_0 (102) or Q4_1 (103) rows. The activations are rounded
-// and laid out to match once: per four blocks their first and second halves, the -8 offset's lanes (Q4_0),
-// the scales, and the scaled sums the mins meet (Q4_1).
-int ggml_matmul_split(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
-                      int threads) {
-    if (k % (4 * QK) || m < 1 || (type != Q4S && type != Q41S)) return -1;
-    const int64_t nb = k / QK, ng = nb / 4, row_bytes = nb * (type == Q4S ? 18 : 20);
-    int8_t *xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
-    float *xd = malloc(sizeof(float) * m * nb);
-    __m256i *bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));
-    __m512i *lo = aligned_alloc(64, 64 * m * ng), *hi = aligned_alloc(64, 64 * m * ng);
-    __m512i *b4 = aligned_alloc(64, 64 * m * ng);
-    __m512 *x4 = aligned_alloc(64, 64 * m * ng), *s4 = aligned_alloc(64, 64 * m * ng);
-    if (!xq || !xd || !bias || !lo || !hi || !b4 || !x4 || !s4) {
-        free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4), free(s4);
+static void prepared_free(prepared *p) {
+    free(p->xq), free(p->xd), free(p->bias), free(p->xdv), free(p->lo), free(p->hi), free(p->b4), free(p->x4),
+        free(p->s4);
+}
+
+// Room for m rows of up to k values (k a multiple of 32); 0 or -1 when out of memory.
+static int prepared_alloc(prepared *p, int64_t k, int64_t m) {
+    const int64_t nb = k / QK, ng = nb / 4 + 1;
+    memset(p, 0, sizeof(*p));
+    p->xq = aligned_alloc(64, ((m * k + 63) / 64) * 64);
+    p->xd = malloc(sizeof(float) * m * nb);
+    p->bias = aligned_alloc(64, sizeof(__m256i) * ((m * nb + 1) / 2 * 2));  // a multiple of 64 bytes
+    p->xdv = aligned_alloc(64, sizeof(__m512) * (m * (nb / 2) + 1));
+    p->lo = aligned_alloc(64, 64 * m * ng), p->hi = aligned_alloc(64, 64 * m * ng);
+    p->b4 = aligned_alloc(64, 64 * m * ng);
+    p->x4 = aligned_alloc(64, 64 * m * ng), p->s4 = aligned_alloc(64, 64 * m * ng);
+    if (!p->xq || !p->xd || !p->bias || !p->xdv || !p->lo || !p->hi || !p->b4 || !p->x4 || !p->s4) {
+        prepared_free(p);
         return -1;
     }
-    quantize_activations(x, k, m, xq, xd, bias, 8);
+    return 0;
+}
+
+static int is_split(int type) { return type == Q4S || type == Q41S; }
+
+// Whether `type` rows of k values are taken: Q4_0 (2), Q8_0 (8) and the repacked Q4_0/Q4_1 (102, 103).
+static int takes(int type, int64_t k) {
+    return is_split(type) ? k % (4 * QK) == 0 : (type == 2 || type == 8) && k % QK == 0;
+}
+
+// x (m, k) -> p, for weights of `type`.
+static void prepare(int type, const float *x, int64_t k, int64_t m, prepared *p) {
+    const int64_t nb = k / QK, ng = nb / 4;
+    p->k = k, p->m = m;
+    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : 8);
+    if (!is_split(type)) {
+        for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
+            for (int64_t b = 0; b < nb / 2; b++)
+                p->xdv[r * (nb / 2) + b] = _mm512_insertf32x8(_mm512_set1_ps(p->xd[r * nb + 2 * b]),
+                                                              _mm256_set1_ps(p->xd[r * nb + 2 * b + 1]), 1);
+        return;
+    }
     const __m512i eight = _mm512_set1_epi8(8);
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < ng; g++) {
@@ -320,33 +298,200 @@ int ggml_matmul_split(int type, const uint8_t *w, int64_t n_out, int64_t k, cons
             float s[16], sums[16];
             for (int j = 0; j < 4; j++) {
                 const int64_t b = 4 * g + j;
-                const int8_t *a = xq + r * k + b * QK;
+                const int8_t *a = p->xq + r * k + b * QK;
                 memcpy(l + 16 * j, a, 16);
                 memcpy(h + 16 * j, a + 16, 16);
                 // Q4_1's min term uses the rounded activations' sum, as the dot products do (llama.cpp's
                 // Q8_1): the two are large and cancel, so they must see the same activations
                 int total = 0;
                 for (int e = 0; e < QK; e++) total += a[e];
-                for (int e = 0; e < 4; e++) s[4 * j + e] = xd[r * nb + b], sums[4 * j + e] = total * xd[r * nb + b] * 0.25f;
+                for (int e = 0; e < 4; e++) s[4 * j + e] = p->xd[r * nb + b], sums[4 * j + e] = total * p->xd[r * nb + b] * 0.25f;
             }
             const int64_t i = r * ng + g;
-            lo[i] = _mm512_load_si512(l);
-            hi[i] = _mm512_load_si512(h);
-            b4[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, lo[i]), eight, hi[i]);
-            x4[i] = _mm512_loadu_ps(s);
-            s4[i] = _mm512_loadu_ps(sums);
+            p->lo[i] = _mm512_load_si512(l);
+            p->hi[i] = _mm512_load_si512(h);
+            p->b4[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, p->lo[i]), eight, p->hi[i]);
+            p->x4[i] = _mm512_loadu_ps(s);
+            p->s4[i] = _mm512_loadu_ps(sums);
         }
     }
-    const int64_t chunk = 16;
-    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
+}
+
+// Output rows n0..n1 for activation rows t..t+M-1 (M a constant once inlined, so accumulators stay in registers).
+static inline __attribute__((always_inline)) void rows_block(
+        int type, const uint8_t *w, int64_t n0, int64_t n1, int64_t n_out, const prepared *p, int64_t t, float *y,
+        const int M) {
+    const int64_t k = p->k, nb = k / QK, ng = nb / 4;
+    const int64_t bb = type == 8 ? 34 : type == Q41S ? 20 : 18, row_bytes = nb * bb;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        float *out = y + t * n_out + n;
+        if (type == Q4S)
+            q4s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M);
+        else if (type == Q41S)
+            q41s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->x4 + t * ng, p->s4 + t * ng, out, n_out, M);
+        else
+            gemv_row(row, bb, type == 2, nb, k, p->xq + t * k, p->xd + t * nb, p->bias + t * nb,
+                     p->xdv + t * (nb / 2), out, n_out, M);
+    }
+}
+
+#define ROWS(M) \
+    case M: rows_block(type, w, n0, n1, n_out, p, t, y, M); break;
+
+// y (m, n_out) = the prepared activations @ w.T. Called by every thread of a parallel region: each takes 16
+// weight rows at a time and runs every activation row past them (8 at a time) while they are in its cache,
+// so the weights come from memory once however long the prompt.
+static void matmul_shared(int type, const uint8_t *w, int64_t n_out, const prepared *p, float *y) {
+    const int64_t chunk = 16, n_chunks = (n_out + chunk - 1) / chunk, m = p->m;
+#pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; c++) {
         const int64_t n0 = c * chunk, n1 = n0 + chunk < n_out ? n0 + chunk : n_out;
         for (int64_t t = 0; t < m; t += MAX_ROWS) {
             const int rows = m - t < MAX_ROWS ? (int)(m - t) : MAX_ROWS;
-            switch (rows) { SPLIT_ROWS(1) SPLIT_ROWS(2) SPLIT_ROWS(3) SPLIT_ROWS(4) SPLIT_ROWS(5) SPLIT_ROWS(6) SPLIT_ROWS(7) SPLIT_ROWS(8) }
+            switch (rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
         }
     }
-    free(xq), free(xd), free(bias), free(lo), free(hi), free(b4), free(x4), free(s4);
+}
+
+// y (m, n_out) = x (m, k) @ w.T, w being n_out rows of k/32 blocks of `type` (see `takes`).
+// Returns 0, or -1 for arguments it does not take (the caller then uses PyTorch).
+int ggml_matmul(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
+                int threads) {
+    prepared p;
+    if (m < 1 || !takes(type, k) || prepared_alloc(&p, k, m)) return -1;
+    prepare(type, x, k, m, &p);
+#pragma omp parallel num_threads(threads)
+    matmul_shared(type, w, n_out, &p, y);
+    prepared_free(&p);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// One decode step of a LLaMA-shaped model (RMSNorm, rotary attention over a KV cache, SwiGLU MLP) whose four
+// block matmuls are all in blocks this file runs. The PyTorch model computes the same thing op by op (and is
+// the reference the tests hold this to); here the whole step is one parallel region with a barrier between
+// phases, which removes about ten milliseconds a token of per-op dispatch on a 22-layer model.
+typedef struct {
+    const float *attn_norm, *mlp_norm;         // (dim)
+    const uint8_t *wqkv, *wo, *w_in, *w_out;   // block rows: [q; k; v], attention out, [gate; up], down
+    int32_t qkv_type, wo_type, in_type, out_type;
+} llama_layer;
+
+typedef struct {
+    int64_t dim, n_heads, n_kv_heads, head_dim, ffn_dim, max_len;
+    float norm_eps;
+} llama_dims;
+
+static void rmsnorm(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+// Hugging Face rotary layout: the two halves of a head turn together (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+// One query head over positions 0..n-1 of its KV head's cache rows.
+static void attend(const float *q, const float *kc, const float *vc, int64_t n, int64_t d, float *scores,
+                   float *out) {
+    const float scale = 1.0f / sqrtf((float)d);
+    float top = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d; i++) dot += q[i] * kc[s * d + i];
+        scores[s] = dot * scale;
+        top = scores[s] > top ? scores[s] : top;
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < n; s++) total += scores[s] = expf(scores[s] - top);
+    memset(out, 0, sizeof(float) * d);
+    for (int64_t s = 0; s < n; s++) {
+        const float w = scores[s] / total;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) out[i] += w * vc[s * d + i];
+    }
+}
+
+// x (dim) is the token's embedding in, the last block's output out. k_cache[l] / v_cache[l] are layer l's
+// (n_kv_heads, max_len, head_dim) caches; the step writes position `pos` and attends over 0..pos. cos/sin
+// (head_dim) are the position's rotary factors. Returns 0, or -1 for what it does not take.
+int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_dims *d, float *x,
+                      float *const *k_cache, float *const *v_cache, int64_t pos, const float *cos,
+                      const float *sin, int threads) {
+    const int64_t dim = d->dim, hd = d->head_dim, nh = d->n_heads, nkv = d->n_kv_heads, ffn = d->ffn_dim;
+    const int64_t q_size = nh * hd, kv_size = nkv * hd, widest = q_size > ffn ? q_size : ffn;
+    if (pos < 0 || pos >= d->max_len || nh % nkv || hd % 2) return -1;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const llama_layer *L = layers + l;
+        if (!takes(L->qkv_type, dim) || !takes(L->wo_type, q_size) || !takes(L->in_type, dim) ||
+            !takes(L->out_type, ffn))
+            return -1;
+    }
+    prepared p;
+    float *h = malloc(sizeof(float) * (widest > dim ? widest : dim));
+    float *qkv = malloc(sizeof(float) * (q_size + 2 * kv_size)), *att = malloc(sizeof(float) * q_size);
+    float *y = malloc(sizeof(float) * (2 * ffn > dim ? 2 * ffn : dim));
+    float *scores = malloc(sizeof(float) * nh * (pos + 1));
+    if (!h || !qkv || !att || !y || !scores || prepared_alloc(&p, widest > dim ? widest : dim, 1)) {
+        free(h), free(qkv), free(att), free(y), free(scores);
+        return -1;
+    }
+    const int64_t group = nh / nkv, n = pos + 1;
+#pragma omp parallel num_threads(threads)
+    for (int64_t l = 0; l < n_layers; l++) {
+        const llama_layer *L = layers + l;
+        float *kc = k_cache[l], *vc = v_cache[l];
+#pragma omp single
+        {
+            rmsnorm(x, L->attn_norm, dim, d->norm_eps, h);
+            prepare(L->qkv_type, h, dim, 1, &p);
+        }
+        matmul_shared(L->qkv_type, L->wqkv, q_size + 2 * kv_size, &p, qkv);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < nh + nkv; j++) {  // query heads, then key heads
+            rotate(qkv + j * hd, cos, sin, hd);
+            if (j >= nh) {
+                const int64_t g = j - nh;
+                memcpy(kc + (g * d->max_len + pos) * hd, qkv + j * hd, sizeof(float) * hd);
+                memcpy(vc + (g * d->max_len + pos) * hd, qkv + q_size + kv_size + g * hd, sizeof(float) * hd);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < nh; j++) {
+            const int64_t g = j / group;
+            attend(qkv + j * hd, kc + g * d->max_len * hd, vc + g * d->max_len * hd, n, hd, scores + j * n,
+                   att + j * hd);
+        }
+#pragma omp single
+        prepare(L->wo_type, att, q_size, 1, &p);
+        matmul_shared(L->wo_type, L->wo, dim, &p, y);
+#pragma omp single
+        {
+            for (int64_t i = 0; i < dim; i++) x[i] += y[i];
+            rmsnorm(x, L->mlp_norm, dim, d->norm_eps, h);
+            prepare(L->in_type, h, dim, 1, &p);
+        }
+        matmul_shared(L->in_type, L->w_in, 2 * ffn, &p, y);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < ffn; i++) h[i] = y[i] / (1.0f + expf(-y[i])) * y[ffn + i];
+#pragma omp single
+        prepare(L->out_type, h, ffn, 1, &p);
+        matmul_shared(L->out_type, L->w_out, dim, &p, y);
+#pragma omp single
+        for (int64_t i = 0; i < dim; i++) x[i] += y[i];
+    }
+    prepared_free(&p);
+    free(h), free(qkv), free(att), free(y), free(scores);
     return 0;
 }

@@ -53,7 +53,7 @@ def _build() -> ctypes.CDLL | None:
             with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
                 pass
             try:
-                subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", tmp.name], check=True,
+                subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", tmp.name, "-lm"], check=True,
                                capture_output=True, timeout=120)
             except BaseException:
                 Path(tmp.name).unlink(missing_ok=True)
@@ -66,8 +66,10 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.ggml_matmul_split.restype = ctypes.c_int
-    lib.ggml_matmul_split.argtypes = lib.ggml_matmul.argtypes
+    lib.ggml_llama_decode.restype = ctypes.c_int
+    lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.ggml_dequantize_bf16.restype = ctypes.c_int
     lib.ggml_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_int]
@@ -95,10 +97,32 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
         return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
-    fn = lib.ggml_matmul_split if ggml_type in SPLIT.values() else lib.ggml_matmul
-    rc = fn(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
-            torch.get_num_threads())
+    rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
+                         y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+class LlamaLayer(ctypes.Structure):
+    """One block's weights for `llama_decode` (ggml_gemv.c's llama_layer)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "mlp_norm", "wqkv", "wo", "w_in", "w_out")] + \
+               [(name, ctypes.c_int32) for name in ("qkv_type", "wo_type", "in_type", "out_type")]
+
+
+class LlamaDims(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_len")] + [("norm_eps", ctypes.c_float)]
+
+
+def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos: int, cos: torch.Tensor,
+                 sin: torch.Tensor) -> bool:
+    """Runs every block of one decode step on x (dim,) fp32 in place (see ggml_llama_decode); False when the
+    kernel does not take the call and x is untouched. k_cache/v_cache are ctypes arrays of the layers'
+    (n_kv_heads, max_len, head_dim) fp32 cache pointers."""
+    lib = _lib[0] if _lib else None
+    if lib is None:
+        return False
+    return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache, pos,
+                                 cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()) == 0
 
 
 def split_rows(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:

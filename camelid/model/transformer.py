@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from camelid.model import fused_decode
 from camelid.model.config import ModelConfig
 from camelid.model.kernels import linear
 from camelid.model.kv_cache import KVCache
@@ -254,11 +255,9 @@ class Transformer(nn.Module):
             else:
                 freqs = freqs.repeat_interleave(2, dim=-1)
             rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
-        for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training:  # recompute activations in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, kv_cache, i, start, use_reentrant=False)
-            else:
-                x = layer(x, rope, mask, kv_cache, i, start)
+        # a LLaMA-shaped GGUF model's decode step runs in one C call (None where that does not apply)
+        fused = fused_decode.decode_step(self, x, rope, mask, kv_cache, start)
+        x = fused if fused is not None else self._blocks(x, rope, mask, kv_cache, start)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
@@ -268,6 +267,14 @@ class Transformer(nn.Module):
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_out)
         return linear(x, self.output).float()
+
+    def _blocks(self, x, rope, mask, kv_cache, start):
+        for i, layer in enumerate(self.layers):
+            if self.activation_checkpointing and self.training:  # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, kv_cache, i, start, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, kv_cache, i, start)
+        return x
 
     def _positions_and_mask(self, B, T, start, pad_mask, device):
         if isinstance(start, torch.Tensor):
