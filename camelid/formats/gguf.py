@@ -229,6 +229,19 @@ def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Ten
     return out
 
 
+def _q8_0_rows(raw: np.ndarray, ggml_type: str, k: int) -> torch.Tensor:
+    """Block rows of any type -> Q8_0 block rows. Q6_K (the output layer of llama.cpp's 4-bit files) in C;
+    the rest through float, in slices of rows, so converting never holds a whole float layer."""
+    if ggml_type == "Q6_K":
+        with warnings.catch_warnings():  # a read-only view of the file: the kernel only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = ggml_kernel.q6_k_to_q8_0(torch.from_numpy(raw), k)
+        if blocks is not None:
+            return blocks
+    return torch.cat([quantize_q8_0(dequantize(raw[s:s + 1024], ggml_type, (-1, k)))
+                      for s in range(0, raw.shape[0], 1024)])
+
+
 def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool) -> dict[str, torch.Tensor]:
     """The parts of one camelid matmul weight -> its tensors: float `weight`; GGUF `blocks` for the C kernel
     (Q4_0/Q8_0 as they are, Q4_1/Q4_K as Q4_1, the rest as Q8_0); or, where that kernel does not run, int4
@@ -267,8 +280,7 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
                 weight = pack_for_cpu_kernel(unpack_int4(weight))
         return {"weight": weight, "scales_zeros": sz.contiguous()}
     if cpu_kernel and ggml_kernel.available():  # re-quantized to Q8_0 blocks for the C kernel
-        blocks = torch.cat([quantize_q8_0(dequantize(raw[s:s + 1024], t.type, (-1, k)))
-                            for raw, t in raws for s in range(0, raw.shape[0], 1024)])
+        blocks = torch.cat([_q8_0_rows(raw, t.type, k) for raw, t in raws])
         return {"blocks": blocks, "ggml_type": torch.tensor(GGML_TYPE_IDS["Q8_0"], dtype=torch.int32)}
     weight, scales, row = torch.empty(n, k, dtype=torch.int8), torch.empty(n), 0
     for raw, t in raws:

@@ -66,6 +66,8 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.ggml_q6_k_to_q8_0.restype = ctypes.c_int
+    lib.ggml_q6_k_to_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.ggml_llama_decode.restype = ctypes.c_int
     lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -123,6 +125,15 @@ def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos
         return False
     return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache, pos,
                                  cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()) == 0
+
+
+def q6_k_to_q8_0(blocks: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Q6_K block rows (N, K/256 * 210) -> Q8_0 block rows (N, K/32 * 34), or None without the kernel."""
+    if not available() or k % 256 or not blocks.is_contiguous():
+        return None
+    out = torch.empty(blocks.shape[0], k // 32 * 34, dtype=torch.uint8)
+    rc = _lib[0].ggml_q6_k_to_q8_0(blocks.data_ptr(), blocks.shape[0], k, out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def split_rows(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
