@@ -222,8 +222,12 @@ def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Ten
     reads (the layer is then marked so), rather than repacked after loading in a second copy."""
     out = {"ggml_type": torch.tensor(type_id, dtype=torch.int32)}
     if type_id in ggml_kernel.SPLIT and parts[0].shape[1] // (18 if type_id == 2 else 20) % 4 == 0:
-        split = [ggml_kernel.split_rows(p, type_id) for p in parts]  # row by row, so parts split alone
-        out["split_blocks"] = torch.cat(split) if len(split) > 1 else split[0]
+        split = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=torch.uint8)
+        row = 0
+        for p in parts:  # row by row, so parts split alone, each into its rows of the layer
+            ggml_kernel.split_rows(p, type_id, split[row:row + p.shape[0]])
+            row += p.shape[0]
+        out["split_blocks"] = split
     else:
         out["blocks"] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
     return out

@@ -554,3 +554,20 @@ int ggml_q6_k_to_q8_0(const uint8_t *w, int64_t n, int64_t k, uint8_t *out, int 
     }
     return 0;
 }
+
+// Q4_0 (type 2) or Q4_1 (3) block rows -> the repacked rows Q4S/Q41S read: per row all scales, [all mins,]
+// then all nibble bytes (same size). At load, straight from the file's pages.
+int ggml_split_rows(int type, const uint8_t *src, int64_t n, int64_t nb, uint8_t *dst, int threads) {
+    if (type != 2 && type != 3) return -1;
+    const int64_t head = type == 2 ? 2 : 4, bb = head + 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *s = src + r * nb * bb;
+        uint8_t *d = dst + r * nb * bb;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t i = 0; i < head; i += 2) memcpy(d + i * nb + 2 * b, s + b * bb + i, 2);
+            memcpy(d + head * nb + 16 * b, s + b * bb + head, 16);
+        }
+    }
+    return 0;
+}

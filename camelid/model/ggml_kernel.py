@@ -68,6 +68,9 @@ def _build() -> ctypes.CDLL | None:
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.ggml_q6_k_to_q8_0.restype = ctypes.c_int
     lib.ggml_q6_k_to_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.ggml_split_rows.restype = ctypes.c_int
+    lib.ggml_split_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int]
     lib.ggml_llama_decode.restype = ctypes.c_int
     lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -136,13 +139,18 @@ def q6_k_to_q8_0(blocks: torch.Tensor, k: int) -> torch.Tensor | None:
     return out if rc == 0 else None
 
 
-def split_rows(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Q4_0 (18-byte) or Q4_1 (20-byte) block rows -> per row all scales, [all mins,] then all nibble bytes:
-    the layout the kernel reads four blocks at a time from (same size; `join_rows` undoes it)."""
-    n, head = blocks.shape[0], 2 if ggml_type == 2 else 4
-    b = blocks.view(n, -1, head + 16)
-    parts = [b[..., i:i + 2].reshape(n, -1) for i in range(0, head, 2)] + [b[..., head:].reshape(n, -1)]
-    return torch.cat(parts, dim=1)
+    the layout the kernel reads four blocks at a time from (same size; `join_rows` undoes it). Written into
+    `out` (contiguous rows of the same size) when given. Needs the kernel (`available()`)."""
+    out = torch.empty_like(blocks) if out is None else out
+    n, row_bytes = blocks.shape
+    blocks = blocks.contiguous()
+    nb = row_bytes // (18 if ggml_type == 2 else 20)
+    if not available() or _lib[0].ggml_split_rows(ggml_type, blocks.data_ptr(), n, nb, out.data_ptr(),
+                                                  torch.get_num_threads()) != 0:
+        raise RuntimeError(f"the GGUF kernel cannot repack ggml type {ggml_type}")
+    return out
 
 
 def join_rows(split: torch.Tensor, ggml_type: int) -> torch.Tensor:
