@@ -1,4 +1,5 @@
-"""Builds and calls ggml_gemv.c: matmuls on GGUF's Q4_0, Q4_1 and Q8_0 blocks with int8 activations.
+"""Builds and calls ggml_gemv.c: matmuls on GGUF's Q4_0, Q4_1 and Q8_0 blocks with int8 activations, a whole
+LLaMA decode step on them (see fused_decode.py), and the load-time conversions into them (Q4 repacking, Q6_K).
 
 Compiled with the system's C compiler at first use, for this machine's CPU, into ~/.cache/camelid (a second
 or two; the source's hash names the library, so an edit rebuilds it). Only where the CPU has AVX-512 VNNI;
