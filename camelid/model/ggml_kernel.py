@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -96,16 +97,37 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
     if lib is None or ggml_type not in TYPE_IDS or blocks.device.type != "cpu":
         return None
     if x.shape[0] > PROMPT_ROWS:
-        w = torch.empty(out_features, x.shape[1], dtype=torch.bfloat16)
-        if lib.ggml_dequantize_bf16(ggml_type, blocks.data_ptr(), out_features, x.shape[1], w.data_ptr(),
-                                    torch.get_num_threads()) != 0:
-            return None
-        return torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+        return _prompt_matmul(lib, ggml_type, blocks, x, out_features)
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
     rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
                          y.data_ptr(), torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def _prompt_matmul(lib, ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Many rows: the weights expanded to bf16 a tile of rows at a time, for oneDNN's matrix product. A tile
+    (TILE_BYTES) is reused, so it stays in cache and its pages stay mapped: expanding a whole matrix into a fresh
+    buffer each call cost more in page faults than the expansion itself."""
+    k = x.shape[1]
+    rows = max(16, TILE_BYTES // (2 * k) // 16 * 16)
+    tile = getattr(_tiles, "buffer", None)
+    if tile is None or tile.numel() < rows * k:
+        tile = _tiles.buffer = torch.empty(rows * k, dtype=torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    y = torch.empty(x.shape[0], n)
+    for n0 in range(0, n, rows):
+        r = min(rows, n - n0)
+        w = tile[:r * k].view(r, k)
+        if lib.ggml_dequantize_bf16(ggml_type, blocks[n0].data_ptr(), r, k, w.data_ptr(),
+                                    torch.get_num_threads()) != 0:
+            return None
+        y[:, n0:n0 + r] = torch.nn.functional.linear(xb, w)
+    return y
+
+
+TILE_BYTES = 8 << 20
+_tiles = threading.local()  # a server may run models from several threads
 
 
 class LlamaLayer(ctypes.Structure):
