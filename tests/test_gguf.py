@@ -169,12 +169,13 @@ KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", F
 
 
 @pytest.mark.parametrize("ggml_type,split,rows,k", KERNEL_CASES)
-def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k):
+def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k, monkeypatch):
     """int8 activations (one scale per 32) times the blocks, as they are in the file or repacked (rows of
     scales, then nibbles, whole groups of four blocks): within llama.cpp's own rounding; more than 16 rows
-    take the bf16 path."""
+    take the bf16 path, here in tiles of 32 weight rows (80 = 32 + 32 + 16)."""
     if not ggml_kernel.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(ggml_kernel, "TILE_BYTES", 32 * 2 * k)
     w = np.random.RandomState(2).randn(80, k).astype(np.float32)
     raw = torch.from_numpy(quantize(w, ggml_type))
     type_id = {"Q4_0": 2, "Q8_0": 8, "Q4_1": 3}[ggml_type]
