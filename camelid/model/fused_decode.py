@@ -30,12 +30,15 @@ class DecodePlan:
 
 def _parts(model) -> list:
     """What the plan's pointers depend on: once any of these objects is swapped (LoRA wrapping, a reload, a
-    move, a repack), the plan is rebuilt."""
+    move, a repack), the plan is rebuilt. Checked every token, so read from the modules' own dicts: through
+    nn.Module.__getattr__ this took a third of a millisecond on a 22-layer model."""
     parts = []
     for block in model.layers:
-        parts += [block.attn_norm.weight, block.mlp_norm.weight]
-        for layer in (block.attn.wqkv, block.attn.wo, block.mlp.w_in, block.mlp.w_out):
-            parts += [layer, getattr(layer, "blocks", None)]
+        sub = block._modules
+        attn, mlp = sub["attn"]._modules, sub["mlp"]._modules
+        parts += [sub["attn_norm"]._parameters.get("weight"), sub["mlp_norm"]._parameters.get("weight")]
+        for layer in (attn["wqkv"], attn["wo"], mlp["w_in"], mlp["w_out"]):
+            parts += [layer, layer._buffers.get("blocks")]
     return parts
 
 
