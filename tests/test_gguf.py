@@ -164,8 +164,10 @@ def test_fused_decode_follows_changes_to_the_model(trained_tiny):
     assert model._decode_plan is None
 
 
-KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q4_0", True), ("Q4_1", True))
-                for rows, k in ((1, 512), (3, 2048), (19, 256), (2, 2016)) if not (split and k % 128)]
+KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q6_K", False), ("Q4_0", True),
+                                                     ("Q4_1", True))
+                for rows, k in ((1, 512), (3, 2048), (19, 256), (2, 2016))
+                if not (split and k % 128) and not (t == "Q6_K" and k % 256)]
 
 
 @pytest.mark.parametrize("ggml_type,split,rows,k", KERNEL_CASES)
@@ -178,7 +180,7 @@ def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k, monkeyp
     monkeypatch.setattr(ggml_kernel, "TILE_BYTES", 32 * 2 * k)
     w = np.random.RandomState(2).randn(80, k).astype(np.float32)
     raw = torch.from_numpy(quantize(w, ggml_type))
-    type_id = {"Q4_0": 2, "Q8_0": 8, "Q4_1": 3}[ggml_type]
+    type_id = {"Q4_0": 2, "Q8_0": 8, "Q4_1": 3, "Q6_K": 14}[ggml_type]
     blocks, kind = raw, type_id
     if split:
         blocks, kind = ggml_kernel.split_rows(raw, type_id), ggml_kernel.SPLIT[type_id]

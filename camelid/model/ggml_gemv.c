@@ -137,7 +137,22 @@ static inline __m256i to_bf16(__m512 v) {  // round to nearest even
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
+static void q6_k_block(const uint8_t *blk, float *y);
+
 int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint16_t *out, int threads) {
+    if (type == 14) {  // Q6_K
+        if (k % 256) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            float y[256];
+            for (int64_t b = 0; b < k / 256; b++) {
+                q6_k_block(w + (r * (k / 256) + b) * 210, y);
+                for (int j = 0; j < 16; j++)
+                    _mm256_storeu_si256((__m256i *)(out + r * k + b * 256 + 16 * j), to_bf16(_mm512_loadu_ps(y + 16 * j)));
+            }
+        }
+        return 0;
+    }
     if (k % QK || (type != 2 && type != 8 && type != 102 && type != 103)) return -1;
     const int64_t nb = k / QK;
     const int64_t bb = type == 8 ? 34 : type == 103 ? 20 : 18;
@@ -238,6 +253,58 @@ static inline __attribute__((always_inline)) void q41s_row(
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Q6_K (ggml type 14) as the file has it: per 256 values, 6-bit q (w = d * sc * (q - 32)) with one int8 scale sc
+// per 16. The activations meet q unsigned and the -32 offset comes back out through their lanes' sums
+// (rounded with offset 32); the integer scales multiply the int32 lanes, then one float multiply-add per 64
+// values applies d and the activations' scales. Block: 128 bytes of low nibbles, 64 of high bit pairs, 16
+// scales, the f16 d.
+#define Q6K 14
+
+static inline __attribute__((always_inline)) void q6k_row(
+        const uint8_t *row, int64_t k, const int8_t *xq, const __m256i *bias, const __m512 *xdv, float *y,
+        int64_t n_out, const int M) {
+    const int64_t nsb = k / 256, nb = k / QK;
+    const __m512i m4 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    // a half's 64 bytes of nibbles pair with its 32 bytes of high bits twice: bit pairs 0/2 for its first 64
+    // values, 4/6 for the next 64 (64-bit lanes shift; the mask drops what crosses from a neighbouring byte)
+    const __m512i first = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0), second = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
+    __m512i pick[4];  // lane j of the g-th 64 values covers values 64g + 4j.., scale 4g + j / 4
+    for (int g = 0; g < 4; g++)
+        pick[g] = _mm512_setr_epi32(4 * g, 4 * g, 4 * g, 4 * g, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g + 1,
+                                    4 * g + 2, 4 * g + 2, 4 * g + 2, 4 * g + 2, 4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 3);
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsb; s++) {
+        const uint8_t *blk = row + s * 210;
+        const __m512 d = _mm512_set1_ps(f16(blk + 208));
+        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        for (int h = 0; h < 2; h++) {
+            const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * h));
+            const __m256i qh2 = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            const __m512i qh = _mm512_inserti64x4(_mm512_castsi256_si512(qh2), qh2, 1);
+            __m512i q[2];
+            q[0] = _mm512_or_si512(_mm512_and_si512(ql, m4),
+                                   _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, first), m3), 4));
+            q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                   _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, second), m3), 4));
+            for (int i = 0; i < 2; i++) {
+                const int64_t g = 8 * s + 4 * h + 2 * i;  // index of the 32-value block the 64 values start at
+                const __m512i scale = _mm512_permutexvar_epi32(pick[2 * h + i], sc);
+                for (int r = 0; r < M; r++) {
+                    const __m512i a = _mm512_loadu_si512((const void *)(xq + r * k + g * QK));
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], a);
+                    dot = _mm512_sub_epi32(dot, _mm512_loadu_si512((const void *)(bias + r * nb + g)));
+                    dot = _mm512_mullo_epi32(dot, scale);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, xdv[r * (nb / 2) + g / 2]),
+                                             acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Activations rounded once per matmul, in the layout each weight type's rows meet them in.
 typedef struct {
     int64_t k, m;
@@ -276,14 +343,19 @@ static int is_split(int type) { return type == Q4S || type == Q41S; }
 
 // Whether `type` rows of k values are taken: Q4_0 (2), Q8_0 (8) and the repacked Q4_0/Q4_1 (102, 103).
 static int takes(int type, int64_t k) {
+    if (type == Q6K) return k % 256 == 0;
     return is_split(type) ? k % (4 * QK) == 0 : (type == 2 || type == 8) && k % QK == 0;
+}
+
+static int64_t row_bytes_of(int type, int64_t k) {
+    return type == Q6K ? k / 256 * 210 : k / QK * (type == 8 ? 34 : type == Q41S ? 20 : 18);
 }
 
 // x (m, k) -> p, for weights of `type`.
 static void prepare(int type, const float *x, int64_t k, int64_t m, prepared *p) {
     const int64_t nb = k / QK, ng = nb / 4;
     p->k = k, p->m = m;
-    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : 8);
+    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : type == Q6K ? 32 : 8);
     if (!is_split(type)) {
         for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
             for (int64_t b = 0; b < nb / 2; b++)
@@ -322,11 +394,13 @@ static inline __attribute__((always_inline)) void rows_block(
         int type, const uint8_t *w, int64_t n0, int64_t n1, int64_t n_out, const prepared *p, int64_t t, float *y,
         const int M) {
     const int64_t k = p->k, nb = k / QK, ng = nb / 4;
-    const int64_t bb = type == 8 ? 34 : type == Q41S ? 20 : 18, row_bytes = nb * bb;
+    const int64_t bb = type == 8 ? 34 : 18, row_bytes = row_bytes_of(type, k);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * row_bytes;
         float *out = y + t * n_out + n;
-        if (type == Q4S)
+        if (type == Q6K)
+            q6k_row(row, k, p->xq + t * k, p->bias + t * nb, p->xdv + t * (nb / 2), out, n_out, M);
+        else if (type == Q4S)
             q4s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M);
         else if (type == Q41S)
             q41s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->x4 + t * ng, p->s4 + t * ng, out, n_out, M);
