@@ -130,7 +130,7 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
     # the same math: equal but where an activation's int8 rounding flips on a last-bit difference
     np.testing.assert_allclose(decoded, op_by_op, atol=0.02)
     kinds = {type(m) for m in lm.model.modules()}
-    if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0/Q4_1 blocks, Q4_K as Q4_1, 5-6 bit types as Q8_0
+    if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0/Q4_1/Q4_K/Q6_K blocks, 5-bit types as Q8_0
         assert GGMLLinear in kinds and Int8Linear not in kinds and Int4Linear not in kinds
     elif ftype in ("Q4_0", "Q4_1", "Q4_K_M"):  # mapped onto the int4 kernel, not expanded to float
         assert Int4Linear in kinds and GGMLEmbedding in kinds and GGMLLinear not in kinds
@@ -164,10 +164,10 @@ def test_fused_decode_follows_changes_to_the_model(trained_tiny):
     assert model._decode_plan is None
 
 
-KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q6_K", False), ("Q4_0", True),
-                                                     ("Q4_1", True))
+KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q6_K", False), ("Q4_K", False),
+                                                     ("Q4_0", True), ("Q4_1", True))
                 for rows, k in ((1, 512), (3, 2048), (19, 256), (2, 2016))
-                if not (split and k % 128) and not (t == "Q6_K" and k % 256)]
+                if not (split and k % 128) and not (t in ("Q6_K", "Q4_K") and k % 256)]
 
 
 @pytest.mark.parametrize("ggml_type,split,rows,k", KERNEL_CASES)
@@ -180,7 +180,7 @@ def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k, monkeyp
     monkeypatch.setattr(ggml_kernel, "TILE_BYTES", 32 * 2 * k)
     w = np.random.RandomState(2).randn(80, k).astype(np.float32)
     raw = torch.from_numpy(quantize(w, ggml_type))
-    type_id = {"Q4_0": 2, "Q8_0": 8, "Q4_1": 3, "Q6_K": 14}[ggml_type]
+    type_id = {"Q4_0": 2, "Q8_0": 8, "Q4_1": 3, "Q4_K": 12, "Q6_K": 14}[ggml_type]
     blocks, kind = raw, type_id
     if split:
         blocks, kind = ggml_kernel.split_rows(raw, type_id), ggml_kernel.SPLIT[type_id]

@@ -262,8 +262,8 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
             warnings.simplefilter("ignore", UserWarning)
             rows = [torch.from_numpy(raw) for raw, _ in raws]
         return _ggml_blocks(rows, GGML_TYPE_IDS[found[0][0].type])
-    if cpu_kernel and len(types) == 1 and types <= {"Q4_1", "Q4_K"} and k % 128 == 0 and ggml_kernel.available():
-        # as Q4_1 blocks (w = d * q + m per 32; Q4_K's sub-block scales and mins are exactly that)
+    if cpu_kernel and types == {"Q4_1"} and k % 128 == 0 and ggml_kernel.available():
+        # as Q4_1 blocks (w = d * q + m per 32), for the kernel's repacked rows
         blocks = []
         for raw, t in raws:
             q, scales, zeros = int4_groups(raw, t.type)

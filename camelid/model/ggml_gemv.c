@@ -138,15 +138,17 @@ static inline __m256i to_bf16(__m512 v) {  // round to nearest even
 }
 
 static void q6_k_block(const uint8_t *blk, float *y);
+static void q4_k_block(const uint8_t *blk, float *y);
 
 int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint16_t *out, int threads) {
-    if (type == 14) {  // Q6_K
+    if (type == 14 || type == 12) {  // Q6_K, Q4_K
         if (k % 256) return -1;
+        const int64_t bytes = type == 14 ? 210 : 144;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n; r++) {
             float y[256];
             for (int64_t b = 0; b < k / 256; b++) {
-                q6_k_block(w + (r * (k / 256) + b) * 210, y);
+                (type == 14 ? q6_k_block : q4_k_block)(w + (r * (k / 256) + b) * bytes, y);
                 for (int j = 0; j < 16; j++)
                     _mm256_storeu_si256((__m256i *)(out + r * k + b * 256 + 16 * j), to_bf16(_mm512_loadu_ps(y + 16 * j)));
             }
@@ -305,6 +307,72 @@ static inline __attribute__((always_inline)) void q6k_row(
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Q4_K (ggml type 12) as the file has it: per 256 values, d and dmin (f16), eight 6-bit scales sc and mins m
+// packed in 12 bytes, and 128 bytes of nibbles; w = d * sc * q - dmin * m per 32 values. Each 32 bytes of
+// nibbles hold two sub-blocks (low nibbles, then high), so the activations are laid out to match: per 128
+// values, blocks 0 and 2 together, then 1 and 3. q meets them unsigned; the mins meet the activations' block
+// sums, as Q4_1's do.
+#define Q4K 12
+
+static inline void q4k_scales(const uint8_t *packed, uint8_t out[16]) {  // sc[0..7] then m[0..7]
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    const uint32_t mins_low = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = mins_low;
+    u[0] &= k1;
+    memcpy(out, u, 16);
+}
+
+static inline __attribute__((always_inline)) void q4k_row(
+        const uint8_t *row, int64_t k, const __m512i *alo, const __m512i *ahi, const __m512 *xlo,
+        const __m512 *xhi, const __m256 *sums, float *y, int64_t n_out, const int M) {
+    const int64_t nsb = k / 256, ng = k / 128;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512i pick[4];  // lanes 0-7 take sub-block 2i - (i & 1), lanes 8-15 the one two further
+    for (int i = 0; i < 4; i++) {
+        const int first = (i >> 1) * 4 + (i & 1);
+        pick[i] = _mm512_setr_epi32(first, first, first, first, first, first, first, first, first + 2, first + 2,
+                                    first + 2, first + 2, first + 2, first + 2, first + 2, first + 2);
+    }
+    __m512 acc[MAX_ROWS];
+    __m256 accm[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps(), accm[r] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < nsb; s++) {
+        const uint8_t *blk = row + s * 144;
+        uint8_t scm[16];
+        q4k_scales(blk + 4, scm);
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)scm));
+        const __m512 d = _mm512_set1_ps(f16(blk));
+        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(scm + 8)))),
+                                          _mm256_set1_ps(f16(blk + 2)));
+        for (int h = 0; h < 2; h++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(blk + 16 + 64 * h));
+            const __m512i q[2] = {_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)};
+            const int64_t g = 2 * s + h;
+            for (int i = 0; i < 2; i++) {
+                const __m512i scale = _mm512_permutexvar_epi32(pick[2 * h + i], sc);
+                for (int r = 0; r < M; r++) {
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], (i ? ahi : alo)[r * ng + g]);
+                    const __m512 x = _mm512_mul_ps(d, (i ? xhi : xlo)[r * ng + g]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(dot, scale)), x, acc[r]);
+                }
+            }
+        }
+        for (int r = 0; r < M; r++) accm[r] = _mm256_fmadd_ps(mins, sums[r * nsb + s], accm[r]);
+    }
+    for (int r = 0; r < M; r++) {
+        __m256 m = accm[r];
+        __m128 t = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_add_ss(t, _mm_movehdup_ps(t));
+        y[r * n_out] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(t);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Activations rounded once per matmul, in the layout each weight type's rows meet them in.
 typedef struct {
     int64_t k, m;
@@ -313,12 +381,13 @@ typedef struct {
     __m256i *bias;              // Q4_0/Q8_0: offset * block sum, per block
     __m512 *xdv;                // Q4_0/Q8_0: scales of block pairs
     __m512i *lo, *hi, *b4;      // split rows: per four blocks, first and second halves, the -8 offset's lanes
-    __m512 *x4, *s4;            // split rows: scales, and the scaled sums Q4_1's mins meet
+    __m512 *x4, *s4;            // split rows: scales, and the scaled sums Q4_1's mins meet (Q4_K: the two halves' scales)
+    __m256 *sums;               // Q4_K: per 256 values, each block's scale times its sum
 } prepared;
 
 static void prepared_free(prepared *p) {
     free(p->xq), free(p->xd), free(p->bias), free(p->xdv), free(p->lo), free(p->hi), free(p->b4), free(p->x4),
-        free(p->s4);
+        free(p->s4), free(p->sums);
 }
 
 // Room for m rows of up to k values (k a multiple of 32); 0 or -1 when out of memory.
@@ -332,7 +401,8 @@ static int prepared_alloc(prepared *p, int64_t k, int64_t m) {
     p->lo = aligned_alloc(64, 64 * m * ng), p->hi = aligned_alloc(64, 64 * m * ng);
     p->b4 = aligned_alloc(64, 64 * m * ng);
     p->x4 = aligned_alloc(64, 64 * m * ng), p->s4 = aligned_alloc(64, 64 * m * ng);
-    if (!p->xq || !p->xd || !p->bias || !p->xdv || !p->lo || !p->hi || !p->b4 || !p->x4 || !p->s4) {
+    p->sums = aligned_alloc(64, 64 * m * (nb / 8 + 1));
+    if (!p->xq || !p->xd || !p->bias || !p->xdv || !p->lo || !p->hi || !p->b4 || !p->x4 || !p->s4 || !p->sums) {
         prepared_free(p);
         return -1;
     }
@@ -343,12 +413,41 @@ static int is_split(int type) { return type == Q4S || type == Q41S; }
 
 // Whether `type` rows of k values are taken: Q4_0 (2), Q8_0 (8) and the repacked Q4_0/Q4_1 (102, 103).
 static int takes(int type, int64_t k) {
-    if (type == Q6K) return k % 256 == 0;
+    if (type == Q6K || type == Q4K) return k % 256 == 0;
     return is_split(type) ? k % (4 * QK) == 0 : (type == 2 || type == 8) && k % QK == 0;
 }
 
 static int64_t row_bytes_of(int type, int64_t k) {
-    return type == Q6K ? k / 256 * 210 : k / QK * (type == 8 ? 34 : type == Q41S ? 20 : 18);
+    return type == Q6K ? k / 256 * 210 : type == Q4K ? k / 256 * 144 : k / QK * (type == 8 ? 34 : type == Q41S ? 20 : 18);
+}
+
+// Q4_K's activation layout (see q4k_row): per 128 values blocks 0 and 2, then 1 and 3, with their scales
+// spread over the lanes that meet them; per 256 values each block's scale times the sum of its int8 values.
+static void prepare_q4k(int64_t k, int64_t m, prepared *p) {
+    const int64_t nb = k / QK, ng = k / 128;
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t g = 0; g < ng; g++) {
+            const int8_t *a = p->xq + r * k + g * 128;
+            const float *d = p->xd + r * nb + 4 * g;
+            const int64_t i = r * ng + g;
+            p->lo[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                                          _mm256_loadu_si256((const __m256i *)(a + 64)), 1);
+            p->hi[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + 32))),
+                                          _mm256_loadu_si256((const __m256i *)(a + 96)), 1);
+            p->x4[i] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[2]), 1);
+            p->s4[i] = _mm512_insertf32x8(_mm512_set1_ps(d[1]), _mm256_set1_ps(d[3]), 1);
+        }
+        for (int64_t s = 0; s < k / 256; s++) {
+            float sums[8];
+            for (int j = 0; j < 8; j++) {
+                const int8_t *a = p->xq + r * k + s * 256 + j * QK;
+                int total = 0;
+                for (int e = 0; e < QK; e++) total += a[e];
+                sums[j] = total * p->xd[r * nb + 8 * s + j];
+            }
+            p->sums[r * (k / 256) + s] = _mm256_loadu_ps(sums);
+        }
+    }
 }
 
 // x (m, k) -> p, for weights of `type`.
@@ -356,6 +455,10 @@ static void prepare(int type, const float *x, int64_t k, int64_t m, prepared *p)
     const int64_t nb = k / QK, ng = nb / 4;
     p->k = k, p->m = m;
     quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : type == Q6K ? 32 : 8);
+    if (type == Q4K) {
+        prepare_q4k(k, m, p);
+        return;
+    }
     if (!is_split(type)) {
         for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
             for (int64_t b = 0; b < nb / 2; b++)
@@ -400,6 +503,9 @@ static inline __attribute__((always_inline)) void rows_block(
         float *out = y + t * n_out + n;
         if (type == Q6K)
             q6k_row(row, k, p->xq + t * k, p->bias + t * nb, p->xdv + t * (nb / 2), out, n_out, M);
+        else if (type == Q4K)
+            q4k_row(row, k, p->lo + t * ng, p->hi + t * ng, p->x4 + t * ng, p->s4 + t * ng, p->sums + t * (k / 256),
+                    out, n_out, M);
         else if (type == Q4S)
             q4s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M);
         else if (type == Q41S)
@@ -591,6 +697,18 @@ static void q6_k_block(const uint8_t *blk, float *y) {
             y[l + 64] = (d * sc[is + 4]) * q3;
             y[l + 96] = (d * sc[is + 6]) * q4;
         }
+    }
+}
+
+static void q4_k_block(const uint8_t *blk, float *y) {
+    uint8_t scm[16];
+    q4k_scales(blk + 4, scm);
+    const float d = f16(blk), dmin = f16(blk + 2);
+    const uint8_t *qs = blk + 16;
+    for (int j = 0; j < 4; j++, qs += 32, y += 64) {
+        const float d1 = d * scm[2 * j], m1 = dmin * scm[8 + 2 * j];
+        const float d2 = d * scm[2 * j + 1], m2 = dmin * scm[8 + 2 * j + 1];
+        for (int l = 0; l < 32; l++) y[l] = d1 * (qs[l] & 15) - m1, y[l + 32] = d2 * (qs[l] >> 4) - m2;
     }
 }
 

@@ -24,7 +24,7 @@ SOURCE = Path(__file__).with_name("ggml_gemv.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
          "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
-TYPES = {"Q4_0": 2, "Q8_0": 8, "Q6_K": 14}
+TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 Q4_1 = 3
 SPLIT = {2: 102, Q4_1: 103}  # Q4_0 and Q4_1 rows repacked as [scales][mins][nibbles] (see split_rows)
 TYPE_IDS = {*TYPES.values(), *SPLIT.values()}
