@@ -314,24 +314,23 @@ static inline __attribute__((always_inline)) void q6k_row(
 // sums, as Q4_1's do.
 #define Q4K 12
 
-static inline void q4k_scales(const uint8_t *packed, uint8_t out[16]) {  // sc[0..7] then m[0..7]
-    uint32_t u[4];
-    memcpy(u, packed, 12);
+// The eight 6-bit scales, then the eight 6-bit mins, as bytes (llama.cpp's unpacking of the 12 bytes). Kept in
+// registers: stored and read back as one vector it stalls on store forwarding every block.
+static inline __m128i q4k_scales(const uint8_t *packed) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, packed, 4), memcpy(&u1, packed + 4, 4), memcpy(&u2, packed + 8, 4);
     const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-    const uint32_t mins_low = u[1] & k1;
-    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-    u[2] = mins_low;
-    u[0] &= k1;
-    memcpy(out, u, 16);
+    const uint32_t m_high = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);
+    const uint32_t sc_high = (u2 & k2) | (((u0 >> 6) & k3) << 4);
+    return _mm_set_epi32((int)m_high, (int)(u1 & k1), (int)sc_high, (int)(u0 & k1));
 }
 
 static inline __attribute__((always_inline)) void q4k_row(
-        const uint8_t *row, int64_t k, const __m512i *alo, const __m512i *ahi, const __m512 *xlo,
-        const __m512 *xhi, const __m256 *sums, float *y, int64_t n_out, const int M) {
+        const uint8_t *row, int64_t k, const __m512i *alo, const __m512i *ahi, const float *xd, const __m256 *sums,
+        float *y, int64_t n_out, const int M) {
     const int64_t nsb = k / 256, ng = k / 128;
     const __m512i m4 = _mm512_set1_epi8(15);
-    __m512i pick[4];  // lanes 0-7 take sub-block 2i - (i & 1), lanes 8-15 the one two further
+    __m512i pick[4];  // lanes 0-7 take sub-block 4(i/2) + i%2, lanes 8-15 the one two further
     for (int i = 0; i < 4; i++) {
         const int first = (i >> 1) * 4 + (i & 1);
         pick[i] = _mm512_setr_epi32(first, first, first, first, first, first, first, first, first + 2, first + 2,
@@ -342,29 +341,29 @@ static inline __attribute__((always_inline)) void q4k_row(
     for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps(), accm[r] = _mm256_setzero_ps();
     for (int64_t s = 0; s < nsb; s++) {
         const uint8_t *blk = row + s * 144;
-        uint8_t scm[16];
-        q4k_scales(blk + 4, scm);
-        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)scm));
-        const __m512 d = _mm512_set1_ps(f16(blk));
-        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(scm + 8)))),
+        const __m128i scm = q4k_scales(blk + 4);
+        const __m512i sc = _mm512_cvtepu8_epi32(scm);
+        const float d = f16(blk);
+        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
                                           _mm256_set1_ps(f16(blk + 2)));
-        for (int h = 0; h < 2; h++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(blk + 16 + 64 * h));
-            const __m512i q[2] = {_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)};
-            const int64_t g = 2 * s + h;
-            for (int i = 0; i < 2; i++) {
-                const __m512i scale = _mm512_permutexvar_epi32(pick[2 * h + i], sc);
-                for (int r = 0; r < M; r++) {
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], (i ? ahi : alo)[r * ng + g]);
-                    const __m512 x = _mm512_mul_ps(d, (i ? xhi : xlo)[r * ng + g]);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(dot, scale)), x, acc[r]);
-                }
-            }
+        const __m512i v0 = _mm512_loadu_si512((const void *)(blk + 16)), v1 = _mm512_loadu_si512((const void *)(blk + 80));
+        const __m512i q[4] = {_mm512_and_si512(v0, m4), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
+                              _mm512_and_si512(v1, m4), _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4)};
+        __m512i scale[4];
+        for (int i = 0; i < 4; i++) scale[i] = _mm512_permutexvar_epi32(pick[i], sc);
+        for (int r = 0; r < M; r++) {
+            // one activation scale per 256 values (llama.cpp's Q8_K), so the block's sum stays in integers
+            const int64_t g = r * ng + 2 * s;
+            __m512i t = _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], alo[g]), scale[0]);
+            t = _mm512_add_epi32(t, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], ahi[g]), scale[1]));
+            t = _mm512_add_epi32(t, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[2], alo[g + 1]), scale[2]));
+            t = _mm512_add_epi32(t, _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[3], ahi[g + 1]), scale[3]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d * xd[r * nsb + s]), acc[r]);
+            accm[r] = _mm256_fmadd_ps(mins, sums[r * nsb + s], accm[r]);
         }
-        for (int r = 0; r < M; r++) accm[r] = _mm256_fmadd_ps(mins, sums[r * nsb + s], accm[r]);
     }
     for (int r = 0; r < M; r++) {
-        __m256 m = accm[r];
+        const __m256 m = accm[r];
         __m128 t = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         t = _mm_add_ps(t, _mm_movehl_ps(t, t));
         t = _mm_add_ss(t, _mm_movehdup_ps(t));
@@ -381,8 +380,8 @@ typedef struct {
     __m256i *bias;              // Q4_0/Q8_0: offset * block sum, per block
     __m512 *xdv;                // Q4_0/Q8_0: scales of block pairs
     __m512i *lo, *hi, *b4;      // split rows: per four blocks, first and second halves, the -8 offset's lanes
-    __m512 *x4, *s4;            // split rows: scales, and the scaled sums Q4_1's mins meet (Q4_K: the two halves' scales)
-    __m256 *sums;               // Q4_K: per 256 values, each block's scale times its sum
+    __m512 *x4, *s4;            // split rows: scales, and the scaled sums Q4_1's mins meet
+    __m256 *sums;               // Q4_K: per 256 values, each block's sum times their one scale
 } prepared;
 
 static void prepared_free(prepared *p) {
@@ -421,31 +420,36 @@ static int64_t row_bytes_of(int type, int64_t k) {
     return type == Q6K ? k / 256 * 210 : type == Q4K ? k / 256 * 144 : k / QK * (type == 8 ? 34 : type == Q41S ? 20 : 18);
 }
 
-// Q4_K's activation layout (see q4k_row): per 128 values blocks 0 and 2, then 1 and 3, with their scales
-// spread over the lanes that meet them; per 256 values each block's scale times the sum of its int8 values.
-static void prepare_q4k(int64_t k, int64_t m, prepared *p) {
-    const int64_t nb = k / QK, ng = k / 128;
+// Q4_K's activations (see q4k_row): rounded to int8 with one scale per 256 values, as llama.cpp's Q8_K; laid out
+// per 128 values as blocks 0 and 2, then 1 and 3; and per 256 values each block's sum times the scale.
+static void prepare_q4k(const float *x, int64_t k, int64_t m, prepared *p) {
+    const int64_t nsb = k / 256, ng = k / 128;
     for (int64_t r = 0; r < m; r++) {
+        for (int64_t s = 0; s < nsb; s++) {
+            const float *xs = x + r * k + s * 256;
+            int8_t *q = p->xq + r * k + s * 256;
+            float amax = 0.0f;
+            for (int j = 0; j < 256; j++) amax = fabsf(xs[j]) > amax ? fabsf(xs[j]) : amax;
+            const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+            float sums[8];
+            for (int b = 0; b < 8; b++) {
+                int total = 0;
+                for (int j = b * QK; j < (b + 1) * QK; j++) {
+                    const float v = xs[j] * inv;
+                    q[j] = (int8_t)(v >= 0 ? (int)(v + 0.5f) : -(int)(-v + 0.5f));
+                    total += q[j];
+                }
+                sums[b] = total * scale;
+            }
+            p->xd[r * nsb + s] = scale;
+            p->sums[r * nsb + s] = _mm256_loadu_ps(sums);
+        }
         for (int64_t g = 0; g < ng; g++) {
             const int8_t *a = p->xq + r * k + g * 128;
-            const float *d = p->xd + r * nb + 4 * g;
-            const int64_t i = r * ng + g;
-            p->lo[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                                          _mm256_loadu_si256((const __m256i *)(a + 64)), 1);
-            p->hi[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + 32))),
-                                          _mm256_loadu_si256((const __m256i *)(a + 96)), 1);
-            p->x4[i] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[2]), 1);
-            p->s4[i] = _mm512_insertf32x8(_mm512_set1_ps(d[1]), _mm256_set1_ps(d[3]), 1);
-        }
-        for (int64_t s = 0; s < k / 256; s++) {
-            float sums[8];
-            for (int j = 0; j < 8; j++) {
-                const int8_t *a = p->xq + r * k + s * 256 + j * QK;
-                int total = 0;
-                for (int e = 0; e < QK; e++) total += a[e];
-                sums[j] = total * p->xd[r * nb + 8 * s + j];
-            }
-            p->sums[r * (k / 256) + s] = _mm256_loadu_ps(sums);
+            p->lo[r * ng + g] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                                                   _mm256_loadu_si256((const __m256i *)(a + 64)), 1);
+            p->hi[r * ng + g] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + 32))),
+                                                   _mm256_loadu_si256((const __m256i *)(a + 96)), 1);
         }
     }
 }
@@ -454,11 +458,11 @@ static void prepare_q4k(int64_t k, int64_t m, prepared *p) {
 static void prepare(int type, const float *x, int64_t k, int64_t m, prepared *p) {
     const int64_t nb = k / QK, ng = nb / 4;
     p->k = k, p->m = m;
-    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : type == Q6K ? 32 : 8);
     if (type == Q4K) {
-        prepare_q4k(k, m, p);
+        prepare_q4k(x, k, m, p);
         return;
     }
+    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : type == Q6K ? 32 : 8);
     if (!is_split(type)) {
         for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
             for (int64_t b = 0; b < nb / 2; b++)
@@ -504,8 +508,8 @@ static inline __attribute__((always_inline)) void rows_block(
         if (type == Q6K)
             q6k_row(row, k, p->xq + t * k, p->bias + t * nb, p->xdv + t * (nb / 2), out, n_out, M);
         else if (type == Q4K)
-            q4k_row(row, k, p->lo + t * ng, p->hi + t * ng, p->x4 + t * ng, p->s4 + t * ng, p->sums + t * (k / 256),
-                    out, n_out, M);
+            q4k_row(row, k, p->lo + t * ng, p->hi + t * ng, p->xd + t * (k / 256), p->sums + t * (k / 256), out,
+                    n_out, M);
         else if (type == Q4S)
             q4s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M);
         else if (type == Q41S)
@@ -702,7 +706,7 @@ static void q6_k_block(const uint8_t *blk, float *y) {
 
 static void q4_k_block(const uint8_t *blk, float *y) {
     uint8_t scm[16];
-    q4k_scales(blk + 4, scm);
+    _mm_storeu_si128((__m128i *)scm, q4k_scales(blk + 4));
     const float d = f16(blk), dmin = f16(blk + 2);
     const uint8_t *qs = blk + 16;
     for (int j = 0; j < 4; j++, qs += 32, y += 64) {
