@@ -263,7 +263,7 @@ static inline __attribute__((always_inline)) void q41s_row(
 #define Q6K 14
 
 static inline __attribute__((always_inline)) void q6k_row(
-        const uint8_t *row, int64_t k, const int8_t *xq, const __m256i *bias, const __m512 *xdv, float *y,
+        const uint8_t *row, int64_t k, const int8_t *xq, const __m256i *bias, const float *xd, float *y,
         int64_t n_out, const int M) {
     const int64_t nsb = k / 256, nb = k / QK;
     const __m512i m4 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
@@ -278,29 +278,30 @@ static inline __attribute__((always_inline)) void q6k_row(
     for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t s = 0; s < nsb; s++) {
         const uint8_t *blk = row + s * 210;
-        const __m512 d = _mm512_set1_ps(f16(blk + 208));
+        const float d = f16(blk + 208);
         const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        __m512i q[4], scale[4];
         for (int h = 0; h < 2; h++) {
             const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * h));
             const __m256i qh2 = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
             const __m512i qh = _mm512_inserti64x4(_mm512_castsi256_si512(qh2), qh2, 1);
-            __m512i q[2];
-            q[0] = _mm512_or_si512(_mm512_and_si512(ql, m4),
-                                   _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, first), m3), 4));
-            q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
-                                   _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, second), m3), 4));
-            for (int i = 0; i < 2; i++) {
-                const int64_t g = 8 * s + 4 * h + 2 * i;  // index of the 32-value block the 64 values start at
-                const __m512i scale = _mm512_permutexvar_epi32(pick[2 * h + i], sc);
-                for (int r = 0; r < M; r++) {
-                    const __m512i a = _mm512_loadu_si512((const void *)(xq + r * k + g * QK));
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], a);
-                    dot = _mm512_sub_epi32(dot, _mm512_loadu_si512((const void *)(bias + r * nb + g)));
-                    dot = _mm512_mullo_epi32(dot, scale);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, xdv[r * (nb / 2) + g / 2]),
-                                             acc[r]);
-                }
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4),
+                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, first), m3), 4));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, second), m3), 4));
+        }
+        for (int i = 0; i < 4; i++) scale[i] = _mm512_permutexvar_epi32(pick[i], sc);
+        for (int r = 0; r < M; r++) {
+            // one activation scale per 256 values (llama.cpp's Q8_K), so the block's sum stays in integers
+            __m512i t = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++) {
+                const int64_t g = 8 * s + 2 * i;  // the 32-value block these 64 values start at
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i],
+                                                  _mm512_loadu_si512((const void *)(xq + r * k + g * QK)));
+                dot = _mm512_sub_epi32(dot, _mm512_loadu_si512((const void *)(bias + r * nb + g)));
+                t = _mm512_add_epi32(t, _mm512_mullo_epi32(dot, scale[i]));
             }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d * xd[r * nsb + s]), acc[r]);
         }
     }
     for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(acc[r]);
@@ -420,10 +421,11 @@ static int64_t row_bytes_of(int type, int64_t k) {
     return type == Q6K ? k / 256 * 210 : type == Q4K ? k / 256 * 144 : k / QK * (type == 8 ? 34 : type == Q41S ? 20 : 18);
 }
 
-// Q4_K's activations (see q4k_row): rounded to int8 with one scale per 256 values, as llama.cpp's Q8_K; laid out
-// per 128 values as blocks 0 and 2, then 1 and 3; and per 256 values each block's sum times the scale.
-static void prepare_q4k(const float *x, int64_t k, int64_t m, prepared *p) {
-    const int64_t nsb = k / 256, ng = k / 128;
+// K-quants' activations: rounded to int8 with one scale per 256 values, as llama.cpp's Q8_K, with each 32-value
+// block's sum times that scale. Q4_K (see q4k_row) then lays them out per 128 values as blocks 0 and 2, then 1
+// and 3; Q6_K keeps them in order and adds the lanes' sums times its offset 32.
+static void quantize_per_256(const float *x, int64_t k, int64_t m, prepared *p) {
+    const int64_t nsb = k / 256;
     for (int64_t r = 0; r < m; r++) {
         for (int64_t s = 0; s < nsb; s++) {
             const float *xs = x + r * k + s * 256;
@@ -444,6 +446,13 @@ static void prepare_q4k(const float *x, int64_t k, int64_t m, prepared *p) {
             p->xd[r * nsb + s] = scale;
             p->sums[r * nsb + s] = _mm256_loadu_ps(sums);
         }
+    }
+}
+
+static void prepare_q4k(const float *x, int64_t k, int64_t m, prepared *p) {
+    const int64_t ng = k / 128;
+    quantize_per_256(x, k, m, p);
+    for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < ng; g++) {
             const int8_t *a = p->xq + r * k + g * 128;
             p->lo[r * ng + g] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
@@ -462,7 +471,15 @@ static void prepare(int type, const float *x, int64_t k, int64_t m, prepared *p)
         prepare_q4k(x, k, m, p);
         return;
     }
-    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : type == Q6K ? 32 : 8);
+    if (type == Q6K) {
+        quantize_per_256(x, k, m, p);
+        const __m256i offset = _mm256_set1_epi8(32);
+        for (int64_t b = 0; b < m * (k / QK); b++)
+            p->bias[b] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset,
+                                             _mm256_loadu_si256((const __m256i *)(p->xq + b * QK)));
+        return;
+    }
+    quantize_activations(x, k, m, p->xq, p->xd, p->bias, type == 8 ? 128 : 8);
     if (!is_split(type)) {
         for (int64_t r = 0; r < m; r++)  // activation scales of block pairs, laid out as the weights' are
             for (int64_t b = 0; b < nb / 2; b++)
@@ -506,7 +523,7 @@ static inline __attribute__((always_inline)) void rows_block(
         const uint8_t *row = w + n * row_bytes;
         float *out = y + t * n_out + n;
         if (type == Q6K)
-            q6k_row(row, k, p->xq + t * k, p->bias + t * nb, p->xdv + t * (nb / 2), out, n_out, M);
+            q6k_row(row, k, p->xq + t * k, p->bias + t * nb, p->xd + t * (k / 256), out, n_out, M);
         else if (type == Q4K)
             q4k_row(row, k, p->lo + t * ng, p->hi + t * ng, p->xd + t * (k / 256), p->sums + t * (k / 256), out,
                     n_out, M);
