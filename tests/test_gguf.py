@@ -327,15 +327,16 @@ def test_torch_q8_0_encoder_is_ggml_bit_exact():
     np.testing.assert_array_equal(quantize_q8_0(torch.from_numpy(w)).numpy(), quantize(w, "Q8_0"))
 
 
-def test_c_q6_k_to_q8_0_is_dequantize_then_quantize():
-    """The load-time C conversion of Q6_K rows gives exactly the blocks that going through float gives."""
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K"])
+def test_c_k_quant_to_q8_0_is_dequantize_then_quantize(ggml_type):
+    """The load-time C conversion of K-quant rows gives exactly the blocks that going through float gives."""
     if not ggml_kernel.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
     w = np.random.RandomState(4).randn(40, 1024).astype(np.float32) * np.linspace(0.01, 4, 1024)
     w[1, :256] = 0  # an all-zero super-block
-    raw = quantize(w, "Q6_K")
-    ours = ggml_kernel.q6_k_to_q8_0(torch.from_numpy(raw), 1024)
-    np.testing.assert_array_equal(ours.numpy(), quantize_q8_0(dequantize(raw, "Q6_K", (40, 1024))).numpy())
+    raw = quantize(w, ggml_type)
+    ours = ggml_kernel.k_quant_to_q8_0(torch.from_numpy(raw), {"Q4_K": 12, "Q6_K": 14}[ggml_type], 1024)
+    np.testing.assert_array_equal(ours.numpy(), quantize_q8_0(dequantize(raw, ggml_type, (40, 1024))).numpy())
 
 
 @pytest.mark.parametrize("ggml_type,rel_error", [("Q4_K", 0.12), ("Q6_K", 0.03)])

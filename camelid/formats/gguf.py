@@ -234,12 +234,13 @@ def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Ten
 
 
 def _q8_0_rows(raw: np.ndarray, ggml_type: str, k: int) -> torch.Tensor:
-    """Block rows of any type -> Q8_0 block rows. Q6_K (the output layer of llama.cpp's 4-bit files) in C;
-    the rest through float, in slices of rows, so converting never holds a whole float layer."""
-    if ggml_type == "Q6_K":
+    """Block rows of any type -> Q8_0 block rows: Q4_K and Q6_K (Q4_K_M's mixed q/k/v) in C, the rest through
+    float in slices of rows, so converting never holds a whole float layer."""
+    if ggml_type in ("Q4_K", "Q6_K"):
         with warnings.catch_warnings():  # a read-only view of the file: the kernel only reads it
             warnings.simplefilter("ignore", UserWarning)
-            blocks = ggml_kernel.q6_k_to_q8_0(torch.from_numpy(raw), k)
+            blocks = ggml_kernel.k_quant_to_q8_0(torch.from_numpy(np.ascontiguousarray(raw)),
+                                                 GGML_TYPE_IDS[ggml_type], k)
         if blocks is not None:
             return blocks
     return torch.cat([quantize_q8_0(dequantize(raw[s:s + 1024], ggml_type, (-1, k)))

@@ -698,9 +698,9 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Q6_K rows -> Q8_0 rows, at load: the 6-bit output layer of llama.cpp's 4-bit files (and the Q6_K halves of
-// Q4_K_M) become blocks the matmuls above run. Bit-exact with gguf's dequantization followed by camelid's
-// quantize_q8_0 (d = amax / 127, q = x / d rounded half away from zero), ten times faster than the two.
+// Q6_K or Q4_K rows -> Q8_0 rows, at load, for a fused layer whose parts differ in type (Q4_K_M's q/k/v where
+// v is Q6_K). Bit-exact with gguf's dequantization followed by camelid's quantize_q8_0 (d = amax / 127, q = x / d
+// rounded half away from zero), ten times faster than the two.
 // A Q6_K block: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, then the f16 scale d.
 static void q6_k_block(const uint8_t *blk, float *y) {
     const uint8_t *ql = blk, *qh = blk + 128;
@@ -754,14 +754,14 @@ static void q8_0_block(const float *x, uint8_t *out) {
     }
 }
 
-int ggml_q6_k_to_q8_0(const uint8_t *w, int64_t n, int64_t k, uint8_t *out, int threads) {
-    if (k % 256) return -1;
-    const int64_t nb = k / 256;
+int ggml_k_to_q8_0(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out, int threads) {
+    if (k % 256 || (type != Q6K && type != Q4K)) return -1;
+    const int64_t nb = k / 256, bytes = type == Q6K ? 210 : 144;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         float y[256];
         for (int64_t b = 0; b < nb; b++) {
-            q6_k_block(w + (r * nb + b) * 210, y);
+            (type == Q6K ? q6_k_block : q4_k_block)(w + (r * nb + b) * bytes, y);
             for (int j = 0; j < 8; j++) q8_0_block(y + j * QK, out + r * (k / QK) * 34 + (b * 8 + j) * 34);
         }
     }

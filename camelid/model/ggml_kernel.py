@@ -21,7 +21,8 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("ggml_gemv.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
+# no fused multiply-add contraction: the load-time conversions are bit-exact with gguf's numpy
+FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
          "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
@@ -68,8 +69,9 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_matmul.restype = ctypes.c_int
     lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.ggml_q6_k_to_q8_0.restype = ctypes.c_int
-    lib.ggml_q6_k_to_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.ggml_k_to_q8_0.restype = ctypes.c_int
+    lib.ggml_k_to_q8_0.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_int]
     lib.ggml_split_rows.restype = ctypes.c_int
     lib.ggml_split_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_int]
@@ -153,12 +155,14 @@ def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos
                                  cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()) == 0
 
 
-def q6_k_to_q8_0(blocks: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Q6_K block rows (N, K/256 * 210) -> Q8_0 block rows (N, K/32 * 34), or None without the kernel."""
+def k_quant_to_q8_0(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor | None:
+    """Q4_K (12) or Q6_K (14) block rows (N, K/256 * bytes) -> Q8_0 block rows (N, K/32 * 34), or None without
+    the kernel."""
     if not available() or k % 256 or not blocks.is_contiguous():
         return None
     out = torch.empty(blocks.shape[0], k // 32 * 34, dtype=torch.uint8)
-    rc = _lib[0].ggml_q6_k_to_q8_0(blocks.data_ptr(), blocks.shape[0], k, out.data_ptr(), torch.get_num_threads())
+    rc = _lib[0].ggml_k_to_q8_0(ggml_type, blocks.data_ptr(), blocks.shape[0], k, out.data_ptr(),
+                                torch.get_num_threads())
     return out if rc == 0 else None
 
 
