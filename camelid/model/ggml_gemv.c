@@ -1,13 +1,15 @@
-// Matrix products on GGUF's Q4_0, Q4_1 and Q8_0 blocks, for CPU decode (and their bf16 expansion for prompts).
+// CPU kernels on GGUF's blocks: matrix products on Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with int8 activations (and
+// their bf16 expansion for prompts), a whole LLaMA decode step on them, and the load-time conversions into them.
 //
-// As llama.cpp does it: the few activation rows are rounded to int8 in blocks of 32 (one float scale per
-// block), and each weight block meets them in integer dot products (AVX-512 VNNI `vpdpbusd`: unsigned
-// bytes times signed bytes, four at a time into int32), with one float multiply-add per block. The
-// weights are read once per call whatever the number of rows, in their file layout, so nothing is
-// repacked or expanded.
+// As llama.cpp does it: the few activation rows are rounded to int8 (one float scale per 32 values, or per 256
+// for the K-quants, as llama.cpp's Q8_K), and each weight block meets them in integer dot products (AVX-512
+// VNNI `vpdpbusd`: unsigned bytes times signed bytes, four at a time into int32), with one float multiply-add
+// per block. The weights are read once per call whatever the number of rows, in their file layout (Q4_0 and
+// Q4_1 rows repacked once at load), so nothing is expanded.
 //
-// vpdpbusd wants unsigned weights: Q4_0's nibbles q (0..15) are used as they are and Q8_0's signed values
-// are flipped to q + 128; the offset (8 or 128) times the activations' sum is taken back out per block.
+// vpdpbusd wants unsigned weights: 4- and 6-bit values are used as they are and Q8_0's signed values are
+// flipped to q + 128; an offset (8, 32 or 128) times the activations' sum is taken back out, and minimums
+// (Q4_1, Q4_K) meet the activations' block sums.
 //
 // Built by camelid at first use for the machine it runs on (camelid/model/ggml_kernel.py); without
 // AVX-512 VNNI camelid keeps to PyTorch's kernels.
