@@ -92,18 +92,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
-def decode_attention(q, k, v, mask):
-    """Attention of one new token over the cache. Query heads are grouped by the KV head they share, so
-    grouped-query attention needs no copy of K and V; two small matmuls beat a flash kernel here."""
-    B, H, _, D = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    qg = q.view(B, n_kv, H // n_kv, D)
-    scores = (qg @ k.transpose(-1, -2)).float() * (D ** -0.5)  # (B, n_kv, group, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
-
-
 def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Training in bf16/fp16 on a CPU, with scores small enough to keep: there PyTorch's flash kernel's backward
     is slow, and two matmuls and a softmax train ~10% faster end to end (measured on bench/train.py's model;
@@ -116,21 +104,23 @@ def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
 EXPLICIT_SCORES_BYTES = 32 << 20
 
 
-def explicit_attention(q, k, v, mask, dropout_p: float):
-    """Softmax(q k^T / sqrt(d)) v with the scores in memory. Query heads are grouped by the KV head they share,
-    so grouped-query attention needs no copy of K and V. mask (B, 1, T, S) bool, or None for causal."""
+def explicit_attention(q, k, v, mask, dropout_p: float = 0.0):
+    """Softmax(q k^T / sqrt(d)) v with the scores in memory, for decode (one new token over the cache, where two
+    small matmuls beat a flash kernel) and for bf16/fp16 training on a CPU (see explicit_attention_pays). Query
+    heads are folded into rows by the KV head they share, so grouped-query attention needs no copy of K and V.
+    mask (B or 1, 1, T, S) bool; None means causal."""
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
-    qg = q.view(B, n_kv, H // n_kv, T, D)
-    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * (D ** -0.5)  # (B, n_kv, group, T, S)
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    else:
-        mask = mask.unsqueeze(2)
-    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    group = H // n_kv
+    scores = (q.reshape(B, n_kv, group * T, D) @ k.transpose(-1, -2)).float() * (D ** -0.5)
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
+    if mask is not None:
+        scores = scores.view(B, n_kv, group, T, S).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = scores.view(B, n_kv, group * T, S).softmax(dim=-1).to(v.dtype)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
-    return (probs @ v.unsqueeze(2)).view(B, H, T, D)
+    return (probs @ v).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -160,7 +150,7 @@ class Attention(nn.Module):
         gqa = cfg.n_kv_heads != cfg.n_heads
         p = cfg.dropout if self.training else 0.0
         if T == 1 and not self.training:
-            y = decode_attention(q, k, v, mask)
+            y = explicit_attention(q, k, v, mask)
         elif self.training and explicit_attention_pays(q, k):
             y = explicit_attention(q, k, v, mask, p)
         elif mask is None:  # a causal block that starts at 0
