@@ -249,7 +249,7 @@ def _q8_0_rows(raw: np.ndarray, ggml_type: str, k: int) -> torch.Tensor:
 
 def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool) -> dict[str, torch.Tensor]:
     """The parts of one camelid matmul weight -> its tensors: float `weight`; GGUF `blocks` for the C kernel
-    (Q4_0/Q8_0 as they are, Q4_1/Q4_K as Q4_1, the rest as Q8_0); or, where that kernel does not run, int4
+    (Q4_0/Q8_0/Q4_K/Q6_K as they are, Q4_1 repacked, the rest as Q8_0); or, where that kernel does not run, int4
     `weight` + `scales_zeros` (in PyTorch's CPU layout when `cpu_kernel`) or int8 `weight` + `scales`. One
     part at a time, and re-quantization in slices of rows, so converting never holds a whole float layer."""
     raws = [(_unpermute(t.data, heads) if heads else t.data, t) for t, heads in found]

@@ -196,21 +196,32 @@ int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint1
 // low nibbles' partners) together, then their second halves.
 #define Q4S 102
 
+// 64 bytes of nibbles -> their low and their high halves, as bytes.
+static inline void nibbles(const uint8_t *p, __m512i *lo, __m512i *hi) {
+    const __m512i v = _mm512_loadu_si512((const void *)p), m4 = _mm512_set1_epi8(15);
+    *lo = _mm512_and_si512(v, m4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+}
+
+// Four f16 values -> each spread over the four int32 lanes of its block.
+static inline __m512 f16_lanes(const uint16_t *p) {
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p))));
+}
+
+
 static inline __attribute__((always_inline)) void q4s_row(
         const uint8_t *row, int64_t nb, const __m512i *alo, const __m512i *ahi, const __m512i *bias4,
         const __m512 *xd4, float *y, int64_t n_out, const int M) {
     const uint16_t *d = (const uint16_t *)row;
     const uint8_t *qs = row + 2 * nb;
     const int64_t ng = nb / 4;
-    const __m512i m4 = _mm512_set1_epi8(15);
-    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
     for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const __m512i v = _mm512_loadu_si512((const void *)(qs + g * 64));
-        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
-        const __m512 dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(d4));
+        __m512i lo, hi;
+        nibbles(qs + g * 64, &lo, &hi);
+        const __m512 dw = f16_lanes(d + 4 * g);
         for (int r = 0; r < M; r++) {
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo[r * ng + g]);
             dot = _mm512_dpbusd_epi32(dot, hi, ahi[r * ng + g]);
@@ -224,8 +235,7 @@ static inline __attribute__((always_inline)) void q4s_row(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Q4_1 (w = d * q + m, q 0..15; Q4_K arrives here too, as d = d*sc and m = -dmin*min per 32 values),
-// repacked at load as [nb f16 d][nb f16 m][nb x 16 nibble bytes] (type 103). No offset to take out: the
+// Q4_1 (w = d * q + m, q 0..15), repacked at load as [nb f16 d][nb f16 m][nb x 16 nibble bytes] (type 103). No offset to take out: the
 // min meets the activations' block sums, a quarter of each in each of the block's four lanes.
 #define Q41S 103
 
@@ -235,17 +245,12 @@ static inline __attribute__((always_inline)) void q41s_row(
     const uint16_t *d = (const uint16_t *)row, *mn = d + nb;
     const uint8_t *qs = row + 4 * nb;
     const int64_t ng = nb / 4;
-    const __m512i m4 = _mm512_set1_epi8(15);
-    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
     for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const __m512i v = _mm512_loadu_si512((const void *)(qs + g * 64));
-        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        const __m512 dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
-            _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)))));
-        const __m512 mw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
-            _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(mn + 4 * g)))));
+        __m512i lo, hi;
+        nibbles(qs + g * 64, &lo, &hi);
+        const __m512 dw = f16_lanes(d + 4 * g), mw = f16_lanes(mn + 4 * g);
         for (int r = 0; r < M; r++) {
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo[r * ng + g]);
             dot = _mm512_dpbusd_epi32(dot, hi, ahi[r * ng + g]);
@@ -332,7 +337,6 @@ static inline __attribute__((always_inline)) void q4k_row(
         const uint8_t *row, int64_t k, const __m512i *alo, const __m512i *ahi, const float *xd, const __m256 *sums,
         float *y, int64_t n_out, const int M) {
     const int64_t nsb = k / 256, ng = k / 128;
-    const __m512i m4 = _mm512_set1_epi8(15);
     __m512i pick[4];  // lanes 0-7 take sub-block 4(i/2) + i%2, lanes 8-15 the one two further
     for (int i = 0; i < 4; i++) {
         const int first = (i >> 1) * 4 + (i & 1);
@@ -349,9 +353,9 @@ static inline __attribute__((always_inline)) void q4k_row(
         const float d = f16(blk);
         const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
                                           _mm256_set1_ps(f16(blk + 2)));
-        const __m512i v0 = _mm512_loadu_si512((const void *)(blk + 16)), v1 = _mm512_loadu_si512((const void *)(blk + 80));
-        const __m512i q[4] = {_mm512_and_si512(v0, m4), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
-                              _mm512_and_si512(v1, m4), _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4)};
+        __m512i q[4];
+        nibbles(blk + 16, &q[0], &q[1]);
+        nibbles(blk + 80, &q[2], &q[3]);
         __m512i scale[4];
         for (int i = 0; i < 4; i++) scale[i] = _mm512_permutexvar_epi32(pick[i], sc);
         for (int r = 0; r < M; r++) {

@@ -1,5 +1,6 @@
-"""Builds and calls ggml_gemv.c: matmuls on GGUF's Q4_0, Q4_1 and Q8_0 blocks with int8 activations, a whole
-LLaMA decode step on them (see fused_decode.py), and the load-time conversions into them (Q4 repacking, Q6_K).
+"""Builds and calls ggml_gemv.c: matmuls on GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks with int8 activations,
+a whole LLaMA decode step on them (see fused_decode.py), and the load-time conversions into them (Q4 repacking,
+K-quants to Q8_0 for mixed fused layers).
 
 Compiled with the system's C compiler at first use, for this machine's CPU, into ~/.cache/camelid (a second
 or two; the source's hash names the library, so an edit rebuilds it). Only where the CPU has AVX-512 VNNI;
