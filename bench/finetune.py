@@ -12,7 +12,10 @@ peaks and the ratios.
 weights frozen in 4 bits, groups of 64) against the same PEFT LoRA over a float base: PEFT's own QLoRA needs
 bitsandbytes' CUDA kernels, which a CPU machine does not have.
 
+`--device cuda` runs both engines on the GPU; the peaks are then of allocated GPU memory.
+
     python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--no-compile] [--quantize-base int4]
+                             [--device cuda]
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def make_base(folder: Path):
     shutil.copy(TOKENIZER, folder / "tokenizer.model")
 
 
-def batches(steps: int):
+def batches(steps: int, device: str):
     """The same token batches for both engines: Alpaca samples masked with camelid's template code."""
     import torch
 
@@ -67,26 +70,27 @@ def batches(steps: int):
     for i in range(0, BATCH * (steps + WARMUP), BATCH):
         batch = collate(unpacked_rows(samples[i:i + BATCH]))
         pad = SEQ - batch["inputs"].shape[1]  # a fixed shape: both engines do the same work every step
-        out.append({"inputs": torch.nn.functional.pad(batch["inputs"], (0, pad)),
-                    "targets": torch.nn.functional.pad(batch["targets"], (0, pad), value=IGNORE)})
+        out.append({"inputs": torch.nn.functional.pad(batch["inputs"], (0, pad)).to(device),
+                    "targets": torch.nn.functional.pad(batch["targets"], (0, pad), value=IGNORE).to(device)})
     return out
 
 
 def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, compile: bool,
-               quantize_base: str | None) -> dict:
+               quantize_base: str | None, device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    data = batches(steps)
+    data = batches(steps, device)
     amp = dtype == "bf16"
+    device_type = torch.device(device).type
     if engine == "camelid":
         from camelid.formats.load import load_model
         from camelid.model.lora import LoRAConfig, add_lora
 
         from camelid.train.finetune import sft_loss
 
-        model = load_model(base, "cpu", dtype).model.train()  # as finetune does: the frozen base in the compute dtype
+        model = load_model(base, device, dtype).model.train()  # as finetune does: the frozen base in the compute dtype
         if quantize_base:
             from camelid.model.quant import quantize_model
 
@@ -100,17 +104,17 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
         import transformers as tf
         from peft import LoraConfig, get_peft_model
 
-        hf = tf.LlamaForCausalLM.from_pretrained(base, attn_implementation="sdpa")
+        hf = tf.LlamaForCausalLM.from_pretrained(base, attn_implementation="sdpa").to(device)
         model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).train()
 
         def loss_of(batch):  # the textbook loss over the whole sequence, as Trainer + PEFT compute it
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(input_ids=batch["inputs"]).logits
             return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["targets"].view(-1),
                                    ignore_index=-100)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, fused=device_type == "cuda")
     times = []
     for batch in data:
         t0 = time.perf_counter()
@@ -119,9 +123,12 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"tok_s": statistics.median(BATCH * SEQ / t for t in times[WARMUP:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": (torch.cuda.max_memory_allocated() / 2 ** 20 if device_type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "trainable": sum(p.numel() for p in params)}
 
 
@@ -132,12 +139,13 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="camelid without torch.compile")
     ap.add_argument("--quantize-base", choices=["int4", "int8"], help="camelid as QLoRA over this base")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:  # a child process: one engine, one dtype
         print(json.dumps(run_engine(args.engine, Path(args.base), args.dtypes, args.steps, args.threads,
-                                    not args.no_compile, args.quantize_base)))
+                                    not args.no_compile, args.quantize_base, args.device)))
         return
     import peft
     import torch
@@ -150,13 +158,15 @@ def main():
             res = {}
             for engine in ("camelid", "peft"):
                 child = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base), "--dtypes",
-                                        dtype, "--steps", str(args.steps), "--threads", str(args.threads)]
+                                        dtype, "--steps", str(args.steps), "--threads", str(args.threads),
+                                        "--device", args.device]
                                        + ["--no-compile"] * args.no_compile
                                        + (["--quantize-base", args.quantize_base] if args.quantize_base else []),
                                        capture_output=True, text=True, check=True)
                 res[engine] = json.loads(child.stdout.strip().splitlines()[-1])
             c, p = res["camelid"], res["peft"]
-            print(json.dumps({"bench": "finetune-lora", "dtype": dtype, "threads": args.threads, "seq_len": SEQ,
+            print(json.dumps({"bench": "finetune-lora", "dtype": dtype, "device": args.device,
+                              "threads": args.threads, "seq_len": SEQ,
                               "camelid_compile": not args.no_compile, "camelid_base": args.quantize_base or dtype,
                               "batch": BATCH, "camelid_tok_s": round(c["tok_s"], 1), "peft_tok_s": round(p["tok_s"], 1),
                               "speed_ratio": round(c["tok_s"] / p["tok_s"], 3),

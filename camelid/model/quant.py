@@ -98,8 +98,11 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     """The CPU kernels are fast for bf16 activations only (fp32 runs 50-100x slower on a prompt), so fp32
     inputs are rounded to bf16 for the matmul; the int4/int8 weights are far coarser than that rounding.
     The bf16 int8 kernel reads past rows whose length is not a multiple of 16 (wrong sums or a crash in
-    torch 2.13), so those stay in fp32."""
-    x = x.to(torch.bfloat16) if x.dtype == torch.float32 and x.shape[-1] % 16 == 0 else x
+    torch 2.13), so those go in fp32, bf16 ones (autocast, a bf16 model) included."""
+    if x.shape[-1] % 16:
+        x = x.float()
+    elif x.dtype == torch.float32:
+        x = x.to(torch.bfloat16)
     return _aligned(x.contiguous())
 
 

@@ -155,7 +155,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
                 group["lr"] = lr
             rows = batch_rows(train_rows, step, global_batch, cfg.seed)
             n_trained = sum(t != IGNORE for r in rows for t in r.targets)
-            total, tokens = 0.0, 0
+            total, tokens = torch.zeros((), device=device), 0  # summed on the device: no sync per micro-batch
             for i, m in enumerate(local_micro):
                 batch = {k: v.to(device) for k, v in
                          collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
@@ -165,9 +165,9 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
                     loss = sft_loss(forward, batch, amp_dtype) / max(n_trained, 1)
                     scaled = loss * cluster.world
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item()
+                total += loss.detach()
                 tokens += batch["inputs"].numel()
-            total, tokens = sum_across(total, cluster, device), int(sum_across(tokens, cluster, device))
+            total, tokens = sum_across(total.item(), cluster, device), int(sum_across(tokens, cluster, device))
             if scaler:
                 scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf")).item()

@@ -46,9 +46,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
     """The machine's own matmul throughput, the denominator of MFU (no hard-coded peak): the best of
-    several short windows, so a moment of contention does not lower it."""
+    several short windows, so a moment of contention does not lower it. A GPU reaches its peak only on
+    large products (1024^3 is a few microseconds there, launch-bound)."""
+    size = size or (8192 if device.type == "cuda" else 1024)
     gen = torch.Generator(device=device).manual_seed(0)  # never touch the training RNG stream
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
@@ -59,8 +61,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 102
         while time.perf_counter() - t0 < 0.1:
             a @ b
             n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            if device.type == "cuda":  # else the loop queues seconds of products before the clock stops
+                torch.cuda.synchronize()
         best = max(best, 2 * size ** 3 * n / (time.perf_counter() - t0))
     return best
 
@@ -217,7 +219,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
                 else:
                     group["lr"] = lr
             model.train()
-            total = 0.0
+            total = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
             for i, micro in enumerate(local_micro):
                 first = (step * cfg.grad_accum + micro) * cfg.micro_batch
                 x, y = (t.to(device) for t in train_data.batch(first, cfg.micro_batch, cfg.seq_len, cfg.seed))
@@ -226,8 +228,8 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
                     # Gradients are averaged over ranks, so each rank divides by its own share of micro-batches.
                     scaled = loss / len(local_micro)
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item() / cfg.grad_accum
-            total = sum_across(total, cluster, device)
+                total += loss.detach() / cfg.grad_accum
+            total = sum_across(total.item(), cluster, device)
             if scaler:
                 scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
