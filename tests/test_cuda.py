@@ -83,7 +83,7 @@ def test_quantized_model_on_cuda_equals_its_dequantized_weights(tmp_path, mode):
     from camelid.quantize import quantize_folder
 
     quantize_folder(load_model(STORIES), tmp_path / "q", mode=mode)
-    gpu = load_model(tmp_path / "q", "cuda")
+    gpu = load_model(tmp_path / "q", "cuda", "fp32")  # a GPU loads in bf16 by default
     assert gpu.quantization["mode"] == mode
     tokens = torch.tensor([IDS])
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_gguf_file_on_cuda_equals_its_dequantized_weights(tmp_path, quant):
     tokens = torch.tensor([IDS])
     with torch.no_grad():
         want = _dequantized(load_model(path, "cpu").model)(tokens)
-        torch.testing.assert_close(load_model(path, "cuda").model(tokens.cuda()).cpu(), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(load_model(path, "cuda", "fp32").model(tokens.cuda()).cpu(), want, atol=1e-4, rtol=0)
 
 
 def _shards(root):
