@@ -92,14 +92,21 @@ def test_quantized_model_on_cuda_equals_its_dequantized_weights(tmp_path, mode):
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
-def test_gguf_file_on_cuda_equals_its_dequantized_weights(tmp_path, quant):
+def test_gguf_file_on_cuda(tmp_path, quant):
+    """Off the CPU the 4-bit types are int4 groups exactly and the 5-8-bit ones int8 per channel (README):
+    the GPU computes what those layers hold, close to the file's own weights."""
     from camelid.formats.gguf_export import export_gguf
 
     path = export_gguf(load_model(STORIES), tmp_path, quant)
     tokens = torch.tensor([IDS])
+    gpu = load_model(path, "cuda", "fp32").model
     with torch.no_grad():
-        want = _dequantized(load_model(path, "cpu").model)(tokens)
-        torch.testing.assert_close(load_model(path, "cuda", "fp32").model(tokens.cuda()).cpu(), want, atol=1e-4, rtol=0)
+        got = gpu(tokens.cuda())
+        torch.testing.assert_close(got, _dequantized(gpu)(tokens.cuda()), atol=1e-4, rtol=0)
+        exact = _dequantized(load_model(path, "cpu").model)(tokens)  # the file's weights
+    got = got.cpu()
+    assert (got.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    assert torch.corrcoef(torch.stack([got.flatten(), exact.flatten()]))[0, 1] > 0.999
 
 
 def _shards(root):
