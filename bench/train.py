@@ -7,7 +7,8 @@ autocast. camelid runs its real trainer (`camelid.train.trainer.train`) on token
 textbook loop on the same windows. Prints one JSON line per dtype with tokens/s of both, the ratio, camelid's
 MFU and, on CUDA, both peaks of allocated GPU memory.
 
-    python bench/train.py [--threads 2] [--dtypes fp32,bf16] [--steps 30] [--no-compile] [--device cuda --size 124M]
+    python bench/train.py [--threads 2] [--dtypes fp32,bf16] [--steps 30] [--no-compile] [--compile-mode default]
+                         [--device cuda --size 124M]
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def peak_gpu_mb(device: str) -> float | None:
 
 
 def run_camelid(data: Path, out: Path, dtype: str, steps: int, threads: int, compile: bool,
-                device: str) -> tuple[float, float]:
+                device: str, compile_mode: str = "default") -> tuple[float, float]:
     tokenizer = out.parent / "tokenizer.json"  # the trainer needs one to write the final model
     if not tokenizer.exists():
         from tokenizers import Tokenizer, models
@@ -63,7 +64,7 @@ def run_camelid(data: Path, out: Path, dtype: str, steps: int, threads: int, com
     cfg = TrainConfig(out_dir=str(out), data=str(data), tokenizer=str(tokenizer), model=dict(SHAPE), seq_len=SEQ,
                       micro_batch=BATCH, max_steps=steps, warmup_steps=2, dtype=dtype, threads=threads,
                       log_every=1, ckpt_every=10 ** 6, eval_every=10 ** 6, compile=compile, weight_decay=0.1,
-                      device=device)
+                      device=device, compile_mode=compile_mode)
     train(cfg)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][WARMUP:]
     return statistics.median(r["tokens_per_s"] for r in rows), statistics.median(r["mfu"] for r in rows)
@@ -105,6 +106,7 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true", help="camelid without torch.compile")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="camelid's torch.compile mode")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=list(SIZES), default="17M")
     args = ap.parse_args()
@@ -118,14 +120,14 @@ def main():
         for dtype in args.dtypes.split(","):
             peak_gpu_mb(args.device)
             ours, mfu = run_camelid(data, Path(tmp) / f"run-{dtype}", dtype, args.steps, args.threads,
-                                    not args.no_compile, args.device)
+                                    not args.no_compile, args.device, args.compile_mode)
             our_mb = peak_gpu_mb(args.device)
             theirs = run_transformers(data, dtype, args.steps, args.device)
             their_mb = peak_gpu_mb(args.device)
             gpu = {"device": torch.cuda.get_device_name(), "camelid_peak_mb": our_mb, "transformers_peak_mb": their_mb,
                    "memory_ratio": round(our_mb / their_mb, 3)} if our_mb else {"device": "cpu"}
             print(json.dumps({"bench": "train", "params": args.size, "dtype": dtype, "threads": args.threads,
-                              "seq_len": SEQ, "batch": BATCH, "compile": not args.no_compile,
+                              "seq_len": SEQ, "batch": BATCH, "compile": not args.no_compile and args.compile_mode,
                               "camelid_tok_s": round(ours, 1), "transformers_tok_s": round(theirs, 1),
                               "ratio": round(ours / theirs, 3), "camelid_mfu": round(mfu, 3), **gpu,
                               "torch": torch.__version__, "transformers": tf.__version__}), flush=True)

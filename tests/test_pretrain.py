@@ -148,6 +148,8 @@ def test_config_errors(corpus, tmp_path):
         load_train_config(tmp_path / "b.yaml")
     with pytest.raises(CamelidError, match="schedule must be one of"):
         load_train_config(None, ["data=x", "schedule=sawtooth"])
+    with pytest.raises(CamelidError, match="compile_mode must be one of default, max-autotune-no-cudagraphs"):
+        load_train_config(None, ["data=x", "compile_mode=fastest"])
     with pytest.raises(CamelidError, match="use key=value"):
         load_train_config(None, ["data"])
     cfg = load_train_config(None, ["data=x", "model.dim=64", "lr=1e-3", "max_steps=2e3"])

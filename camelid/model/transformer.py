@@ -88,7 +88,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     else:  # LLaMA/NeoX in Hugging Face layout rotate the two halves
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos + rotated * sin
+    # Under autocast q and k arrive in bf16 while the tables follow the fp32 residual stream: rotated in fp32,
+    # they go on in their own dtype, as attention (bf16 under autocast) wants them.
+    out = (x_rot * cos + rotated * sin).to(x.dtype)
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 

@@ -195,7 +195,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
 
     # Compiling the loss with the model fuses the upcast and log-softmax over the vocabulary too.
-    compute_loss = torch.compile(loss_of) if cfg.compile else loss_of
+    compute_loss = torch.compile(loss_of, mode=cfg.compile_mode) if cfg.compile else loss_of
     optimizer_step = torch.compile(optimizer.step) if compile_step else optimizer.step
     flops = flops_per_token(mcfg, cfg.seq_len)
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.seq_len
