@@ -90,11 +90,11 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
 
         from camelid.train.finetune import sft_loss
 
-        model = load_model(base, device, dtype).model.train()  # as finetune does: the frozen base in the compute dtype
-        if quantize_base:
-            from camelid.model.quant import quantize_model
+        from camelid.model.quant import QuantSpec
 
-            quantize_model(model, quantize_base, 64, output="float")
+        # as finetune does: the frozen base in the compute dtype, or quantized tensor by tensor as it loads
+        qlora = QuantSpec(quantize_base, 64, "float") if quantize_base else None
+        model = load_model(base, device, dtype, quantize=qlora).model.train()
         add_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"]))
         forward = torch.compile(model, dynamic=True) if compile else model  # as `compile: true` does
 

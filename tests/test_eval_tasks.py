@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import REPO, SHARED
 
-from camelid.errors import CamelidError
 from camelid.eval import data
 from camelid.eval.harness import EvalSettings, evaluate, item_metrics, mean_stderr, pooled_stderr
 from camelid.eval.loglikelihood import Request, encode_pair, loglikelihoods

@@ -140,3 +140,90 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path):
     quantize(lm, "int8")
     with pytest.raises(CamelidError, match="already quantized"):
         quantize(lm, "int4")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "llama3-tied"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_while_loading_equals_quantizing_after(tmp_path, family, mode):
+    """QLoRA's load: each tensor (fused q/k/v and gate/up included) is quantized as it is taken."""
+    from conftest import make_hf_model
+
+    from camelid.model.quant import QuantSpec, quantize_model
+
+    make_hf_model(family, tmp_path)
+    _word_tokenizer(tmp_path)
+    after = load_model(tmp_path, "cpu", "fp32").model
+    counts = quantize_model(after, mode, 32, "int8")
+    during = load_model(tmp_path, "cpu", "fp32", quantize=QuantSpec(mode, 32, "int8")).model
+    kinds = [type(m).__name__ for m in during.modules()]
+    assert kinds.count("Int4Linear") == counts["int4"] and kinds.count("Int8Linear") == counts["int8"] - (
+        family == "llama3-tied")  # a tied output layer is the embedding table: it stays float while loading
+    ids = torch.tensor([[1, 40, 30, 22, 9, 87, 20, 13]])
+    if family != "llama3-tied":
+        expected, got = after.state_dict(), during.state_dict()
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), key
+        assert torch.equal(during(ids), after(ids))
+    bf16 = load_model(tmp_path, "cpu", "bf16", quantize=QuantSpec(mode, 32, "float")).model
+    assert bf16.output.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16(ids).float(), during(ids), atol=0.15, rtol=0.05)
+
+
+def test_quantizing_while_loading_never_holds_the_float_model(tmp_path):
+    """A 200 MB fp32 checkpoint loaded in bf16 as int4 grows memory by about the int4 model (25 MB, 70-80 MB
+    measured), not by the file (memory-mapped pages are let go once converted) nor by a bf16 copy (100 MB)."""
+    import transformers as tf
+    from conftest import make_hf_model
+
+    folder = tmp_path / "wide"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                                       num_attention_heads=8, vocab_size=256)).save_pretrained(folder)
+    _word_tokenizer(folder)
+    size = (folder / "model.safetensors").stat().st_size
+    make_hf_model("llama", tmp_path / "tiny")  # loaded first, so what loading imports is not counted
+    _word_tokenizer(tmp_path / "tiny")
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's, this test process's own peak
+    script = f"""
+import torch
+from camelid.formats.load import load_model
+from camelid.model.quant import QuantSpec
+def status(key): return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+load_model({str(tmp_path / "tiny")!r}, "cpu", "{{dtype}}", quantize={{spec}})
+before = status("VmRSS:")
+lm = load_model({str(folder)!r}, "cpu", "{{dtype}}", quantize={{spec}})
+print(status("VmHWM:") - before)
+"""
+    grown = {}
+    for dtype, spec in (("bf16", "QuantSpec('int4', 64, 'float')"), ("bf16", "None")):
+        run = subprocess.run([sys.executable, "-c", script.format(dtype=dtype, spec=spec)], capture_output=True,
+                             text=True, cwd=REPO)
+        assert run.returncode == 0, run.stderr[-2000:]
+        grown[spec] = int(run.stdout.split()[-1])
+    int4, bf16 = grown["QuantSpec('int4', 64, 'float')"], grown["None"]
+    assert bf16 < 0.75 * size, grown  # a bf16 copy (half the file), not the file too (1.5x before)
+    assert int4 < 0.5 * size and int4 < 0.8 * bf16, grown  # never a bf16 copy first (1.4x the file before)
+
+
+def test_quantizing_while_loading_names_a_tensor_of_the_wrong_shape(tmp_path):
+    from conftest import make_hf_model
+    from safetensors.torch import load_file, save_file
+
+    from camelid.model.quant import QuantSpec
+
+    make_hf_model("llama", tmp_path)
+    _word_tokenizer(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-32].contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CamelidError, match=r"tensor 'layers.1.mlp.w_in.weight' has shape \(160, 64\), "
+                                           r"the config needs \(192, 64\)"):
+        load_model(tmp_path, "cpu", "fp32", quantize=QuantSpec("int4", 32))
+
+
+def _word_tokenizer(folder):
+    """The folder's models are random: any tokenizer that loads will do."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))

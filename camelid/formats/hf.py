@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats.tensors import load_tensor_files, save_safetensors
+from camelid.formats.tensors import load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
 
 SUPPORTED = ("llama", "mistral", "gpt2", "gptj", "gpt_neox", "falcon", "opt")
@@ -254,10 +254,12 @@ def group_qkv(t: torch.Tensor, groups: int, cfg: ModelConfig) -> torch.Tensor:
     return torch.cat((q, k, v), dim=1).reshape(t.shape)
 
 
-def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str) -> dict:
+def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str, convert=None) -> dict:
+    """camelid's names (and fused q/k/v, gate/up) for a transformers state dict. `convert(name, tensor)` ->
+    {name: tensor} is applied to each tensor as it is made, so a fused copy lives only until it is converted."""
     family = cfg.arch if cfg.arch in _NAMES else "llama"
     prefix, layer_fmt, layer_names, global_names = _NAMES[family]
-    sd = {}
+    sd = _Converted(convert)
     remaining = {}
     for name, t in hf_sd.items():
         if tuple(name.split(".")[-2:]) in _IGNORED_BUFFERS:
@@ -291,7 +293,21 @@ def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str) -> dict:
         _fused(sd, take, remaining, i, base, family)
     if remaining:
         raise CamelidError(f"{source}: unexpected tensor {next(iter(remaining))!r} for {family}")
-    return sd
+    return dict(sd)
+
+
+class _Converted(dict):
+    """A dict that stores `convert(key, value)`'s entries in place of key: value."""
+
+    def __init__(self, convert):
+        super().__init__()
+        self.convert = convert
+
+    def __setitem__(self, key, value):
+        if self.convert is None:
+            super().__setitem__(key, value)
+        else:
+            self.update(self.convert(key, value))
 
 
 _SPLIT_QKV = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -308,7 +324,10 @@ def _fused(sd, take, remaining, i, base, family):
         for p in ("weight", "bias"):
             names = [f"{base}{part}.{p}" for part in parts]
             if all(n in remaining for n in names):
-                sd[f"layers.{i}.{ours}.{p}"] = torch.cat([take(n) for n in names])
+                tensors = [take(n) for n in names]
+                sd[f"layers.{i}.{ours}.{p}"] = torch.cat(tensors)
+                for t in tensors:  # copied: a memory-mapped part's pages can go
+                    release_pages(t)
 
 
 def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:

@@ -10,15 +10,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from camelid.errors import CamelidError
 from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
-from camelid.formats.tensors import load_safetensors, save_safetensors
+from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
-from camelid.model.quant import QUANTIZED, GGMLEmbedding, GGMLLinear, Int4Linear, quantized_shells
+from camelid.model.quant import (QUANTIZED, GGMLEmbedding, GGMLLinear, Int4Linear, QuantSpec, layer_modes,
+                                 quantized_buffers, quantized_shells)
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
@@ -68,8 +70,45 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=torch.float32) -> Transformer:
-    """A model whose parameters are the given tensors (no copy when device and dtype already match)."""
+def tensor_converter(cfg: ModelConfig, source: str, device="cpu", dtype=torch.float32,
+                     quantize: QuantSpec | None = None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What loading does to each checkpoint tensor, one at a time: float tensors move to the device and dtype
+    (packed integer weights and int4 scales keep theirs: the kernels cast scales once, as they need). With
+    `quantize`, the float weights of the layers it names become int8/int4 buffers on the way, so the float
+    model never exists whole: QLoRA and big checkpoints load in about their quantized size."""
+    modes, shapes = {}, {}
+    if quantize:
+        with torch.device("meta"):
+            shell = Transformer(cfg)
+        modes = layer_modes(shell, quantize.mode, quantize.group, quantize.output)
+        if cfg.tie_embeddings:  # the output layer is the embedding table, which stays float
+            modes.pop("output", None)
+        shapes = {name: (m.out_features, m.in_features) for name, m in shell.named_modules() if name in modes}
+
+    def convert(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        layer, _, leaf = key.rpartition(".")
+        if leaf == "weight" and layer in modes and t.is_floating_point():
+            if tuple(t.shape) != shapes[layer]:
+                raise CamelidError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                   f"the config needs {shapes[layer]}")
+            buffers = quantized_buffers(t.to(device), modes[layer], quantize.group, dtype)
+            release_pages(t)
+            return {f"{layer}.{k}": v for k, v in buffers.items()}
+        out = t.to(device=device, dtype=dtype) if t.is_floating_point() and leaf != "scales_zeros" else t.to(device)
+        if out.data_ptr() != t.data_ptr():
+            release_pages(t)
+        return {key: out}
+
+    return convert
+
+
+def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=torch.float32,
+                quantize: QuantSpec | None = None) -> Transformer:
+    """A model whose parameters are the given tensors (no copy when device and dtype already match), each
+    converted by `tensor_converter` as it is taken."""
+    convert = tensor_converter(cfg, source, device, dtype, quantize)
+    sd = dict(sd)
+    sd = {k: v for key in list(sd) for k, v in convert(key, sd.pop(key)).items()}
     with torch.device("meta"):
         model = Transformer(cfg)
         quantized_shells(model, sd)
@@ -86,10 +125,6 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise CamelidError(f"{source}: unexpected tensor {extra[0]!r}")
-    # packed integer weights and int4 scales keep their dtype (the kernels cast scales once, as they need);
-    # everything else follows the model's
-    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and not k.endswith("scales_zeros")
-          else v.to(device) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     if isinstance(model.tok_embeddings, GGMLEmbedding):
@@ -100,11 +135,12 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
 
 
 def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None = None,
-               tokenizer_path: str | Path | None = None) -> LoadedModel:
+               tokenizer_path: str | Path | None = None, quantize: QuantSpec | None = None) -> LoadedModel:
+    """Open a model; with `quantize`, its float layers are quantized tensor by tensor as they load."""
     path = Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    lm = _load(path, dev, dt, tokenizer_path)
+    lm = _load(path, dev, dt, tokenizer_path, quantize)
     # Repack int4 weights for the CPU kernel now rather than on the first token; here, once the loaders'
     # tensor dicts are gone, so the on-disk layout is freed layer by layer instead of living beside the copy.
     if dev.type == "cpu":
@@ -116,17 +152,17 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
     return lm
 
 
-def _load(path: Path, dev, dt, tokenizer_path) -> LoadedModel:
+def _load(path: Path, dev, dt, tokenizer_path, quantize) -> LoadedModel:
     if not path.exists():
         raise CamelidError(f"{path}: no such file or directory")
     if path.is_dir() and (path / "camelid.json").exists():
-        return _load_native(path, dev, dt)
+        return _load_native(path, dev, dt, quantize)
     if path.is_dir() and (path / "config.json").exists():
-        return _load_hf(path, dev, dt)
+        return _load_hf(path, dev, dt, quantize)
     if path.is_file() and _is_gguf(path):
-        return _load_gguf(path, dev, dt)
+        return _load_gguf(path, dev, dt, quantize)
     if path.is_file() and path.suffix == ".bin":
-        return _load_llama2c(path, dev, dt, tokenizer_path)
+        return _load_llama2c(path, dev, dt, tokenizer_path, quantize)
     raise CamelidError(f"{path}: not a model camelid can open (a camelid folder, a Hugging Face folder "
                        f"with config.json, a GGUF file or a llama2.c .bin checkpoint)")
 
@@ -141,7 +177,7 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def _load_native(folder: Path, device, dtype) -> LoadedModel:
+def _load_native(folder: Path, device, dtype, quantize=None) -> LoadedModel:
     meta_path = folder / "camelid.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -154,28 +190,32 @@ def _load_native(folder: Path, device, dtype) -> LoadedModel:
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise CamelidError(f"{folder}: model.safetensors is missing")
-    model = build_model(cfg, load_safetensors(weights), str(weights), device, dtype)
+    model = build_model(cfg, load_safetensors(weights), str(weights), device, dtype, quantize)
     tok = load_saved_tokenizer(folder, meta["tokenizer"])
     chat = meta.get("chat", {})
     return LoadedModel(model, tok, chat.get("template", "raw"), list(chat.get("stop", [])), str(folder),
                        meta.get("quantization"))
 
 
-def _load_hf(folder: Path, device, dtype) -> LoadedModel:
-    cfg, sd = hf.load_hf_folder(folder)
-    model = build_model(cfg, sd, str(folder), device, dtype)
+def _load_hf(folder: Path, device, dtype, quantize=None) -> LoadedModel:
+    cfg = hf.config_from_hf(hf.read_hf_config(folder), str(folder / "config.json"))
+    # converted as they are renamed (and q/k/v or gate/up fused): no float copy of the whole model
+    sd = hf.state_dict_from_hf(load_tensor_files(folder), cfg, str(folder),
+                               tensor_converter(cfg, str(folder), device, dtype, quantize))
+    model = build_model(cfg, sd, str(folder), device, dtype, quantize)
+    del sd
     tok = load_hf_tokenizer(folder, hf.read_hf_config(folder))
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(folder))
 
 
-def _load_gguf(path: Path, device, dtype) -> LoadedModel:
+def _load_gguf(path: Path, device, dtype, quantize=None) -> LoadedModel:
     gf = read_gguf(path)
     cfg = gguf.config_from_gguf(gf)
     tok = gguf_tokenizer(gf.metadata, str(path))
     if tok.vocab_size > cfg.vocab_size:
         raise CamelidError(f"{path}: the tokenizer has {tok.vocab_size} tokens, token_embd only {cfg.vocab_size}")
     sd, packed = gguf.state_dict_from_gguf(gf, cfg, dtype, cpu_kernel=torch.device(device).type == "cpu")
-    model = build_model(cfg, sd, str(path), device, dtype)
+    model = build_model(cfg, sd, str(path), device, dtype, quantize)
     del sd
     modules = dict(model.named_modules())
     for name in packed:  # tensors the loader already laid out for the CPU kernels
@@ -186,9 +226,9 @@ def _load_gguf(path: Path, device, dtype) -> LoadedModel:
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
 
 
-def _load_llama2c(path: Path, device, dtype, tokenizer_path) -> LoadedModel:
+def _load_llama2c(path: Path, device, dtype, tokenizer_path, quantize=None) -> LoadedModel:
     cfg, sd = llama2c.read_llama2c(path)
-    model = build_model(cfg, sd, str(path), device, dtype)
+    model = build_model(cfg, sd, str(path), device, dtype, quantize)
     tok_path = Path(tokenizer_path) if tokenizer_path else llama2c.find_llama2c_tokenizer(path, cfg.vocab_size)
     vocab = read_llama2c_tokenizer(tok_path, cfg.vocab_size)
     # run.c ends a sample at BOS: llama2.c models separate documents with it.

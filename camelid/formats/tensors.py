@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from camelid.errors import CamelidError
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MADV_DONTNEED = 4
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -21,6 +27,42 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CamelidError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Unmap the pages under a tensor memory-mapped from a file, once it has been converted and will not be read
+    again: they would otherwise count in this process's memory until it exits. A loader that converts (to bf16,
+    or quantizes) releases them tensor by tensor, so its peak is about the converted model. Only a file mapping
+    nobody has written to is touched, so nothing is lost: a later read fetches the file's bytes again."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE  # only the pages the tensor covers whole
+    if last > first and _unwritten_file_mapping(start, end):
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def _unwritten_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies in one mapping of a file with no private (written, copied-on-write) pages."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            if not inside and "-" in line.split(maxsplit=1)[0]:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start < hi:
+                    if end > hi or len(fields) < 6 or not fields[5].startswith("/"):
+                        return False
+                    inside = True
+            elif inside and line.startswith("Anonymous:"):
+                return int(line.split()[1]) == 0
+    return False
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ kernel here dequantize on the fly, which is correct but slow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +22,14 @@ from camelid.errors import CamelidError
 from camelid.model import ggml_kernel
 
 INT4_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight-only round-to-nearest quantization of a model's linear layers (see `layer_modes`)."""
+    mode: str  # int8 or int4
+    group: int = 32  # int4 group size
+    output: str | None = None  # the output layer's mode: int8, int4 or float (default: see `output_mode`)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +167,8 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        layer.weight, scales = quantize_int8(linear.weight.detach())
-        layer.scales = scales.to(linear.weight.dtype)
+        buffers = quantized_buffers(linear.weight.detach(), "int8", 0, linear.weight.dtype)
+        layer.weight, layer.scales = buffers["weight"], buffers["scales"]
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
@@ -196,8 +206,8 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int) -> "Int4Linear":
         layer = cls(linear.in_features, linear.out_features, group, linear.bias is not None)
-        q, scales, zeros = quantize_int4(linear.weight.detach(), group)
-        layer.set_quantized(q, scales, zeros, linear.weight.dtype)
+        buffers = quantized_buffers(linear.weight.detach(), "int4", group, linear.weight.dtype)
+        layer.weight, layer.scales_zeros = buffers["weight"], buffers["scales_zeros"]
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
@@ -205,7 +215,7 @@ class Int4Linear(nn.Module):
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32):
         """q (N, K) values 0..15; scales and zeros (N, K/group)."""
         self.weight = pack_int4(q)
-        self.scales_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()
+        self.scales_zeros = kernel_scales_zeros(scales, zeros, dtype)
         self.cpu_layout = False
 
     def kernel_weight(self) -> torch.Tensor:
@@ -335,24 +345,48 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 def quantize_model(model: nn.Module, mode: str, group: int = 32, output: str | None = None) -> dict[str, int]:
     """Replaces the float linear layers in place. Returns how many layers got each kind. `output` is the
     output layer's mode (default: int8 under int4, see `output_mode`)."""
+    modes = layer_modes(model, mode, group, output)
+    for name, parent, attr in linear_layers(model):
+        if name in modes:
+            layer = getattr(parent, attr)
+            setattr(parent, attr, Int4Linear.from_linear(layer, group) if modes[name] == "int4"
+                    else Int8Linear.from_linear(layer))
+    return {kind: sum(m == kind for m in modes.values()) for kind in ("int8", "int4")}
+
+
+def layer_modes(model: nn.Module, mode: str, group: int = 32, output: str | None = None) -> dict[str, str]:
+    """Which float linear layers a quantizer turns into what: int4, or int8 (the int8 mode, the output layer
+    under int4 by default, and shapes the int4 kernel cannot take). Works on a model on the meta device."""
     if mode not in ("int8", "int4"):
         raise CamelidError(f"quantization mode {mode!r}: use int8 or int4")
     output = output_mode(mode, output)
-    counts = {"int8": 0, "int4": 0}
+    modes = {}
     for name, parent, attr in linear_layers(model):
         layer = getattr(parent, attr)
-        if not isinstance(layer, nn.Linear):
-            continue
         layer_mode = output if name == "output" else mode
-        if layer_mode == "float":
+        if not isinstance(layer, nn.Linear) or layer_mode == "float":
             continue
-        if layer_mode == "int4" and int4_fits(layer.out_features, layer.in_features, group):
-            setattr(parent, attr, Int4Linear.from_linear(layer, group))
-            counts["int4"] += 1
-        else:  # int8, or a shape the int4 kernel cannot take
-            setattr(parent, attr, Int8Linear.from_linear(layer))
-            counts["int8"] += 1
-    return counts
+        fits = int4_fits(layer.out_features, layer.in_features, group)
+        modes[name] = "int4" if layer_mode == "int4" and fits else "int8"
+    return modes
+
+
+def quantized_buffers(w: torch.Tensor, mode: str, group: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A float weight as an Int8Linear ("weight", "scales") or Int4Linear ("weight", "scales_zeros") holds
+    it, scales in `dtype`: what loading a checkpoint straight into quantized layers needs. Rows go a few MB at
+    a time, so the float temporaries stay small beside a big layer."""
+    rows = max(1, (1 << 22) // w.shape[1])
+    chunks = [quantize_int8(c) if mode == "int8" else quantize_int4(c, group) for c in w.split(rows)]
+    if mode == "int8":
+        q, scales = (torch.cat(parts) for parts in zip(*chunks))
+        return {"weight": q, "scales": scales.to(dtype)}
+    q, scales, zeros = (torch.cat(parts) for parts in zip(*chunks))
+    return {"weight": pack_int4(q), "scales_zeros": kernel_scales_zeros(scales, zeros, dtype)}
+
+
+def kernel_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K/group) scales and zeros -> the int4 kernel's (K/group, N, 2)."""
+    return torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()
 
 
 def output_mode(mode: str, output: str | None) -> str:

@@ -28,7 +28,7 @@ from camelid.errors import CamelidError
 from camelid.formats.load import LoadedModel, load_model, save_native
 from camelid.formats.peft import load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
-from camelid.model.quant import QUANTIZED, quantize_model
+from camelid.model.quant import QUANTIZED, QuantSpec
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.train.config import FinetuneConfig
 from camelid.train.distributed import Cluster, close_cluster, gather, init_cluster, no_sync, sum_across, wrap
@@ -106,7 +106,9 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Full fine-tuning keeps fp32 master weights; LoRA's base is frozen, so it can stay in the compute dtype.
-    lm = load_model(cfg.base, str(device), cfg.dtype if cfg.method == "lora" else "fp32")
+    # QLoRA quantizes the base tensor by tensor as it loads: the float model never sits in memory whole.
+    qlora = QuantSpec(cfg.quantize_base, cfg.quantize_group, "float") if cfg.quantize_base else None
+    lm = load_model(cfg.base, str(device), cfg.dtype if cfg.method == "lora" else "fp32", quantize=qlora)
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
@@ -117,7 +119,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
         print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
               f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
     model = lm.model
-    _quantize_base(model, cfg)
+    _check_frozen_base(model, cfg)
     model.train().requires_grad_(cfg.method == "full")  # loading prepares a model for inference: frozen
     model.activation_checkpointing = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
@@ -217,14 +219,10 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     return out / "model"
 
 
-def _quantize_base(model, cfg: FinetuneConfig) -> None:
-    """QLoRA: the blocks' weights become int4/int8 and stay frozen; the output layer and embeddings stay float,
-    as QLoRA keeps them. A base that is already quantized (a camelid int4 folder, a GGUF file) is used as it is."""
-    quantized = any(isinstance(m, QUANTIZED) for m in model.modules())
-    if quantized and cfg.method == "full":
+def _check_frozen_base(model, cfg: FinetuneConfig) -> None:
+    """A quantized base (a camelid int4 folder, a GGUF file, or QLoRA's) can only be trained through LoRA."""
+    if cfg.method == "full" and any(isinstance(m, QUANTIZED) for m in model.modules()):
         raise CamelidError(f"base: {cfg.base} is quantized, so its weights cannot be trained; use method: lora")
-    if cfg.quantize_base and not quantized:
-        quantize_model(model, cfg.quantize_base, cfg.quantize_group, output="float")
 
 
 def sft_loss(model, batch: dict, amp_dtype=None) -> torch.Tensor:

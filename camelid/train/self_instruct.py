@@ -144,7 +144,7 @@ def endpoint_client(url: str, model: str, max_tokens: int, api_key: str | None =
 
 def local_client(model_path: str, max_tokens: int, seed: int) -> Complete:
     from camelid.formats.load import load_model
-    from camelid.generate.generate import StopStrings, generate
+    from camelid.generate.generate import generate
     from camelid.generate.sampling import SamplingParams
 
     lm = load_model(model_path)
