@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="instruction-tune a model (Alpaca/Vicuna data; full or LoRA)")
     p.add_argument("--config", help="a YAML recipe (see recipes/alpaca*.yaml, vicuna.yaml)")
     p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base=models/x method=lora")
 
     p = sub.add_parser("self-instruct", help="generate Alpaca-style instruction data with a model (Self-Instruct)")
@@ -500,7 +501,8 @@ def cmd_finetune(args):
     from camelid.train.config import FinetuneConfig, load_config
     from camelid.train.finetune import finetune
 
-    folder = finetune(load_config(args.config, args.overrides, FinetuneConfig), args.resume)
+    folder = finetune(load_config(args.config, args.overrides + (["fsdp=true"] if args.fsdp else []), FinetuneConfig),
+                      args.resume)
     if folder is not None:
         print(f"wrote {folder}")
 

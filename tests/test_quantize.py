@@ -227,3 +227,14 @@ def _word_tokenizer(folder):
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+
+
+def test_a_partial_state_dict_load_keeps_packed_weights():
+    """Loading a LoRA checkpoint (adapter tensors only) into a QLoRA model must not touch the int4 layout."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(nn.Linear(64, 32), 32)
+    layer.kernel_weight()
+    x = torch.randn(3, 64)
+    before = layer(x)
+    missing = nn.Sequential(layer).load_state_dict({}, strict=False).missing_keys
+    assert missing and torch.equal(layer(x), before)

@@ -240,9 +240,10 @@ class Int4Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = self.portable_weight()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.cpu_layout = False
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:  # a partial load (a LoRA checkpoint's) leaves the packed weight be
+            self.cpu_layout = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _quantized_linear(self, x)
@@ -310,9 +311,10 @@ class GGMLLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "blocks"] = self.file_blocks()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.split = False
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "blocks" in state_dict:
+            self.split = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _quantized_linear(self, x)

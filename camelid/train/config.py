@@ -128,6 +128,7 @@ class FinetuneConfig:
     keep_last: int = 2
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model: less activation memory, one-off compile time
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (else DDP)
 
     def validate(self, source: str = "config"):
         checks = [(self.base != "", "base: the model to tune is required"),

@@ -56,6 +56,14 @@ def wrap(model: torch.nn.Module, cluster: Cluster, fsdp: bool, device: torch.dev
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:
+            if len({p.dtype for p in block.parameters()}) > 1:
+                # FSDP gathers one dtype per unit: fp32 LoRA adapters over a bf16 base get units of their own
+                # (each adapted layer, its frozen base apart), inside the block's
+                for module in block.modules():
+                    if hasattr(module, "lora_A"):
+                        if any(True for _ in module.base.parameters()):
+                            fully_shard(module.base)
+                        fully_shard(module)
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
@@ -76,6 +84,13 @@ def no_sync(model: torch.nn.Module, fsdp: bool, sync: bool):
     if not sync and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def reshard(model: torch.nn.Module):
+    """After forwards with no backward (validation, samples): FSDP keeps the root's parameters gathered until a
+    backward, which leaves the optimizer's shards out of the model's parameters for a checkpoint taken now."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def sum_across(value: float, cluster: Cluster, device: torch.device) -> float:
@@ -99,6 +114,31 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     complete on rank 0)."""
     model_state = get_model_state_dict(model, options=FULL)
     return model_state, get_optimizer_state_dict(model, optimizer, options=FULL) if optimizer else None
+
+
+def full_trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                         trainable: dict[str, torch.nn.Parameter]) -> tuple[dict, dict | None]:
+    """The trained parameters, unsharded, and the optimizer's full state, on CPU (collective under FSDP): what a
+    fine-tuning checkpoint keeps, without gathering the frozen base."""
+    from torch.distributed.tensor import DTensor
+
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu() for n, p in trainable.items()}
+    return params, get_optimizer_state_dict(model, optimizer, options=FULL) if optimizer else None
+
+
+def load_full_trainable_state(model, optimizer, trainable: dict[str, torch.nn.Parameter], params: dict,
+                              optimizer_state: dict, where: str):
+    """The reverse of `full_trainable_state`: each rank copies in its shard of every trained parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    try:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                full = params[name].to(device=p.device, dtype=p.dtype)
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CamelidError(f"{where}: does not fit this model and optimizer ({str(exc).splitlines()[0]})") from None
 
 
 def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, where: str):

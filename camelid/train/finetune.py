@@ -31,7 +31,8 @@ from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.train.config import FinetuneConfig
-from camelid.train.distributed import Cluster, close_cluster, gather, init_cluster, no_sync, sum_across, wrap
+from camelid.train.distributed import (Cluster, close_cluster, full_trainable_state, gather, init_cluster,
+                                      load_full_trainable_state, no_sync, reshard, sum_across, wrap)
 from camelid.train.schedule import lr_at
 from camelid.train.trainer import CKPT_DIR, LOG, list_checkpoints, param_groups, plot_loss, truncate_log
 
@@ -125,8 +126,8 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     if cfg.method == "lora":
         add_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets)))
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    wrapped = wrap(model, cluster, False, device)
+    wrapped = wrap(model, cluster, cfg.fsdp, device)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}  # FSDP's shards, once wrapped
     # Compiled, elementwise chains are fused and only what backward needs is kept: less activation memory.
     forward = torch.compile(wrapped, dynamic=True) if cfg.compile else wrapped
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -135,7 +136,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     global_batch = cfg.micro_batch * cfg.grad_accum
     max_steps = max(1, math.ceil(len(train_rows) * cfg.epochs / global_batch))
     schedule = _Schedule(cfg, max_steps)
-    step = _resume(out, resume, trainable, optimizer, cfg, cluster) if resume else 0
+    step = _resume(out, resume, wrapped, trainable, optimizer, cfg, cluster) if resume else 0
     log_path = out / LOG
     if not resume and cluster.main and log_path.exists():
         log_path.unlink()
@@ -161,7 +162,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
             for i, m in enumerate(local_micro):
                 batch = {k: v.to(device) for k, v in
                          collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
-                with no_sync(wrapped, False, sync=i == len(local_micro) - 1):
+                with no_sync(wrapped, cfg.fsdp, sync=i == len(local_micro) - 1):
                     # Summed over trained tokens, divided by those of the whole global batch: every token
                     # weighs the same whatever micro-batch (or rank: DDP averages, hence x world) it landed in.
                     loss = sft_loss(forward, batch, amp_dtype) / max(n_trained, 1)
@@ -172,7 +173,8 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
             total, tokens = sum_across(total.item(), cluster, device), int(sum_across(tokens, cluster, device))
             if scaler:
                 scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf")).item()
+            norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip or float("inf"))
+            norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -183,8 +185,10 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
             record = {"step": step, "epoch": round(step * global_batch / len(train_rows), 3), "loss": total,
                       "lr": lr, "grad_norm": norm,
                       "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
-            if cluster.main and val_rows and (step % cfg.eval_every == 0 or step == max_steps):
+            # under FSDP every rank runs the (collective) forward; under DDP rank 0 alone
+            if (cluster.main or cfg.fsdp) and val_rows and (step % cfg.eval_every == 0 or step == max_steps):
                 record["val_loss"] = evaluate(model, val_rows, cfg, device, amp_dtype)
+                reshard(model)
             # Every rank must agree to stop at the same step: the checkpoint gathers every rank's RNG.
             stopped = sum_across(float(stop_signal["signal"] is not None), cluster, device) > 0
             if log and (step % cfg.log_every == 0 or "val_loss" in record or step == max_steps):
@@ -193,7 +197,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
             if step % cfg.ckpt_every == 0 or step == max_steps or stopped:
-                _save(out, step, trainable, optimizer, cfg, cluster)
+                _save(out, step, wrapped, trainable, optimizer, cfg, cluster)
                 if cluster.main:
                     plot_loss(log_path, out / "loss.png")
     finally:
@@ -206,17 +210,34 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
         if cluster.main:
             print(f"stopped by signal at step {step}; resume with --resume auto")
         return None
+    sharded = cfg.fsdp and cluster.world > 1
+    if sharded:  # collective: rank 0 gathers the trained weights into an unsharded copy
+        params, _ = full_trainable_state(wrapped, None, trainable)
+        lm.model = model = wrapped = forward = optimizer = None
+        model = _unsharded(cfg, params) if cluster.main else None
     if not cluster.main:
         return None
     model.eval().requires_grad_(False)
     if cfg.method == "lora":
         adapter = save_adapter(model, out / "adapter", cfg.base)
-        if cfg.quantize_base:  # merge into the float weights the quantized copy was made from
+        if cfg.quantize_base and not sharded:  # merge into the float weights the quantized copy was made from
             lm.model = model = wrapped = forward = optimizer = None
             model = load_adapter(load_model(cfg.base, "cpu", cfg.dtype).model, adapter)
         merge_lora(model)
     save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop)
     return out / "model"
+
+
+def _unsharded(cfg: FinetuneConfig, params: dict):
+    """The tuned model in one piece on the CPU, from the base and the gathered trained weights. Under QLoRA the
+    base is the float one the quantized copy was made from, which the adapter is merged into."""
+    model = load_model(cfg.base, "cpu", cfg.dtype if cfg.method == "lora" else "fp32").model
+    if cfg.method == "lora":
+        add_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets)))
+    unexpected = model.load_state_dict(params, strict=False).unexpected_keys
+    if unexpected:  # the same base and config made both: a mismatch is a bug, not bad input
+        raise RuntimeError(f"gathered weights the model does not have: {unexpected[:3]}")
+    return model
 
 
 def _check_frozen_base(model, cfg: FinetuneConfig) -> None:
@@ -257,18 +278,19 @@ def evaluate(model, rows: list[Row], cfg: FinetuneConfig, device, amp_dtype) -> 
     return total / max(count, 1)
 
 
-def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig, cluster: Cluster):
-    """Only what changes is saved (for LoRA, megabytes instead of the whole base model). Collective: every
-    rank's RNG state is kept (the ranks' weights are the same under DDP); rank 0 writes the file."""
+def _save(out: Path, step: int, model, trainable: dict, optimizer, cfg: FinetuneConfig, cluster: Cluster):
+    """Only what changes is saved (for LoRA, megabytes instead of the whole base model). Collective: shards are
+    gathered (FSDP) and every rank's RNG state is kept; rank 0 writes the file."""
     import dataclasses
 
+    params, optimizer_state = full_trainable_state(model, optimizer, trainable)
     rng = gather(torch.get_rng_state(), cluster)
     if not cluster.main:
         return
     folder = out / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-             "optimizer": optimizer.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg)}
+    state = {"step": step, "trainable": params, "optimizer": optimizer_state, "rng": rng,
+             "config": dataclasses.asdict(cfg)}
     path = folder / f"step_{step:08d}.pt"
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -276,7 +298,8 @@ def _save(out: Path, step: int, trainable: dict, optimizer, cfg: FinetuneConfig,
         old.unlink()
 
 
-def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneConfig, cluster: Cluster) -> int:
+def _resume(out: Path, resume: str, model, trainable: dict, optimizer, cfg: FinetuneConfig,
+            cluster: Cluster) -> int:
     found = list_checkpoints(out)
     path = (found[-1] if found else None) if resume == "auto" else Path(resume)
     if path is None:
@@ -287,13 +310,10 @@ def _resume(out: Path, resume: str, trainable: dict, optimizer, cfg: FinetuneCon
         raise CamelidError(f"{path}: no such checkpoint") from None
     except Exception as exc:
         raise CamelidError(f"{path}: cannot be read as a camelid checkpoint ({str(exc).splitlines()[0]})") from None
-    if set(state["trainable"]) != set(trainable) or any(
+    if set(state["trainable"]) != set(trainable) or any(  # an FSDP shard's shape is the whole tensor's
             state["trainable"][n].shape != p.shape for n, p in trainable.items()):
         raise CamelidError(f"{path}: a checkpoint of another model or method")
-    with torch.no_grad():
-        for n, p in trainable.items():
-            p.copy_(state["trainable"][n])
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_trainable_state(model, optimizer, trainable, state["trainable"], state["optimizer"], str(path))
     if len(state["rng"]) == cluster.world:  # with another world size the data order is the same, dropout is not
         torch.set_rng_state(state["rng"][cluster.rank])
     if cluster.main:

@@ -22,7 +22,7 @@ from camelid.model.config import ModelConfig, preset
 from camelid.model.transformer import Transformer, count_parameters, init_weights
 from camelid.train.config import TrainConfig
 from camelid.train.distributed import (Cluster, close_cluster, full_state, gather, init_cluster, load_full_state,
-                                       no_sync, sum_across, wrap)
+                                       no_sync, reshard, sum_across, wrap)
 from camelid.train.schedule import lr_at
 
 CKPT_DIR = "checkpoints"
@@ -314,6 +314,7 @@ def sample_text(model, tokenizer, cfg: TrainConfig, device, context: int) -> str
             break
         out.append(token)
     model.train()
+    reshard(model)
     return tokenizer.decode(out)
 
 
@@ -322,12 +323,17 @@ def evaluate(model, data: TokenShards, cfg: TrainConfig, device, amp_dtype, clus
     """Mean loss over fixed validation windows (the same every time, so curves compare), split over ranks."""
     model.eval()
     total = 0.0
-    for b in range(cluster.rank, cfg.eval_batches, cluster.world):
-        x, y = (t.to(device) for t in data.batch(b * cfg.micro_batch, cfg.micro_batch, cfg.seq_len, seed=0))
+    # Every rank runs as many forwards (under FSDP each is collective); a rank past the end repeats a batch
+    # it does not count.
+    for b in range(cluster.rank, -(-cfg.eval_batches // cluster.world) * cluster.world, cluster.world):
+        x, y = (t.to(device) for t in data.batch(b % cfg.eval_batches * cfg.micro_batch, cfg.micro_batch,
+                                                 cfg.seq_len, seed=0))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)).item()
+        if b < cfg.eval_batches:
+            total += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)).item()
     model.train()
+    reshard(model)
     return sum_across(total, cluster, device) / cfg.eval_batches
 
 
