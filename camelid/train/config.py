@@ -49,7 +49,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (else DDP)
     compile: bool = False
     # torch.compile's mode; max-autotune times candidate kernels for every matmul shape once (seconds on a CPU,
-    # minutes on a GPU) and on bench/train.py's CPU run trains 4-9% faster than the default
+    # minutes on a GPU): on bench/train.py's CPU run 4-9% faster in bf16, but slower in fp32
     compile_mode: str = "default"
 
     def validate(self, source: str = "config"):
