@@ -627,13 +627,18 @@ def cmd_judge(args):
 
 
 def cmd_quantize(args):
-    from camelid.quantize import quantize_folder
+    from camelid.formats.load import read_config
+    from camelid.quantize import quantize_folder, quantize_while_loading
 
     if args.samples < 1 or args.seq_len < 2:
         raise CamelidError("--samples must be at least 1 and --seq-len at least 2")
-    info = quantize_folder(_load(args), args.out, mode=args.mode, group=args.group_size, method=args.method,
-                           calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                           output=args.output_mode)
+    if args.method == "rtn" and not args.adapter and not read_config(args.model).tie_embeddings:
+        info = quantize_while_loading(args.model, args.out, args.mode, args.group_size, args.output_mode,
+                                      args.tokenizer)
+    else:  # GPTQ measures the float model's layers; an adapter is merged into the float weights first
+        info = quantize_folder(_load(args), args.out, mode=args.mode, group=args.group_size, method=args.method,
+                               calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                               seed=args.seed, output=args.output_mode)
     layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
 

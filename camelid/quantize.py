@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats.load import LoadedModel, save_native
-from camelid.model.quant import INT4_GROUPS, QUANTIZED, output_mode, quantize_model
+from camelid.formats.load import LoadedModel, load_model, save_native
+from camelid.model.quant import (INT4_GROUPS, QUANTIZED, GGMLLinear, Int4Linear, Int8Linear, QuantSpec, output_mode,
+                                 quantize_model)
 
 
 def calibration_batches(lm: LoadedModel, files: list[str], samples: int, seq_len: int, seed: int = 0,
@@ -30,16 +31,8 @@ def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", c
              samples: int = 128, seq_len: int = 512, seed: int = 0, output: str | None = None) -> dict:
     """Quantizes `lm` in place; returns the description stored in the folder's camelid.json. `output` is the
     output layer's mode (default int8: see `output_mode`)."""
-    if any(isinstance(m, QUANTIZED) for m in lm.model.modules()):
-        raise CamelidError(f"{lm.source}: already quantized ({(lm.quantization or {}).get('mode', '?')})")
-    if mode not in ("int8", "int4"):
-        raise CamelidError(f"--mode {mode!r}: use int8 or int4")
-    if group not in INT4_GROUPS:
-        raise CamelidError(f"--group-size {group}: use one of {', '.join(map(str, INT4_GROUPS))}")
-    try:
-        output = output_mode(mode, output)
-    except CamelidError as e:
-        raise CamelidError(f"--output-mode: {e}") from None
+    _check_not_quantized(lm)
+    output = _checked_options(mode, group, output)
     if method == "gptq":
         if mode != "int4":
             raise CamelidError("--method gptq quantizes to int4: add --mode int4")
@@ -66,3 +59,39 @@ def quantize_folder(lm: LoadedModel, out: str | Path, **options) -> dict:
     info = quantize(lm, **options)
     save_native(lm, out)
     return info
+
+
+def quantize_while_loading(source: str | Path, out: str | Path, mode: str, group: int = 32,
+                           output: str | None = None, tokenizer: str | None = None) -> dict:
+    """Round-to-nearest as `quantize` does, but tensor by tensor while the model loads, so a checkpoint larger
+    than memory as floats still quantizes. Writes the folder; returns its description. Models whose output
+    layer is tied to the embeddings go through `quantize_folder`: their output layer exists only as the
+    embedding table until the model is built."""
+    output = _checked_options(mode, group, output)
+    lm = load_model(source, "cpu", "fp32", tokenizer, quantize=QuantSpec(mode, group, output))
+    _check_not_quantized(lm, just_now=True)
+    kinds = [type(m) for m in lm.model.modules()]
+    lm.quantization = {"mode": mode, "method": "rtn",
+                       "layers": {"int8": kinds.count(Int8Linear), "int4": kinds.count(Int4Linear)},
+                       "output": output, **({"group_size": group} if mode == "int4" else {})}
+    save_native(lm, out)
+    return lm.quantization
+
+
+def _checked_options(mode: str, group: int, output: str | None) -> str:
+    """The output layer's mode, once the options are known to be valid."""
+    if mode not in ("int8", "int4"):
+        raise CamelidError(f"--mode {mode!r}: use int8 or int4")
+    if group not in INT4_GROUPS:
+        raise CamelidError(f"--group-size {group}: use one of {', '.join(map(str, INT4_GROUPS))}")
+    try:
+        return output_mode(mode, output)
+    except CamelidError as e:
+        raise CamelidError(f"--output-mode: {e}") from None
+
+
+def _check_not_quantized(lm: LoadedModel, just_now: bool = False):
+    """A model whose source was quantized already (its own description, or GGUF blocks) is not quantized again."""
+    already = lm.quantization or any(isinstance(m, GGMLLinear) for m in lm.model.modules())
+    if already or (not just_now and any(isinstance(m, QUANTIZED) for m in lm.model.modules())):
+        raise CamelidError(f"{lm.source}: already quantized ({(lm.quantization or {}).get('mode', '?')})")

@@ -238,3 +238,27 @@ def test_a_partial_state_dict_load_keeps_packed_weights():
     before = layer(x)
     missing = nn.Sequential(layer).load_state_dict({}, strict=False).missing_keys
     assert missing and torch.equal(layer(x), before)
+
+
+def test_cli_quantizes_an_untied_checkpoint_while_loading(tmp_path):
+    """`camelid quantize` (round-to-nearest, output layer not tied) quantizes as it loads: the same folder as
+    quantizing the loaded float model, and the same one-line errors."""
+    from conftest import make_hf_model
+
+    make_hf_model("llama", tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf")
+    cli = [sys.executable, "-m", "camelid", "quantize", str(tmp_path / "hf")]
+    done = subprocess.run(cli + [str(tmp_path / "q"), "--mode", "int4"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "quantized 3 int8, 6 int4 layers (rtn)" in done.stdout  # w_out (96 inputs) cannot take int4
+    lm = load_model(tmp_path / "hf")
+    expected = quantize(lm, "int4")
+    loaded = load_model(tmp_path / "q")
+    assert loaded.quantization == expected
+    ids = torch.tensor([[1, 40, 30, 22, 9, 87, 20, 13]])
+    assert torch.equal(loaded.model(ids), lm.model(ids))
+    bad = subprocess.run(cli + [str(tmp_path / "b"), "--group-size", "48"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().endswith("--group-size 48: use one of 32, 64, 128, 256")
+    again = subprocess.run([*cli[:-1], str(tmp_path / "q"), str(tmp_path / "qq")], capture_output=True, text=True)
+    assert again.returncode != 0 and "already quantized (int4)" in again.stderr and "Traceback" not in again.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "qq").exists()
