@@ -188,7 +188,7 @@ class Int8Linear(nn.Module):
         self.weight = _aligned(self.weight)  # once, here: a memory-mapped weight may start off alignment
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.weight.float().mul_(self.scales.float()[:, None])
 
 
 class Int4Linear(nn.Module):
@@ -262,7 +262,8 @@ class Int4Linear(nn.Module):
             q = unpack_int4(self.portable_weight())
         q = q.float().reshape(self.out_features, -1, self.group)
         scales, zeros = self.scales_zeros.float().permute(2, 1, 0)
-        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+        # in place: QLoRA dequantizes every frozen layer in each backward, and each temporary is a whole weight
+        return q.sub_(8).mul_(scales[..., None]).add_(zeros[..., None]).reshape(self.out_features, self.in_features)
 
 
 class GGMLEmbedding(nn.Module):
