@@ -198,13 +198,15 @@ def _load_native(folder: Path, device, dtype, quantize=None) -> LoadedModel:
 
 
 def _load_hf(folder: Path, device, dtype, quantize=None) -> LoadedModel:
-    cfg = hf.config_from_hf(hf.read_hf_config(folder), str(folder / "config.json"))
-    # converted as they are renamed (and q/k/v or gate/up fused): no float copy of the whole model
+    hf_config = hf.read_hf_config(folder)
+    cfg = hf.config_from_hf(hf_config, str(folder / "config.json"))
+    # converted (and quantized) as they are renamed and q/k/v or gate/up fused: no float copy of the whole
+    # model; build_model then finds them in place
     sd = hf.state_dict_from_hf(load_tensor_files(folder), cfg, str(folder),
                                tensor_converter(cfg, str(folder), device, dtype, quantize))
-    model = build_model(cfg, sd, str(folder), device, dtype, quantize)
+    model = build_model(cfg, sd, str(folder), device, dtype)
     del sd
-    tok = load_hf_tokenizer(folder, hf.read_hf_config(folder))
+    tok = load_hf_tokenizer(folder, hf_config)
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(folder))
 
 
