@@ -130,64 +130,8 @@ static inline __attribute__((always_inline)) void gemv_row(
     }
 }
 
-// Rows of Q4_0/Q8_0 blocks -> bf16 (n, k), for prompts: there a bf16 matrix product (oneDNN) does many rows
-// at once faster than integer dot products row by row, and this expansion costs a few milliseconds.
-static inline __m256i to_bf16(__m512 v) {  // round to nearest even
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
 static void q6_k_block(const uint8_t *blk, float *y);
 static void q4_k_block(const uint8_t *blk, float *y);
-
-int ggml_dequantize_bf16(int type, const uint8_t *w, int64_t n, int64_t k, uint16_t *out, int threads) {
-    if (type == 14 || type == 12) {  // Q6_K, Q4_K
-        if (k % 256) return -1;
-        const int64_t bytes = type == 14 ? 210 : 144;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < n; r++) {
-            float y[256];
-            for (int64_t b = 0; b < k / 256; b++) {
-                (type == 14 ? q6_k_block : q4_k_block)(w + (r * (k / 256) + b) * bytes, y);
-                for (int j = 0; j < 16; j++)
-                    _mm256_storeu_si256((__m256i *)(out + r * k + b * 256 + 16 * j), to_bf16(_mm512_loadu_ps(y + 16 * j)));
-            }
-        }
-        return 0;
-    }
-    if (k % QK || (type != 2 && type != 8 && type != 102 && type != 103)) return -1;
-    const int64_t nb = k / QK;
-    const int64_t bb = type == 8 ? 34 : type == 103 ? 20 : 18;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        const uint8_t *row = w + r * nb * bb;
-        uint16_t *o = out + r * k;
-        for (int64_t b = 0; b < nb; b++) {
-            // blk + 2 is where the block's 16 nibble bytes start; the repacked forms keep scales apart
-            const uint8_t *blk = type == 102 ? row + 2 * nb + b * 16 - 2
-                                 : type == 103 ? row + 4 * nb + b * 16 - 2 : row + b * bb;
-            const __m512 d = _mm512_set1_ps(f16(type >= 102 ? row + 2 * b : blk));
-            const __m512 mn = _mm512_set1_ps(type == 103 ? f16(row + 2 * nb + 2 * b) : 0.0f);
-            __m512i v0, v1;
-            if (type != 8) {
-                const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 2));
-                const __m128i m4 = _mm_set1_epi8(15);
-                const __m512i off = _mm512_set1_epi32(type == 103 ? 0 : 8);
-                v0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, m4)), off);
-                v1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), m4)), off);
-            } else {
-                v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
-                v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
-            }
-            _mm256_storeu_si256((__m256i *)(o + b * QK), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), d, mn)));
-            _mm256_storeu_si256((__m256i *)(o + b * QK + 16),
-                                to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), d, mn)));
-        }
-    }
-    return 0;
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Q4_0 rows repacked once at load as [nb f16 scales][nb x 16 bytes of nibbles] (type 102 here): four
@@ -572,6 +516,212 @@ int ggml_matmul(int type, const uint8_t *w, int64_t n_out, int64_t k, const floa
     matmul_shared(type, w, n_out, &p, y);
     prepared_free(&p);
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prompts: many activation rows at once, as an integer matrix product (int8 activations times the weights'
+// 4-8-bit values in vpdpbusd, as above). The difference from the rows above is the layout: there a vector's
+// lanes run along k, so each 32-value block ends in a horizontal reduction; here its 16 lanes are 16 weight
+// rows (output columns), so a block of 32 is eight vpdpbusd per lane set and the per-block float work (one
+// scale multiply and one multiply-add) is spread over eight of them. Each thread unpacks a panel of NR weight
+// rows into that layout (bytes, unsigned, [fold][k / 4][NR][4]) with their per-block scales and minimums,
+// then runs every activation row past it, MR rows at a time, while it stays in its cache. This does about
+// twice the multiply-accumulates per cycle of a bf16 matrix product on AVX-512 machines without AMX.
+//
+// A "fold" is the span after which int32 sums are scaled into the float accumulators: 32 values for most
+// types, 16 for Q6_K (one int8 scale per 16).
+#define NR 32
+#define MR 6
+
+typedef struct {
+    int64_t k, m, nf, bs;   // values per row, rows, folds per row, values per fold
+    int8_t *q;              // (m, k) rounded activations
+    int32_t *bias;          // (m, nf) the weights' offset (8, 32, 128) times each fold's sum
+    float *d, *sf;          // (m, nf) each fold's scale, and its scaled sum (what minimums meet)
+} gemm_acts;
+
+static int gemm_fold(int type) { return type == Q6K ? 16 : 32; }
+static int gemm_offset(int type) { return type == 8 ? 128 : type == Q6K ? 32 : type == Q41S || type == Q4K ? 0 : 8; }
+static int gemm_mins(int type) { return type == Q41S || type == Q4K; }
+
+// x (m, k) -> int8 with one scale per 32 (rounded to nearest, as llama.cpp's vectorised Q8_0), the fold sums.
+static void gemm_prepare(int type, const float *x, gemm_acts *a) {
+    const int64_t k = a->k, nb = k / QK, per = QK / a->bs;
+    const int offset = gemm_offset(type);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a->m; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 x0 = _mm512_loadu_ps(x + r * k + b * QK), x1 = _mm512_loadu_ps(x + r * k + b * QK + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            const float d = amax / 127.0f, inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inv)));
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inv)));
+            _mm_storeu_si128((__m128i *)(a->q + r * k + b * QK), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(a->q + r * k + b * QK + 16), _mm512_cvtepi32_epi8(q1));
+            const int32_t s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
+            for (int64_t h = 0; h < per; h++) {
+                const int32_t sum = per == 1 ? s0 + s1 : h ? s1 : s0;
+                const int64_t f = r * a->nf + b * per + h;
+                a->bias[f] = offset * sum, a->d[f] = d, a->sf[f] = d * (float)sum;
+            }
+        }
+    }
+}
+
+// Sixteen weight rows' dwords at byte `off` of each row (idx: the rows' starts), as bytes >> shift & mask.
+static inline __m512i gather_bits(const uint8_t *base, __m512i idx, int64_t off, int shift, int mask) {
+    const __m512i v = _mm512_i32gather_epi32(idx, (const void *)(base + off), 1);
+    return _mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi8((char)mask));
+}
+
+static inline __m512 gather_f16(const uint8_t *base, __m512i idx, int64_t off, int high) {
+    __m512i v = _mm512_i32gather_epi32(idx, (const void *)(base + off), 1);
+    if (high) v = _mm512_srli_epi32(v, 16);
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+}
+
+// Weight rows n0.. (NR of them; past n_out the last row repeats, its results unused) -> the panel.
+static void gemm_unpack(int type, const uint8_t *w, int64_t n0, int64_t n_out, int64_t k, uint8_t *pq, float *pd,
+                        float *pm) {
+    const int64_t rb = row_bytes_of(type, k), nb = k / QK;
+    const uint8_t *base = w + n0 * rb;
+    for (int h = 0; h < NR / 16; h++) {
+        int32_t rows[16];
+        for (int c = 0; c < 16; c++) {
+            const int64_t n = n0 + 16 * h + c;
+            rows[c] = (int32_t)(((n < n_out ? n : n_out - 1) - n0) * rb);
+        }
+        const __m512i idx = _mm512_loadu_si512(rows);
+        uint8_t *q = pq + 64 * h;
+        float *d = pd + 16 * h, *mn = pm + 16 * h;
+        if (type == Q4K || type == Q6K) {
+            for (int c = 0; c < 16; c++) {  // integer sub-block scales times the super-block's, per weight row
+                for (int64_t s = 0; s < k / 256; s++) {
+                    const uint8_t *blk = base + rows[c] + s * (type == Q4K ? 144 : 210);
+                    if (type == Q4K) {
+                        uint8_t sm[16];
+                        _mm_storeu_si128((__m128i *)sm, q4k_scales(blk + 4));
+                        for (int j = 0; j < 8; j++)
+                            d[(8 * s + j) * NR + c] = f16(blk) * sm[j], mn[(8 * s + j) * NR + c] = -f16(blk + 2) * sm[8 + j];
+                    } else {
+                        for (int j = 0; j < 16; j++) d[(16 * s + j) * NR + c] = f16(blk + 208) * (int8_t)blk[192 + j];
+                    }
+                }
+            }
+        }
+        for (int64_t b = 0; b < nb; b++) {  // per 32 values: eight dwords of each row, then its scale
+            const int64_t s = b / 8, j = b % 8;
+            for (int i = 0; i < 8; i++) {
+                __m512i v;
+                if (type == 2) v = gather_bits(base, idx, 18 * b + 2 + 4 * (i & 3), 4 * (i >> 2), 15);
+                else if (type == Q4S) v = gather_bits(base, idx, 2 * nb + 16 * b + 4 * (i & 3), 4 * (i >> 2), 15);
+                else if (type == Q41S) v = gather_bits(base, idx, 4 * nb + 16 * b + 4 * (i & 3), 4 * (i >> 2), 15);
+                else if (type == 8) v = _mm512_xor_si512(gather_bits(base, idx, 34 * b + 2 + 4 * i, 0, 255),
+                                                         _mm512_set1_epi8((char)0x80));
+                else if (type == Q4K) v = gather_bits(base, idx, 144 * s + 16 + 32 * (j / 2) + 4 * i, 4 * (j & 1), 15);
+                else {  // Q6_K: quarter j % 4 of half j / 4; low four bits from ql, high two from qh
+                    const int64_t blk = 210 * s, hf = j / 4, qt = j % 4;
+                    const __m512i lo = gather_bits(base, idx, blk + 64 * hf + 32 * (qt & 1) + 4 * i, 4 * (qt >> 1), 15);
+                    const __m512i hi = gather_bits(base, idx, blk + 128 + 32 * hf + 4 * i, 2 * qt, 3);
+                    v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+                }
+                _mm512_store_si512((void *)(q + (b * 8 + i) * 64 * (NR / 16)), v);
+            }
+            if (type == 2 || type == 8) _mm512_store_ps(d + b * NR, gather_f16(base, idx, (type == 2 ? 18 : 34) * b, 0));
+            if (type == Q4S || type == Q41S) _mm512_store_ps(d + b * NR, gather_f16(base, idx, 2 * b, 0));
+            if (type == Q41S) _mm512_store_ps(mn + b * NR, gather_f16(base, idx, 2 * nb + 2 * b, 0));
+        }
+    }
+}
+
+// y[m0.., n0..] for `rows` (<= MR) activation rows against the panel; R, BS and MINS constant once inlined.
+static inline __attribute__((always_inline)) void gemm_tile(
+        const uint8_t *pq, const float *pd, const float *pm, const gemm_acts *a, int64_t m0, float *y,
+        int64_t ldy, __mmask16 mask0, __mmask16 mask1, const int R, const int BS, const int MINS) {
+    __m512 acc[MR][2];
+    const int8_t *x[MR];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps(), x[r] = a->q + (m0 + r) * a->k;
+    const int64_t nf = a->nf;
+    for (int64_t f = 0; f < nf; f++) {
+        __m512i s[MR][2];  // starting from minus the offset's share, so nothing is taken out afterwards
+        for (int r = 0; r < R; r++) s[r][0] = s[r][1] = _mm512_set1_epi32(MINS ? 0 : -a->bias[(m0 + r) * nf + f]);
+        const __m512i *w = (const __m512i *)(pq + f * BS * NR);
+        for (int i = 0; i < BS / 4; i++) {
+            const __m512i w0 = _mm512_load_si512(w + 2 * i), w1 = _mm512_load_si512(w + 2 * i + 1);
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                memcpy(&four, x[r] + f * BS + 4 * i, 4);
+                const __m512i xv = _mm512_set1_epi32(four);
+                s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, xv);
+                s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, xv);
+            }
+        }
+        const __m512 d0 = _mm512_load_ps(pd + f * NR), d1 = _mm512_load_ps(pd + f * NR + 16);
+        for (int r = 0; r < R; r++) {
+            const int64_t at = (m0 + r) * nf + f;
+            const __m512 da = _mm512_set1_ps(a->d[at]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][0]), _mm512_mul_ps(d0, da), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][1]), _mm512_mul_ps(d1, da), acc[r][1]);
+            if (MINS) {
+                const __m512 sf = _mm512_set1_ps(a->sf[at]);
+                acc[r][0] = _mm512_fmadd_ps(_mm512_load_ps(pm + f * NR), sf, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(_mm512_load_ps(pm + f * NR + 16), sf, acc[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_mask_storeu_ps(y + (m0 + r) * ldy, mask0, acc[r][0]);
+        _mm512_mask_storeu_ps(y + (m0 + r) * ldy + 16, mask1, acc[r][1]);
+    }
+}
+
+#define TILE(R, BS, MINS) case R: gemm_tile(pq, pd, pm, a, m0, y, ldy, mask0, mask1, R, BS, MINS); break;
+#define TILES(BS, MINS) switch (rows) { TILE(1, BS, MINS) TILE(2, BS, MINS) TILE(3, BS, MINS) TILE(4, BS, MINS) \
+                                        TILE(5, BS, MINS) TILE(6, BS, MINS) }
+
+static void gemm_panel(int type, const uint8_t *pq, const float *pd, const float *pm, const gemm_acts *a, float *y,
+                       int64_t ldy, int64_t cols) {
+    const __mmask16 mask0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+    const __mmask16 mask1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+    for (int64_t m0 = 0; m0 < a->m; m0 += MR) {
+        const int rows = a->m - m0 < MR ? (int)(a->m - m0) : MR;
+        if (type == Q6K) TILES(16, 0)
+        else if (gemm_mins(type)) TILES(32, 1)
+        else TILES(32, 0)
+    }
+}
+
+// y (m, n_out) = x (m, k) @ w.T for the weight types `takes` names; 0, or -1 for what it does not take.
+int ggml_gemm(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
+              int threads) {
+    if (m < 1 || n_out < 1 || !takes(type, k) || (type == 103 && k % QK)) return -1;
+    gemm_acts a = {k, m, k / gemm_fold(type), gemm_fold(type), NULL, NULL, NULL, NULL};
+    a.q = aligned_alloc(64, (m * k + 63) / 64 * 64);
+    a.bias = malloc(sizeof(int32_t) * m * a.nf), a.d = malloc(sizeof(float) * m * a.nf);
+    a.sf = malloc(sizeof(float) * m * a.nf);
+    int failed = !a.q || !a.bias || !a.d || !a.sf;
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        {
+            gemm_prepare(type, x, &a);  // ends in the implied barrier of its `omp for`
+            uint8_t *pq = aligned_alloc(64, k * NR);
+            float *pd = aligned_alloc(64, sizeof(float) * a.nf * NR), *pm = aligned_alloc(64, sizeof(float) * a.nf * NR);
+            int mine = !pq || !pd || !pm;
+            if (mine) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t n0 = 0; n0 < n_out; n0 += NR) {
+                if (mine) continue;
+                gemm_unpack(type, w, n0, n_out, k, pq, pd, pm);
+                gemm_panel(type, pq, pd, pm, &a, y + n0, n_out, n_out - n0);
+            }
+            free(pq), free(pd), free(pm);
+        }
+    }
+    free(a.q), free(a.bias), free(a.d), free(a.sf);
+    return failed ? -1 : 0;
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 Q4_1 = 3
 SPLIT = {2: 102, Q4_1: 103}  # Q4_0 and Q4_1 rows repacked as [scales][mins][nibbles] (see split_rows)
 TYPE_IDS = {*TYPES.values(), *SPLIT.values()}
-PROMPT_ROWS = 16  # above this many rows, expanding to bf16 beats integer dot products
+PROMPT_ROWS = 16  # above this many rows, the panel kernel beats the row kernel
 _lib: list = []
 
 
@@ -67,9 +66,10 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:  # no compiler, no writable cache, a broken library
         log.warning("the GGUF kernel is not available (%s); using PyTorch's kernels", exc)
         return None
-    lib.ggml_matmul.restype = ctypes.c_int
-    lib.ggml_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for entry in (lib.ggml_matmul, lib.ggml_gemm):
+        entry.restype = ctypes.c_int
+        entry.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.ggml_k_to_q8_0.restype = ctypes.c_int
     lib.ggml_k_to_q8_0.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_int]
@@ -80,9 +80,6 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.ggml_dequantize_bf16.restype = ctypes.c_int
-    lib.ggml_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -93,44 +90,18 @@ def available() -> bool:
 
 
 def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor | None:
-    """x (M, K) @ the block rows' weights (ggml type id 2: Q4_0, 8: Q8_0) -> float32 (M, out_features); None
-    when the kernel does not take the call (the caller falls back). A few rows (decode) go through the
-    integer kernel; more (a prompt) through the weights expanded to bf16 and oneDNN's matrix product."""
+    """x (M, K) @ the block rows' weights (a ggml type id in TYPE_IDS) -> float32 (M, out_features); None when
+    the kernel does not take the call (the caller falls back). A few rows (decode) go through the row kernel,
+    more (a prompt) through the panel kernel (ggml_gemm): both int8 activations times the blocks' values."""
     lib = _lib[0] if _lib else (_lib.append(_build()) or _lib[0])
     if lib is None or ggml_type not in TYPE_IDS or blocks.device.type != "cpu":
         return None
-    if x.shape[0] > PROMPT_ROWS:
-        return _prompt_matmul(lib, ggml_type, blocks, x, out_features)
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
-    rc = lib.ggml_matmul(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0],
-                         y.data_ptr(), torch.get_num_threads())
+    entry = lib.ggml_gemm if x.shape[0] > PROMPT_ROWS else lib.ggml_matmul
+    rc = entry(ggml_type, blocks.data_ptr(), out_features, x.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
+               torch.get_num_threads())
     return y if rc == 0 else None
-
-
-def _prompt_matmul(lib, ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor | None:
-    """Many rows: the weights expanded to bf16 a tile of rows at a time, for oneDNN's matrix product. A tile
-    (TILE_BYTES) is reused, so it stays in cache and its pages stay mapped: expanding a whole matrix into a fresh
-    buffer each call cost more in page faults than the expansion itself."""
-    k = x.shape[1]
-    rows = max(16, TILE_BYTES // (2 * k) // 16 * 16)
-    tile = getattr(_tiles, "buffer", None)
-    if tile is None or tile.numel() < rows * k:
-        tile = _tiles.buffer = torch.empty(rows * k, dtype=torch.bfloat16)
-    xb = x.to(torch.bfloat16)
-    y = torch.empty(x.shape[0], n)
-    for n0 in range(0, n, rows):
-        r = min(rows, n - n0)
-        w = tile[:r * k].view(r, k)
-        if lib.ggml_dequantize_bf16(ggml_type, blocks[n0].data_ptr(), r, k, w.data_ptr(),
-                                    torch.get_num_threads()) != 0:
-            return None
-        y[:, n0:n0 + r] = torch.nn.functional.linear(xb, w)
-    return y
-
-
-TILE_BYTES = 8 << 20
-_tiles = threading.local()  # a server may run models from several threads
 
 
 class LlamaLayer(ctypes.Structure):
