@@ -166,16 +166,17 @@ def test_fused_decode_follows_changes_to_the_model(trained_tiny):
 
 KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q6_K", False), ("Q4_K", False),
                                                      ("Q4_0", True), ("Q4_1", True))
-                for rows, k in ((1, 512), (3, 2048), (19, 256), (2, 2016), (40, 1024))
+                for rows, k in ((1, 512), (3, 2048), (21, 256), (2, 2016), (40, 1024))
                 if not (split and k % 128) and not (t in ("Q6_K", "Q4_K") and k % 256)]
 
 
 @pytest.mark.parametrize("ggml_type,split,rows,k", KERNEL_CASES)
 def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k):
     """int8 activations (one scale per 32) times the blocks, as they are in the file or repacked (rows of
-    scales, then nibbles, whole groups of four blocks): within llama.cpp's own rounding. More than 16 rows
-    take the panel kernel: 80 weight rows are two whole panels of 32 and a part one, 19 and 40 activation rows
-    end in a part tile of 6."""
+    scales, then nibbles, whole groups of four blocks): within llama.cpp's own rounding. 21 and 40 rows take
+    the panel kernel (ggml_gemm), ending in a part tile of 6; 80 weight rows are two whole panels of 32 and a
+    part one."""
+    assert max(ggml_kernel.PANEL_ROWS.values()) <= 21 and min(ggml_kernel.PANEL_ROWS.values()) > 3
     if not ggml_kernel.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
     w = np.random.RandomState(2).randn(80, k).astype(np.float32)

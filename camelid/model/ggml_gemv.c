@@ -1,5 +1,5 @@
-// CPU kernels on GGUF's blocks: matrix products on Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with int8 activations (and
-// their bf16 expansion for prompts), a whole LLaMA decode step on them, and the load-time conversions into them.
+// CPU kernels on GGUF's blocks: matrix products on Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with int8 activations (a few
+// rows, and a prompt's many), a whole LLaMA decode step on them, and the load-time conversions into them.
 //
 // As llama.cpp does it: the few activation rows are rounded to int8 (one float scale per 32 values, or per 256
 // for the K-quants, as llama.cpp's Q8_K), and each weight block meets them in integer dot products (AVX-512
