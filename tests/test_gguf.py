@@ -193,6 +193,19 @@ def test_c_kernel_matches_dequantized_weights(ggml_type, split, rows, k):
     assert ((y - ref).norm() / ref.norm()) < 0.01
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_0"])
+def test_quantized_embedding_lookup_is_ggml_dequantization(ggml_type):
+    """A lookup dequantizes the rows it reads: in C where the kernel takes the type (Q5_0 goes through
+    gguf's numpy), bit for bit what gguf's dequantization gives."""
+    table = np.random.RandomState(3).randn(50, 512).astype(np.float32)
+    raw = torch.from_numpy(quantize(table, ggml_type))
+    emb = GGMLEmbedding(50, 512, int(gguf.GGMLQuantizationType[ggml_type]), raw.shape[1])
+    emb.blocks.copy_(raw)
+    ids = torch.tensor([[3, 49, 3], [0, 7, 12]])
+    full = dequantize(raw.numpy(), ggml_type, (50, 512))
+    assert torch.equal(emb(ids), full[ids])
+
+
 def test_cli_runs_a_gguf_file(trained_tiny):
     root, f32, _ = trained_tiny
     path = root / "cli-Q4_0.gguf"

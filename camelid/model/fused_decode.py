@@ -25,6 +25,7 @@ class DecodePlan:
     layers: ctypes.Array  # ggml_kernel.LlamaLayer per block
     dims: ggml_kernel.LlamaDims
     parts: list  # the modules and tensors the pointers come from (see _parts)
+    head: ggml_kernel.LlamaHead | None  # the final norm and output layer, where the C step runs them too
     cache: tuple = (None, None, None)  # (weakref to the last KVCache seen, its k pointers, its v pointers)
 
 
@@ -39,7 +40,8 @@ def _parts(model) -> list:
         parts += [sub["attn_norm"]._parameters.get("weight"), sub["mlp_norm"]._parameters.get("weight")]
         for layer in (attn["wqkv"], attn["wo"], mlp["w_in"], mlp["w_out"]):
             parts += [layer, layer._buffers.get("blocks")]
-    return parts
+    norm, output = model._modules["norm"], model._modules["output"]
+    return parts + [norm, norm and norm._parameters.get("weight"), output, output._buffers.get("blocks")]
 
 
 def _shaped_for_it(model) -> bool:
@@ -72,7 +74,16 @@ def build_plan(model) -> DecodePlan | None:
                                              *kinds))
     cfg = model.cfg
     dims = ggml_kernel.LlamaDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, 0, cfg.norm_eps)
-    return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, _parts(model))
+    return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, _parts(model), _head(model))
+
+
+def _head(model) -> ggml_kernel.LlamaHead | None:
+    norm, kind = model.norm, _kind(model.output)
+    if (kind is None or model.cfg.embed_proj_dim or norm is None or norm.weight.dtype != torch.float32
+            or not norm.weight.is_contiguous()):
+        return None
+    return ggml_kernel.LlamaHead(norm.weight.data_ptr(), model.output.blocks.data_ptr(), kind,
+                                 model.output.out_features)
 
 
 def _cache_pointers(plan: DecodePlan, kv_cache: KVCache):
@@ -83,8 +94,10 @@ def _cache_pointers(plan: DecodePlan, kv_cache: KVCache):
     return plan.cache[1], plan.cache[2]
 
 
-def decode_step(model, x: torch.Tensor, rope, mask, kv_cache: KVCache | None, start) -> torch.Tensor | None:
-    """Every block of one decode step on x (1, 1, dim), or None where the C step does not apply."""
+def decode_step(model, x: torch.Tensor, rope, mask, kv_cache: KVCache | None, start,
+                with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Every block of one decode step on x (1, 1, dim) -> (the last block's output, and where asked and the
+    output layer is in blocks too, the logits (1, 1, vocab)), or None where the C step does not apply."""
     if (kv_cache is None or mask is not None or not isinstance(start, int) or x.shape[:2] != (1, 1)
             or model.training or torch.is_grad_enabled() or x.dtype != torch.float32 or rope is None
             or start >= kv_cache.max_len):
@@ -101,6 +114,8 @@ def decode_step(model, x: torch.Tensor, rope, mask, kv_cache: KVCache | None, st
     k_ptrs, v_ptrs = _cache_pointers(plan, kv_cache)
     cos, sin = (r.reshape(-1).contiguous() for r in rope)
     x = x.reshape(-1).clone()
-    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, cos, sin):
+    head = plan.head if with_logits else None
+    logits = None if head is None else torch.empty(head.n_vocab)
+    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, cos, sin, head, logits):
         return None
-    return x.view(1, 1, -1)
+    return x.view(1, 1, -1), None if logits is None else logits.view(1, 1, -1)

@@ -780,15 +780,24 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t n, 
     }
 }
 
+// The final RMSNorm and output layer, when the step also makes the logits.
+typedef struct {
+    const float *norm;
+    const uint8_t *w;
+    int32_t type;
+    int64_t n_vocab;
+} llama_head;
+
 // x (dim) is the token's embedding in, the last block's output out. k_cache[l] / v_cache[l] are layer l's
 // (n_kv_heads, max_len, head_dim) caches; the step writes position `pos` and attends over 0..pos. cos/sin
-// (head_dim) are the position's rotary factors. Returns 0, or -1 for what it does not take.
+// (head_dim) are the position's rotary factors. With a head, logits (n_vocab) are written too, in the same
+// parallel region. Returns 0, or -1 for what it does not take.
 int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_dims *d, float *x,
                       float *const *k_cache, float *const *v_cache, int64_t pos, const float *cos,
-                      const float *sin, int threads) {
+                      const float *sin, const llama_head *head, float *logits, int threads) {
     const int64_t dim = d->dim, hd = d->head_dim, nh = d->n_heads, nkv = d->n_kv_heads, ffn = d->ffn_dim;
     const int64_t q_size = nh * hd, kv_size = nkv * hd, widest = q_size > ffn ? q_size : ffn;
-    if (pos < 0 || pos >= d->max_len || nh % nkv || hd % 2) return -1;
+    if (pos < 0 || pos >= d->max_len || nh % nkv || hd % 2 || (head && !takes(head->type, dim))) return -1;
     for (int64_t l = 0; l < n_layers; l++) {
         const llama_layer *L = layers + l;
         if (!takes(L->qkv_type, dim) || !takes(L->wo_type, q_size) || !takes(L->in_type, dim) ||
@@ -806,6 +815,7 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
     }
     const int64_t group = nh / nkv, n = pos + 1;
 #pragma omp parallel num_threads(threads)
+    {
     for (int64_t l = 0; l < n_layers; l++) {
         const llama_layer *L = layers + l;
         float *kc = k_cache[l], *vc = v_cache[l];
@@ -847,6 +857,15 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
         matmul_shared(L->out_type, L->w_out, dim, &p, y);
 #pragma omp single
         for (int64_t i = 0; i < dim; i++) x[i] += y[i];
+    }
+    if (head) {
+#pragma omp single
+        {
+            rmsnorm(x, head->norm, dim, d->norm_eps, h);
+            prepare(head->type, h, dim, 1, &p);
+        }
+        matmul_shared(head->type, head->w, head->n_vocab, &p, logits);
+    }
     }
     prepared_free(&p);
     free(h), free(qkv), free(att), free(y), free(scores);
@@ -908,6 +927,29 @@ static void q8_0_block(const float *x, uint8_t *out) {
                                                        _mm512_setzero_si512(), v);
         _mm_storeu_si128((__m128i *)(out + 2 + 16 * h), _mm512_cvtepi32_epi8(signed_v));
     }
+}
+
+// Rows of Q4_0, Q8_0, Q4_K or Q6_K blocks as the file has them -> float (n, k): a quantized token embedding's
+// lookup, once a token (numpy through gguf took a few tenths of a millisecond of a 20 ms decode step).
+int ggml_dequantize_rows(int type, const uint8_t *w, int64_t n, int64_t k, float *out) {
+    if ((type == Q6K || type == Q4K) ? k % 256 : (type != 2 && type != 8) || k % QK) return -1;
+    const int64_t rb = row_bytes_of(type, k);
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = w + r * rb;
+        float *y = out + r * k;
+        if (type == Q6K || type == Q4K) {
+            for (int64_t s = 0; s < k / 256; s++) (type == Q6K ? q6_k_block : q4_k_block)(row + s * rb / (k / 256), y + 256 * s);
+            continue;
+        }
+        for (int64_t b = 0; b < k / QK; b++) {
+            const uint8_t *blk = row + b * (type == 8 ? 34 : 18);
+            const float d = f16(blk);
+            for (int j = 0; j < QK; j++)
+                y[b * QK + j] = type == 8 ? d * (float)(int8_t)blk[2 + j]
+                                          : d * (float)(((j < 16 ? blk[2 + j] : blk[2 + j - 16] >> 4) & 15) - 8);
+        }
+    }
+    return 0;
 }
 
 int ggml_k_to_q8_0(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out, int threads) {

@@ -75,13 +75,17 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_k_to_q8_0.restype = ctypes.c_int
     lib.ggml_k_to_q8_0.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_int]
+    lib.ggml_dequantize_rows.restype = ctypes.c_int
+    lib.ggml_dequantize_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_void_p]
     lib.ggml_split_rows.restype = ctypes.c_int
     lib.ggml_split_rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_int]
     lib.ggml_llama_decode.restype = ctypes.c_int
     lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(LlamaHead),
+                                      ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -117,16 +121,22 @@ class LlamaDims(ctypes.Structure):
                 ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_len")] + [("norm_eps", ctypes.c_float)]
 
 
+class LlamaHead(ctypes.Structure):
+    """The final norm and output layer for `llama_decode` (ggml_gemv.c's llama_head)."""
+    _fields_ = [("norm", ctypes.c_void_p), ("w", ctypes.c_void_p), ("type", ctypes.c_int32), ("n_vocab", ctypes.c_int64)]
+
+
 def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos: int, cos: torch.Tensor,
-                 sin: torch.Tensor) -> bool:
-    """Runs every block of one decode step on x (dim,) fp32 in place (see ggml_llama_decode); False when the
-    kernel does not take the call and x is untouched. k_cache/v_cache are ctypes arrays of the layers'
-    (n_kv_heads, max_len, head_dim) fp32 cache pointers."""
+                 sin: torch.Tensor, head: LlamaHead | None = None, logits: torch.Tensor | None = None) -> bool:
+    """Runs every block of one decode step on x (dim,) fp32 in place (see ggml_llama_decode), and with a head
+    writes the logits (n_vocab,) fp32 too; False when the kernel does not take the call and x is untouched.
+    k_cache/v_cache are ctypes arrays of the layers' (n_kv_heads, max_len, head_dim) fp32 cache pointers."""
     lib = _lib[0] if _lib else None
     if lib is None:
         return False
     return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache, pos,
-                                 cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()) == 0
+                                 cos.data_ptr(), sin.data_ptr(), None if head is None else ctypes.byref(head),
+                                 None if logits is None else logits.data_ptr(), torch.get_num_threads()) == 0
 
 
 def k_quant_to_q8_0(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor | None:
@@ -138,6 +148,15 @@ def k_quant_to_q8_0(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tenso
     rc = _lib[0].ggml_k_to_q8_0(ggml_type, blocks.data_ptr(), blocks.shape[0], k, out.data_ptr(),
                                 torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def dequantize_rows(rows: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor | None:
+    """Block rows as the file has them (Q4_0, Q8_0, Q4_K, Q6_K) -> float32 (N, k), or None where the kernel
+    does not take them."""
+    if not available() or not rows.is_contiguous() or rows.device.type != "cpu":
+        return None
+    out = torch.empty(rows.shape[0], k)
+    return out if _lib[0].ggml_dequantize_rows(ggml_type, rows.data_ptr(), rows.shape[0], k, out.data_ptr()) == 0 else None
 
 
 def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -279,10 +279,11 @@ class GGMLEmbedding(nn.Module):
         self.out_dtype = torch.float32  # the model's compute dtype, set when the model is built
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks[ids.reshape(-1).to(self.blocks.device)].cpu().numpy()
-        values = quants.dequantize(rows, GGMLQuantizationType(int(self.ggml_type)))
-        out = torch.from_numpy(values).to(device=ids.device, dtype=self.out_dtype)
-        return out.view(*ids.shape, self.embedding_dim)
+        rows = self.blocks[ids.reshape(-1).to(self.blocks.device)]
+        out = ggml_kernel.dequantize_rows(rows, int(self.ggml_type), self.embedding_dim)
+        if out is None:
+            out = torch.from_numpy(quants.dequantize(rows.cpu().numpy(), GGMLQuantizationType(int(self.ggml_type))))
+        return out.to(device=ids.device, dtype=self.out_dtype).view(*ids.shape, self.embedding_dim)
 
 
 class GGMLLinear(nn.Module):

@@ -279,8 +279,10 @@ class Transformer(nn.Module):
                 freqs = freqs.repeat_interleave(2, dim=-1)
             rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
         # a LLaMA-shaped GGUF model's decode step runs in one C call (None where that does not apply)
-        fused = fused_decode.decode_step(self, x, rope, mask, kv_cache, start)
-        x = fused if fused is not None else self._blocks(x, rope, mask, kv_cache, start)
+        fused = fused_decode.decode_step(self, x, rope, mask, kv_cache, start, logits_at is None)
+        if fused is not None and fused[1] is not None:
+            return fused[1]
+        x = fused[0] if fused is not None else self._blocks(x, rope, mask, kv_cache, start)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
