@@ -159,6 +159,13 @@ def test_fused_decode_follows_changes_to_the_model(trained_tiny):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused_decode, "decode_step", lambda *args: None)
         np.testing.assert_allclose(after, decode_logits(model, tokens[:8]), atol=0.02)
+    assert model._decode_plan.head is not None  # the final norm and output layer run in the C step too
+    model.norm.weight = torch.nn.Parameter(model.norm.weight * 1.5, requires_grad=False)
+    final = decode_logits(model, tokens[:8])
+    assert not np.allclose(final, after, atol=0.1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_decode, "decode_step", lambda *args: None)
+        np.testing.assert_allclose(final, decode_logits(model, tokens[:8]), atol=0.02)
     model.layers[0].attn.wo = torch.nn.Linear(256, 256, bias=False)  # no longer blocks: op by op again
     decode_logits(model, tokens[:8])
     assert model._decode_plan is None

@@ -41,7 +41,8 @@ def _parts(model) -> list:
         for layer in (attn["wqkv"], attn["wo"], mlp["w_in"], mlp["w_out"]):
             parts += [layer, layer._buffers.get("blocks")]
     norm, output = model._modules["norm"], model._modules["output"]
-    return parts + [norm, norm and norm._parameters.get("weight"), output, output._buffers.get("blocks")]
+    return parts + [norm, None if norm is None else norm._parameters.get("weight"), output,
+                    output._buffers.get("blocks")]
 
 
 def _shaped_for_it(model) -> bool:

@@ -694,7 +694,7 @@ static void gemm_panel(int type, const uint8_t *pq, const float *pd, const float
 // y (m, n_out) = x (m, k) @ w.T for the weight types `takes` names; 0, or -1 for what it does not take.
 int ggml_gemm(int type, const uint8_t *w, int64_t n_out, int64_t k, const float *x, int64_t m, float *y,
               int threads) {
-    if (m < 1 || n_out < 1 || !takes(type, k) || (type == 103 && k % QK)) return -1;
+    if (m < 1 || n_out < 1 || !takes(type, k)) return -1;
     gemm_acts a = {k, m, k / gemm_fold(type), gemm_fold(type), NULL, NULL, NULL, NULL};
     a.q = aligned_alloc(64, (m * k + 63) / 64 * 64);
     a.bias = malloc(sizeof(int32_t) * m * a.nf), a.d = malloc(sizeof(float) * m * a.nf);
