@@ -938,7 +938,7 @@ int ggml_dequantize_rows(int type, const uint8_t *w, int64_t n, int64_t k, float
         const uint8_t *row = w + r * rb;
         float *y = out + r * k;
         if (type == Q6K || type == Q4K) {
-            for (int64_t s = 0; s < k / 256; s++) (type == Q6K ? q6_k_block : q4_k_block)(row + s * rb / (k / 256), y + 256 * s);
+            for (int64_t s = 0; s < k / 256; s++) (type == Q6K ? q6_k_block : q4_k_block)(row + s * (type == Q6K ? 210 : 144), y + 256 * s);
             continue;
         }
         for (int64_t b = 0; b < k / QK; b++) {
