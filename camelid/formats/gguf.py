@@ -220,17 +220,16 @@ def _embedding(t: GGUFTensor, dtype) -> dict[str, torch.Tensor]:
 def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Tensor]:
     """One layer's block rows for GGMLLinear, copied once: Q4_0/Q4_1 rows straight into the layout the kernel
     reads (the layer is then marked so), rather than repacked after loading in a second copy."""
-    out = {"ggml_type": torch.tensor(type_id, dtype=torch.int32)}
-    if type_id in ggml_kernel.SPLIT and parts[0].shape[1] // (18 if type_id == 2 else 20) % 4 == 0:
-        split = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=torch.uint8)
-        row = 0
-        for p in parts:  # row by row, so parts split alone, each into its rows of the layer
-            ggml_kernel.split_rows(p, type_id, split[row:row + p.shape[0]])
-            row += p.shape[0]
-        out["split_blocks"] = split
-    else:
-        out["blocks"] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-    return out
+    blocks = ggml_kernel.weight_buffer(sum(p.shape[0] for p in parts), parts[0].shape[1])
+    split = type_id in ggml_kernel.SPLIT and parts[0].shape[1] // (18 if type_id == 2 else 20) % 4 == 0
+    row = 0
+    for p in parts:  # part by part, so Q4 parts split alone, each into its rows of the layer
+        if split:
+            ggml_kernel.split_rows(p, type_id, blocks[row:row + p.shape[0]])
+        else:
+            blocks[row:row + p.shape[0]] = p
+        row += p.shape[0]
+    return {"ggml_type": torch.tensor(type_id, dtype=torch.int32), "split_blocks" if split else "blocks": blocks}
 
 
 def _q8_0_rows(raw: np.ndarray, ggml_type: str, k: int) -> torch.Tensor:
@@ -285,8 +284,7 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
                 weight = pack_for_cpu_kernel(unpack_int4(weight))
         return {"weight": weight, "scales_zeros": sz.contiguous()}
     if cpu_kernel and ggml_kernel.available():  # re-quantized to Q8_0 blocks for the C kernel
-        blocks = torch.cat([_q8_0_rows(raw, t.type, k) for raw, t in raws])
-        return {"blocks": blocks, "ggml_type": torch.tensor(GGML_TYPE_IDS["Q8_0"], dtype=torch.int32)}
+        return _ggml_blocks([_q8_0_rows(raw, t.type, k) for raw, t in raws], GGML_TYPE_IDS["Q8_0"])
     weight, scales, row = torch.empty(n, k, dtype=torch.int8), torch.empty(n), 0
     for raw, t in raws:
         for start in range(0, raw.shape[0], 1024):

@@ -303,7 +303,8 @@ class GGMLLinear(nn.Module):
         """Once loaded: repack Q4_0 into the layout the CPU kernel reads fastest (same size)."""
         if (not self.split and int(self.ggml_type) in ggml_kernel.SPLIT and self.in_features % 128 == 0
                 and self.blocks.device.type == "cpu" and ggml_kernel.available()):
-            self.blocks = ggml_kernel.split_rows(self.blocks, int(self.ggml_type))
+            self.blocks = ggml_kernel.split_rows(self.blocks, int(self.ggml_type),
+                                                 ggml_kernel.weight_buffer(*self.blocks.shape))
             self.split = True
 
     def file_blocks(self) -> torch.Tensor:
