@@ -84,3 +84,34 @@ def test_explicit_attention_is_scaled_dot_product_attention(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses.append(F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten()))
     torch.testing.assert_close(losses[0], losses[1], atol=2e-2, rtol=0)
+
+
+def test_logits_at_some_positions_equal_the_full_forward_and_its_gradients():
+    """With logits wanted at some positions only, the last block's output projection and MLP run for those
+    positions alone: logits and every gradient must equal the full forward's, for each residual layout."""
+    small = dict(dim=32, n_layers=2, n_heads=4, ffn_dim=64, vocab_size=96, max_seq_len=64)
+    families = {
+        "llama (pre-norm)": dict(arch="llama", n_kv_heads=2),
+        "neox (parallel)": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False,
+                                parallel_residual=True, rotary_pct=0.25, qkv_bias=True, attn_out_bias=True,
+                                mlp_bias=True),
+        "opt-350m (post-norm)": dict(arch="opt", norm="layernorm", activation="relu", gated_mlp=False,
+                                     positions="learned", learned_pos_offset=2, qkv_bias=True, attn_out_bias=True,
+                                     mlp_bias=True, pre_norm=False, final_norm=False, embed_proj_dim=16),
+    }
+    tokens = torch.randint(3, 90, (3, 12), generator=torch.Generator().manual_seed(1))
+    at = torch.zeros(3, 12, dtype=torch.bool)
+    at[0, 4:9], at[1, 11], at[2, 0] = True, True, True
+    for name, family in families.items():
+        cfg = ModelConfig.from_dict({**small, **family}, "test")
+        torch.manual_seed(0)
+        model = init_weights(Transformer(cfg))
+        params = list(model.parameters())
+        full = model(tokens)[at]
+        some = model(tokens, logits_at=at)
+        assert some.shape == (int(at.sum()), 96), name
+        assert torch.allclose(some, full, atol=1e-5), name
+        weights = torch.randn(some.shape, generator=torch.Generator().manual_seed(2))
+        for g_some, g_full in zip(torch.autograd.grad((some * weights).sum(), params),
+                                  torch.autograd.grad((full * weights).sum(), params)):
+            assert torch.allclose(g_some, g_full, atol=1e-5), name

@@ -134,7 +134,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.q_size, cfg.dim, bias=cfg.attn_out_bias)
 
-    def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int, keep=None):
+        """keep (B, T) bool: the output projection runs for those positions only, returned as (N, dim)."""
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = linear(x, self.wqkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -159,7 +160,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p)
-        return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo)
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)
+        return linear(y if keep is None else y[keep], self.wo)
 
 
 class MLP(nn.Module):
@@ -190,17 +192,23 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, kv_cache, layer, start):
+    def forward(self, x, rope, mask, kv_cache, layer, start, keep=None):
+        """keep (B, T) bool: every position still gives its keys and values, but only those positions go on
+        through the output projection and the MLP, returned as (N, dim). The last block needs no more when only
+        some positions' logits are wanted."""
         cfg = self.cfg
         drop = self.drop
+        attn = self.attn
+        rest = x if keep is None else x[keep]
         if cfg.parallel_residual:
             h = self.attn_norm(x)
             mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
-            return x + drop(self.attn(h, rope, mask, kv_cache, layer, start)) + drop(self.mlp(mlp_in))
+            mlp_in = mlp_in if keep is None else mlp_in[keep]
+            return rest + drop(attn(h, rope, mask, kv_cache, layer, start, keep)) + drop(self.mlp(mlp_in))
         if not cfg.pre_norm:  # OPT-350m normalises after each residual sum
-            x = self.attn_norm(x + drop(self.attn(x, rope, mask, kv_cache, layer, start)))
+            x = self.attn_norm(rest + drop(attn(x, rope, mask, kv_cache, layer, start, keep)))
             return self.mlp_norm(x + drop(self.mlp(x)))
-        x = x + drop(self.attn(self.attn_norm(x), rope, mask, kv_cache, layer, start))
+        x = rest + drop(attn(self.attn_norm(x), rope, mask, kv_cache, layer, start, keep))
         return x + drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -282,10 +290,11 @@ class Transformer(nn.Module):
         fused = fused_decode.decode_step(self, x, rope, mask, kv_cache, start, logits_at is None)
         if fused is not None and fused[1] is not None:
             return fused[1]
-        x = fused[0] if fused is not None else self._blocks(x, rope, mask, kv_cache, start)
+        keep = logits_at if fused is None and not last_only else None
+        x = fused[0] if fused is not None else self._blocks(x, rope, mask, kv_cache, start, keep)
         if last_only:
             x = x[:, -1:]
-        elif logits_at is not None:
+        elif logits_at is not None and keep is None:
             x = x[logits_at]
         if self.norm is not None:
             x = self.norm(x)
@@ -293,12 +302,16 @@ class Transformer(nn.Module):
             x = linear(x, self.embed_proj_out)
         return linear(x, self.output).float()
 
-    def _blocks(self, x, rope, mask, kv_cache, start):
+    def _blocks(self, x, rope, mask, kv_cache, start, keep=None):
+        """The blocks on x (B, T, dim); with keep (B, T) bool, the last block's output at those positions only
+        (N, dim): what only feeds other positions' logits is skipped."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            args = (x, rope, mask, kv_cache, i, start, keep if i == last else None)
             if self.activation_checkpointing and self.training:  # recompute activations in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, kv_cache, i, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, kv_cache, i, start)
+                x = layer(*args)
         return x
 
     def _positions_and_mask(self, B, T, start, pad_mask, device):
