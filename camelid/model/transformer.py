@@ -135,7 +135,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.q_size, cfg.dim, bias=cfg.attn_out_bias)
 
     def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int, keep=None):
-        """keep (B, T) bool: the output projection runs for those positions only, returned as (N, dim)."""
+        """keep (N,) indices into the B*T positions: the output projection runs for those only -> (N, dim)."""
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = linear(x, self.wqkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
-        return linear(y if keep is None else y[keep], self.wo)
+        return linear(y if keep is None else y.flatten(0, 1)[keep], self.wo)
 
 
 class MLP(nn.Module):
@@ -193,17 +193,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, kv_cache, layer, start, keep=None):
-        """keep (B, T) bool: every position still gives its keys and values, but only those positions go on
-        through the output projection and the MLP, returned as (N, dim). The last block needs no more when only
-        some positions' logits are wanted."""
+        """keep (N,) indices into the B*T positions: every position still gives its keys and values, but only
+        those go on through the output projection and the MLP, returned as (N, dim). The last block needs no
+        more when only some positions' logits are wanted."""
         cfg = self.cfg
         drop = self.drop
         attn = self.attn
-        rest = x if keep is None else x[keep]
+        rest = x if keep is None else x.flatten(0, 1)[keep]
         if cfg.parallel_residual:
             h = self.attn_norm(x)
             mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
-            mlp_in = mlp_in if keep is None else mlp_in[keep]
+            mlp_in = mlp_in if keep is None else mlp_in.flatten(0, 1)[keep]
             return rest + drop(attn(h, rope, mask, kv_cache, layer, start, keep)) + drop(self.mlp(mlp_in))
         if not cfg.pre_norm:  # OPT-350m normalises after each residual sum
             x = self.attn_norm(rest + drop(attn(x, rope, mask, kv_cache, layer, start, keep)))
@@ -265,6 +265,8 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         B, T = tokens.shape
+        if logits_at is not None:  # as indices: a compiled model then breaks its graph here only, once
+            logits_at = logits_at.flatten().nonzero().squeeze(1)
         if layout is not None:
             positions, mask = layout
         elif segment_ids is not None:
@@ -295,7 +297,7 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None and keep is None:
-            x = x[logits_at]
+            x = x.flatten(0, 1)[logits_at]
         if self.norm is not None:
             x = self.norm(x)
         if cfg.embed_proj_dim:
@@ -303,8 +305,8 @@ class Transformer(nn.Module):
         return linear(x, self.output).float()
 
     def _blocks(self, x, rope, mask, kv_cache, start, keep=None):
-        """The blocks on x (B, T, dim); with keep (B, T) bool, the last block's output at those positions only
-        (N, dim): what only feeds other positions' logits is skipped."""
+        """The blocks on x (B, T, dim); with keep (N,) indices into the B*T positions, the last block's output
+        at those only (N, dim): what only feeds other positions' logits is skipped."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             args = (x, rope, mask, kv_cache, i, start, keep if i == last else None)
