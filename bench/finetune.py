@@ -4,8 +4,8 @@ A LLaMA-shaped base (hidden 1024, 8 layers, 16 heads, 4 KV heads, FFN 2816, voca
 random weights), LoRA rank 8 / alpha 16 on q and v, AdamW 3e-4, batches of 4 Alpaca samples masked by
 camelid's template code and padded to the same 256 tokens for both. Each engine runs in its own process so
 its peak resident memory (ru_maxrss) is its own; the engines take turns for --rounds processes each, and
-each engine's fastest round and largest peak are reported. In bf16 each engine does what its fine-tuning does by
-default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under autocast); PEFT + transformers
+each engine's fastest round and largest peak are reported. In bf16 each engine does what its fine-tuning
+does by default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under autocast); PEFT + transformers
 load the base in fp32 and train under autocast, as Trainer(bf16=True) does. Prints one JSON line per dtype with both tokens/s, both
 peaks and the ratios.
 
@@ -15,8 +15,8 @@ bitsandbytes' CUDA kernels, which a CPU machine does not have.
 
 `--device cuda` runs both engines on the GPU; the peaks are then of allocated GPU memory.
 
-    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--rounds 2] [--no-compile] [--quantize-base int4]
-                             [--device cuda]
+    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--rounds 2] [--no-compile]
+                             [--quantize-base int4] [--device cuda]
 """
 
 from __future__ import annotations
