@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.errors import CamelidError
+from camelid.model.dropout import dropout
 from camelid.model.quant import QUANTIZED
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -47,7 +48,7 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.slices = slices
         self.scaling = cfg.scaling
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         # The adapter is trained, so it stays fp32 even over a bf16 base (frozen weights need no fp32 master).
@@ -60,7 +61,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        h = self.dropout(x)
+        h = dropout(x, self.dropout, self.training)
         for name, (lo, hi) in self.slices.items():
             a, b = self.lora_A[name], self.lora_B[name]
             delta = (F.linear(F.linear(h.to(a.dtype), a), b) * self.scaling).to(y.dtype)

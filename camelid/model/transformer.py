@@ -7,6 +7,7 @@ because decode on a CPU is dominated by per-op overhead and memory reads, not by
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from camelid.model import fused_decode
 from camelid.model.config import ModelConfig
+from camelid.model.dropout import dropout
 from camelid.model.kernels import linear
 from camelid.model.kv_cache import KVCache
 
@@ -190,14 +192,13 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = None if cfg.shared_parallel_norm else make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, kv_cache, layer, start, keep=None):
         """keep (N,) indices into the B*T positions: every position still gives its keys and values, but only
         those go on through the output projection and the MLP, returned as (N, dim). The last block needs no
         more when only some positions' logits are wanted."""
         cfg = self.cfg
-        drop = self.drop
+        drop = partial(dropout, p=cfg.dropout, training=self.training)
         attn = self.attn
         rest = x if keep is None else x.flatten(0, 1)[keep]
         if cfg.parallel_residual:
@@ -274,8 +275,7 @@ class Transformer(nn.Module):
         else:
             positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
         x = self.tok_embeddings(tokens)
-        if self.training and cfg.dropout:
-            x = F.dropout(x, cfg.dropout)
+        x = dropout(x, cfg.dropout, self.training)
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_in)
         rope = None
