@@ -4,7 +4,9 @@ A LLaMA-shaped base (hidden 1024, 8 layers, 16 heads, 4 KV heads, FFN 2816, voca
 random weights), LoRA rank 8 / alpha 16 on q and v, AdamW 3e-4, batches of 4 Alpaca samples masked by
 camelid's template code and padded to the same 256 tokens for both. Each engine runs in its own process so
 its peak resident memory (ru_maxrss) is its own; the engines take turns for --rounds processes each, and
-each engine's fastest round and largest peak are reported. In bf16 each engine does what its fine-tuning
+each engine's fastest round and largest peak are reported. Then one more process runs both engines, taking
+turns step by step on the same batches (--paired-steps): the median of those pairs' ratios is the speed ratio
+least moved by a shared machine's noise, which slows whichever process it lands on. In bf16 each engine does what its fine-tuning
 does by default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under autocast); PEFT + transformers
 load the base in fp32 and train under autocast, as Trainer(bf16=True) does. Prints one JSON line per dtype with both tokens/s, both
 peaks and the ratios.
@@ -15,8 +17,8 @@ bitsandbytes' CUDA kernels, which a CPU machine does not have.
 
 `--device cuda` runs both engines on the GPU; the peaks are then of allocated GPU memory.
 
-    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--rounds 2] [--no-compile]
-                             [--quantize-base int4] [--device cuda]
+    python bench/finetune.py [--threads 2] [--dtypes fp32,bf16] [--steps 8] [--rounds 2] [--paired-steps 16]
+                             [--no-compile] [--quantize-base int4] [--device cuda]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,13 +79,11 @@ def batches(steps: int, device: str):
     return out
 
 
-def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, compile: bool,
-               quantize_base: str | None, device: str) -> dict:
+def make_step(engine: str, base: Path, dtype: str, compile: bool, quantize_base: str | None, device: str):
+    """One engine's training step on a batch: forward, loss, backward, clipping, AdamW. Returns (step, params)."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
-    data = batches(steps, device)
     amp = dtype == "bf16"
     device_type = torch.device(device).type
     if engine == "camelid":
@@ -116,8 +117,8 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
                                    ignore_index=-100)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, fused=device_type == "cuda")
-    times = []
-    for batch in data:
+
+    def step(batch) -> float:
         t0 = time.perf_counter()
         loss = loss_of(batch)
         loss.backward()
@@ -126,11 +127,37 @@ def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, co
         optimizer.zero_grad(set_to_none=True)
         if device_type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+    return step, params
+
+
+def run_engine(engine: str, base: Path, dtype: str, steps: int, threads: int, compile: bool,
+               quantize_base: str | None, device: str) -> dict:
+    """One engine alone in this process: its tokens/s and its peak memory."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = batches(steps, device)
+    step, params = make_step(engine, base, dtype, compile, quantize_base, device)
+    times = [step(batch) for batch in data]
     return {"tok_s": statistics.median(BATCH * SEQ / t for t in times[WARMUP:]),
-            "peak_rss_mb": (torch.cuda.max_memory_allocated() / 2 ** 20 if device_type == "cuda"
+            "peak_rss_mb": (torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(device).type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "trainable": sum(p.numel() for p in params)}
+
+
+def run_paired(base: Path, dtype: str, steps: int, threads: int, compile: bool, quantize_base: str | None,
+               device: str) -> dict:
+    """Both engines in one process, taking turns step by step on the same batches: each pair of steps sees the
+    same state of a shared machine, so the median of the pairs' ratios is the least noisy speed ratio."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = batches(steps, device)
+    camelid, _ = make_step("camelid", base, dtype, compile, quantize_base, device)
+    peft, _ = make_step("peft", base, dtype, compile, quantize_base, device)
+    pairs = [(camelid(batch), peft(batch)) for batch in data]
+    return {"ratios": [p / c for c, p in pairs[WARMUP:]]}
 
 
 def main():
@@ -139,15 +166,17 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="processes per engine, the engines taking turns")
+    ap.add_argument("--paired-steps", type=int, default=16, help="steps of the one process running both engines")
     ap.add_argument("--no-compile", action="store_true", help="camelid without torch.compile")
     ap.add_argument("--quantize-base", choices=["int4", "int8"], help="camelid as QLoRA over this base")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.engine:  # a child process: one engine, one dtype
-        print(json.dumps(run_engine(args.engine, Path(args.base), args.dtypes, args.steps, args.threads,
-                                    not args.no_compile, args.quantize_base, args.device)))
+    if args.engine:  # a child process: one engine (or both, paired), one dtype
+        run = run_paired if args.engine == "paired" else partial(run_engine, args.engine)
+        print(json.dumps(run(Path(args.base), args.dtypes, args.steps, args.threads, not args.no_compile,
+                             args.quantize_base, args.device)))
         return
     import peft
     import torch
@@ -157,16 +186,19 @@ def main():
         base = Path(tmp) / "base"
         make_base(base)
         for dtype in args.dtypes.split(","):
+            def child(engine: str, steps: int) -> dict:
+                out = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base),
+                                      "--dtypes", dtype, "--steps", str(steps), "--threads", str(args.threads),
+                                      "--device", args.device] + ["--no-compile"] * args.no_compile
+                                     + (["--quantize-base", args.quantize_base] if args.quantize_base else []),
+                                     capture_output=True, text=True, check=True)
+                return json.loads(out.stdout.strip().splitlines()[-1])
+
             res = {"camelid": [], "peft": []}
             for _ in range(args.rounds):
                 for engine in res:
-                    child = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base),
-                                            "--dtypes", dtype, "--steps", str(args.steps), "--threads",
-                                            str(args.threads), "--device", args.device]
-                                           + ["--no-compile"] * args.no_compile
-                                           + (["--quantize-base", args.quantize_base] if args.quantize_base else []),
-                                           capture_output=True, text=True, check=True)
-                    res[engine].append(json.loads(child.stdout.strip().splitlines()[-1]))
+                    res[engine].append(child(engine, args.steps))
+            ratios = child("paired", args.paired_steps)["ratios"] if args.paired_steps else [float("nan")]
             # each engine's fastest round (the host's noise only ever slows a run) and its largest peak
             c, p = ({"tok_s": max(r["tok_s"] for r in runs), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                      "trainable": runs[0]["trainable"]} for runs in (res["camelid"], res["peft"]))
@@ -176,6 +208,9 @@ def main():
                               "batch": BATCH, "rounds": args.rounds, "camelid_tok_s": round(c["tok_s"], 1),
                               "peft_tok_s": round(p["tok_s"], 1),
                               "speed_ratio": round(c["tok_s"] / p["tok_s"], 3),
+                              "paired_speed_ratio": round(statistics.median(ratios), 3),
+                              "paired_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)]
+                              if len(ratios) > 1 else None,
                               "camelid_peak_mb": round(c["peak_rss_mb"]), "peft_peak_mb": round(p["peak_rss_mb"]),
                               "memory_ratio": round(c["peak_rss_mb"] / p["peak_rss_mb"], 3),
                               "trainable": [c["trainable"], p["trainable"]], "torch": torch.__version__,
