@@ -6,10 +6,10 @@ camelid's template code and padded to the same 256 tokens for both. Each engine 
 its peak resident memory (ru_maxrss) is its own; the engines take turns for --rounds processes each, and
 each engine's fastest round and largest peak are reported. Then one more process runs both engines, taking
 turns step by step on the same batches (--paired-steps): the median of those pairs' ratios is the speed ratio
-least moved by a shared machine's noise, which slows whichever process it lands on. In bf16 each engine does what its fine-tuning
-does by default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under autocast); PEFT + transformers
-load the base in fp32 and train under autocast, as Trainer(bf16=True) does. Prints one JSON line per dtype with both tokens/s, both
-peaks and the ratios.
+least moved by a shared machine's noise, which slows whichever process it lands on. In bf16 each engine does
+what its fine-tuning does by default: camelid keeps the frozen base in bf16 (the fp32 adapter trains under
+autocast); PEFT + transformers load the base in fp32 and train under autocast, as Trainer(bf16=True) does.
+Prints one JSON line per dtype with both tokens/s, both peaks and the ratios.
 
 `--quantize-base int4` (or int8) runs camelid as QLoRA (`quantize_base` in a finetune config: the blocks'
 weights frozen in 4 bits, groups of 64) against the same PEFT LoRA over a float base: PEFT's own QLoRA needs
