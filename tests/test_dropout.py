@@ -11,7 +11,7 @@ from camelid.model.dropout import dropout
 _compiled = {}
 
 
-def compiled(x, p, training):
+def compiled(x, p):
     """As a model calls it: p is a constant of the compiled graph."""
     if p not in _compiled:
         _compiled[p] = torch.compile(lambda x: dropout(x, p, True), dynamic=True)
@@ -22,7 +22,7 @@ def test_compiled_mask_drops_at_rate_p_and_scales_the_rest():
     torch.manual_seed(0)
     x = torch.randn(1000, 1000)
     for p in (0.05, 0.3):
-        y = compiled(x, p, True)
+        y = compiled(x, p)
         dropped = y == 0
         # 1e6 Bernoulli draws: the rate's standard deviation is below 5e-4
         assert abs(dropped.float().mean().item() - p) < 2.5e-3
@@ -31,7 +31,7 @@ def test_compiled_mask_drops_at_rate_p_and_scales_the_rest():
 
 def test_compiled_masks_are_independent_between_elements_and_calls():
     torch.manual_seed(0)
-    masks = torch.stack([(compiled(torch.ones(512, 512), 0.5, True) == 0).float().flatten() for _ in range(8)])
+    masks = torch.stack([(compiled(torch.ones(512, 512), 0.5) == 0).float().flatten() for _ in range(8)])
     pairs = {"neighbouring elements": (masks[:, :-1], masks[:, 1:]),
              "a row apart": (masks[:, :-512], masks[:, 512:]),
              "consecutive calls": (masks[:-1], masks[1:])}
@@ -45,10 +45,10 @@ def test_compiled_masks_are_independent_between_elements_and_calls():
 def test_compiled_mask_repeats_under_a_seed_and_backward_uses_the_forwards_mask():
     x = torch.ones(64, 300, requires_grad=True)
     torch.manual_seed(1)
-    y = compiled(x, 0.2, True)
+    y = compiled(x, 0.2)
     torch.manual_seed(1)
-    assert torch.equal(compiled(x, 0.2, True), y)
-    assert not torch.equal(compiled(x, 0.2, True), y)
+    assert torch.equal(compiled(x, 0.2), y)
+    assert not torch.equal(compiled(x, 0.2), y)
     y.backward(torch.full_like(y, 3.0))
     torch.testing.assert_close(x.grad, 3.0 * y.detach())
 
