@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, Preempted, os_error_message
 
 
 def _sampling_args(p: argparse.ArgumentParser):
@@ -255,8 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model name in the API (default: the folder or file name)")
-    p.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every API route (or set CAMELID_API_KEY)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every API route. A key on the command line is "
+                          "visible to every user of this machine in `ps`: prefer CAMELID_API_KEY or --api-key-file")
+    key.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="also answer requests whose Host header is this name (repeatable; '*' for any). By "
+                        "default only the bound address, and localhost for a loopback one, are answered")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
@@ -275,12 +281,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except CamelidError as exc:
-        print(f"camelid: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(str(exc))
+    except Preempted as exc:
+        print(f"camelid: {exc}", file=sys.stderr)
+        return Preempted.EXIT_CODE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a full disk, a read-only or missing folder, /proc...: the path and the reason
+        return _error(os_error_message(exc))
+    except MemoryError:
+        return _error("out of memory")
+
+
+def _error(message: str) -> int:
+    print(f"camelid: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 def _load(args):
@@ -290,6 +307,7 @@ def _load(args):
 
     from camelid.model.kernels import enable_fast_decode
 
+    _check_threads(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.device, args.dtype, args.tokenizer)
@@ -301,6 +319,11 @@ def _load(args):
     if lm.model.device.type == "cpu" and not args.no_compile and lm.config.dim >= 512:
         enable_fast_decode(True)  # small models are dominated by Python overhead, not weight reads
     return lm
+
+
+def _check_threads(args):
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise CamelidError(f"--threads {args.threads}: must be at least 1")
 
 
 def _params(args):
@@ -377,20 +400,53 @@ def cmd_chat(args):
 
 
 def cmd_serve(args):
+    import threading
+
     import uvicorn
 
     from camelid.serve.app import ServerConfig, create_app
+    from camelid.serve.listen import KEEP_ALIVE_SECONDS, HeaderTimeoutH11, allowed_hosts, listening_socket
 
-    for name in ("max_batch", "max_queue", "max_tokens_limit", "port"):
+    for name in ("max_batch", "max_queue", "max_tokens_limit"):
         if getattr(args, name) < 1:
             raise CamelidError(f"--{name.replace('_', '-')} must be >= 1")
     if not Path(args.model).exists():  # fail now, not later in the background loader
         raise CamelidError(f"{args.model}: no such file or directory")
+    _check_threads(args)
+    api_key = _api_key(args)
+    sock = listening_socket(args.host, args.port)
     name = args.name or Path(args.model).name.removesuffix(".bin")
-    config = ServerConfig(name, args.api_key, args.cors_origin, args.max_batch, args.max_queue,
-                          args.max_tokens_limit)
+    config = ServerConfig(name, api_key, args.cors_origin, args.max_batch, args.max_queue, args.max_tokens_limit,
+                          allowed_hosts=allowed_hosts(args.host, args.allowed_host))
+    app = create_app(lambda: _load(args), config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11,
+                                           timeout_keep_alive=KEEP_ALIVE_SECONDS))
+    state = app.state.camelid
+
+    def stop_if_load_fails():
+        state["loaded"].wait()
+        if state["error"] is not None:
+            server.should_exit = True
+
+    threading.Thread(target=stop_if_load_fails, daemon=True).start()
     print(f"camelid serve: {name} on http://{args.host}:{args.port}/ (API at /v1)", file=sys.stderr)
-    uvicorn.run(create_app(lambda: _load(args), config), host=args.host, port=args.port, log_level="warning")
+    server.run(sockets=[sock])
+    if state["error"] is not None:
+        raise CamelidError(f"{args.model}: {state['error']}")
+
+
+def _api_key(args) -> str | None:
+    if args.api_key_file:
+        from camelid.files import read_text
+
+        lines = read_text(args.api_key_file).splitlines()
+        if not lines or not lines[0].strip():
+            raise CamelidError(f"--api-key-file {args.api_key_file}: the file is empty")
+        return lines[0].strip()
+    key = args.api_key if args.api_key is not None else os.environ.get("CAMELID_API_KEY")
+    if key is not None and not key.strip():
+        raise CamelidError("--api-key: the key is empty")
+    return key
 
 
 def cmd_tokenizer(args):

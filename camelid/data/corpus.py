@@ -61,7 +61,7 @@ def read_jsonl(path: Path, text_key: str) -> Iterator[tuple[int, str]]:
                 text = json.loads(line)[text_key]
                 if not isinstance(text, str):
                     raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 raise CamelidError(f"{path}:{n}: not a JSON object with a string {text_key!r} field") from None
             yield n, text
 

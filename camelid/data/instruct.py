@@ -57,15 +57,20 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
                 record, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as exc:
                 raise CamelidError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise CamelidError(f"{path}:{text.count(chr(10), 0, i) + 1}: JSON nested too deeply") from None
             number += 1
             yield f"{path}:{text.count(chr(10), 0, i) + 1} (record {number})", record
             i = end
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                yield f"{path}:{n}", json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise CamelidError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise CamelidError(f"{path}:{n}: JSON nested too deeply") from None
+            yield f"{path}:{n}", record
 
 
 def _text(value, what: str) -> str:

@@ -8,8 +8,6 @@ written beside the destination and renamed into place only when complete."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
@@ -21,6 +19,7 @@ from camelid.data import clean
 from camelid.data.corpus import Document, is_validation, list_files, read_corpus
 from camelid.data.dedup import Deduplicator, exact_key, minhash_signature
 from camelid.errors import CamelidError, require
+from camelid.files import check_output_folder, output_folder
 
 REPORT = "report.json"
 CLEANING_STEPS = ("html", "gutenberg", "unicode", "emoji", "whitespace")
@@ -101,29 +100,21 @@ def _snippet(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
-def prepare_corpus(inputs: list[str], out: str | Path, options: PrepareOptions | None = None) -> dict:
+def prepare_corpus(inputs: list[str], out: str | Path, options: PrepareOptions | None = None,
+                   force: bool = False) -> dict:
+    """Writes the folder `out` whole, or nothing; an earlier output there is replaced only with `force`."""
     options = options or PrepareOptions()
+    if options.workers is not None and options.workers < 1:
+        raise CamelidError(f"--workers {options.workers}: must be at least 1")
+    check_output_folder(out, force)
     require("trafilatura", "ftfy", "emoji", "datasketch", extra="data")
     list_files(inputs, ())  # a missing path fails before any work
     if options.blocklist:
         clean.read_blocklist(options.blocklist)  # a bad path fails here, before any work
     if options.near_dedup_threshold is not None and not 0 < options.near_dedup_threshold <= 1:
         raise CamelidError("near_dedup_threshold must be in (0, 1]")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / REPORT).exists():
-        raise CamelidError(f"{out}: exists and is not a camelid data prepare output; choose another folder")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        report = _run(inputs, tmp, options)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return report
+    with output_folder(out, force) as tmp:
+        return _run(inputs, tmp, options)
 
 
 def _run(inputs: list[str], folder: Path, options: PrepareOptions) -> dict:

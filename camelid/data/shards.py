@@ -5,7 +5,6 @@ on (seed, i), so a resumed run that knows its step sees exactly the data it woul
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from camelid.errors import CamelidError
+from camelid.files import atomic_file, write_text
 
 INDEX = "index.json"
 
@@ -31,9 +31,8 @@ def write_shards(docs: Iterable[list[int]], folder: str | Path, eos_id: int, voc
         folder.mkdir(parents=True, exist_ok=True)
         name = f"shard_{len(shards):05d}.bin"
         arr = np.concatenate(buf).astype(dtype)
-        tmp = folder / (name + ".tmp")
-        arr.tofile(tmp)
-        os.replace(tmp, folder / name)
+        with atomic_file(folder / name) as tmp:
+            arr.tofile(tmp)
         shards.append({"file": name, "tokens": int(arr.size)})
         buf.clear()
 
@@ -52,9 +51,7 @@ def write_shards(docs: Iterable[list[int]], folder: str | Path, eos_id: int, voc
         return None
     index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "eos_id": eos_id, "documents": n_docs,
              "tokens": sum(s["tokens"] for s in shards), "tokenizer": tokenizer_id, "shards": shards}
-    tmp = folder / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, folder / INDEX)
+    write_text(folder / INDEX, json.dumps(index, indent=2))
     return index
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from camelid.data.corpus import is_prepared, is_validation, list_files, read_jsonl, read_text_file
 from camelid.data.shards import file_digest, write_shards
 from camelid.errors import CamelidError
+from camelid.files import check_output_folder, output_folder
 from camelid.tokenizer.tokenizer import Tokenizer, load_tokenizer_file
 
 
@@ -53,22 +54,25 @@ def _encode(doc: str) -> list[int]:
 
 
 def tokenize_corpus(inputs: list[str], tokenizer_path: str | Path, out: str | Path, val_fraction: float = 0.01,
-                    workers: int | None = None) -> dict:
+                    workers: int | None = None, force: bool = False) -> dict:
+    """Writes OUT/train and OUT/val; the folder appears whole or not at all."""
+    if workers is not None and workers < 1:
+        raise CamelidError(f"--workers {workers}: must be at least 1")
+    check_output_folder(out, force)
     tok = load_tokenizer_file(tokenizer_path)
     if not tok.eos_ids:
         raise CamelidError(f"{tokenizer_path}: the tokenizer has no end-of-text token")
     list_files(inputs, ())  # a missing path fails before any work
     splits = split_documents(inputs, val_fraction)
     tok_id = file_digest(tokenizer_path)
-    out = Path(out)
     report = {}
-    with Pool(workers, initializer=_init, initargs=(str(tokenizer_path),)) as pool:
+    with output_folder(out, force) as tmp, Pool(workers, initializer=_init, initargs=(str(tokenizer_path),)) as pool:
         for split, documents in splits.items():
             ids = tqdm(pool.imap(_encode, documents(), chunksize=64), desc=f"tokenizing {split}", unit="doc",
                        disable=None)
-            index = write_shards(ids, out / split, tok.eos_ids[0], tok.vocab_size, tokenizer_id=tok_id)
+            index = write_shards(ids, tmp / split, tok.eos_ids[0], tok.vocab_size, tokenizer_id=tok_id)
             if index is not None:
                 report[split] = {"documents": index["documents"], "tokens": index["tokens"]}
-    if "train" not in report:
-        raise CamelidError("the corpus is empty: no documents in " + ", ".join(map(str, inputs)))
+        if "train" not in report:
+            raise CamelidError("the corpus is empty: no documents in " + ", ".join(map(str, inputs)))
     return report

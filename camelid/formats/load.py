@@ -7,7 +7,6 @@ A camelid folder is `camelid.json` (model config, tokenizer settings, chat templ
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,7 @@ from typing import Callable
 import torch
 
 from camelid.errors import CamelidError
+from camelid.files import output_folder, read_json
 from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
@@ -53,12 +53,15 @@ def resolve_device(device: str | None) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CamelidError("--device cuda: no CUDA device is available")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CamelidError("--device mps: no MPS device is available")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
         raise CamelidError(f"--device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CamelidError(f"--device {device}: no CUDA device is available")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise CamelidError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CamelidError("--device mps: no MPS device is available")
     return torch.device(device)
 
 
@@ -141,6 +144,7 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     lm = _load(path, dev, dt, tokenizer_path, quantize)
+    lm.tokenizer.validate(str(path))
     # Repack int4 weights for the CPU kernel now rather than on the first token; here, once the loaders'
     # tensor dicts are gone, so the on-disk layout is freed layer by layer instead of living beside the copy.
     if dev.type == "cpu":
@@ -177,24 +181,35 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
+def read_native_meta(folder: Path) -> dict:
+    """camelid.json, every section checked for its type before anything is built from it."""
+    meta_path = folder / "camelid.json"
+    meta = read_json(meta_path)
+    for key, kind in (("model", dict), ("tokenizer", dict), ("chat", dict), ("quantization", dict)):
+        if key in ("model", "tokenizer") and key not in meta:
+            raise CamelidError(f"{meta_path}: missing key {key!r}")
+        if key in meta and not isinstance(meta[key], kind):
+            raise CamelidError(f"{meta_path}: {key!r} must be an object, not {type(meta[key]).__name__}")
+    chat = meta.setdefault("chat", {})
+    if not isinstance(chat.setdefault("template", "raw"), str):
+        raise CamelidError(f"{meta_path}: chat.template must be a string (a template name or Jinja source)")
+    stop = chat.setdefault("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        raise CamelidError(f"{meta_path}: chat.stop must be a list of strings, got {stop!r}")
+    return meta
+
+
 def _load_native(folder: Path, device, dtype, quantize=None) -> LoadedModel:
     meta_path = folder / "camelid.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CamelidError(f"{meta_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    for key in ("model", "tokenizer"):
-        if key not in meta:
-            raise CamelidError(f"{meta_path}: missing key {key!r}")
+    meta = read_native_meta(folder)
     cfg = ModelConfig.from_dict(meta["model"], str(meta_path))
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise CamelidError(f"{folder}: model.safetensors is missing")
+    tok = load_saved_tokenizer(folder, meta["tokenizer"])  # a broken tokenizer fails before the weights load
     model = build_model(cfg, load_safetensors(weights), str(weights), device, dtype, quantize)
-    tok = load_saved_tokenizer(folder, meta["tokenizer"])
-    chat = meta.get("chat", {})
-    return LoadedModel(model, tok, chat.get("template", "raw"), list(chat.get("stop", [])), str(folder),
-                       meta.get("quantization"))
+    chat = meta["chat"]
+    return LoadedModel(model, tok, chat["template"], list(chat["stop"]), str(folder), meta.get("quantization"))
 
 
 def _load_hf(folder: Path, device, dtype, quantize=None) -> LoadedModel:
@@ -260,30 +275,35 @@ def plain_state_dict(lm: LoadedModel) -> dict:
     return sd
 
 
-def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None):
-    """Write a camelid folder; written beside the target and renamed, so a failure leaves nothing half-done."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp-camelid")
-    _fresh_dir(tmp)
+def save_native(lm: LoadedModel, folder: str | Path, template: str | None = None, stop: list[str] | None = None,
+                force: bool = False):
+    """Write a camelid folder; written beside the target and renamed, so a failure leaves nothing half-done.
+    An existing folder is replaced only if camelid wrote it and `force` is given."""
     template = template or lm.template
     resolve_template(template)
+    with output_folder(folder, force) as tmp:
+        _write_native(lm, tmp, template, stop)
+
+
+def _write_native(lm: LoadedModel, tmp: Path, template: str, stop: list[str] | None):
     save_safetensors(_state_dict(lm.model), tmp / "model.safetensors", metadata={"format": "camelid"})
     meta = {"format": "camelid", "version": FORMAT_VERSION, "model": lm.config.to_dict(),
             **({"quantization": lm.quantization} if lm.quantization else {}),
             "tokenizer": save_tokenizer(lm.tokenizer, tmp),
             "chat": {"template": template, "stop": stop if stop is not None else lm.stop}}
     (tmp / "camelid.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _replace_dir(tmp, folder)
 
 
-def export_hf(lm: LoadedModel, folder: str | Path):
+def export_hf(lm: LoadedModel, folder: str | Path, force: bool = False):
     """Write a Hugging Face folder (config, safetensors, tokenizer files) that transformers loads."""
     if any(isinstance(m, (*QUANTIZED, GGMLEmbedding)) for m in lm.model.modules()):
         raise CamelidError(f"{lm.source}: a quantized model cannot be written as a Hugging Face folder "
                            f"(export the float model, or use GGUF)")
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp-camelid")
-    _fresh_dir(tmp)
+    with output_folder(folder, force) as tmp:
+        _write_hf(lm, tmp)
+
+
+def _write_hf(lm: LoadedModel, tmp: Path):
     tok = lm.tokenizer
     if isinstance(tok.backend, PieceBackend):  # transformers reads tokenizer.json, not our pieces file
         to_hf_tokenizer(tok.backend.vocab, tok.bos_id, tok.add_bos).save(str(tmp / "tokenizer.json"))
@@ -298,29 +318,6 @@ def export_hf(lm: LoadedModel, folder: str | Path):
     hf.save_hf_folder(_state_dict(lm.model), lm.config, tmp,
                       extra_json={"config.json": cfg_extra, "tokenizer_config.json": tcfg,
                                   "generation_config.json": gen})
-    _replace_dir(tmp, folder)
-
-
-def _fresh_dir(path: Path):
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-
-def _replace_dir(tmp: Path, final: Path):
-    import shutil
-
-    if final.exists():
-        old = final.with_name(final.name + ".old-camelid")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -329,11 +326,7 @@ def read_config(path: str | Path) -> ModelConfig:
     if not path.exists():
         raise CamelidError(f"{path}: no such file or directory")
     if path.is_dir() and (path / "camelid.json").exists():
-        try:
-            meta = json.loads((path / "camelid.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CamelidError(f"{path / 'camelid.json'}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        return ModelConfig.from_dict(meta.get("model", {}), str(path / "camelid.json"))
+        return ModelConfig.from_dict(read_native_meta(path)["model"], str(path / "camelid.json"))
     if path.is_dir() and (path / "config.json").exists():
         return hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
     if path.is_file() and _is_gguf(path):

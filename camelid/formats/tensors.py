@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from camelid.errors import CamelidError
+from camelid.files import atomic_file, read_json
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MADV_DONTNEED = 4
@@ -83,10 +84,12 @@ def load_tensor_files(folder: Path) -> dict[str, torch.Tensor]:
                                ("pytorch_model.bin.index.json", load_pickle_weights)):
         index = folder / index_name
         if index.exists():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise CamelidError(f"{index}: not a valid shard index (needs a 'weight_map')") from None
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CamelidError(f"{index}: not a valid shard index (needs a 'weight_map' of file names)")
+            shards = sorted(set(weight_map.values()))
+            if any(Path(shard).name != shard for shard in shards):  # a shard outside the folder is not ours to read
+                raise CamelidError(f"{index}: shard names must be files in {folder}")
             out = {}
             for shard in tqdm(shards, desc=f"loading {folder.name}", unit="shard", disable=len(shards) < 4):
                 if not (folder / shard).exists():
@@ -104,6 +107,5 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     """Write atomically: a crash leaves the old file or none, never half a file."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -155,7 +155,7 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
     params = params or SamplingParams()
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     completions = completions if completions is not None else [Completion() for _ in prompts]
-    decoders = [tok.stream() for _ in prompts]
+    decoders = [tok.stream(p) for p in ids]
     stoppers = [StopStrings(list(stop or []) + lm.stop) for _ in prompts]
     finished = [False] * len(prompts)
     for step_tokens in generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats):

@@ -3,11 +3,16 @@ penalties -> top-k -> top-p -> min-p -> temperature -> draw. Temperature 0 is gr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, ModelError
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+# A positive temperature below float32's smallest normal number would divide the logits by zero.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 
 
 @dataclass
@@ -23,8 +28,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        floats = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CamelidError(f"invalid sampling parameter: {name} must be a finite number, got {value!r}")
+        seed_ok = self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                        and INT64[0] <= self.seed <= INT64[1])
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
+            (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+             f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:.3g}"),
+            (seed_ok, f"seed must be an integer in [{INT64[0]}, {INT64[1]}]"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
@@ -63,7 +78,9 @@ def apply_penalties(logits: torch.Tensor, history: list[list[int]], p: SamplingP
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `logits` (B, V)."""
+    """One token per row of `logits` (B, V). NaN logits are the model's fault and raise ModelError."""
+    if torch.isnan(logits).any():
+        raise ModelError("the model produced NaN logits (its weights or config are broken)")
     logits = apply_penalties(logits.float(), history, p)
     if p.temperature == 0:
         return logits.argmax(dim=-1)
@@ -80,7 +97,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
     if p.min_p > 0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-    probs = (logits / p.temperature).softmax(dim=-1)
+    # Shifted so the best token is 0: a tiny temperature sends the others to -inf, never the best to inf.
+    probs = ((logits - logits.max(dim=-1, keepdim=True).values) / p.temperature).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

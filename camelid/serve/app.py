@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import threading
 import time
@@ -17,11 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, ModelError
 from camelid.formats.load import LoadedModel
 from camelid.generate.sampling import SamplingParams
 from camelid.serve.api import ChatRequest, CompletionRequest
-from camelid.serve.engine import Engine, QueueFull, Request
+from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
 from camelid.tokenizer.chat_template import render_chat, resolve_template
 
 STATIC = Path(__file__).parent / "static"
@@ -36,6 +37,9 @@ class ServerConfig:
     max_queue: int = 64
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
+    # Host header values answered (DNS rebinding: a web page must not reach a local server by a name it
+    # controls); "*" answers any. Ports are not compared.
+    allowed_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
 
 
 class APIError(Exception):
@@ -50,7 +54,9 @@ def _error_body(status, message, param=None, code=None, kind="invalid_request_er
 
 
 class BodyLimit:
-    """Rejects request bodies over a size limit (413) before they are read into memory."""
+    """Reads the request body up to a size limit before the app sees it: a larger one (declared, or chunked
+    and found while reading) is answered 413. The app then gets the buffered body, and later `receive()`
+    calls reach the client's connection again (so a disconnect is still seen)."""
 
     def __init__(self, app, limit: int = 1 << 20):
         self.app, self.limit = app, limit
@@ -61,32 +67,57 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise APIError(413, f"request body is larger than {self.limit} bytes", code="body_too_large")
-            return message
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._reject(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        buffered = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        return await self.app(scope, limited_receive, send)
+        async def replay():
+            return buffered.pop() if buffered else await receive()
+
+        return await self.app(scope, replay, send)
 
     async def _reject(self, scope, receive, send):
         response = _error_body(413, f"request body is larger than {self.limit} bytes", code="body_too_large")
         await response(scope, receive, send)
 
 
+class HostCheck:
+    """Answers only requests whose Host header names an allowed host."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app, self.allowed = app, {h.lower().strip("[]") for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.allowed:
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").lower()
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name not in self.allowed:
+                response = _error_body(400, f"Host {host!r} is not served here (camelid serve --allowed-host)",
+                                       "host", "invalid_host")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI:
     """The app loads its model in the background (`load`), answering /health with 503 until it is ready."""
-    state = {"engine": None, "error": None, "started": int(time.time())}
+    state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event()}
 
     def _load():
         try:
             state["engine"] = Engine(load(), config.max_batch, config.max_queue)
-        except Exception as exc:  # reported by /health, never a crash
-            state["error"] = str(exc)
+        except BaseException as exc:  # reported by /health, never a crash; `camelid serve` then exits
+            state["error"] = str(exc) or type(exc).__name__
+        finally:
+            state["loaded"].set()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -98,6 +129,7 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.camelid = state  # the engine, for tests and embedding applications
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(HostCheck, allowed=config.allowed_hosts)
 
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -119,6 +151,12 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
         message = err.get("msg", "invalid request").removeprefix("Value error, ")
         return _error_body(400, f"{param}: {message}" if param else message, param, "invalid_parameter")
 
+    @app.exception_handler(CamelidError)
+    async def _client_input(_, exc: CamelidError):  # the request's own input (its text, its parameters)
+        if isinstance(exc, ModelError):
+            return _error_body(500, str(exc), code="model_error", kind="server_error")
+        return _error_body(400, str(exc), code="invalid_request")
+
     @app.exception_handler(Exception)
     async def _unexpected(_, exc: Exception):
         return _error_body(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
@@ -130,24 +168,29 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
     def authorize(request: HTTPRequest):
         if config.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {config.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
                            kind="authentication_error")
 
     def engine() -> Engine:
-        if state["engine"] is None:
+        eng = state["engine"]
+        if eng is None:
             raise APIError(503, "the model is still loading" if state["error"] is None
                            else f"the model failed to load: {state['error']}", code="model_not_ready",
                            kind="server_error")
-        return state["engine"]
+        if not eng.alive:
+            raise APIError(503, eng.failure or "the generation engine has stopped", code="engine_stopped",
+                           kind="server_error")
+        return eng
 
     @app.get("/health")
     async def health():
-        if state["engine"] is not None:
+        eng = state["engine"]
+        if eng is not None and eng.alive:
             return {"status": "ok"}
-        return JSONResponse({"status": "error" if state["error"] else "loading", "error": state["error"]},
-                            status_code=503)
+        error = state["error"] or (eng.failure or "the generation engine has stopped" if eng else None)
+        return JSONResponse({"status": "error" if error else "loading", "error": error}, status_code=503)
 
     @app.get("/")
     async def page():
@@ -170,11 +213,15 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
         _check_model(body.model, config)
         template, template_stops = resolve_template(lm.template)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
+
+        def chat_prompt():  # in a worker thread: a long prompt or a slow template must not stall the loop
             text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
+            return lm.tokenizer.encode(text, bos=False)
+
+        try:
+            prompt = await asyncio.to_thread(chat_prompt)
         except CamelidError as exc:
             raise APIError(400, str(exc), "messages", "invalid_messages") from None
-        prompt = lm.tokenizer.encode(text, bos=False)
         limit = body.max_completion_tokens or body.max_tokens
         return await _respond(eng, http, body, prompt, limit, template_stops + lm.stop, chat=True)
 
@@ -187,7 +234,10 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
                 raise APIError(400, "prompt: token id out of the vocabulary", "prompt", "invalid_parameter")
             prompt = list(body.prompt)
         else:
-            prompt = eng.lm.tokenizer.encode(body.prompt)
+            try:
+                prompt = await asyncio.to_thread(eng.lm.tokenizer.encode, body.prompt)
+            except CamelidError as exc:
+                raise APIError(400, str(exc), "prompt", "invalid_parameter") from None
         return await _respond(eng, http, body, prompt, body.max_tokens, list(eng.lm.stop), chat=False)
 
     async def _respond(eng: Engine, http: HTTPRequest, body, prompt, max_tokens, stops, chat: bool):
@@ -214,33 +264,27 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
         except QueueFull:
             raise APIError(429, "the server is busy: too many queued requests", code="queue_full",
                            kind="rate_limit_error") from None
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), code="engine_stopped", kind="server_error") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = dict(id=rid, created=int(time.time()), model=config.model_name)
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(req, events, meta, chat, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = []
-        try:
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        req.cancel()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if kind == "text":
-                    text.append(value)
-                elif kind == "error":
-                    raise APIError(500, f"generation failed: {value}", kind="server_error")
-                else:
-                    break
-        except asyncio.CancelledError:
+        try:  # the first event, or for a non-streaming request the whole reply, unless the client leaves
+            reply = await _unless_gone(events.get() if body.stream else _collect(events), http)
+        except BaseException:
             req.cancel()
             raise
+        if reply is None:
+            req.cancel()
+            return JSONResponse({}, status_code=499)
+        if body.stream:
+            if reply[0] == "error":  # failed before its first token: the status code can still say so
+                raise _generation_error(reply[1])
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(req, events, meta, chat, include_usage, reply),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        content = reply
         usage = _usage(req)
-        content = "".join(text)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                       "finish_reason": req.finish_reason}
@@ -259,12 +303,51 @@ def _check_model(name: str, config: ServerConfig):
                        "model", "model_not_found")
 
 
+async def _collect(events: asyncio.Queue) -> str:
+    text = []
+    while True:
+        kind, value = await events.get()
+        if kind == "text":
+            text.append(value)
+        elif kind == "error":
+            raise _generation_error(value)
+        else:
+            return "".join(text)
+
+
+async def _unless_gone(awaitable, http: HTTPRequest):
+    """The awaitable's result, or None when the client closes its connection first."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() else None
+
+
+async def _disconnected(http: HTTPRequest):
+    """Returns when the client closes its connection (the body is already read, so receive() waits for that)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _generation_error(exc: Exception) -> APIError:
+    """A request the engine could not finish: its own parameters are a 400, anything else the server's fault."""
+    if isinstance(exc, CamelidError) and not isinstance(exc, ModelError):
+        return APIError(400, str(exc), code="invalid_request")
+    return APIError(500, f"generation failed: {exc}", code="model_error" if isinstance(exc, ModelError) else None,
+                    kind="server_error")
+
+
 def _usage(req: Request) -> dict:
     return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.tokens),
             "total_tokens": len(req.prompt) + len(req.tokens)}
 
 
-async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool):
+async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool, first: tuple):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that goes away
     cancels the generator here, which cancels its request in the engine."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -279,16 +362,19 @@ async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, incl
     try:
         if chat:
             yield chunk({"role": "assistant", "content": ""})
+        kind, value = first
         while True:
-            kind, value = await events.get()
             if kind == "text":
                 yield chunk({"content": value} if chat else value)
             elif kind == "error":
-                yield "data: " + json.dumps({"error": {"message": value, "type": "server_error"}}) + "\n\n"
+                err = _generation_error(value)
+                yield "data: " + json.dumps({"error": {"message": err.message, "type": err.kind, "code": err.code}},
+                                            ensure_ascii=False) + "\n\n"
                 break
             else:
                 yield chunk({} if chat else "", req.finish_reason)
                 break
+            kind, value = await events.get()
         if include_usage:
             yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": _usage(req)}) + "\n\n"
         yield "data: [DONE]\n\n"

@@ -3,7 +3,9 @@
 A request joins between steps (its prompt is prefilled into a free row of the shared KV cache) and leaves
 as soon as it finishes or is cancelled. Active requests always occupy rows 0..n-1, so a decode step works
 on a view of the cache, never a copy: when one finishes, the last row moves into its place.
-The engine runs in its own thread; events reach each request through a callback.
+The engine runs in its own thread; events reach each request through a callback. A failure while serving
+one request fails that request (emit("error", exc)) and the engine goes on with the others; a fault the
+engine cannot recover from ends every request and marks it not `alive`, which /health reports.
 """
 
 from __future__ import annotations
@@ -16,13 +18,33 @@ from typing import Callable
 
 import torch
 
+from camelid.errors import CamelidError
 from camelid.formats.load import LoadedModel
 from camelid.generate.generate import StopStrings
 from camelid.generate.sampling import SamplingParams, make_generator, sample
+from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
 
 
 class QueueFull(Exception):
     pass
+
+
+class EngineStopped(Exception):
+    pass
+
+
+def _allocate_cache(model, max_batch: int, ctx: int):
+    """The KV cache for every slot at the full context; one that cannot fit is a one-line error up front
+    (zeroed pages are given lazily, so a too-large CPU cache would otherwise be found by the OOM killer)."""
+    size = kv_cache_bytes(model.cfg, ctx, torch.empty((), dtype=model.dtype).element_size(), max_batch)
+    problem = (f"the KV cache for {max_batch} requests at the model's context of {ctx} tokens needs "
+               f"{human_bytes(size)}")
+    if model.device.type == "cpu" and size > machine_memory()[1]:
+        raise CamelidError(f"{problem}, more than this machine's free memory (lower --max-batch)")
+    try:
+        return model.new_kv_cache(max_batch, ctx)
+    except (RuntimeError, MemoryError):
+        raise CamelidError(f"{problem}, more than the device can allocate (lower --max-batch)") from None
 
 
 @dataclass
@@ -31,7 +53,7 @@ class Request:
     params: SamplingParams
     max_tokens: int
     stop: list[str]
-    emit: Callable[[str, object], None]  # emit("text", str) / emit("done", finish_reason)
+    emit: Callable[[str, object], None]  # emit("text", str) / emit("done", finish_reason) / emit("error", exc)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -48,6 +70,7 @@ class Metrics:
     requests_finished: int = 0
     requests_cancelled: int = 0
     requests_rejected: int = 0
+    requests_failed: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     latency_seconds_sum: float = 0.0
@@ -64,11 +87,12 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.ctx = lm.config.max_seq_len
-        self.cache = self.model.new_kv_cache(max_batch, self.ctx)
+        self.cache = _allocate_cache(self.model, max_batch, self.ctx)
         self.device = self.model.device
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []
         self.metrics = Metrics()
+        self.failure: str | None = None  # why the engine stopped, if it did
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="camelid-engine", daemon=True)
@@ -78,6 +102,8 @@ class Engine:
 
     def submit(self, request: Request):
         with self._wake:
+            if not self.alive:
+                raise EngineStopped(self.failure or "the engine has stopped")
             if len(self.waiting) >= self.max_queue:
                 self.metrics.requests_rejected += 1
                 raise QueueFull()
@@ -94,6 +120,10 @@ class Engine:
     def running(self) -> int:
         return len(self.active)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
     def shutdown(self):
         with self._wake:
             self._stop = True
@@ -103,6 +133,19 @@ class Engine:
     # ------------------------------------------------------------ the loop
 
     def _run(self):
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the engine itself: nothing may wait forever on it
+            self.failure = f"the generation engine stopped: {type(exc).__name__}: {exc}"
+            with self._wake:
+                pending = [s.req for s in self.active] + list(self.waiting)
+                self.active.clear()
+                self.waiting.clear()
+            for req in pending:
+                req.emit("error", RuntimeError(self.failure))
+            raise
+
+    def _loop(self):
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -123,30 +166,47 @@ class Engine:
             self._finish_request(req, "cancelled")
             return
         row = len(self.active)
-        slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
-        try:
+        try:  # a failing request must not take the others down
+            slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
             ids = torch.tensor([req.prompt], device=self.device)
             logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=True)
-        except Exception as exc:  # a failing request must not take the server down
-            req.emit("error", str(exc))
+            slot.length = len(req.prompt)
+            token = sample(logits[:, -1], req.params, [slot.history], slot.generator).item()
+        except Exception as exc:
+            self._fail(req, exc)
             return
-        slot.length = len(req.prompt)
         self.active.append(slot)
-        self._accept(slot, sample(logits[:, -1], req.params, [slot.history], slot.generator).item())
+        self._accept(slot, token)
         self._retire_finished()
 
     def _step(self):
         n = len(self.active)
         tokens = torch.tensor([[s.last] for s in self.active], device=self.device)
         starts = torch.tensor([s.length for s in self.active], device=self.device)
-        logits = self.model(tokens, starts, self.cache.rows(0, n))[:, -1]
+        try:
+            logits = self.model(tokens, starts, self.cache.rows(0, n))[:, -1]
+        except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
+            for slot in self.active:
+                self._fail(slot.req, exc)
+            self.active.clear()
+            return
         self.metrics.decode_steps += 1
         self.metrics.batch_size_sum += n
         for i, slot in enumerate(self.active):
             slot.length += 1
-            token = sample(logits[i:i + 1], slot.req.params, [slot.history], slot.generator).item()
+            try:
+                token = sample(logits[i:i + 1], slot.req.params, [slot.history], slot.generator).item()
+            except Exception as exc:
+                slot.finish = "error"
+                slot.error = exc
+                continue
             self._accept(slot, token)
         self._retire_finished()
+
+    def _fail(self, req: Request, exc: Exception):
+        req.finish_reason = "error"
+        self.metrics.requests_failed += 1
+        req.emit("error", exc)
 
     def _accept(self, slot: "_Slot", token: int):
         req = slot.req
@@ -185,7 +245,10 @@ class Engine:
                 self.cache.move_row(last, i, self.active[last].length)
                 self.active[i] = self.active[last]
             self.active.pop()
-            self._finish_request(slot.req, slot.finish)
+            if slot.finish == "error":
+                self._fail(slot.req, slot.error)
+            else:
+                self._finish_request(slot.req, slot.finish)
 
     def _finish_request(self, req: Request, reason: str):
         req.finish_reason = reason
@@ -204,12 +267,13 @@ class _Slot:
     def __init__(self, req: Request, tok, generator):
         self.req = req
         self.history = list(req.prompt)
-        self.decoder = tok.stream()
+        self.decoder = tok.stream(req.prompt)
         self.stops = StopStrings(req.stop)
         self.generator = generator
         self.length = 0  # tokens in this row of the cache
         self.last = 0
         self.finish: str | None = None
+        self.error: Exception | None = None
 
     def emit_text(self, text: str):
         if text:

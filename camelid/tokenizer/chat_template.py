@@ -7,13 +7,16 @@ that predate it (Alpaca, Vicuna v1.1, Llama-2 chat, ChatML).
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime
 from functools import lru_cache
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from camelid.errors import CamelidError
 
@@ -114,11 +117,68 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# A model's template is code from its author: the sandbox keeps it from the system, and these bounds keep
+# it from taking the process's time or memory (a server renders it for every request).
+RENDER_SECONDS = 2.0
+MAX_VALUE_SIZE = 1 << 24  # elements one `*` may build
+_deadline = threading.local()
+
+
+def _tick():
+    if time.monotonic() > getattr(_deadline, "at", float("inf")):
+        raise SecurityError(f"rendering took longer than {RENDER_SECONDS:g} s")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        _tick()
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise SecurityError("an exponent over 1024")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_VALUE_SIZE:
+                raise SecurityError(f"a value of over {MAX_VALUE_SIZE} elements")
+        return super().call_binop(context, operator, left, right)
+
+    def getattr(self, obj, attribute):
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _tick()
+        return super().getitem(obj, argument)
+
+    def call(self, __context, __obj, *args, **kwargs):
+        _tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+class _Range:
+    """The sandbox's range, checking the time budget as it is iterated (nested loops multiply)."""
+
+    def __init__(self, *args):
+        self.values = safe_range(*args)
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return self.values[i]
+
+    def __iter__(self):
+        for i, value in enumerate(self.values):
+            if i % 1024 == 0:
+                _tick()
+            yield value
+
+
 @lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.globals["range"] = _Range
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -143,8 +203,14 @@ def render_chat(template: str, messages: list[dict], special_tokens: dict, add_g
             raise CamelidError(f"messages[{i}]: each message needs a 'role' and a 'content'")
     source, _ = resolve_template(template)
     context = {"bos_token": "", "eos_token": "", **special_tokens, **kwargs}
+    compiled = compile_template(source)
+    _deadline.at = time.monotonic() + RENDER_SECONDS
     try:
-        return compile_template(source).render(messages=messages, tools=None, documents=None,
-                                               add_generation_prompt=add_generation_prompt, **context)
+        return compiled.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **context)
     except jinja2.TemplateError as exc:
         raise CamelidError(f"chat template: {exc}") from None
+    except Exception as exc:  # the template's own code failed (a TypeError, deep recursion...) on this input
+        raise CamelidError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        _deadline.at = float("inf")

@@ -96,6 +96,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special-token strings in it (e.g. "<s>") become their ids."""
+        check_text(text)
         ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
         if self._special_re is None:
             return ids + self.backend.encode(text)
@@ -128,19 +129,43 @@ class Tokenizer:
     def token_id(self, piece: str) -> int | None:
         return self.backend.token_id(piece)
 
-    def stream(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream(self, context: list[int] = ()) -> "StreamDecoder":
+        """A decoder for what follows `context` (the prompt): the first token is decoded after the prompt's
+        last tokens, so its leading space survives (SentencePiece drops it at the start of a text)."""
+        return StreamDecoder(self, context)
+
+    def validate(self, source: str):
+        """The special ids must be tokens of the vocabulary (a config can name any number)."""
+        for name, tid in [("bos_id", self.bos_id)] + [("eos_id", e) for e in self.eos_ids]:
+            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)
+                                    or not 0 <= tid < self.vocab_size):
+                raise CamelidError(f"{source}: {name} {tid!r} is not a token id of the vocabulary "
+                                   f"(0..{self.vocab_size - 1})")
+
+
+def check_text(text: str):
+    """Text from JSON ("\\ud800") or from bytes that are not UTF-8 (Python reads them as lone surrogates) has
+    characters no tokenizer can encode: it is refused by name, everywhere text enters, not replaced."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CamelidError(f"the text is not valid Unicode at character {exc.start} ({text[exc.start]!r}: "
+                           f"bytes that are not UTF-8, or a lone UTF-16 surrogate)") from None
+
+
+# Prompt tokens the first generated token is decoded after: enough for a word boundary, as vLLM does.
+STREAM_CONTEXT = 5
 
 
 class StreamDecoder:
     """Turns token ids into text as they arrive, holding back incomplete UTF-8 and keeping SentencePiece
     spaces right: each step decodes a short window and emits only what the new token added."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)[-STREAM_CONTEXT:]
         self.prefix = 0
-        self.read = 0
+        self.read = len(self.ids)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
