@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
+    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
 
     p = sub.add_parser("export", help="write a model as GGUF for llama.cpp and Ollama, with a model card")
     p.add_argument("source", help="any model camelid opens")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file and model name (default: the source's name)")
     p.add_argument("--template", default=None, help="chat template to store (default: the model's own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--force", action="store_true", help="replace a GGUF file of the same name and quantization")
 
     p = sub.add_parser("generate", help="complete one or more prompts")
     _model_args(p)
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", default="bpe", choices=["bpe", "sentencepiece-unigram", "sentencepiece-bpe"])
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--special", action="append", default=None, help="special token (default <|endoftext|>)")
+    t.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
 
     p = sub.add_parser("data", help="corpus tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--blocklist", default=None, help="file of words or phrases; documents with any are dropped")
     d.add_argument("--min-words", type=int, default=50)
     d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
     d = dsub.add_parser("convert", help="rewrite instruction data as alpaca, dolly, sharegpt or messages")
     d.add_argument("src", help="Alpaca/Dolly JSON or JSONL, ShareGPT JSON, or messages JSONL")
     d.add_argument("dest", help="output file: .jsonl for one record per line, else a JSON array")
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
     d.add_argument("--val-fraction", type=float, default=0.01)
     d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
 
     p = sub.add_parser("pretrain", help="train a model from scratch on token shards")
     p.add_argument("--config", help="a YAML recipe (see recipes/)")
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output camelid folder")
     p.add_argument("--template", default=None, help="chat template to store (default: the base model's)")
+    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
 
     p = sub.add_parser("quantize", help="int8 or int4 weights (round-to-nearest, or GPTQ for int4)")
     _model_args(p)
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
 
     p = sub.add_parser("sweep", help="hyperparameter search with short proxy trainings (Optuna)")
     p.add_argument("--config", help="the recipe to tune (see recipes/)")
@@ -357,16 +364,18 @@ def _template(value: str | None) -> str | None:
 
 
 def cmd_convert(args):
+    from camelid.files import check_output_folder
     from camelid.formats.load import export_hf, load_model, save_native
 
-    lm = load_model(args.source, "cpu", args.dtype, args.tokenizer)
+    check_output_folder(args.dest, args.force)  # before the model loads, not after
     template = _template(args.template)
+    lm = load_model(args.source, "cpu", args.dtype, args.tokenizer)
     if args.to == "hf":
         if template:
             lm.template = template
-        export_hf(lm, args.dest)
+        export_hf(lm, args.dest, args.force)
     else:
-        save_native(lm, args.dest, template, args.stop)
+        save_native(lm, args.dest, template, args.stop, args.force)
     print(f"wrote {args.dest}")
 
 
@@ -377,7 +386,7 @@ def cmd_export(args):
     lm = load_model(args.source, "cpu", "fp32", args.tokenizer)
     if args.template:
         lm.template = _template(args.template)
-    path = export_gguf(lm, args.dest, args.quant.lower(), args.name)
+    path = export_gguf(lm, args.dest, args.quant.lower(), args.name, args.force)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), {Path(args.dest) / 'README.md'} and "
           f"{Path(args.dest) / 'Modelfile'}")
 
@@ -456,7 +465,7 @@ def cmd_tokenizer(args):
 
     list_files(args.files, ())  # a missing path fails before any work
     path = train_tokenizer(read_texts(args.files), args.out, args.kind, args.vocab_size,
-                           tuple(args.special or [END_OF_TEXT]))
+                           tuple(args.special or [END_OF_TEXT]), args.force)
     print(f"wrote {path}")
 
 
@@ -489,7 +498,7 @@ def cmd_data(args):
         return browse(args.file, args.host, args.port)
     from camelid.data.tokenize import tokenize_corpus
 
-    report = tokenize_corpus(args.inputs, args.tokenizer, args.out, args.val_fraction, args.workers)
+    report = tokenize_corpus(args.inputs, args.tokenizer, args.out, args.val_fraction, args.workers, args.force)
     for split, r in report.items():
         print(f"{split}: {r['documents']} documents, {r['tokens']} tokens -> {Path(args.out) / split}")
 
@@ -538,7 +547,7 @@ def cmd_data_prepare(args):
     options = PrepareOptions(args.text_key, args.val_fraction, not args.no_exact_dedup, args.near_dup or None,
                              not args.keep_emoji, args.blocklist, QualityRules(min_words=args.min_words),
                              args.workers)
-    report = prepare_corpus(args.inputs, args.out, options)
+    report = prepare_corpus(args.inputs, args.out, options, args.force)
     print(report_markdown(report).split("## Examples")[0].rstrip())
     print(f"\nwrote {args.out} (examples in {Path(args.out) / 'report.md'})")
 
@@ -578,13 +587,15 @@ def cmd_self_instruct(args):
 
 
 def cmd_merge(args):
+    from camelid.files import check_output_folder
     from camelid.formats.load import load_model, save_native
     from camelid.formats.peft import load_adapter
     from camelid.model.lora import merge_lora
 
+    check_output_folder(args.out, args.force)
     lm = load_model(args.base, "cpu", None)
     merge_lora(load_adapter(lm.model, args.adapter))
-    save_native(lm, args.out, args.template)
+    save_native(lm, args.out, _template(args.template), force=args.force)
     print(f"wrote {args.out}")
 
 
@@ -686,15 +697,18 @@ def cmd_quantize(args):
     from camelid.formats.load import read_config
     from camelid.quantize import quantize_folder, quantize_while_loading
 
+    from camelid.files import check_output_folder
+
     if args.samples < 1 or args.seq_len < 2:
         raise CamelidError("--samples must be at least 1 and --seq-len at least 2")
+    check_output_folder(args.out, args.force)
     if args.method == "rtn" and not args.adapter and not read_config(args.model).tie_embeddings:
         info = quantize_while_loading(args.model, args.out, args.mode, args.group_size, args.output_mode,
-                                      args.tokenizer)
+                                      args.tokenizer, force=args.force)
     else:  # GPTQ measures the float model's layers; an adapter is merged into the float weights first
         info = quantize_folder(_load(args), args.out, mode=args.mode, group=args.group_size, method=args.method,
                                calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
-                               seed=args.seed, output=args.output_mode)
+                               seed=args.seed, output=args.output_mode, force=args.force)
     layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
 

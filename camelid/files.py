@@ -83,11 +83,15 @@ def output_folder(dest: str | Path, force: bool = False, flag: str = "--force") 
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        (tmp / MARKER).write_text("written by camelid; a later `--force` may replace this folder\n")
+        mark_output_folder(tmp)
         _replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def mark_output_folder(folder: Path):
+    (folder / MARKER).write_text("written by camelid; a later `--force` may replace this folder\n")
 
 
 def remove_leftover(path: Path):

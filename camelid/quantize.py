@@ -55,14 +55,14 @@ def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", c
     return lm.quantization
 
 
-def quantize_folder(lm: LoadedModel, out: str | Path, **options) -> dict:
+def quantize_folder(lm: LoadedModel, out: str | Path, force: bool = False, **options) -> dict:
     info = quantize(lm, **options)
-    save_native(lm, out)
+    save_native(lm, out, force=force)
     return info
 
 
 def quantize_while_loading(source: str | Path, out: str | Path, mode: str, group: int = 32,
-                           output: str | None = None, tokenizer: str | None = None) -> dict:
+                           output: str | None = None, tokenizer: str | None = None, force: bool = False) -> dict:
     """Round-to-nearest as `quantize` does, but tensor by tensor while the model loads, so a checkpoint larger
     than memory as floats still quantizes. Writes the folder; returns its description. Models whose output
     layer is tied to the embeddings go through `quantize_folder`: their output layer exists only as the
@@ -74,7 +74,7 @@ def quantize_while_loading(source: str | Path, out: str | Path, mode: str, group
     lm.quantization = {"mode": mode, "method": "rtn",
                        "layers": {"int8": kinds.count(Int8Linear), "int4": kinds.count(Int4Linear)},
                        "output": output, **({"group_size": group} if mode == "int4" else {})}
-    save_native(lm, out)
+    save_native(lm, out, force=force)
     return lm.quantization
 
 

@@ -173,7 +173,7 @@ def test_two_processes_give_the_losses_of_one(alpaca, tmp_path, method, fsdp, ex
                                    load_model(tmp_path / "one" / "model").model(IDS).float(),
                                    atol=1e-4 if rel < 1e-3 else 5e-2, rtol=0)
     if fsdp:  # resumed from the checkpoint before the last, the sharded run redoes its steps exactly
-        from camelid.train.trainer import list_checkpoints
+        from camelid.train.checkpoint import list_checkpoints
 
         def records():
             return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}

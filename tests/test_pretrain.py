@@ -16,7 +16,7 @@ from conftest import REPO, SHARED
 from camelid.data.corpus import read_texts
 from camelid.data.shards import TokenShards
 from camelid.data.tokenize import tokenize_corpus
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, Preempted
 from camelid.formats.load import load_model
 from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
@@ -119,12 +119,13 @@ def test_sigterm_checkpoints_the_current_step_and_stops(corpus, tmp_path):
     out = tmp_path / "run"
     cfg_path = write_yaml(tmp_path / "c.yaml", make_config(root, tok, out, max_steps=100000, ckpt_every=100000))
     proc = subprocess.Popen([sys.executable, "-m", "camelid.cli", "pretrain", "--config", str(cfg_path)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "resume with --resume auto" in stdout
+    _, stderr = proc.communicate(timeout=60)
+    # Not 0: a job runner must not read a preempted run as a finished one.
+    assert proc.returncode == Preempted.EXIT_CODE and "resume with --resume auto" in stderr
     last_logged = max(losses(out / "log.jsonl"))
     assert [p.name for p in (out / "checkpoints").glob("*.pt")] == [f"step_{last_logged:08d}.pt"]
 

@@ -11,13 +11,13 @@ Quantization follows llama-quantize's choices, so a camelid export looks like wh
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from camelid.errors import CamelidError
+from camelid.files import atomic_file, check_output_folder, mark_output_folder, write_text
 from camelid.formats.gguf import fused_layer_names
 from camelid.formats.gguf_blocks import quantize
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
@@ -110,8 +110,10 @@ def gguf_arch(cfg, source: str, quant: str = "f32") -> str:
     return arch
 
 
-def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write DEST/NAME-QUANT.gguf, DEST/README.md (a model card) and DEST/Modelfile; returns the GGUF path."""
+def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = None, force: bool = False) -> Path:
+    """Write DEST/NAME-QUANT.gguf, DEST/README.md (a model card) and DEST/Modelfile; returns the GGUF path.
+    DEST collects the quantizations of one model: a folder camelid did not write is refused, and a file of
+    the same name is replaced only with `force`."""
     from camelid.formats.load import plain_state_dict
 
     if quant not in QUANTS:
@@ -119,15 +121,15 @@ def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = Non
     cfg = lm.config
     gguf_arch(cfg, lm.source, quant)
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     name = name or Path(lm.source.rstrip("/")).stem or "model"
     path = dest / f"{name}-{quant.upper()}.gguf"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    check_output_folder(dest, force=True)  # a file, or a folder camelid did not write, is refused even so
+    if path.exists() and not force:
+        raise CamelidError(f"{path}: exists; pass --force to replace it")
+    dest.mkdir(parents=True, exist_ok=True)
+    mark_output_folder(dest)
+    with atomic_file(path) as tmp:
         _write(lm, cfg, plain_state_dict(lm), tmp, quant, name)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_model_card(lm, dest, name, path)
     return path
 
@@ -332,15 +334,9 @@ ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}
 camelid chat {latest.name}
 ```
 """
-    _atomic_write(dest / "README.md", card)
+    write_text(dest / "README.md", card)
     modelfile = [f"FROM ./{latest.name}"]
     if template:
         modelfile.append(f'TEMPLATE """{_OLLAMA_TEMPLATES[template]}"""')
     modelfile += [f"PARAMETER stop {json.dumps(s)}" for s in stop if s]
-    _atomic_write(dest / "Modelfile", "\n".join(modelfile) + "\n")
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(dest / "Modelfile", "\n".join(modelfile) + "\n")

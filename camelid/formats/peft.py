@@ -6,13 +6,13 @@ projections: LLaMA (Alpaca, Vicuna, ...), Mistral, GPT-J and OPT."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from camelid.errors import CamelidError
+from camelid.files import output_folder, read_json
 from camelid.formats.hf import _NAMES, _SPLIT_GATE_UP, _SPLIT_QKV, _layer_names
 from camelid.model.lora import LoRAConfig, add_lora, lora_layers
 
@@ -58,37 +58,37 @@ def save_adapter(model, folder: str | Path, base_model: str = "") -> Path:
         tensors[f"{stem}.lora_A.weight"] = layers[path].lora_A[target].detach().cpu().contiguous()
         tensors[f"{stem}.lora_B.weight"] = layers[path].lora_B[target].detach().cpu().contiguous()
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    with output_folder(folder, force=True) as tmp:  # a folder camelid did not write is still refused
+        _write_adapter(model, cfg, tensors, tmp, base_model)
+    return folder
+
+
+def _write_adapter(model, cfg: LoRAConfig, tensors: dict, tmp: Path, base_model: str):
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     hf_names = hf_module_names(model.cfg, model.cfg.arch)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
               "lora_dropout": cfg.dropout, "target_modules": sorted({hf_names[t].split(".")[-1] for t in cfg.targets}),
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    if folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
-    os.replace(tmp, folder)
-    return folder
 
 
 def read_adapter_config(folder: str | Path) -> LoRAConfig:
     path = Path(folder) / CONFIG
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CamelidError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)") from None
-    except json.JSONDecodeError as exc:
-        raise CamelidError(f"{path}: invalid JSON at line {exc.lineno}") from None
+    if not path.is_file():
+        raise CamelidError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)")
+    raw = read_json(path)
     if raw.get("peft_type") != "LORA":
         raise CamelidError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
     if raw.get("use_dora") or raw.get("fan_in_fan_out"):
         raise CamelidError(f"{path}: DoRA and fan_in_fan_out adapters are not supported")
     targets = _targets_from_modules(raw.get("target_modules"), path)
-    return LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
-                      targets=targets)
+    try:
+        return LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                          dropout=float(raw.get("lora_dropout", 0)), targets=targets)
+    except KeyError as exc:
+        raise CamelidError(f"{path}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError):
+        raise CamelidError(f"{path}: r, lora_alpha and lora_dropout must be numbers") from None
 
 
 def _targets_from_modules(modules, path) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from camelid.data.corpus import is_validation
 from camelid.data.instruct import Skipped, load_conversations
 from camelid.data.masking import IGNORE, MaskStats, mask_conversation
 from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, Preempted
 from camelid.formats.load import LoadedModel, load_model, save_native
 from camelid.formats.peft import load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
@@ -34,7 +33,8 @@ from camelid.train.config import FinetuneConfig
 from camelid.train.distributed import (Cluster, close_cluster, full_trainable_state, gather, init_cluster,
                                       load_full_trainable_state, no_sync, reshard, sum_across, wrap)
 from camelid.train.schedule import lr_at
-from camelid.train.trainer import CKPT_DIR, LOG, list_checkpoints, param_groups, plot_loss, truncate_log
+from camelid.train.checkpoint import LOG, checkpoint_to_resume, prepare_run_folder, truncate_log, write_checkpoint
+from camelid.train.trainer import param_groups, plot_loss
 
 def build_rows(cfg: FinetuneConfig, lm: LoadedModel, template: str) -> tuple[list[Row], list[Row], dict]:
     """Masked (and packed) training and validation rows, plus counts for the log."""
@@ -85,7 +85,8 @@ def _order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
-    """Tune; returns the model folder, or None when a signal stopped the run (resumable with resume="auto").
+    """Tune; returns the model folder (None on ranks other than the main one); a signal stops the run after a
+    checkpoint with `Preempted` (resumable with resume="auto").
     Under torchrun each rank runs this with DDP: ranks split each step's micro-batches, so the global batch
     and the losses are those of one process."""
     cfg.validate()
@@ -103,7 +104,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
         raise CamelidError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of processes "
                            f"({cluster.world}) so the global batch stays micro_batch x grad_accum")
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, cluster.main)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Full fine-tuning keeps fp32 master weights; LoRA's base is frozen, so it can stay in the compute dtype.
@@ -138,8 +139,9 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     schedule = _Schedule(cfg, max_steps)
     step = _resume(out, resume, wrapped, trainable, optimizer, cfg, cluster) if resume else 0
     log_path = out / LOG
-    if not resume and cluster.main and log_path.exists():
-        log_path.unlink()
+    if step == 0 and cluster.main:  # a fresh start, also `--resume auto` before the first checkpoint
+        log_path.unlink(missing_ok=True)
+        (out / "loss.png").unlink(missing_ok=True)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None  # fp16 gradients underflow
     local_micro = list(range(cluster.rank, cfg.grad_accum, cluster.world))
@@ -207,9 +209,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopped:
-        if cluster.main:
-            print(f"stopped by signal at step {step}; resume with --resume auto")
-        return None
+        raise Preempted(f"stopped by a signal at step {step} after a checkpoint; resume with --resume auto")
     sharded = cfg.fsdp and cluster.world > 1
     if sharded:  # collective: rank 0 gathers the trained weights into an unsharded copy
         params, _ = full_trainable_state(wrapped, None, trainable)
@@ -224,7 +224,8 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
             lm.model = model = wrapped = forward = optimizer = None
             model = load_adapter(load_model(cfg.base, "cpu", cfg.dtype).model, adapter)
         merge_lora(model)
-    save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop)
+    save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop,
+                force=True)  # the run's own output
     return out / "model"
 
 
@@ -287,32 +288,23 @@ def _save(out: Path, step: int, model, trainable: dict, optimizer, cfg: Finetune
     rng = gather(torch.get_rng_state(), cluster)
     if not cluster.main:
         return
-    folder = out / CKPT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": params, "optimizer": optimizer_state, "rng": rng,
              "config": dataclasses.asdict(cfg)}
-    path = folder / f"step_{step:08d}.pt"
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    for old in list_checkpoints(out)[:-cfg.keep_last]:
-        old.unlink()
+    write_checkpoint(out, step, state, cfg.keep_last)
 
 
 def _resume(out: Path, resume: str, model, trainable: dict, optimizer, cfg: FinetuneConfig,
             cluster: Cluster) -> int:
-    found = list_checkpoints(out)
-    path = (found[-1] if found else None) if resume == "auto" else Path(resume)
-    if path is None:
+    def same_run(path: Path, state: dict):
+        saved = state.get("trainable") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or set(saved) != set(trainable) or any(  # an FSDP shard's shape is the
+                saved[n].shape != p.shape for n, p in trainable.items()):  # whole tensor's
+            raise CamelidError(f"{path}: a checkpoint of another model or method")
+
+    found = checkpoint_to_resume(resume, out, same_run)
+    if found is None:
         return 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CamelidError(f"{path}: no such checkpoint") from None
-    except Exception as exc:
-        raise CamelidError(f"{path}: cannot be read as a camelid checkpoint ({str(exc).splitlines()[0]})") from None
-    if set(state["trainable"]) != set(trainable) or any(  # an FSDP shard's shape is the whole tensor's
-            state["trainable"][n].shape != p.shape for n, p in trainable.items()):
-        raise CamelidError(f"{path}: a checkpoint of another model or method")
+    path, state = found
     load_full_trainable_state(model, optimizer, trainable, state["trainable"], state["optimizer"], str(path))
     if len(state["rng"]) == cluster.world:  # with another world size the data order is the same, dropout is not
         torch.set_rng_state(state["rng"][cluster.rank])

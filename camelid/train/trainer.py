@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -17,16 +16,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from camelid.data.shards import TokenShards, file_digest
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, Preempted
+from camelid.files import atomic_file
 from camelid.model.config import ModelConfig, preset
 from camelid.model.transformer import Transformer, count_parameters, init_weights
 from camelid.train.config import TrainConfig
 from camelid.train.distributed import (Cluster, close_cluster, full_state, gather, init_cluster, load_full_state,
                                        no_sync, reshard, sum_across, wrap)
+from camelid.train.checkpoint import LOG, checkpoint_to_resume, prepare_run_folder, truncate_log, write_checkpoint
 from camelid.train.schedule import lr_at
-
-CKPT_DIR = "checkpoints"
-LOG = "log.jsonl"
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -74,10 +72,6 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    return sorted((out / CKPT_DIR).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-
-
 def save_checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, mcfg: ModelConfig,
                     cluster: Cluster) -> Path | None:
     """Collective: every rank contributes its shards and RNG state; rank 0 writes the file."""
@@ -86,39 +80,25 @@ def save_checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, mc
                   **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}, cluster)
     if not cluster.main:
         return None
-    folder = out / CKPT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model_state, "optimizer": optimizer_state, "rng": rng,
              "train_config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict()}
-    path = folder / f"step_{step:08d}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoints intact
-    for old in list_checkpoints(out)[:-cfg.keep_last]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: Path, mcfg: ModelConfig) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CamelidError(f"{path}: cannot be read as a camelid checkpoint ({str(exc).splitlines()[0]})") from None
-    if state.get("model_config") != mcfg.to_dict():
-        diff = sorted(k for k in mcfg.to_dict() if state.get("model_config", {}).get(k) != mcfg.to_dict()[k])
-        raise CamelidError(f"{path}: checkpoint of another model (differs in {', '.join(diff[:4])})")
-    return state
+    return write_checkpoint(out, step, state, cfg.keep_last)
 
 
 def resume_from(resume: str, out: Path, model, optimizer, mcfg: ModelConfig, cluster: Cluster) -> int:
     """Restore model, optimizer and this rank's RNG; returns the step to continue from (0: fresh start)."""
-    found = list_checkpoints(out)
-    path = (found[-1] if found else None) if resume == "auto" else Path(resume)
-    if path is None:
+
+    def same_model(path: Path, state: dict):
+        if not isinstance(state, dict) or "model" not in state:
+            raise CamelidError(f"{path}: not a camelid pretraining checkpoint")
+        if state.get("model_config") != mcfg.to_dict():
+            diff = sorted(k for k in mcfg.to_dict() if state.get("model_config", {}).get(k) != mcfg.to_dict()[k])
+            raise CamelidError(f"{path}: checkpoint of another model (differs in {', '.join(diff[:4])})")
+
+    found = checkpoint_to_resume(resume, out, same_model)
+    if found is None:
         return 0
-    if not path.is_file():
-        raise CamelidError(f"{path}: no such checkpoint")
-    state = load_checkpoint(path, mcfg)
+    path, state = found
     load_full_state(model, optimizer, state["model"], state["optimizer"], str(path))
     rng = state["rng"]
     if len(rng) == cluster.world:  # with another world size the data order is the same but dropout is not
@@ -131,18 +111,10 @@ def resume_from(resume: str, out: Path, model, optimizer, mcfg: ModelConfig, clu
     return state["step"]
 
 
-def truncate_log(path: Path, step: int):
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig, resume: str | None = None, on_eval: Callable[[int, float], None] | None = None
           ) -> Path | None:
-    """Train; returns the exported model folder, or None when a signal stopped the run (resumable).
+    """Train; returns the exported model folder (None on ranks other than the main one). A signal stops the
+    run after a checkpoint with `Preempted` (resumable).
     Under torchrun each rank runs this; the global batch (micro_batch x grad_accum) is the same for any
     number of processes, so losses match a single-process run. `on_eval(step, val_loss)` sees each
     validation (a sweep uses it to prune a trial by raising)."""
@@ -159,7 +131,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
         raise CamelidError(f"grad_accum {cfg.grad_accum} must be a multiple of the number of processes "
                            f"({cluster.world}) so the global batch stays micro_batch x grad_accum")
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, cluster.main)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data = TokenShards(cfg.data)
@@ -182,8 +154,9 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
     torch.manual_seed(cfg.seed + cluster.rank)  # dropout differs between ranks
     log_path = out / LOG
     step = resume_from(resume, out, model, optimizer, mcfg, cluster) if resume else 0
-    if not resume and cluster.main and log_path.exists():
-        log_path.unlink()
+    if step == 0 and cluster.main:  # a fresh start, also `--resume auto` before the first checkpoint
+        log_path.unlink(missing_ok=True)
+        (out / "loss.png").unlink(missing_ok=True)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "fp16" else None
     # Measured before torch.compile starts its compile workers, which would compete for the cores.
@@ -272,9 +245,7 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopped:
-        if cluster.main:
-            print(f"stopped by signal at step {step}; resume with --resume auto")
-        return None
+        raise Preempted(f"stopped by a signal at step {step} after a checkpoint; resume with --resume auto")
     model_state, _ = full_state(model)
     if not cluster.main:
         return None
@@ -356,15 +327,14 @@ def plot_loss(log_path: Path, png: Path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def export_model(model, tokenizer, folder: Path) -> Path:
     from camelid.formats.load import LoadedModel, save_native
 
     model.eval().requires_grad_(False)
-    save_native(LoadedModel(model.cpu(), tokenizer, "raw"), folder)
+    save_native(LoadedModel(model.cpu(), tokenizer, "raw"), folder, force=True)  # the run's own output
     return folder
