@@ -343,6 +343,7 @@ def _params(args):
 def cmd_info(args):
     from camelid.info import describe, list_presets
 
+    _check_context(args.context)
     print(list_presets() if args.list or not args.model else describe(args.model, args.context))
 
 
@@ -351,15 +352,23 @@ def cmd_estimate(args):
 
     if not (args.model or args.preset):
         raise CamelidError("estimate: give a model path or --preset NAME")
+    _check_context(args.context)
     report, ok = fits(args.preset or args.model, args.quant, args.context)
     print(report)
     return 0 if ok else 2
 
 
+def _check_context(context: int | None):
+    if context is not None and context < 1:
+        raise CamelidError(f"--context {context}: must be at least 1 token")
+
+
 def _template(value: str | None) -> str | None:
     """A built-in template name, or a Jinja file read into its source."""
     if value and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
+        from camelid.files import read_text
+
+        return read_text(value)
     return value
 
 
@@ -616,6 +625,15 @@ def cmd_eval(args):
         raise CamelidError("--tasks perplexity needs --data FILE...")
     if (choice_tasks or args.suite) and not args.data_dir:
         raise CamelidError(f"--tasks {','.join(choice_tasks) or args.suite} needs --data-dir (the tasks' local files)")
+    for flag, value, low in (("--max-length", args.max_length, 2), ("--ctx", args.ctx, 2),
+                             ("--limit", args.limit, 1), ("--batch-tokens", args.batch_tokens, 1),
+                             ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < low:
+            raise CamelidError(f"{flag} {value}: must be at least {low}")
+    if args.output:  # found now, not after hours of evaluation
+        from camelid.files import check_writable
+
+        check_writable(args.output)
     lm = _load(args)
     results, samples = None, {}
     if "perplexity" in tasks:

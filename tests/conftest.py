@@ -59,6 +59,19 @@ def make_hf_model(name: str, folder: Path, seed: int = 0):
     return model
 
 
+def shared_file(relative: str) -> Path:
+    """A file of ../shared/data; a clone without it skips the test, naming the path it needs."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared data folder beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    return shared_file("corpora/tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
 @pytest.fixture(scope="session")
 def stories_path():
     path = STORIES / "stories260K.bin"

@@ -135,15 +135,16 @@ def test_prepare_bad_input_leaves_nothing_behind(tmp_path):
     (tmp_path / "tiny.txt").write_text("only a few words")
     with pytest.raises(CamelidError, match="corpus is empty after cleaning"):
         prepare_corpus([tmp_path / "tiny.txt"], tmp_path / "out", PrepareOptions(workers=1))
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp-camelid").exists()
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": prose(1)}) + "\n{broken\n")
     with pytest.raises(CamelidError, match="bad.jsonl:2"):
         prepare_corpus([tmp_path / "bad.jsonl"], tmp_path / "out", PrepareOptions(workers=1))
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp-camelid").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "precious.txt").write_text("keep me")
-    with pytest.raises(CamelidError, match="taken: exists and is not a camelid data prepare output"):
+    with pytest.raises(CamelidError, match="taken: exists and is not a camelid output"):
         prepare_corpus([tmp_path / "bad.jsonl"], tmp_path / "taken")
+    assert (tmp_path / "taken" / "precious.txt").read_text() == "keep me"
     with pytest.raises(CamelidError, match="nope: no such file"):
         prepare_corpus([tmp_path / "nope"], tmp_path / "out")
 

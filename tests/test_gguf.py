@@ -28,12 +28,11 @@ from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linea
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.tokenizer import load_tokenizer_file
-from conftest import REPO, SHARED
+from conftest import REPO, shared_file
 
 
 # llama.cpp's LLAMA_FTYPE values
 FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
-TEXT = (SHARED / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str):
@@ -68,9 +67,9 @@ def decode_logits(model: Transformer, tokens: list[int]) -> np.ndarray:
         return torch.cat([model(torch.tensor([[t]]), i, cache)[0] for i, t in enumerate(tokens)]).numpy()
 
 
-def _trained(cfg: ModelConfig, stories, steps: int = 100) -> Transformer:
+def _trained(cfg: ModelConfig, stories, text: str, steps: int = 100) -> Transformer:
     """Trained for a moment on Shakespeare, so its predictions are peaked like a real model's."""
-    ids = torch.tensor(stories.tokenizer.encode(TEXT[:100_000], bos=False))
+    ids = torch.tensor(stories.tokenizer.encode(text[:100_000], bos=False))
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.tie_weights()
@@ -86,17 +85,17 @@ def _trained(cfg: ModelConfig, stories, steps: int = 100) -> Transformer:
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory):
+def trained_tiny(tmp_path_factory, shakespeare):
     """A small LLaMA with every dimension a multiple of 256 (so K-quants apply), trained for a moment,
     exported by camelid as F32 GGUF."""
     root = tmp_path_factory.mktemp("gguf")
     stories = load_model(REPO / "models" / "stories260K")
     cfg = ModelConfig(arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
                       max_seq_len=128)
-    model = _trained(cfg, stories)
+    model = _trained(cfg, stories, shakespeare)
     save_native(LoadedModel(model, stories.tokenizer, "alpaca", [], "tiny"), root / "tiny")
     f32 = export_gguf(load_model(root / "tiny"), root / "export", "f32")
-    tokens = stories.tokenizer.encode(TEXT[300_000:300_400])[:60]
+    tokens = stories.tokenizer.encode(shakespeare[300_000:300_400])[:60]
     return root, f32, tokens
 
 
@@ -314,14 +313,14 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's and 
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
+def family(request, tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp(request.param)
     stories = load_model(REPO / "models" / "stories260K")
     cfg = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, ffn_dim=1024, max_seq_len=128,
                       **FAMILIES[request.param])
-    model = _trained(cfg, stories, steps=60)
+    model = _trained(cfg, stories, shakespeare, steps=60)
     lm = LoadedModel(model, stories.tokenizer, "raw", [], request.param)
-    tokens = stories.tokenizer.encode(TEXT[300_000:300_400])[:60]
+    tokens = stories.tokenizer.encode(shakespeare[300_000:300_400])[:60]
     return root, lm, export_gguf(lm, root, "f32"), tokens
 
 
@@ -350,7 +349,7 @@ def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family)
 def test_gpt2_round_trip(tmp_path, padding):
     """A GPT-2 with the real GPT-2 byte-level BPE: camelid -> GGUF -> llama.cpp, logits and tokens; with
     embedding rows past the tokenizer (padded vocabularies), which become unused tokens."""
-    tok = load_tokenizer_file(SHARED / "tokenizers" / "gpt2_tokenizer.json")
+    tok = load_tokenizer_file(shared_file("tokenizers/gpt2_tokenizer.json"))
     cfg = ModelConfig(arch="gpt2", vocab_size=tok.vocab_size + padding, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
                       max_seq_len=64, norm="layernorm", activation="gelu_tanh", gated_mlp=False,
                       positions="learned", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)

@@ -7,12 +7,15 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SHARED
+from conftest import REPO
 
 from camelid.eval.perplexity import document_loglikelihood, harness_perplexity, llamacpp_perplexity, rolling_windows
 from camelid.formats.load import export_hf, load_model
 
-TEXT = (SHARED / "corpora" / "tinyshakespeare.txt").read_text()[:1500]
+
+@pytest.fixture(scope="module")
+def text(shakespeare):
+    return shakespeare[:1500]
 
 
 def test_windows_match_lm_eval_and_predict_every_token_once():
@@ -44,22 +47,22 @@ def hf_logprobs(hf, ids):
     return torch.log_softmax(logits, -1)
 
 
-def test_document_loglikelihood_equals_transformers(models):
+def test_document_loglikelihood_equals_transformers(models, text):
     lm, hf = models
-    tokens = lm.tokenizer.encode(TEXT[:400], bos=False)
-    ll, n = document_loglikelihood(lm, TEXT[:400])
+    tokens = lm.tokenizer.encode(text[:400], bos=False)
+    ll, n = document_loglikelihood(lm, text[:400])
     ids = [lm.tokenizer.bos_id] + tokens
     ref = hf_logprobs(hf, ids[:-1]).gather(-1, torch.tensor(tokens)[:, None]).sum().item()
     assert n == len(tokens) and ll == pytest.approx(ref, abs=1e-3)
-    metrics = harness_perplexity(lm, [TEXT[:400], TEXT[400:900]], max_len=32)
+    metrics = harness_perplexity(lm, [text[:400], text[400:900]], max_len=32)
     assert metrics["documents"] == 2 and metrics["bits_per_byte"] == pytest.approx(
         math.log2(metrics["byte_perplexity"]), rel=1e-9)
 
 
-def test_llamacpp_protocol_equals_transformers_on_its_chunks(models):
+def test_llamacpp_protocol_equals_transformers_on_its_chunks(models, text):
     lm, hf = models
-    result = llamacpp_perplexity(lm, TEXT, n_ctx=64)
-    tokens = lm.tokenizer.encode(TEXT, bos=True)
+    result = llamacpp_perplexity(lm, text, n_ctx=64)
+    tokens = lm.tokenizer.encode(text, bos=True)
     chunks = len(tokens) // 64
     assert result["chunks"] == chunks and result["tokens_scored"] == chunks * 31
     nll = []
@@ -70,8 +73,8 @@ def test_llamacpp_protocol_equals_transformers_on_its_chunks(models):
     assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
 
 
-def test_eval_cli(tmp_path):
-    (tmp_path / "doc.txt").write_text(TEXT[:300])
+def test_eval_cli(tmp_path, text):
+    (tmp_path / "doc.txt").write_text(text[:300])
     run = [sys.executable, "-m", "camelid", "eval", str(REPO / "models" / "stories260K"), "--data",
            str(tmp_path / "doc.txt")]
     ok = subprocess.run(run + ["--tasks", "perplexity", "--output", str(tmp_path / "r.json")], capture_output=True,

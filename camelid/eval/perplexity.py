@@ -64,8 +64,9 @@ def document_loglikelihood(lm, text: str, max_len: int | None = None) -> tuple[f
 def harness_perplexity(lm, documents: list[str], max_len: int | None = None) -> dict:
     """lm-eval's wikitext metrics (word/byte perplexity, bits per byte) plus token perplexity and bits per
     character, over whole documents."""
+    documents = [d for d in documents if d.strip()]
     if not documents:
-        raise CamelidError("perplexity: no documents")
+        raise CamelidError("perplexity: no text to score (the data is empty)")
     ll = words = nbytes = chars = ntokens = 0
     for doc in tqdm(documents, desc="perplexity", unit="doc", disable=None):
         doc_ll, n = document_loglikelihood(lm, doc, max_len)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
+from camelid.files import read_json
 from camelid.formats.tensors import load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
 
@@ -39,10 +40,41 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise CamelidError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    _check_hf_types(hf, source)
     try:
         return ModelConfig(**_FROM_HF[mt](hf))
     except KeyError as exc:
         raise CamelidError(f"{source}: missing key {exc.args[0]!r} for model_type {mt!r}") from None
+    except CamelidError as exc:
+        raise CamelidError(f"{source}: {exc}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise CamelidError(f"{source}: an implausible value ({exc})") from None
+
+
+# The types of the config.json keys the families read, so a wrong one is named as the file names it.
+_HF_INTS = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+            "num_key_value_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim",
+            "ffn_hidden_size", "max_position_embeddings", "n_positions", "rotary_dim", "word_embed_proj_dim")
+_HF_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct",
+              "partial_rotary_factor")
+_HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "bias", "use_parallel_residual", "parallel_attn",
+             "multi_query", "new_decoder_architecture", "do_layer_norm_before", "enable_bias")
+_HF_STRS = ("hidden_act", "activation_function", "activation")
+
+
+def _check_hf_types(hf: dict, source: str):
+    checks = [(_HF_INTS, (int,), "an integer"), (_HF_FLOATS, (int, float), "a number"),
+              (_HF_BOOLS, (bool,), "true or false"), (_HF_STRS, (str,), "a string")]
+    for keys, kinds, words in checks:
+        for key in keys:
+            value = hf.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise CamelidError(f"{source}: {key} must be {words}, got {value!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CamelidError(f"{source}: {key} must be an object or null, got {hf[key]!r}")
 
 
 def _llama_cfg(hf):
@@ -415,10 +447,7 @@ def read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
         raise CamelidError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CamelidError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    return read_json(path)
 
 
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict]:

@@ -15,10 +15,12 @@ V1_MAGIC = 0x616B3432
 
 
 def read_llama2c(path: Path) -> tuple[ModelConfig, dict]:
+    if path.stat().st_size < 28:  # numpy cannot map an empty file
+        raise CamelidError(f"{path}: too short for a llama2.c checkpoint ({path.stat().st_size} bytes)")
     data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: torch wants writable memory
-    if len(data) < 28:
-        raise CamelidError(f"{path}: too short for a llama2.c checkpoint")
     magic = struct.unpack_from("<I", data, 0)[0]
+    if magic == V1_MAGIC and len(data) < 256:
+        raise CamelidError(f"{path}: a version 1 llama2.c checkpoint with a header of {len(data)} bytes (256 needed)")
     if magic == V1_MAGIC:
         version = struct.unpack_from("<i", data, 4)[0]
         if version != 1:
@@ -33,8 +35,11 @@ def read_llama2c(path: Path) -> tuple[ModelConfig, dict]:
         offset = 28
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
         raise CamelidError(f"{path}: not a llama2.c checkpoint (implausible header)")
-    cfg = ModelConfig(arch="llama", dim=dim, ffn_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                      vocab_size=vocab, max_seq_len=seq_len, norm_eps=1e-5, tie_embeddings=shared)
+    try:
+        cfg = ModelConfig(arch="llama", dim=dim, ffn_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                          vocab_size=vocab, max_seq_len=seq_len, norm_eps=1e-5, tie_embeddings=shared)
+    except CamelidError as exc:
+        raise CamelidError(f"{path}: {exc}") from None
     floats = torch.from_numpy(np.frombuffer(data, dtype=np.float32, offset=offset,
                                             count=(len(data) - offset) // 4))
     reader = _Reader(floats, path)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.files import read_text
 from camelid.formats.load import LoadedModel
 from camelid.generate.generate import Stats, generate, stream
 from camelid.generate.sampling import SamplingParams
@@ -16,7 +17,7 @@ def read_prompts(args: list[str], file: str | None) -> list[str]:
         path = Path(file)
         if not path.is_file():
             raise CamelidError(f"{file}: no such prompt file")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in read_text(path).splitlines() if line.strip()]
         if not prompts:
             raise CamelidError(f"{file}: no prompts in the file")
         return prompts

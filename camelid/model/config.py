@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from camelid.errors import CamelidError
@@ -46,23 +47,42 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # family-specific fields kept for lossless export
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
         self.validate()
 
     def validate(self):
+        """Every field checked for its type and range before anything derives from it: one message naming
+        the key, instead of a failure deep inside the model (or NaN logits) later."""
+        _check_types(self)
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu", "gelu_tanh", "relu"),
                    "positions": ("rope", "learned")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise CamelidError(f"model config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise CamelidError(f"model config: {key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "n_kv_heads", "head_dim",
+                    "embed_proj_dim"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise CamelidError(f"model config: {key} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+            if self.head_dim == 0:
+                raise CamelidError(f"model config: dim={self.dim} is smaller than n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise CamelidError(f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for key, low, high in (("norm_eps", 0, 1), ("rope_theta", 0, float("inf")), ("rotary_pct", 0, 1)):
+            value = getattr(self, key)
+            if not (low < value <= high) or not math.isfinite(value):
+                raise CamelidError(f"model config: {key} must be a finite number in ({low}, {high}], got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise CamelidError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.learned_pos_offset < 0:
+            raise CamelidError(f"model config: learned_pos_offset must be >= 0, got {self.learned_pos_offset}")
+        if self.positions == "rope" and self.rotary_dim % 2:
+            raise CamelidError(f"model config: rotary dimensions (head_dim {self.head_dim} x rotary_pct "
+                               f"{self.rotary_pct}) must be even")
+        _check_rope_scaling(self.rope_scaling)
 
     @property
     def rotary_dim(self) -> int:
@@ -81,6 +101,46 @@ class ModelConfig:
             return cls(**data)
         except TypeError as exc:
             raise CamelidError(f"{source}: {exc}") from None
+        except CamelidError as exc:
+            raise CamelidError(f"{source}: {exc}") from None
+
+
+# What each field's value must be (bool is not taken for a number: `true` is no dimension).
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+# The rope_scaling types the model computes, with the keys each needs (as Hugging Face configs name them).
+ROPE_SCALING = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings"),
+                "factors": ()}  # GGUF's rope_freqs tensor: one divisor per frequency
+
+
+def _check_types(cfg: "ModelConfig"):
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = [k for k in _KINDS if k.__name__ in f.type]
+        if value is None and "None" in f.type:
+            continue
+        ok = any(isinstance(value, k) and (k is bool or not isinstance(value, bool)) for k in kinds)
+        ok = ok or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise CamelidError(f"model config: {f.name} must be {_KINDS[kinds[0]]}, got {value!r}")
+
+
+def _check_rope_scaling(scaling: dict | None):
+    if scaling is None:
+        return
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind in (None, "default") and not set(scaling) - {"type", "rope_type"}:
+        return
+    if kind not in ROPE_SCALING:
+        raise CamelidError(f"model config: rope_scaling type {kind!r} is not supported "
+                           f"(supported: {', '.join(ROPE_SCALING)})")
+    if kind == "factors" and not (isinstance(scaling.get("factors"), list) and all(
+            isinstance(x, (int, float)) and 0 < x < float("inf") for x in scaling["factors"])):
+        raise CamelidError("model config: rope_scaling.factors must be a list of positive numbers")
+    for key in ROPE_SCALING[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise CamelidError(f"model config: rope_scaling.{key} must be a positive number, got {value!r}")
 
 
 def _llama(dim, n_layers, n_heads, ffn_dim, n_kv_heads=None, vocab_size=32000, max_seq_len=2048, **kw):

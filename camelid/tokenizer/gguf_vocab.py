@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from camelid.errors import CamelidError
 from camelid.tokenizer.piece_vocab import PieceVocab
-from camelid.tokenizer.tokenizer import HFBackend, Tokenizer, piece_tokenizer
+from camelid.tokenizer.tokenizer import HFBackend, Tokenizer, check_token_ids, piece_tokenizer
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -61,6 +61,7 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
     eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                  "tokenizer.ggml.eom_token_id") if k in meta]
     eos_ids = list(dict.fromkeys(eos_ids))
+    check_token_ids(source, len(tokens), bos, eos_ids)
     template = meta.get("tokenizer.chat_template")
     if model == "llama":
         add_bos = meta.get("tokenizer.ggml.add_bos_token", True)

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.files import read_json
 from camelid.tokenizer.piece_vocab import PieceVocab
-from camelid.tokenizer.tokenizer import (HFBackend, PieceBackend, SentencePieceBackend, Tokenizer,
+from camelid.tokenizer.tokenizer import (HFBackend, PieceBackend, SentencePieceBackend, Tokenizer, check_token_ids,
                                          load_sentencepiece)
 
 
@@ -30,18 +31,44 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
             "chat_template": tok.chat_template, "special_tokens": tok.special_tokens_map}
 
 
+_PIECES_SCHEMA = {"pieces": list, "scores": list, "space": str, "add_space_prefix": bool, "unk_id": int,
+                  "special_ids": list}
+
+
 def load_saved_tokenizer(folder: Path, section: dict) -> Tokenizer:
-    path = folder / section.get("file", "")
+    meta = folder / "camelid.json"
+    name = section.get("file")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise CamelidError(f"{meta}: tokenizer.file must be a file name in the folder, got {name!r}")
+    path = folder / name
     if not path.is_file():
-        raise CamelidError(f"{folder / 'camelid.json'}: tokenizer file {section.get('file')!r} is missing")
+        raise CamelidError(f"{meta}: tokenizer file {name!r} is missing")
+    bos_id, eos_ids = section.get("bos_id"), section.get("eos_ids") or []
+    if not isinstance(eos_ids, list) or not isinstance(section.get("special_tokens") or {}, dict) or \
+            not isinstance(section.get("chat_template") or "", str) or not isinstance(section.get("add_bos", True), bool):
+        raise CamelidError(f"{meta}: tokenizer: eos_ids must be a list, special_tokens an object, chat_template "
+                           f"a string and add_bos true or false")
     if path.name == "tokenizer.json":
         from tokenizers import Tokenizer as HFTokenizer
         backend = HFBackend(HFTokenizer.from_file(str(path)))
     elif path.suffix == ".model":
         backend = SentencePieceBackend(load_sentencepiece(path))
     else:
-        d = json.loads(path.read_text(encoding="utf-8"))
-        backend = PieceBackend(PieceVocab(d["pieces"], d["scores"], d["space"], d["add_space_prefix"],
-                                          d["unk_id"], set(d["special_ids"])))
-    return Tokenizer(backend, section.get("bos_id"), list(section.get("eos_ids") or []),
-                     section.get("add_bos", True), section.get("chat_template"), section.get("special_tokens") or {})
+        backend = PieceBackend(_read_pieces(path))
+    check_token_ids(meta, backend.vocab_size, bos_id, eos_ids)
+    return Tokenizer(backend, bos_id, list(eos_ids), section.get("add_bos", True), section.get("chat_template"),
+                     section.get("special_tokens") or {})
+
+
+def _read_pieces(path: Path) -> PieceVocab:
+    d = read_json(path)
+    for key, kind in _PIECES_SCHEMA.items():
+        if not isinstance(d.get(key), kind):
+            raise CamelidError(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    pieces, scores, n = d["pieces"], d["scores"], len(d["pieces"])
+    if not all(isinstance(p, str) for p in pieces) or len(scores) != n or \
+            not all(isinstance(x, (int, float)) for x in scores):
+        raise CamelidError(f"{path}: 'pieces' must be strings with one number in 'scores' for each")
+    if not all(isinstance(i, int) and 0 <= i < n for i in d["special_ids"] + [d["unk_id"]]):
+        raise CamelidError(f"{path}: unk_id and special_ids must be indices of 'pieces' (0..{n - 1})")
+    return PieceVocab(pieces, scores, d["space"], d["add_space_prefix"], d["unk_id"], set(d["special_ids"]))

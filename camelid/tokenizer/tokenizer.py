@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.files import read_json, read_text
 from camelid.tokenizer.piece_vocab import PieceVocab
 
 
@@ -135,12 +135,14 @@ class Tokenizer:
         return StreamDecoder(self, context)
 
     def validate(self, source: str):
-        """The special ids must be tokens of the vocabulary (a config can name any number)."""
-        for name, tid in [("bos_id", self.bos_id)] + [("eos_id", e) for e in self.eos_ids]:
-            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)
-                                    or not 0 <= tid < self.vocab_size):
-                raise CamelidError(f"{source}: {name} {tid!r} is not a token id of the vocabulary "
-                                   f"(0..{self.vocab_size - 1})")
+        check_token_ids(source, self.vocab_size, self.bos_id, self.eos_ids)
+
+
+def check_token_ids(source, vocab_size: int, bos_id, eos_ids):
+    """The special ids a config names must be tokens of the vocabulary (a file can hold any number)."""
+    for name, tid in [("bos_token_id", bos_id)] + [("eos_token_id", e) for e in eos_ids]:
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab_size):
+            raise CamelidError(f"{source}: {name} {tid!r} is not a token id of the vocabulary (0..{vocab_size - 1})")
 
 
 def check_text(text: str):
@@ -198,18 +200,11 @@ def _as_list(value) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CamelidError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-
-
 def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokenizer:
     """The tokenizer of a Hugging Face model folder: tokenizer.json, else tokenizer.model."""
     folder = Path(folder)
-    tcfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
-    gen = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+    tcfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    gen = read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
     mcfg = model_config or {}
     if (folder / "tokenizer.json").exists():
         from tokenizers import Tokenizer as HFTokenizer
@@ -229,6 +224,7 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
     eos_ids = _as_list(gen.get("eos_token_id")) or _as_list(mcfg.get("eos_token_id"))
     if not eos_ids and specials.get("eos_token") and backend.token_id(specials["eos_token"]) is not None:
         eos_ids = [backend.token_id(specials["eos_token"])]
+    check_token_ids(folder, backend.vocab_size, bos_id, eos_ids)
     if "bos_token" not in specials and bos_id is not None:
         specials["bos_token"] = _piece_text(backend, bos_id)
     if "eos_token" not in specials and eos_ids:
@@ -260,11 +256,18 @@ def _post_processor_adds_bos(backend: HFBackend, bos_id) -> bool:
 
 def _chat_template(folder: Path, tcfg: dict) -> str | None:
     if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return read_text(folder / "chat_template.jinja")
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # named templates: the default one is what apply_chat_template uses
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise CamelidError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list "
+                               f"of {{name, template}} objects")
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise CamelidError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string, "
+                           f"not {type(template).__name__}")
     return template
 
 

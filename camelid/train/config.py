@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.files import read_text
 
 SCHEDULES = ("cosine", "linear", "step", "exponential", "constant")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
@@ -133,6 +134,7 @@ class FinetuneConfig:
     def validate(self, source: str = "config"):
         checks = [(self.base != "", "base: the model to tune is required"),
                   (self.data != "", "data: the instruction data file is required"),
+                  (not Path(self.data).is_dir(), f"data: {self.data} is a folder; give the data file"),
                   (self.method in ("full", "lora"), "method must be full or lora"),
                   (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
                   (self.dtype in ("fp32", "bf16", "fp16"), "dtype must be fp32, bf16 or fp16"),
@@ -163,7 +165,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=TrainCon
     source = str(path) if path else "command line"
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(read_text(path)) or {}
         except FileNotFoundError:
             raise CamelidError(f"{path}: no such config file") from None
         except yaml.YAMLError as exc:
@@ -177,9 +179,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=TrainCon
         key, value = item.split("=", 1)
         target = data
         *parents, leaf = key.split(".")  # model.dim=128 sets a model field
-        for p in parents:
+        for i, p in enumerate(parents):
             target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
+            if not isinstance(target, dict):
+                raise CamelidError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a mapping of keys")
+        try:
+            target[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CamelidError(f"override {item!r}: the value is not valid YAML (quote a string)") from None
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
