@@ -24,12 +24,12 @@ PROMPTS = ["Once upon a time", "Tom had a big dog", "The sun was hot", "Lily and
 
 
 @contextlib.contextmanager
-def running_server(load=None, **config):
+def running_server(load=None, http="auto", **config):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(load or (lambda: load_model(MODEL)), ServerConfig("stories", **config))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -249,3 +249,163 @@ def test_cors_only_when_asked():
         r = httpx.options(f"{base}/v1/models", headers={"Origin": "https://my.app",
                                                         "Access-Control-Request-Method": "GET"})
         assert r.headers.get("access-control-allow-origin") == "https://my.app"
+
+
+# ---------------------------------------------------------------- one request never harms the others
+
+
+def post(base, path, body, **kw):
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(f"{base}{path}", content=content, headers={"Content-Type": "application/json",
+                                                                  **kw.pop("headers", {})}, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("path,body,needle", [
+    ("/v1/completions", '{"prompt": "Once", "seed": 18446744073709551616}', "seed"),
+    ("/v1/completions", '{"prompt": "Once", "seed": -9223372036854775809}', "seed"),
+    ("/v1/completions", '{"prompt": "Once", "temperature": 1e-300}', "temperature"),
+    ("/v1/completions", '{"prompt": "Once", "max_tokens": true}', "max_tokens"),
+    ("/v1/completions", '{"prompt": "Once", "temperature": "0.5"}', "temperature"),
+    ("/v1/completions", '{"prompt": "Once", "stream": "yes"}', "stream"),
+    ("/v1/completions", '{"prompt": "Once \\ud800 upon"}', "not valid Unicode"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "caf\\udce9"}]}', "not valid Unicode"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+     "'text' must be a string"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}',
+     "'text' must be a string"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url", '
+                             '"image_url": {"url": "data:,"}}]}]}', "'image_url' is not supported"),
+])
+def test_client_mistakes_are_400s_and_the_engine_goes_on(server, lm, path, body, needle):
+    base, app = server
+    r = post(base, path, body)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    ok = post(base, "/v1/completions", {"prompt": "The cat", "max_tokens": 5, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == greedy(lm, "The cat", 5)
+    assert app.state.camelid["engine"].alive and httpx.get(f"{base}/health").status_code == 200
+
+
+def test_completion_text_continues_the_prompt(server):
+    r = post(server[0], "/v1/completions", {"prompt": "Once", "max_tokens": 3, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == " upon a time"  # llama2.c prints "Once upon a time"
+
+
+def test_a_model_with_nan_logits_fails_its_requests_with_500_and_keeps_serving():
+    def broken():
+        lm = load_model(MODEL)
+        lm.model.norm.weight.data.fill_(float("nan"))
+        return lm
+
+    with running_server(load=broken) as (base, app):
+        wait_ready(base)
+        for body in ({"prompt": "Once", "max_tokens": 3}, {"prompt": "Once", "max_tokens": 3, "temperature": 0},
+                     {"prompt": "Once", "max_tokens": 3, "stream": True}):
+            r = post(base, "/v1/completions", body)
+            assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text
+        assert httpx.get(f"{base}/health").status_code == 200 and app.state.camelid["engine"].alive
+
+
+def test_a_stopped_engine_is_reported_and_refused_not_hung():
+    with running_server() as (base, app):
+        wait_ready(base)
+        engine = app.state.camelid["engine"]
+
+        def explode(*_):
+            raise RuntimeError("a bug in a callback")
+
+        engine.submit(Request([1], SamplingParams.greedy(), 2, [], emit=explode))
+        for _ in range(200):
+            if not engine.alive:
+                break
+            time.sleep(0.02)
+        health = httpx.get(f"{base}/health")
+        assert health.status_code == 503 and "a bug in a callback" in health.json()["error"]
+        r = post(base, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+
+
+@pytest.mark.parametrize("template,needle", [
+    ("{{ messages[0]['content'] + 1 }}", "chat template failed: TypeError"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than 2 s"),
+    ("{{ 'x' * 1000000000 }}", "over 16777216 elements"),
+])
+def test_bad_model_templates_are_400s_and_never_stall_the_server(template, needle):
+    def with_template():
+        lm = load_model(MODEL)
+        lm.template = template
+        return lm
+
+    with running_server(load=with_template) as (base, _):
+        wait_ready(base)
+        done = []
+        with ThreadPoolExecutor(1) as pool:
+            chat = pool.submit(lambda: (post(base, "/v1/chat/completions",
+                                             {"messages": [{"role": "user", "content": "hi"}]}), done.append("chat"))[0])
+            if "range" in template:  # while the template renders, the event loop still answers
+                time.sleep(0.3)
+                assert httpx.get(f"{base}/health").status_code == 200
+                done.append("health")
+            r = chat.result()
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+        assert done[0] == "health" if "range" in template else True
+
+
+def test_chunked_body_over_the_limit_is_413():
+    with running_server(max_body_bytes=2000) as (base, _):
+        wait_ready(base)
+
+        def chunks():
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 500
+            yield b'"}'
+
+        r = httpx.post(f"{base}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "larger than 2000" in r.json()["error"]["message"]
+
+
+def test_host_header_and_api_key_scheme():
+    with running_server(api_key="s3cret") as (base, _):
+        wait_ready(base)
+        auth = {"Authorization": "bearer s3cret"}  # the scheme is case-insensitive
+        assert httpx.get(f"{base}/v1/models", headers=auth).status_code == 200
+        port = base.rsplit(":", 1)[1]
+        for host, status in ((f"localhost:{port}", 200), ("evil.example", 400), (f"evil.example:{port}", 400),
+                             (f"[::1]:{port}", 200)):
+            r = httpx.get(f"{base}/v1/models", headers={**auth, "Host": host})
+            assert r.status_code == status, (host, r.text)
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+
+
+def test_non_streaming_client_that_disconnects_is_cancelled(server):
+    base, app = server
+    engine = app.state.camelid["engine"]
+    before = engine.metrics.requests_cancelled
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        for _ in range(500):  # gone once it is generating
+            if engine.running:
+                break
+            time.sleep(0.01)
+    for _ in range(500):
+        if engine.metrics.requests_cancelled > before and engine.running == 0:
+            break
+        time.sleep(0.01)
+    assert engine.metrics.requests_cancelled == before + 1 and engine.running == 0
+
+
+def test_connections_whose_headers_never_finish_are_closed(monkeypatch):
+    from camelid.serve import listen
+
+    monkeypatch.setattr(listen, "HEADER_SECONDS", 0.5)
+    with running_server(http=listen.HeaderTimeoutH11) as (base, _):
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+            s.settimeout(20)
+            assert s.recv(100) == b""  # closed by the server
+        assert httpx.get(f"{base}/health").status_code == 200  # complete requests are served as before

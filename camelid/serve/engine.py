@@ -11,6 +11,8 @@ engine cannot recover from ends every request and marks it not `alive`, which /h
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,13 +139,14 @@ class Engine:
             self._loop()
         except BaseException as exc:  # a bug in the engine itself: nothing may wait forever on it
             self.failure = f"the generation engine stopped: {type(exc).__name__}: {exc}"
+            logging.getLogger("camelid.serve").exception(self.failure)
             with self._wake:
                 pending = [s.req for s in self.active] + list(self.waiting)
                 self.active.clear()
                 self.waiting.clear()
             for req in pending:
-                req.emit("error", RuntimeError(self.failure))
-            raise
+                with contextlib.suppress(Exception):
+                    req.emit("error", RuntimeError(self.failure))
 
     def _loop(self):
         with torch.inference_mode():
