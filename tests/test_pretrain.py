@@ -2,6 +2,7 @@
 under torchrun matching a single process."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED
+from conftest import REPO
 
 from camelid.data.corpus import read_texts
 from camelid.data.shards import TokenShards
@@ -30,9 +31,9 @@ from camelid.train.trainer import _train, param_groups, train
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp("corpus")
-    text = (SHARED / "corpora" / "tinyshakespeare.txt").read_text()[:150_000]
+    text = shakespeare[:150_000]
     (root / "shakespeare.txt").write_text(text)
     tok = train_tokenizer(read_texts([root / "shakespeare.txt"]), root / "tok", vocab_size=320)
     tokenize_corpus([str(root / "shakespeare.txt")], tok, root / "data", val_fraction=0.1, workers=1)
@@ -112,6 +113,15 @@ def test_sigkill_then_resume_gives_the_same_losses_bit_for_bit(corpus, tmp_path)
     assert sorted(got) == list(range(1, 201))
     assert got == ref  # every step's loss (and validation loss), exactly
     assert (killed / "loss.png").exists() and (killed / "model" / "camelid.json").exists()
+
+
+def test_resume_auto_before_any_checkpoint_starts_a_fresh_log(corpus, tmp_path):
+    root, tok = corpus
+    out = tmp_path / "run"
+    train(TrainConfig(**make_config(root, tok, out, max_steps=3, ckpt_every=100, val_data="")))
+    shutil.rmtree(out / "checkpoints")  # killed before its first checkpoint, its log kept
+    train(TrainConfig(**make_config(root, tok, out, max_steps=4, ckpt_every=100, val_data="")), resume="auto")
+    assert sorted(losses(out / "log.jsonl")) == [1, 2, 3, 4]  # not 1, 2, 3, 1, 2, 3, 4
 
 
 def test_sigterm_checkpoints_the_current_step_and_stops(corpus, tmp_path):

@@ -343,16 +343,20 @@ def test_resume_finds_the_newest_intact_checkpoint_and_clears_leftovers(tmp_path
         checkpoint_to_resume(str(tmp_path / "checkpoints" / "step_00000006.pt"), tmp_path, lambda p, s: None)
 
 
-def test_real_process_for_a_model_that_fails_to_load_exits(tmp_path):
-    """`serve` with weights that cannot load stops with the loader's message instead of serving 503s."""
-    folder = _copy(MODEL, tmp_path)
-    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+@pytest.mark.parametrize("defect,needle", [
+    (lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 64), "corrupt or truncated"),
+    (_model_key("max_seq_len", 2**32 - 1), "the KV cache for 8 requests at the model's context of 4294967295"),
+], ids=["corrupt-weights", "huge-context"])
+def test_real_process_for_a_model_that_fails_to_load_exits(defect, needle, tmp_path):
+    """`serve` with a model that cannot load stops with the loader's message instead of serving 503s."""
     import socket
 
+    folder = _copy(MODEL, tmp_path)
+    defect(folder)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "camelid", "serve", str(folder), "--port", str(port)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "corrupt or truncated" in proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in proc.stderr.splitlines()[-1]

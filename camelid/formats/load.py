@@ -144,7 +144,7 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     lm = _load(path, dev, dt, tokenizer_path, quantize)
-    lm.tokenizer.validate(str(path))
+    lm.tokenizer.validate(str(path), lm.config.vocab_size)
     # Repack int4 weights for the CPU kernel now rather than on the first token; here, once the loaders'
     # tensor dicts are gone, so the on-disk layout is freed layer by layer instead of living beside the copy.
     if dev.type == "cpu":

@@ -8,7 +8,7 @@ from pathlib import Path
 from camelid.errors import CamelidError
 from camelid.files import read_json
 from camelid.tokenizer.piece_vocab import PieceVocab
-from camelid.tokenizer.tokenizer import (HFBackend, PieceBackend, SentencePieceBackend, Tokenizer, check_token_ids,
+from camelid.tokenizer.tokenizer import (HFBackend, PieceBackend, SentencePieceBackend, Tokenizer,
                                          load_sentencepiece)
 
 
@@ -55,7 +55,6 @@ def load_saved_tokenizer(folder: Path, section: dict) -> Tokenizer:
         backend = SentencePieceBackend(load_sentencepiece(path))
     else:
         backend = PieceBackend(_read_pieces(path))
-    check_token_ids(meta, backend.vocab_size, bos_id, eos_ids)
     return Tokenizer(backend, bos_id, list(eos_ids), section.get("add_bos", True), section.get("chat_template"),
                      section.get("special_tokens") or {})
 

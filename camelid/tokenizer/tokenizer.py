@@ -134,8 +134,9 @@ class Tokenizer:
         last tokens, so its leading space survives (SentencePiece drops it at the start of a text)."""
         return StreamDecoder(self, context)
 
-    def validate(self, source: str):
-        check_token_ids(source, self.vocab_size, self.bos_id, self.eos_ids)
+    def validate(self, source: str, vocab_size: int):
+        """The special ids must be rows of the model's embedding (`vocab_size`)."""
+        check_token_ids(source, vocab_size, self.bos_id, self.eos_ids)
 
 
 def check_token_ids(source, vocab_size: int, bos_id, eos_ids):
@@ -224,7 +225,8 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
     eos_ids = _as_list(gen.get("eos_token_id")) or _as_list(mcfg.get("eos_token_id"))
     if not eos_ids and specials.get("eos_token") and backend.token_id(specials["eos_token"]) is not None:
         eos_ids = [backend.token_id(specials["eos_token"])]
-    check_token_ids(folder, backend.vocab_size, bos_id, eos_ids)
+    # A model's embedding may have more rows than its tokenizer has tokens (padded vocabularies).
+    check_token_ids(folder, max(backend.vocab_size, mcfg.get("vocab_size") or 0), bos_id, eos_ids)
     if "bos_token" not in specials and bos_id is not None:
         specials["bos_token"] = _piece_text(backend, bos_id)
     if "eos_token" not in specials and eos_ids:
@@ -242,6 +244,8 @@ def _first(*values):
 
 
 def _piece_text(backend, tid: int) -> str:
+    if not 0 <= tid < backend.vocab_size:  # an id of the padded embedding rows has no text
+        return ""
     if isinstance(backend, HFBackend):
         return backend.tok.id_to_token(tid) or ""
     if isinstance(backend, SentencePieceBackend):
