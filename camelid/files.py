@@ -123,15 +123,19 @@ def read_text(path: str | Path) -> str:
         raise CamelidError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
 
 
+def parse_json(text: str, path: str | Path, line: int = 1):
+    """JSON from `text`, which starts at `line` of `path`; an error names the file and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CamelidError(f"{path}:{line + exc.lineno - 1}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise CamelidError(f"{path}:{line}: JSON nested too deeply") from None
+
+
 def read_json(path: str | Path, kind: type = dict):
     """A JSON file whose top level must be `kind` (an object by default)."""
-    text = read_text(path)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CamelidError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except RecursionError:
-        raise CamelidError(f"{path}: JSON nested too deeply") from None
+    value = parse_json(read_text(path), path)
     if not isinstance(value, kind):
         want = {dict: "an object", list: "an array"}.get(kind, kind.__name__)
         raise CamelidError(f"{path}: the JSON must be {want}, not {type(value).__name__}")

@@ -66,7 +66,7 @@ def test_missing_config_key(capsys, tmp_path):
 def test_invalid_json_config(capsys, tmp_path):
     shutil.copytree(MODEL, tmp_path / "m")
     (tmp_path / "m" / "camelid.json").write_text('{"model": {,}')
-    assert_one_line_error(*run_cli(["generate", tmp_path / "m", "hi"], capsys), "camelid.json", "line 1")
+    assert_one_line_error(*run_cli(["generate", tmp_path / "m", "hi"], capsys), "camelid.json:1: invalid JSON")
 
 
 def test_unknown_key_in_camelid_config(capsys, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from camelid.errors import CamelidError
+from camelid.files import parse_json
 
 FORMATS = ("alpaca", "dolly", "sharegpt", "messages")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
@@ -64,13 +65,7 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
             i = end
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CamelidError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-            except RecursionError:
-                raise CamelidError(f"{path}:{n}: JSON nested too deeply") from None
-            yield f"{path}:{n}", record
+            yield f"{path}:{n}", parse_json(line, path, n)
 
 
 def _text(value, what: str) -> str:
