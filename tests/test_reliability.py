@@ -84,7 +84,7 @@ NATIVE_CASES = MODEL_KEY_CASES + [
     (_meta(lambda d: d["tokenizer"].__setitem__("bos_id", 99999)), "bos_token_id 99999 is not a token id"),
     (_meta(lambda d: d["tokenizer"].__setitem__("bos_id", -5)), "bos_token_id -5 is not a token id"),
     (lambda m: (m / "tokenizer.pieces.json").write_text((m / "tokenizer.pieces.json").read_text()[:100]),
-     "tokenizer.pieces.json: invalid JSON"),
+     "tokenizer.pieces.json:1: invalid JSON"),
     (_write("tokenizer.pieces.json", '{"pieces": "abc"}'), "'pieces' is missing or not a list"),
     (lambda m: _edit_json(m / "tokenizer.pieces.json", lambda d: d.__setitem__("pieces", d["pieces"][:2])),
      "one number in 'scores' for each"),
