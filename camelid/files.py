@@ -16,7 +16,7 @@ from camelid.errors import CamelidError
 # replace when told to) from a user's folder (which it never touches).
 MARKER = ".camelid-output"
 # Folders written before the marker existed are recognised by these files.
-_OLDER_SIGNS = ("camelid.json", "report.json", "train/index.json")
+_OLDER_SIGNS = ("camelid.json", "report.json", "train/index.json", "log.jsonl", "study.db")
 TMP_SUFFIX = ".tmp-camelid"
 
 
@@ -70,6 +70,15 @@ def check_output_folder(dest: str | Path, force: bool = False, flag: str = "--fo
                            f"(camelid never replaces a folder it did not write)")
     if not force:
         raise CamelidError(f"{shown}: holds an earlier camelid output; pass {flag} to replace it")
+
+
+def claim_folder(folder: str | Path, create: bool = True):
+    """A folder camelid adds to over several runs (a training run, a sweep, GGUF exports of one model): one
+    it did not write is refused; it is created and marked as camelid's."""
+    check_output_folder(folder, force=True)
+    if create:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        mark_output_folder(Path(folder))
 
 
 @contextlib.contextmanager

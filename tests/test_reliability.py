@@ -320,13 +320,38 @@ def test_stream_decoder_continues_the_prompt_as_the_reference_tokenizers_do():
             assert streamed == decode(prompt + generated)[len(decode(prompt)):], (prompt, generated)
 
 
+
+def test_stream_decoder_continues_the_prompt_as_llama_cpp_does():
+    """llama.cpp's own detokenizer, given the prompt as the tokens before: its SentencePiece and GPT-2 vocabularies."""
+    import random
+
+    import llama_cpp
+    from conftest import shared_file
+
+    from camelid.formats.gguf_file import read_gguf
+    from camelid.tokenizer.gguf_vocab import gguf_tokenizer
+
+    rng = random.Random(1)
+    words = "Once upon a time there was a little café , über naïve 日本語 ! \n token".split(" ")
+    for name in ("ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"):
+        path = shared_file(f"tokenizers/{name}")
+        ours = gguf_tokenizer(read_gguf(path).metadata, str(path))
+        ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        for _ in range(20):
+            prompt = ours.encode(" ".join(rng.choices(words, k=3)))
+            generated = ours.encode(" " + " ".join(rng.choices(words, k=6)), bos=False)
+            decoder = ours.stream(prompt)
+            streamed = "".join(decoder.push(t) for t in generated) + decoder.flush()
+            assert streamed == ref.detokenize(generated, prev_tokens=prompt).decode("utf-8"), (name, prompt, generated)
+
+
 def test_resume_finds_the_newest_intact_checkpoint_and_clears_leftovers(tmp_path, capsys):
     from camelid.train.checkpoint import checkpoint_to_resume, prepare_run_folder, write_checkpoint
 
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("x")
-    with pytest.raises(CamelidError, match="not a camelid training run"):
+    with pytest.raises(CamelidError, match="is not a camelid output"):
         prepare_run_folder(user)
     tmp_path = tmp_path / "run"
     prepare_run_folder(tmp_path)

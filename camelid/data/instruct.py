@@ -7,14 +7,13 @@ reported with their file and line and skipped, never dropped silently."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from camelid.errors import CamelidError
-from camelid.files import parse_json
+from camelid.files import atomic_file, parse_json
 
 FORMATS = ("alpaca", "dolly", "sharegpt", "messages")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
@@ -197,11 +196,9 @@ def convert(src: str | Path, dest: str | Path, to: str, fmt: str | None = None) 
     if not rows:
         raise CamelidError(f"{src}: no record can be written as {to}")
     dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(dest) as tmp, open(tmp, "w", encoding="utf-8") as f:
         if dest.suffix == ".jsonl":
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         else:
             json.dump(rows, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, dest)
     return {"written": len(rows), "skipped": skipped.reasons}

@@ -4,12 +4,12 @@ writes them: both turns in one conversation, per-category temperatures, one JSON
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
 from pathlib import Path
 
+from camelid.files import write_text
 from camelid.errors import CamelidError
 from camelid.eval.questions import append_jsonl, read_jsonl
 from camelid.generate.generate import generate
@@ -99,7 +99,5 @@ def _sort_answers(path: Path) -> None:
     """Sorted by question id, one answer per (model, question): the last one written wins."""
     records = {(r["model_id"], r["question_id"]): r
                for r in read_jsonl(path, ("question_id", "model_id"), "answer")}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(records[k], ensure_ascii=False) + "\n"
-                           for k in sorted(records, key=lambda k: (k[1], k[0]))), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(records[k], ensure_ascii=False) + "\n"
+                             for k in sorted(records, key=lambda k: (k[1], k[0]))))

@@ -7,7 +7,6 @@ bias cancels: verdicts that disagree count as a tie. Reference-based prompts gra
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
+from camelid.files import atomic_file, write_text
 from camelid.errors import CamelidError
 from camelid.eval.judge_clients import Ask
 from camelid.eval.questions import JUDGE_DATA, append_jsonl, answer_turns, read_jsonl
@@ -255,18 +255,15 @@ def plot_scores(table: dict[str, dict], mode: str, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"LLM-as-a-judge ({mode})")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_summary(table: dict[str, dict], mode: str, out_dir: Path, stem: str) -> list[Path]:
     """<stem>.json, <stem>.md and <stem>.png, each written whole or not at all."""
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
     for path, text in zip(paths, (json.dumps({"mode": mode, "models": table}, indent=2), format_scores(table) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, text)
     plot_scores(table, mode, paths[2])
     return paths

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from camelid.files import atomic_file, write_text
 from camelid.errors import CamelidError
 from camelid.eval.tasks import LEADERBOARD_METRIC
 
@@ -104,10 +104,9 @@ def plot_leaderboard(columns: list[str], rows: dict[str, dict], path: Path) -> b
     ax.legend(fontsize=8)
     ax.set_title("camelid leaderboard")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -118,7 +117,5 @@ def write_leaderboard(columns: list[str], rows: dict[str, dict], out: str | Path
     paths = [out.with_suffix(".md"), out.with_suffix(".json"), out.with_suffix(".png")]
     data = {m: {c: {"metric": s[c][0], "value": s[c][1]} for c in columns if c in s} for m, s in rows.items()}
     for path, text in zip(paths, (format_leaderboard(columns, rows) + "\n", json.dumps(data, indent=2))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, text)
     return paths if plot_leaderboard(columns, rows, paths[2]) else paths[:2]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import datetime
 from pathlib import Path
+
+from camelid.files import write_text
 
 
 def merge(a: dict | None, b: dict) -> dict:
@@ -20,12 +21,6 @@ def merge(a: dict | None, b: dict) -> dict:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(results: dict, output: str | Path, samples: dict[str, list[dict]] | None = None,
                   model_name: str = "model") -> list[Path]:
     """`output` ending in .json is the results file; otherwise it is a folder that gets
@@ -37,10 +32,10 @@ def write_results(results: dict, output: str | Path, samples: dict[str, list[dic
     else:
         path = output / re.sub(r'["<>:/|\\?*\[\]]+', "__", str(model_name)) / f"results_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(results, indent=2, ensure_ascii=False, default=str))
+    write_text(path, json.dumps(results, indent=2, ensure_ascii=False, default=str))
     written = [path]
     for task, records in (samples or {}).items():
         sample_path = path.with_name(f"samples_{task}_{stamp}.jsonl")
-        _write_atomic(sample_path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+        write_text(sample_path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
         written.append(sample_path)
     return written

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from camelid.errors import CamelidError
-from camelid.files import atomic_file, check_output_folder, mark_output_folder, write_text
+from camelid.files import atomic_file, check_output_folder, claim_folder, write_text
 from camelid.formats.gguf import fused_layer_names
 from camelid.formats.gguf_blocks import quantize
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
@@ -126,8 +126,7 @@ def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = Non
     check_output_folder(dest, force=True)  # a file, or a folder camelid did not write, is refused even so
     if path.exists() and not force:
         raise CamelidError(f"{path}: exists; pass --force to replace it")
-    dest.mkdir(parents=True, exist_ok=True)
-    mark_output_folder(dest)
+    claim_folder(dest)
     with atomic_file(path) as tmp:
         _write(lm, cfg, plain_state_dict(lm), tmp, quant, name)
     write_model_card(lm, dest, name, path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
-from camelid.files import read_json
+from camelid.files import read_json, write_text
 from camelid.formats.tensors import load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
 
@@ -469,6 +469,4 @@ def save_hf_folder(sd: dict, cfg: ModelConfig, folder: Path, extra_json: dict | 
 
 
 def _write_json(path: Path, data: dict):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from camelid.errors import CamelidError
-from camelid.files import atomic_file, is_camelid_output, mark_output_folder, write_text
+from camelid.files import atomic_file, claim_folder, write_text
 
 CKPT_DIR = "checkpoints"
 LOG = "log.jsonl"
@@ -22,15 +22,10 @@ LOG = "log.jsonl"
 
 def prepare_run_folder(out: Path, main: bool = True):
     """A run writes into a folder of its own: a folder camelid did not write is refused, never mixed into.
-    Every rank checks; the main one clears what a killed run left."""
-    if out.exists() and not out.is_dir():
-        raise CamelidError(f"out_dir {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (is_camelid_output(out) or (out / LOG).exists()):
-        raise CamelidError(f"out_dir {out}: exists and is not a camelid training run; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    Every rank checks; the main one creates it and clears what a killed run left."""
+    claim_folder(out, create=main)
     if not main:
         return
-    mark_output_folder(out)
     for leftover in (out / CKPT_DIR).glob("*.tmp"):  # a checkpoint a killed run was writing
         leftover.unlink()
 

@@ -154,6 +154,27 @@ class FinetuneConfig:
                 raise CamelidError(f"{source}: {message}")
 
 
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """key=value items (YAML values) set into `data`; model.dim=128 sets a nested field."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise CamelidError(f"override {item!r}: use key=value")
+        key, value = item.split("=", 1)
+        target = data
+        *parents, leaf = key.split(".")
+        for i, p in enumerate(parents):
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise CamelidError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a mapping of keys")
+        try:
+            target[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CamelidError(f"override {item!r}: the value is not valid YAML (quote a string)") from None
+    return data
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     return load_config(path, overrides, TrainConfig)
 
@@ -173,20 +194,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=TrainCon
             raise CamelidError(f"{path}: invalid YAML" + (f" at line {line + 1}" if line is not None else "")) from None
         if not isinstance(data, dict):
             raise CamelidError(f"{path}: a training config must be a mapping of keys to values")
-    for item in overrides:
-        if "=" not in item:
-            raise CamelidError(f"override {item!r}: use key=value")
-        key, value = item.split("=", 1)
-        target = data
-        *parents, leaf = key.split(".")  # model.dim=128 sets a model field
-        for i, p in enumerate(parents):
-            target = target.setdefault(p, {})
-            if not isinstance(target, dict):
-                raise CamelidError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a mapping of keys")
-        try:
-            target[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise CamelidError(f"override {item!r}: the value is not valid YAML (quote a string)") from None
+    apply_overrides(data, overrides)
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:

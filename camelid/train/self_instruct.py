@@ -9,7 +9,6 @@ rewritten atomically after every request, so an interrupted run resumes where it
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import string
@@ -21,6 +20,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from camelid.files import write_text
 from camelid.errors import CamelidError
 
 # Alpaca's blocklist: tasks a text-only model cannot do.
@@ -201,6 +201,5 @@ def self_instruct(complete: Complete, seed_path: str | Path, prompt_path: str | 
 
 
 def _write_json(path: Path, data):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(data, indent=1, ensure_ascii=False))

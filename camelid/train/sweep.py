@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import yaml
 
 from camelid.errors import CamelidError, require
-from camelid.train.config import TrainConfig, load_train_config
+from camelid.files import atomic_file, claim_folder, write_text
+from camelid.train.config import TrainConfig, apply_overrides, load_train_config
 from camelid.train.trainer import train
 
 DEFAULT_SPACE = {
@@ -72,7 +72,7 @@ def sweep(config: str | None, overrides: list[str], out: str | Path, trials: int
     if not base.val_data:
         raise CamelidError("val_data: a sweep ranks trials by validation loss, so it needs validation shards")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out)  # a sweep folder is resumed (study.db); a user's folder is refused
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="camelid", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.TPESampler(seed=base.seed),
@@ -112,27 +112,17 @@ def sweep(config: str | None, overrides: list[str], out: str | Path, trials: int
 def write_best(config: str | None, overrides: list[str], params: dict, path: Path):
     """The recipe as it was, with the best values filled in: ready for a full-length run."""
     data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if config else {}
-    for item in overrides + [f"{k}={v}" for k, v in params.items()]:
-        key, value = item.split("=", 1)
-        target = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("# written by camelid sweep: the best trial's values\n" + yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    apply_overrides(data, overrides + [f"{k}={v}" for k, v in params.items()])
+    write_text(path, "# written by camelid sweep: the best trial's values\n" + yaml.safe_dump(data, sort_keys=False))
 
 
 def write_trials(study, path: Path):
     keys = sorted({k for t in study.trials for k in t.params})
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["trial", "state", "val_loss", *keys])
         for t in study.trials:
             w.writerow([t.number, t.state.name.lower(), t.value, *(t.params.get(k) for k in keys)])
-    os.replace(tmp, path)
 
 
 def plot_sweep(study, space: dict, png: Path):
@@ -168,7 +158,6 @@ def plot_sweep(study, space: dict, png: Path):
     ax.set_ylabel("best validation loss")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
