@@ -1,7 +1,7 @@
 """Chat templates render exactly as transformers' apply_chat_template; built-ins match their reference code."""
 
 import pytest
-from conftest import SHARED
+from conftest import shared_file
 
 from camelid.errors import CamelidError
 from camelid.tokenizer.chat_template import BUILTIN_TEMPLATES, render_chat
@@ -26,7 +26,7 @@ SPECIALS = {"bos_token": "<s>", "eos_token": "</s>"}
 def hf_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(SHARED / "tokenizers" / "gpt2_tokenizer.json"),
+    return PreTrainedTokenizerFast(tokenizer_file=str(shared_file("tokenizers/gpt2_tokenizer.json")),
                                    bos_token="<s>", eos_token="</s>")
 
 

@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from conftest import SHARED, make_hf_model
+from conftest import SHARED, make_hf_model, shared_file
 
 from camelid.cli import main
 from camelid.formats.load import load_model
@@ -20,7 +20,7 @@ def test_tokenizer_json_folder_with_chat_template(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     make_hf_model("gpt2", tmp_path)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(SHARED / "tokenizers" / "gpt2_tokenizer.json"),
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(shared_file("tokenizers/gpt2_tokenizer.json")),
                                      bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     hf_tok.chat_template = ZEPHYR
     hf_tok.save_pretrained(tmp_path)
