@@ -4,14 +4,18 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import REPO, STORIES
+from conftest import REPO, STORIES, shared_file
 
 from camelid.cli import main
 from camelid.formats.load import export_hf, load_model, save_native
 from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
 
-EXPECTED = (STORIES / "expected_greedy_200.txt").read_text(encoding="utf-8") if STORIES.exists() else ""
+
+@pytest.fixture(scope="module")
+def expected() -> str:
+    """What llama2.c's run.c prints for the model at temperature 0."""
+    return shared_file("models/stories260K/expected_greedy_200.txt").read_text(encoding="utf-8")
 
 
 def greedy_story(lm) -> str:
@@ -19,8 +23,8 @@ def greedy_story(lm) -> str:
     return generate(lm, [[lm.tokenizer.bos_id]], 200, SamplingParams.greedy())[0].text + "\n"
 
 
-def test_llama2c_legacy_checkpoint_reproduces_run_c(stories_path):
-    assert greedy_story(load_model(stories_path)) == EXPECTED
+def test_llama2c_legacy_checkpoint_reproduces_run_c(stories_path, expected):
+    assert greedy_story(load_model(stories_path)) == expected
 
 
 def write_v1(legacy_path, out_path):
@@ -40,17 +44,17 @@ def write_v1(legacy_path, out_path):
     out_path.write_bytes(header.ljust(256, b"\0") + b"".join(p.tobytes() for p in body))
 
 
-def test_llama2c_v1_checkpoint(stories_path, tmp_path):
+def test_llama2c_v1_checkpoint(stories_path, tmp_path, expected):
     write_v1(stories_path, tmp_path / "v1.bin")
     lm = load_model(tmp_path / "v1.bin", tokenizer_path=STORIES / "tok512.bin")
-    assert greedy_story(lm) == EXPECTED
+    assert greedy_story(lm) == expected
 
 
-def test_bundled_default_model_reproduces_run_c():
-    assert greedy_story(load_model(REPO / "models" / "stories260K")) == EXPECTED
+def test_bundled_default_model_reproduces_run_c(expected):
+    assert greedy_story(load_model(REPO / "models" / "stories260K")) == expected
 
 
-def test_native_and_hf_round_trips(stories_path, tmp_path):
+def test_native_and_hf_round_trips(stories_path, tmp_path, expected):
     import torch
     import transformers as tf
 
@@ -58,7 +62,7 @@ def test_native_and_hf_round_trips(stories_path, tmp_path):
     save_native(lm, tmp_path / "native", template="alpaca", stop=["###"])
     again = load_model(tmp_path / "native")
     assert (again.template, again.stop) == ("alpaca", ["###"])
-    assert greedy_story(again) == EXPECTED
+    assert greedy_story(again) == expected
     export_hf(lm, tmp_path / "hf")
     ids = torch.tensor([[1] + lm.tokenizer.encode("Once upon a time", bos=False)])
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -66,7 +70,7 @@ def test_native_and_hf_round_trips(stories_path, tmp_path):
         torch.testing.assert_close(ref(ids).logits, lm.model(ids), atol=1e-4, rtol=0)
     hf_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok("Once upon a time").input_ids == ids[0].tolist()
-    assert greedy_story(load_model(tmp_path / "hf")) == EXPECTED
+    assert greedy_story(load_model(tmp_path / "hf")) == expected
 
 
 def test_native_load_is_memory_mapped():
@@ -77,9 +81,9 @@ def test_native_load_is_memory_mapped():
         assert any(int(lo, 16) <= w.data_ptr() < int(hi, 16) for lo, hi in regions)
 
 
-def test_cli_generate_prints_the_story(capsys):
+def test_cli_generate_prints_the_story(capsys, expected):
     assert main(["generate", str(REPO / "models" / "stories260K"), "--temperature", "0", "-n", "200", ""]) == 0
-    assert capsys.readouterr().out == EXPECTED
+    assert capsys.readouterr().out == expected
 
 
 @pytest.mark.parametrize("args", [["--seed", "7"], ["--seed", "7", "--top-k", "5", "--repeat-penalty", "1.3"]])
