@@ -16,6 +16,7 @@ from typing import Callable
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.errors import CamelidError, ModelError
@@ -195,6 +196,8 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's vendored libraries
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
