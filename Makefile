@@ -11,11 +11,12 @@ MODEL := models/stories260K
 $(PY):
 	python3 -m venv $(VENV)
 
-# torch first, pinned, so pip takes the CPU wheel on disk and never pulls multi-GB CUDA builds.
+# torch first, pinned, so pip takes the CPU wheel on disk and never pulls multi-GB CUDA builds. The extras
+# (corpus cleaning, sweeps, Datasette, parquet) come too, so every command the README shows works.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[all]'
 	touch $@
 
 # The web page test drives Debian's chromium (Playwright never downloads a browser here).

@@ -1,0 +1,80 @@
+"""The README's own examples: every `camelid` command in its fenced sh blocks either runs here, as written
+but for its placeholders (and smaller limits), or is listed below with the reason it cannot run in a test."""
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, SHARED, shared_file
+
+# Commands that need what a test cannot have: hours, a network, a trained model, an interactive terminal.
+NOT_RUN = {
+    "camelid serve": "a server that runs until stopped (tests/test_serve.py drives it)",
+    "camelid pretrain": "minutes to hours of training (tests/test_pretrain.py trains small runs)",
+    "camelid finetune": "minutes of training (tests/test_finetune.py)",
+    "camelid sweep": "20 trainings (tests cover sweeps on tiny runs)",
+    "camelid self-instruct": "a model with a 4K context or a remote endpoint",
+    "camelid answer": "models trained by the recipes above",
+    "camelid judge": "a judge model behind an endpoint",
+    "camelid data prepare ../shared/data/corpora/gutenberg": "63 MB of books: minutes (tests/test_data_prepare.py)",
+    "camelid tokenizer train out/gutenberg": "the prepared Gutenberg corpus",
+    "camelid data tokenize out/gutenberg": "the prepared Gutenberg corpus",
+    "camelid generate out/shakespeare/run/model": "the model `camelid pretrain` writes",
+    "camelid chat out/alpaca-demo/model": "the model `camelid finetune` writes",
+    "camelid chat tinyllama": "a downloaded GGUF file",
+    "camelid export out/my-model": "your own model",
+    "camelid eval MODEL --suite leaderboard-v1": "ARC's files, which ../shared does not hold",
+    "camelid leaderboard results/": "the results of the leaderboard suite",
+}
+SMALLER = [(r"--limit \d+", "--limit 4"), (r"--num 500", "--num 2")]
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line.startswith("camelid "):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def test_every_readme_command_is_run_or_says_why_not():
+    commands = readme_commands()
+    assert len(commands) > 20
+    for command in commands:
+        if not any(command.startswith(prefix) for prefix in NOT_RUN):
+            assert command.split()[1] in RUNNABLE, f"a new README example: run it below or list it: {command}"
+
+
+RUNNABLE = {"generate", "chat", "info", "estimate", "tokenizer", "data", "eval", "quantize"}
+
+
+def test_readme_commands_run(tmp_path):
+    shared_file("corpora/tinyshakespeare.txt")
+    text = tmp_path / "wiki.txt"  # a slice of real text for the perplexity and calibration examples
+    text.write_text(shared_file("corpora/wiki_demo.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    substitutions = {"MODEL": str(REPO / "models" / "stories260K"), "wiki.test.raw": str(text),
+                     "data/*.txt": str(text)}
+    ran = 0
+    for command in readme_commands():
+        if any(command.startswith(prefix) for prefix in NOT_RUN):
+            continue
+        words = [substitutions.get(w, w) for w in shlex.split(command)[1:]]
+        words = [w.replace("out/", f"{tmp_path}/out/") if w.startswith("out/") else w for w in words]
+        line = shlex.join(words)
+        for pattern, smaller in SMALLER:
+            line = re.sub(pattern, smaller, line)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "camelid", *shlex.split(line)], cwd=REPO, capture_output=True,
+                              text=True, timeout=600, input="/exit\n")
+        fits = words[0] == "estimate" and proc.returncode == 2  # `estimate` exits 2 for "does not fit"
+        assert proc.returncode == 0 or fits, f"{command}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+        ran += 1
+        print(f"{time.perf_counter() - started:5.1f} s  {line}")
+    assert ran >= 12
