@@ -71,7 +71,7 @@ def test_end_to_end_against_an_openai_style_endpoint_and_resume(tmp_path):
     url = f"http://127.0.0.1:{server.server_port}/v1"
     try:
         complete = endpoint_client(url, "stub", 512)
-        out = tmp_path / "generated.json"
+        out = tmp_path / "not" / "yet" / "generated.json"  # a folder that does not exist yet is created
         report = self_instruct(complete, DATA / "seed_tasks.jsonl", DATA / "prompt.txt", out, num_instructions=5,
                                requests_limit=2)
         kept = json.loads(out.read_text())
