@@ -153,10 +153,8 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
         return _error_body(400, f"{param}: {message}" if param else message, param, "invalid_parameter")
 
     @app.exception_handler(CamelidError)
-    async def _client_input(_, exc: CamelidError):  # the request's own input (its text, its parameters)
-        if isinstance(exc, ModelError):
-            return _error_body(500, str(exc), code="model_error", kind="server_error")
-        return _error_body(400, str(exc), code="invalid_request")
+    async def _camelid_error(request, exc: CamelidError):  # the request's own input: its text, its parameters
+        return await _api_error(request, _generation_error(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_, exc: Exception):
@@ -338,7 +336,8 @@ async def _disconnected(http: HTTPRequest):
 
 
 def _generation_error(exc: Exception) -> APIError:
-    """A request the engine could not finish: its own parameters are a 400, anything else the server's fault."""
+    """A request that could not be answered: its own input is a 400 (CamelidError), a fault of the model
+    (ModelError) or anything else the server's 500."""
     if isinstance(exc, CamelidError) and not isinstance(exc, ModelError):
         return APIError(400, str(exc), code="invalid_request")
     return APIError(500, f"generation failed: {exc}", code="model_error" if isinstance(exc, ModelError) else None,
