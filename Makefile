@@ -37,6 +37,7 @@ run: $(STAMP)
 	$(VENV)/bin/camelid generate $(MODEL) --temperature 0 --max-new-tokens 200 ""
 
 test: $(DEV_STAMP)
+	$(VENV)/bin/ruff check camelid tests bench
 	$(VENV)/bin/python -m pytest
 
 bench: $(DEV_STAMP)

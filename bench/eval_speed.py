@@ -43,10 +43,11 @@ def main():
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from lm_eval_local import tiny_gpt2, write_local_tasks
 
     from camelid.eval.harness import EvalSettings, evaluate
     from camelid.formats.load import load_model
+
+    from lm_eval_local import tiny_gpt2, write_local_tasks
 
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="camelid-eval-bench-"))

@@ -46,10 +46,10 @@ SEQ, BATCH, WARMUP = 256, 4, 3  # the first steps compile
 
 
 def make_base(folder: Path):
+    import shutil
+
     import torch
     import transformers as tf
-
-    import shutil
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPE))
@@ -89,10 +89,8 @@ def make_step(engine: str, base: Path, dtype: str, compile: bool, quantize_base:
     if engine == "camelid":
         from camelid.formats.load import load_model
         from camelid.model.lora import LoRAConfig, add_lora
-
-        from camelid.train.finetune import sft_loss
-
         from camelid.model.quant import QuantSpec
+        from camelid.train.finetune import sft_loss
 
         # as finetune does: the frozen base in the compute dtype, or quantized tensor by tensor as it loads
         qlora = QuantSpec(quantize_base, 64, "float") if quantize_base else None
@@ -186,9 +184,9 @@ def main():
         base = Path(tmp) / "base"
         make_base(base)
         for dtype in args.dtypes.split(","):
-            def child(engine: str, steps: int) -> dict:
+            def child(engine: str, steps: int) -> dict:  # called within this iteration (B023 below)
                 out = subprocess.run([sys.executable, __file__, "--engine", engine, "--base", str(base),
-                                      "--dtypes", dtype, "--steps", str(steps), "--threads", str(args.threads),
+                                      "--dtypes", dtype, "--steps", str(steps), "--threads", str(args.threads),  # noqa: B023
                                       "--device", args.device] + ["--no-compile"] * args.no_compile
                                      + (["--quantize-base", args.quantize_base] if args.quantize_base else []),
                                      capture_output=True, text=True, check=True)

@@ -97,7 +97,8 @@ def main():
 
         for name in dtypes:
             child = ["--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-                     "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtypes", name] + ["--no-compile"] * args.no_compile
+                     "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtypes", name,
+                     *["--no-compile"] * args.no_compile]
             subprocess.run([sys.executable, __file__, *child], check=True)
         return
     torch.set_num_threads(args.threads)

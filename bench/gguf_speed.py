@@ -43,7 +43,7 @@ def build_f16(workdir: Path) -> Path:
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
     model.inv_freq = Transformer(cfg).inv_freq
     tok = load_tokenizer_file(SHARED / "tokenizers" / "llama2_tokenizer.model")

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the tasks' files (hub parquet/JSON, or e.g. ../shared/data/eval)")
     p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="shots (default: 0, or the suite's)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
-    p.add_argument("--fewshot-seed", "--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
+    p.add_argument("--fewshot-seed", "--seed", type=int, default=1234,
+                   help="few-shot sampling seed (lm-eval's default 1234)")
     p.add_argument("--fewshot-sampler", default=None, choices=["lm-eval", "leaderboard-v1"],
                    help="draw shots as lm-eval v0.4 does (default) or as the leaderboard's old harness did")
     p.add_argument("--add-bos", action="store_true",
@@ -311,7 +312,6 @@ def _load(args):
     import torch
 
     from camelid.formats.load import load_model
-
     from camelid.model.kernels import enable_fast_decode
 
     _check_threads(args)
@@ -468,9 +468,8 @@ def _api_key(args) -> str | None:
 
 
 def cmd_tokenizer(args):
-    from camelid.tokenizer.train import END_OF_TEXT, train_tokenizer
-
     from camelid.data.corpus import list_files, read_texts
+    from camelid.tokenizer.train import END_OF_TEXT, train_tokenizer
 
     list_files(args.files, ())  # a missing path fails before any work
     path = train_tokenizer(read_texts(args.files), args.out, args.kind, args.vocab_size,
@@ -589,7 +588,8 @@ def cmd_self_instruct(args):
     here = Path(si.__file__).parent / "self_instruct_data"
     complete = (si.local_client(args.model, args.max_tokens, args.seed) if args.model else
                 si.endpoint_client(args.endpoint, args.endpoint_model, args.max_tokens, args.api_key))
-    report = si.self_instruct(complete, args.seed_tasks or here / "seed_tasks.jsonl", args.prompt or here / "prompt.txt",
+    report = si.self_instruct(complete, args.seed_tasks or here / "seed_tasks.jsonl",
+                              args.prompt or here / "prompt.txt",
                               args.out, args.num, args.seed)
     print(f"kept {report['kept']} instructions after {report['requests']} requests; dropped: {report['dropped']}")
     print(f"wrote {args.out}")
@@ -712,10 +712,9 @@ def cmd_judge(args):
 
 
 def cmd_quantize(args):
+    from camelid.files import check_output_folder
     from camelid.formats.load import read_config
     from camelid.quantize import quantize_folder, quantize_while_loading
-
-    from camelid.files import check_output_folder
 
     if args.samples < 1 or args.seq_len < 2:
         raise CamelidError("--samples must be at least 1 and --seq-len at least 2")
@@ -742,8 +741,27 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
-COMMANDS = {"quantize": cmd_quantize, "leaderboard": cmd_leaderboard, "answer": cmd_answer, "judge": cmd_judge, "eval": cmd_eval, "self-instruct": cmd_self_instruct, "finetune": cmd_finetune, "merge": cmd_merge, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer, "data": cmd_data, "pretrain": cmd_pretrain, "serve": cmd_serve, "info": cmd_info, "estimate": cmd_estimate, "convert": cmd_convert, "export": cmd_export, "generate": cmd_generate,
-            "chat": cmd_chat}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "leaderboard": cmd_leaderboard,
+    "answer": cmd_answer,
+    "judge": cmd_judge,
+    "eval": cmd_eval,
+    "self-instruct": cmd_self_instruct,
+    "finetune": cmd_finetune,
+    "merge": cmd_merge,
+    "sweep": cmd_sweep,
+    "tokenizer": cmd_tokenizer,
+    "data": cmd_data,
+    "pretrain": cmd_pretrain,
+    "serve": cmd_serve,
+    "info": cmd_info,
+    "estimate": cmd_estimate,
+    "convert": cmd_convert,
+    "export": cmd_export,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,16 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.formats.load import LoadedModel, load_model, save_native
-from camelid.model.quant import (INT4_GROUPS, QUANTIZED, GGMLLinear, Int4Linear, Int8Linear, QuantSpec, output_mode,
-                                 quantize_model)
+from camelid.model.quant import (
+    INT4_GROUPS,
+    QUANTIZED,
+    GGMLLinear,
+    Int4Linear,
+    Int8Linear,
+    QuantSpec,
+    output_mode,
+    quantize_model,
+)
 
 
 def calibration_batches(lm: LoadedModel, files: list[str], samples: int, seq_len: int, seed: int = 0,

@@ -9,9 +9,10 @@ from pathlib import Path
 import lm_eval
 import torch
 import yaml
-from conftest import SHARED
 
 from camelid.eval import data
+
+from conftest import SHARED
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 

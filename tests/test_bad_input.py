@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_hf_model
 
 from camelid.cli import main
+
+from conftest import REPO, make_hf_model
 
 MODEL = REPO / "models" / "stories260K"
 

@@ -1,10 +1,11 @@
 """Chat templates render exactly as transformers' apply_chat_template; built-ins match their reference code."""
 
 import pytest
-from conftest import shared_file
 
 from camelid.errors import CamelidError
 from camelid.tokenizer.chat_template import BUILTIN_TEMPLATES, render_chat
+
+from conftest import shared_file
 
 # Verbatim from the models' tokenizer_config.json files.
 REAL_TEMPLATES = {

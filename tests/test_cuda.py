@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, make_hf_model, tiny_hf_configs
 
 from camelid.formats import hf as hf_format
 from camelid.formats.load import build_model, load_model
 from camelid.generate.generate import generate_tokens
 from camelid.generate.sampling import SamplingParams
+
+from conftest import REPO, make_hf_model, tiny_hf_configs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

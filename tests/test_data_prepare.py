@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED
 
 from camelid.data import clean
 from camelid.data.corpus import read_texts
@@ -14,6 +13,8 @@ from camelid.data.shards import TokenShards
 from camelid.data.tokenize import tokenize_corpus
 from camelid.errors import CamelidError
 from camelid.tokenizer.train import train_tokenizer
+
+from conftest import SHARED
 
 EMMA = SHARED / "corpora" / "gutenberg" / "Austen, Jane" / "Emma.txt"
 

@@ -1,12 +1,10 @@
 """The hashed dropout mask of compiled CPU graphs behaves as dropout: the drop rate, scaling, independence
 between elements and calls, repeatability under a seed, and a backward through the forward's own mask."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from camelid.model.dropout import dropout
-
 
 _compiled = {}
 

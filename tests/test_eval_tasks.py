@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SHARED
 
 from camelid.eval import data
 from camelid.eval.harness import EvalSettings, evaluate, item_metrics, mean_stderr, pooled_stderr
 from camelid.eval.loglikelihood import Request, encode_pair, loglikelihoods
 from camelid.eval.tasks import Item, hellaswag_preprocess, load_task, prompts
 from camelid.formats.load import export_hf, load_model
+
+from conftest import REPO, SHARED
 
 EVAL = SHARED / "eval"
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SHARED
 
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model
@@ -16,6 +15,8 @@ from camelid.formats.peft import load_adapter, read_adapter_config
 from camelid.model.lora import merge_lora
 from camelid.train.config import FinetuneConfig
 from camelid.train.finetune import batch_rows, finetune
+
+from conftest import REPO, SHARED
 
 BASE = REPO / "models" / "stories260K"
 IDS = torch.tensor([[1, 40, 300, 22, 9, 87, 200, 13]])

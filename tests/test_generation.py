@@ -4,13 +4,14 @@ import io
 
 import pytest
 import torch
-from conftest import REPO
 
 from camelid.chat.repl import chat_loop
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model
 from camelid.generate.generate import Completion, StopStrings, generate, stream
 from camelid.generate.sampling import SamplingParams, apply_penalties, sample
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,14 @@ from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize, quant
 from camelid.formats.gguf_export import export_gguf
 from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
 from camelid.formats.load import LoadedModel, load_model, save_native
-from camelid.model.config import ModelConfig
 from camelid.model import fused_decode, ggml_kernel
+from camelid.model.config import ModelConfig
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.tokenizer import load_tokenizer_file
-from conftest import REPO, shared_file
 
+from conftest import REPO, shared_file
 
 # llama.cpp's LLAMA_FTYPE values
 FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}

@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-from conftest import make_hf_model, tiny_hf_configs
 
-from camelid.formats.load import LoadedModel, build_model, export_hf
 from camelid.formats import hf as hf_format
+from camelid.formats.load import LoadedModel, build_model, export_hf
 from camelid.generate.generate import generate_tokens
 from camelid.generate.sampling import SamplingParams
 from camelid.tokenizer.piece_vocab import PieceVocab
 from camelid.tokenizer.tokenizer import piece_tokenizer
+
+from conftest import make_hf_model, tiny_hf_configs
 
 FAMILIES = list(tiny_hf_configs())
 IDS = torch.tensor([[5, 17, 3, 44, 90, 12, 7, 61, 33, 2, 80, 9]])

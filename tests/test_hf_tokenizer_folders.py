@@ -3,11 +3,11 @@
 import json
 import shutil
 
-from conftest import SHARED, make_hf_model, shared_file
-
 from camelid.cli import main
 from camelid.formats.load import load_model
 from camelid.tokenizer.chat_template import render_chat
+
+from conftest import SHARED, make_hf_model, shared_file
 
 TEXTS = ["Hello world", " leading space", "Füh 🦙 ½ — 我想", "a\n\nb  c"]
 ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] "

@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED
 
 from camelid.data.instruct import Skipped, convert, load_conversations, read_conversations
 from camelid.data.masking import IGNORE, MaskStats, mask_conversation, show_mask
 from camelid.errors import CamelidError
 from camelid.tokenizer.chat_template import render_chat
 from camelid.tokenizer.tokenizer import load_tokenizer_file
+
+from conftest import SHARED
 
 TOKENIZERS = {"llama2-sentencepiece": SHARED / "tokenizers" / "llama2_tokenizer.model",
               "gpt2-bpe": SHARED / "tokenizers" / "gpt2_tokenizer.json"}

@@ -31,6 +31,7 @@ def test_model_decode_with_kernel_matches_eager(fast_decode):
     from camelid.formats.load import load_model
     from camelid.generate.generate import generate
     from camelid.generate.sampling import SamplingParams
+
     from conftest import REPO
 
     lm = load_model(REPO / "models" / "stories260K")

@@ -4,12 +4,13 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import REPO, STORIES, shared_file
 
 from camelid.cli import main
 from camelid.formats.load import export_hf, load_model, save_native
 from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
+
+from conftest import REPO, STORIES, shared_file
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@ TruthfulQA mc1/mc2) pointed at local files, lm-eval's HF backend on the same mod
 same strings, every request's log-likelihood equal within 1e-4, and the accuracies identical."""
 
 import pytest
-from conftest import REPO
 
 from camelid.eval.harness import EvalSettings, evaluate
 from camelid.formats.load import export_hf, load_model
+
+from conftest import REPO
 
 pytest.importorskip("lm_eval")
 from lm_eval_local import run_lm_eval, tiny_gpt2, write_local_tasks  # noqa: E402

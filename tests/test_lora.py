@@ -3,13 +3,14 @@ logits, merged weights equal PEFT's merge_and_unload, and bad adapters or target
 
 import pytest
 import torch
-from conftest import make_hf_model
 
 from camelid.errors import CamelidError
 from camelid.formats import hf as hf_format
 from camelid.formats.load import build_model
 from camelid.formats.peft import load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, lora_layers, merge_lora
+
+from conftest import make_hf_model
 
 IDS = torch.tensor([[5, 17, 3, 44, 90, 12, 7, 61, 33, 2, 80, 9]])
 

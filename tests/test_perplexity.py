@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 
 from camelid.eval.perplexity import document_loglikelihood, harness_perplexity, llamacpp_perplexity, rolling_windows
 from camelid.formats.load import export_hf, load_model
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO
 
 from camelid.data.corpus import read_texts
 from camelid.data.shards import TokenShards
@@ -25,9 +24,11 @@ from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.train import train_tokenizer
 from camelid.train.config import TrainConfig, load_train_config
-from camelid.train.schedule import lr_at
 from camelid.train.distributed import Cluster
+from camelid.train.schedule import lr_at
 from camelid.train.trainer import _train, param_groups, train
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")

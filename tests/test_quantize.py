@@ -146,9 +146,9 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantizing_while_loading_equals_quantizing_after(tmp_path, family, mode):
     """QLoRA's load: each tensor (fused q/k/v and gate/up included) is quantized as it is taken."""
-    from conftest import make_hf_model
-
     from camelid.model.quant import QuantSpec, quantize_model
+
+    from conftest import make_hf_model
 
     make_hf_model(family, tmp_path)
     _word_tokenizer(tmp_path)
@@ -174,6 +174,7 @@ def test_quantizing_while_loading_never_holds_the_float_model(tmp_path):
     """A 200 MB fp32 checkpoint loaded in bf16, as int4 (25 MB) or as a bf16 copy (100 MB), grows memory by well
     under the file: memory-mapped pages are let go once converted."""
     import transformers as tf
+
     from conftest import make_hf_model
 
     folder = tmp_path / "wide"
@@ -208,10 +209,11 @@ print(status("VmHWM:") - before)
 
 
 def test_quantizing_while_loading_names_a_tensor_of_the_wrong_shape(tmp_path):
-    from conftest import make_hf_model
     from safetensors.torch import load_file, save_file
 
     from camelid.model.quant import QuantSpec
+
+    from conftest import make_hf_model
 
     make_hf_model("llama", tmp_path)
     _word_tokenizer(tmp_path)

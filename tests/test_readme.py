@@ -7,8 +7,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-from conftest import REPO, SHARED, shared_file
+from conftest import REPO, shared_file
 
 # Commands that need what a test cannot have: hours, a network, a trained model, an interactive terminal.
 NOT_RUN = {

@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 from camelid.cli import main
 from camelid.errors import CamelidError
 from camelid.files import MARKER
+
+from conftest import REPO
 
 MODEL = REPO / "models" / "stories260K"
 
@@ -293,11 +294,12 @@ def test_stream_decoder_continues_the_prompt_as_the_reference_tokenizers_do():
 
     import sentencepiece as spm
     import tokenizers
-    from conftest import shared_file
     from transformers import PreTrainedTokenizerFast
 
     from camelid.formats.load import load_model
     from camelid.tokenizer.tokenizer import load_tokenizer_file
+
+    from conftest import shared_file
 
     def sentencepiece(path):
         sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -305,10 +307,10 @@ def test_stream_decoder_continues_the_prompt_as_the_reference_tokenizers_do():
 
     llama2 = shared_file("tokenizers/llama2_tokenizer.model")
     gpt2 = shared_file("tokenizers/gpt2_tokenizer.json")
+    gpt2_ref = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_file(str(gpt2)))
     cases = [(load_tokenizer_file(llama2), sentencepiece(llama2)),
              (load_model(MODEL).tokenizer, sentencepiece(shared_file("models/stories260K/tok512.model"))),
-             (load_tokenizer_file(gpt2), lambda ids, ref=PreTrainedTokenizerFast(
-                 tokenizer_object=tokenizers.Tokenizer.from_file(str(gpt2))): ref.decode(ids))]
+             (load_tokenizer_file(gpt2), gpt2_ref.decode)]
     rng = random.Random(0)
     words = "Once upon a time there was a little café , über naïve 日本語 ! \n token".split(" ")
     for ours, decode in cases:
@@ -326,10 +328,11 @@ def test_stream_decoder_continues_the_prompt_as_llama_cpp_does():
     import random
 
     import llama_cpp
-    from conftest import shared_file
 
     from camelid.formats.gguf_file import read_gguf
     from camelid.tokenizer.gguf_vocab import gguf_tokenizer
+
+    from conftest import shared_file
 
     rng = random.Random(1)
     words = "Once upon a time there was a little café , über naïve 日本語 ! \n token".split(" ")

@@ -5,11 +5,20 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from conftest import REPO
 
 from camelid.errors import CamelidError
-from camelid.train.self_instruct import (encode_prompt, endpoint_client, parse_tasks, read_seed_tasks, rouge_l,
-                                         rouge_tokens, self_instruct, task_problem)
+from camelid.train.self_instruct import (
+    encode_prompt,
+    endpoint_client,
+    parse_tasks,
+    read_seed_tasks,
+    rouge_l,
+    rouge_tokens,
+    self_instruct,
+    task_problem,
+)
+
+from conftest import REPO
 
 DATA = REPO / "camelid" / "train" / "self_instruct_data"
 SEEDS = read_seed_tasks(DATA / "seed_tasks.jsonl")

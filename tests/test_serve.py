@@ -10,13 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import uvicorn
-from conftest import REPO
 
 from camelid.formats.load import load_model
 from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
 from camelid.serve.app import ServerConfig, create_app
 from camelid.serve.engine import Request
+
+from conftest import REPO
 
 MODEL = REPO / "models" / "stories260K"
 PROMPTS = ["Once upon a time", "Tom had a big dog", "The sun was hot", "Lily and Ben went to the park",

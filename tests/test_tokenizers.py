@@ -1,14 +1,14 @@
 """Tokenizers against llama.cpp's own test vectors, SentencePiece and Hugging Face tokenizers."""
 
 import pytest
-from conftest import SHARED, STORIES
 
 from camelid.formats.gguf_file import read_gguf_metadata
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
-from camelid.tokenizer.tokenizer import (HFBackend, SentencePieceBackend, Tokenizer, load_sentencepiece,
-                                         piece_tokenizer)
+from camelid.tokenizer.tokenizer import HFBackend, SentencePieceBackend, Tokenizer, load_sentencepiece, piece_tokenizer
+
+from conftest import SHARED, STORIES
 
 TOK = SHARED / "tokenizers"
 TEXTS = ["Hello world", " Hello, world!", "Füh 🦙 ½ — 我想在apple工作", "  two  spaces\n\nand\ttabs ",

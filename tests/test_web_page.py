@@ -5,11 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_serve import MODEL, running_server, wait_ready
 
 from camelid.formats.load import load_model
 from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
+
+from test_serve import MODEL, running_server, wait_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -9,9 +9,9 @@ import time
 import uuid
 from pathlib import Path
 
-from camelid.files import write_text
 from camelid.errors import CamelidError
 from camelid.eval.questions import append_jsonl, read_jsonl
+from camelid.files import write_text
 from camelid.generate.generate import generate
 from camelid.generate.sampling import SamplingParams
 from camelid.tokenizer.chat_template import render_chat, resolve_template

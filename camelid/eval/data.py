@@ -134,7 +134,8 @@ def mmlu(data_dir: Path, split: str) -> list[dict]:
             for n, rec in enumerate(csv.reader(f), 1):
                 if len(rec) != 6 or rec[5] not in ("A", "B", "C", "D"):
                     raise CamelidError(f"{p}:{n}: expected 6 columns question,A,B,C,D,answer (A-D)")
-                rows.append({"question": rec[0], "subject": subject, "choices": rec[1:5], "answer": "ABCD".index(rec[5])})
+                rows.append({"question": rec[0], "subject": subject, "choices": rec[1:5],
+                             "answer": "ABCD".index(rec[5])})
     return rows
 
 

@@ -95,7 +95,7 @@ def evaluate(lm, settings: EvalSettings) -> tuple[dict, dict[str, list[dict]]]:
 
     results, samples, configs, nshot, n_samples, versions = {}, {}, {}, {}, {}, {}
     position = 0
-    for name, task, shots, items in planned:
+    for _name, task, shots, items in planned:
         per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
         records = []
         for k, (item, context) in enumerate(items):

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from camelid.files import atomic_file, write_text
 from camelid.errors import CamelidError
 from camelid.eval.judge_clients import Ask
-from camelid.eval.questions import JUDGE_DATA, append_jsonl, answer_turns, read_jsonl
+from camelid.eval.questions import JUDGE_DATA, answer_turns, append_jsonl, read_jsonl
+from camelid.files import atomic_file, write_text
 
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
 ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")

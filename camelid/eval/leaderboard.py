@@ -6,9 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from camelid.files import atomic_file, write_text
 from camelid.errors import CamelidError
 from camelid.eval.tasks import LEADERBOARD_METRIC
+from camelid.files import atomic_file, write_text
 
 MMLU_GROUPS = ("mmlu_stem", "mmlu_humanities", "mmlu_social_sciences", "mmlu_other")
 PERPLEXITY_METRICS = ("word_perplexity", "perplexity")

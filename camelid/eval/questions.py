@@ -56,7 +56,7 @@ def load_questions(name_or_path: str) -> list[dict]:
     if not path.exists():
         raise CamelidError(f"--questions {name_or_path}: no such file (built-in sets: {', '.join(QUESTION_SETS)})")
     questions = read_jsonl(path, ("question_id", "turns"), "question")
-    for n, q in enumerate(questions, 1):
+    for q in questions:
         turns = q["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise CamelidError(f"{path}: question {q['question_id']}: 'turns' must be a non-empty list of strings")

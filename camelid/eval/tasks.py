@@ -107,8 +107,9 @@ def load_task(name: str, data_dir: Path) -> list[TaskSet]:
     if name in ("arc_easy", "arc_challenge"):
         subset = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
         test = data.arc(data_dir, subset, "test")
-        pool = first_available([lambda: data.find(data_dir, [f"**/{subset}/train*"]) and data.arc(data_dir, subset, "train"),
-                                lambda: data.find(data_dir, [f"**/{subset}/validation*"]) and data.arc(data_dir, subset, "validation")])
+        pool = first_available([
+            lambda: data.find(data_dir, [f"**/{subset}/train*"]) and data.arc(data_dir, subset, "train"),
+            lambda: data.find(data_dir, [f"**/{subset}/validation*"]) and data.arc(data_dir, subset, "validation")])
         return [TaskSet(name, [arc_item(d) for d in test], [arc_item(d) for d in pool or test])]
     if name == "hellaswag":
         val = data.hellaswag(data_dir, "validation")
@@ -145,7 +146,8 @@ def mmlu_tasks(name: str, data_dir: Path) -> list[TaskSet]:
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
 LEADERBOARD_V1 = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc2": 0}
-LEADERBOARD_METRIC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc_macro", "truthfulqa_mc2": "acc"}
+LEADERBOARD_METRIC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc_macro",
+                      "truthfulqa_mc2": "acc"}
 
 
 def prompts(task: TaskSet, num_fewshot: int, limit: int | None = None, seed: int = 1234,

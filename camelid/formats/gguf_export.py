@@ -21,8 +21,8 @@ from camelid.files import atomic_file, check_output_folder, claim_folder, write_
 from camelid.formats.gguf import fused_layer_names
 from camelid.formats.gguf_blocks import quantize
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
-from camelid.tokenizer.chat_template import resolve_template
 from camelid.model.transformer import count_parameters
+from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBackend, Tokenizer
 
 # --quant -> (base type, llama.cpp's general.file_type)
@@ -67,7 +67,8 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
         q, k, v = sd[f"{p}attn.wqkv.weight"].split((cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd))
         gate, up = sd[f"{p}mlp.w_in.weight"].chunk(2)
         out += [(f"{b}attn_norm.weight", sd[f"{p}attn_norm.weight"], i),
-                (f"{b}attn_q.weight", _permute(q, cfg.n_heads), i), (f"{b}attn_k.weight", _permute(k, cfg.n_kv_heads), i),
+                (f"{b}attn_q.weight", _permute(q, cfg.n_heads), i),
+                (f"{b}attn_k.weight", _permute(k, cfg.n_kv_heads), i),
                 (f"{b}attn_v.weight", v, i), (f"{b}attn_output.weight", sd[f"{p}attn.wo.weight"], i),
                 (f"{b}ffn_norm.weight", sd[f"{p}mlp_norm.weight"], i), (f"{b}ffn_gate.weight", gate, i),
                 (f"{b}ffn_up.weight", up, i), (f"{b}ffn_down.weight", sd[f"{p}mlp.w_out.weight"], i)]

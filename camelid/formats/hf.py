@@ -121,7 +121,8 @@ def _neox_cfg(hf):
     return dict(arch="gpt_neox", vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
                 n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                 ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5), activation=_act(hf.get("hidden_act", "gelu")),
+                norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
+                activation=_act(hf.get("hidden_act", "gelu")),
                 gated_mlp=False, parallel_residual=hf.get("use_parallel_residual", True), rotary_pct=pct,
                 rope_theta=theta, rope_scaling=scaling, qkv_bias=bias, attn_out_bias=bias, mlp_bias=True,
                 tie_embeddings=hf.get("tie_word_embeddings", False))

@@ -19,8 +19,16 @@ from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
-from camelid.model.quant import (QUANTIZED, GGMLEmbedding, GGMLLinear, Int4Linear, QuantSpec, layer_modes,
-                                 quantized_buffers, quantized_shells)
+from camelid.model.quant import (
+    QUANTIZED,
+    GGMLEmbedding,
+    GGMLLinear,
+    Int4Linear,
+    QuantSpec,
+    layer_modes,
+    quantized_buffers,
+    quantized_shells,
+)
 from camelid.model.transformer import Transformer, rope_frequencies
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer

@@ -70,7 +70,8 @@ class ModelConfig:
             if self.head_dim == 0:
                 raise CamelidError(f"model config: dim={self.dim} is smaller than n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise CamelidError(f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise CamelidError(f"model config: n_heads={self.n_heads} is not a multiple of "
+                               f"n_kv_heads={self.n_kv_heads}")
         for key, low, high in (("norm_eps", 0, 1), ("rope_theta", 0, float("inf")), ("rotary_pct", 0, 1)):
             value = getattr(self, key)
             if not (low < value <= high) or not math.isfinite(value):

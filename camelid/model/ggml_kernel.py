@@ -23,8 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("ggml_gemv.c")
 # no fused multiply-add contraction: the load-time conversions are bit-exact with gguf's numpy
-FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
-         "-shared", "-fPIC"]
+FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c",
+         "-mfma", "-fopenmp", "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 Q4_1 = 3
@@ -146,7 +146,8 @@ class LlamaDims(ctypes.Structure):
 
 class LlamaHead(ctypes.Structure):
     """The final norm and output layer for `llama_decode` (ggml_gemv.c's llama_head)."""
-    _fields_ = [("norm", ctypes.c_void_p), ("w", ctypes.c_void_p), ("type", ctypes.c_int32), ("n_vocab", ctypes.c_int64)]
+    _fields_ = [("norm", ctypes.c_void_p), ("w", ctypes.c_void_p), ("type", ctypes.c_int32),
+                ("n_vocab", ctypes.c_int64)]
 
 
 def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos: int, cos: torch.Tensor,
@@ -179,7 +180,8 @@ def dequantize_rows(rows: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor 
     if not available() or not rows.is_contiguous() or rows.device.type != "cpu":
         return None
     out = torch.empty(rows.shape[0], k)
-    return out if _lib[0].ggml_dequantize_rows(ggml_type, rows.data_ptr(), rows.shape[0], k, out.data_ptr()) == 0 else None
+    failed = _lib[0].ggml_dequantize_rows(ggml_type, rows.data_ptr(), rows.shape[0], k, out.data_ptr())
+    return None if failed else out
 
 
 def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -104,7 +104,7 @@ def gptq_quantize_model(model, batches: list[torch.Tensor], group: int, damp: fl
     output = output_mode("int4", output)
     calls = _capture_block_inputs(model, batches)
     for block in tqdm(model.layers, desc="GPTQ", unit="block", disable=not progress):
-        _quantize_sublayers(block, lambda: [block(*args) for args in calls], group, damp, counts)
+        _quantize_sublayers(block, lambda: [block(*args) for args in calls], group, damp, counts)  # noqa: B023
         calls = [(out, *args[1:]) for out, args in zip([block(*args) for args in calls], calls)]
     if output == "int8":
         model.output = Int8Linear.from_linear(model.output).to(model.output.weight.device)

@@ -82,7 +82,8 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
 
 
 def _byte_level_bpe(tokens, merges, types, pre: str, source: str):
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
 
     if pre not in PRE_TOKENIZER_REGEX:
         raise CamelidError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported "

@@ -8,8 +8,7 @@ from pathlib import Path
 from camelid.errors import CamelidError
 from camelid.files import read_json
 from camelid.tokenizer.piece_vocab import PieceVocab
-from camelid.tokenizer.tokenizer import (HFBackend, PieceBackend, SentencePieceBackend, Tokenizer,
-                                         load_sentencepiece)
+from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBackend, Tokenizer, load_sentencepiece
 
 
 def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
@@ -44,8 +43,9 @@ def load_saved_tokenizer(folder: Path, section: dict) -> Tokenizer:
     if not path.is_file():
         raise CamelidError(f"{meta}: tokenizer file {name!r} is missing")
     bos_id, eos_ids = section.get("bos_id"), section.get("eos_ids") or []
-    if not isinstance(eos_ids, list) or not isinstance(section.get("special_tokens") or {}, dict) or \
-            not isinstance(section.get("chat_template") or "", str) or not isinstance(section.get("add_bos", True), bool):
+    kinds = [(eos_ids, list), (section.get("special_tokens") or {}, dict), (section.get("chat_template") or "", str),
+             (section.get("add_bos", True), bool)]
+    if not all(isinstance(value, kind) for value, kind in kinds):
         raise CamelidError(f"{meta}: tokenizer: eos_ids must be a list, special_tokens an object, chat_template "
                            f"a string and add_bos true or false")
     if path.name == "tokenizer.json":

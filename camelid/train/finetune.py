@@ -29,12 +29,23 @@ from camelid.formats.peft import load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
 from camelid.tokenizer.chat_template import resolve_template
-from camelid.train.config import FinetuneConfig
-from camelid.train.distributed import (Cluster, close_cluster, full_trainable_state, gather, init_cluster,
-                                      load_full_trainable_state, no_sync, reshard, sum_across, wrap)
-from camelid.train.schedule import lr_at
 from camelid.train.checkpoint import LOG, checkpoint_to_resume, prepare_run_folder, truncate_log, write_checkpoint
+from camelid.train.config import FinetuneConfig
+from camelid.train.distributed import (
+    Cluster,
+    close_cluster,
+    full_trainable_state,
+    gather,
+    init_cluster,
+    load_full_trainable_state,
+    no_sync,
+    reshard,
+    sum_across,
+    wrap,
+)
+from camelid.train.schedule import lr_at
 from camelid.train.trainer import param_groups, plot_loss
+
 
 def build_rows(cfg: FinetuneConfig, lm: LoadedModel, template: str) -> tuple[list[Row], list[Row], dict]:
     """Masked (and packed) training and validation rows, plus counts for the log."""

@@ -20,8 +20,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from camelid.files import write_text
 from camelid.errors import CamelidError
+from camelid.files import write_text
 
 # Alpaca's blocklist: tasks a text-only model cannot do.
 BLOCKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",

@@ -131,7 +131,6 @@ def plot_sweep(study, space: dict, png: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import optuna
 
     trials = [t for t in study.trials if t.params and (t.value is not None or t.intermediate_values)]
@@ -150,7 +149,7 @@ def plot_sweep(study, space: dict, png: Path):
         ax.set_ylabel("validation loss")
     ax = axes[0][-1]
     best, running = [], math.inf
-    for t, v, d in zip(trials, loss, done):
+    for v, d in zip(loss, done):
         running = min(running, v) if d else running
         best.append(running)
     ax.plot([t.number for t in trials], best, "-o", ms=3)

@@ -20,10 +20,20 @@ from camelid.errors import CamelidError, Preempted
 from camelid.files import atomic_file
 from camelid.model.config import ModelConfig, preset
 from camelid.model.transformer import Transformer, count_parameters, init_weights
-from camelid.train.config import TrainConfig
-from camelid.train.distributed import (Cluster, close_cluster, full_state, gather, init_cluster, load_full_state,
-                                       no_sync, reshard, sum_across, wrap)
 from camelid.train.checkpoint import LOG, checkpoint_to_resume, prepare_run_folder, truncate_log, write_checkpoint
+from camelid.train.config import TrainConfig
+from camelid.train.distributed import (
+    Cluster,
+    close_cluster,
+    full_state,
+    gather,
+    init_cluster,
+    load_full_state,
+    no_sync,
+    reshard,
+    sum_across,
+    wrap,
+)
 from camelid.train.schedule import lr_at
 
 
@@ -179,7 +189,8 @@ def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch
         stop["signal"] = signum  # finish the current step, checkpoint, then exit
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretraining", unit="step", disable=None if cluster.main else True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretraining", unit="step",
+               disable=None if cluster.main else True)
     stopped, log = False, None
     try:
         log = open(log_path, "a") if cluster.main else None
