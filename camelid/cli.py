@@ -434,7 +434,8 @@ def cmd_serve(args):
     api_key = _api_key(args)
     sock = listening_socket(args.host, args.port)
     name = args.name or Path(args.model).name.removesuffix(".bin")
-    config = ServerConfig(name, api_key, args.cors_origin, args.max_batch, args.max_queue, args.max_tokens_limit,
+    config = ServerConfig(model_name=name, api_key=api_key, cors_origins=args.cors_origin, max_batch=args.max_batch,
+                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                           allowed_hosts=allowed_hosts(args.host, args.allowed_host))
     app = create_app(lambda: _load(args), config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11,
