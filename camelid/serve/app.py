@@ -131,13 +131,12 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.camelid = state  # the engine, for tests and embedding applications
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(HostCheck, allowed=config.allowed_hosts)
-
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # added last, so it runs first: CORS preflights too
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
