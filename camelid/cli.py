@@ -38,243 +38,10 @@ def _model_args(p: argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="Local large language models, start to end.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="architecture, parameters, context and memory of a model or preset")
-    p.add_argument("model", help="a model path or a preset name (see `camelid info --list`)", nargs="?")
-    p.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--context", type=int, default=None, help="context length for the KV cache figure")
-
-    p = sub.add_parser("estimate", help="will a model fit in this machine's memory?")
-    p.add_argument("model", nargs="?", help="a model path (or use --preset)")
-    p.add_argument("--preset", help="a preset name, e.g. llama-13b")
-    p.add_argument("--quant", default="int4", choices=["fp32", "bf16", "fp16", "int8", "int4"])
-    p.add_argument("--context", type=int, default=None)
-
-    p = sub.add_parser("convert", help="convert between camelid, Hugging Face and llama2.c formats")
-    p.add_argument("source", help="camelid folder, Hugging Face folder, or llama2.c .bin")
-    p.add_argument("dest", help="output folder")
-    p.add_argument("--to", default="camelid", choices=["camelid", "hf"])
-    p.add_argument("--template", default=None, help="chat template to store: alpaca, vicuna, llama2, chatml, "
-                                                    "llama3, raw, or a Jinja file")
-    p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
-    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
-
-    p = sub.add_parser("export", help="write a model as GGUF for llama.cpp and Ollama, with a model card")
-    p.add_argument("source", help="any model camelid opens")
-    p.add_argument("dest", help="output folder: NAME-QUANT.gguf, README.md and an Ollama Modelfile go there")
-    p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one export format)")
-    p.add_argument("--quant", default="f16", help="f32, f16, q8_0, q4_0 or q4_k_m")
-    p.add_argument("--name", default=None, help="file and model name (default: the source's name)")
-    p.add_argument("--template", default=None, help="chat template to store (default: the model's own)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
-    p.add_argument("--force", action="store_true", help="replace a GGUF file of the same name and quantization")
-
-    p = sub.add_parser("generate", help="complete one or more prompts")
-    _model_args(p)
-    p.add_argument("prompt", nargs="*", help="prompt text; '-' reads stdin")
-    p.add_argument("--file", "-f", help="read prompts from a file, one per line")
-    p.add_argument("--truncate-prompt", choices=["error", "left"], default="error",
-                   help="a prompt longer than the context: error (default) or keep its end")
-    p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
-    p.add_argument("--stats", action="store_true", help="print prompt and decode tokens/s to stderr")
-    _sampling_args(p)
-
-    p = sub.add_parser("chat", help="interactive chat in the terminal")
-    _model_args(p)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--template", default=None, help="override the model's chat template: a built-in name "
-                                                    "(alpaca, vicuna, llama2, chatml, llama3, raw) or a Jinja file")
-    _sampling_args(p)
-    p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE or SentencePiece tokenizer on text files")
-    t.add_argument("files", nargs="+", help="text files, JSONL, folders, or a `data prepare` folder")
-    t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--kind", default="bpe", choices=["bpe", "sentencepiece-unigram", "sentencepiece-bpe"])
-    t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--special", action="append", default=None, help="special token (default <|endoftext|>)")
-    t.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
-
-    p = sub.add_parser("data", help="corpus tools")
-    dsub = p.add_subparsers(dest="data_command", required=True)
-    d = dsub.add_parser("prepare", help="clean, filter and deduplicate a raw corpus (text, JSONL, HTML)")
-    d.add_argument("inputs", nargs="+", help=".txt/.md files, .jsonl, .html pages, or folders of them")
-    d.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, report.json, report.md)")
-    d.add_argument("--text-key", default="text", help="the JSONL field holding the text")
-    d.add_argument("--val-fraction", type=float, default=0.01)
-    d.add_argument("--near-dup", type=float, default=0.8,
-                   help="MinHash similarity threshold for near-duplicates (0 turns it off)")
-    d.add_argument("--no-exact-dedup", action="store_true")
-    d.add_argument("--keep-emoji", action="store_true", help="keep emoji instead of writing their names")
-    d.add_argument("--blocklist", default=None, help="file of words or phrases; documents with any are dropped")
-    d.add_argument("--min-words", type=int, default=50)
-    d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
-    d = dsub.add_parser("convert", help="rewrite instruction data as alpaca, dolly, sharegpt or messages")
-    d.add_argument("src", help="Alpaca/Dolly JSON or JSONL, ShareGPT JSON, or messages JSONL")
-    d.add_argument("dest", help="output file: .jsonl for one record per line, else a JSON array")
-    d.add_argument("--to", required=True, choices=["alpaca", "dolly", "sharegpt", "messages"])
-    d.add_argument("--from", dest="fmt", default=None, choices=["alpaca", "dolly", "sharegpt", "messages"],
-                   help="the input format (default: detected per record)")
-    d = dsub.add_parser("show-mask", help="show which tokens of instruction samples the loss trains on")
-    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
-    d.add_argument("--template", required=True, help="alpaca, vicuna, llama2, chatml, llama3 or Jinja source")
-    d.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or a model folder")
-    d.add_argument("--max-len", type=int, default=2048, help="the training context")
-    d.add_argument("--samples", type=int, default=2, help="how many samples to print")
-    d.add_argument("--train-on-prompt", action="store_true", help="train on the prompt too")
-    d = dsub.add_parser("search", help="full-text search of instruction data from the terminal")
-    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
-    d.add_argument("query", help='words, "a phrase", a OR b, prefix*; with --substring, any text')
-    d.add_argument("--limit", type=int, default=10)
-    d.add_argument("--substring", action="store_true", help="a LIKE '%%text%%' search instead of full-text")
-    d = dsub.add_parser("browse", help="open instruction data in Datasette on 127.0.0.1")
-    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=8001)
-    d = dsub.add_parser("tokenize", help="text/JSONL files or a prepared folder into train/val token shards")
-    d.add_argument("inputs", nargs="+", help=".txt files (paragraphs are documents), .jsonl, or folders")
-    d.add_argument("--tokenizer", required=True, help="tokenizer.json or a SentencePiece .model")
-    d.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
-    d.add_argument("--val-fraction", type=float, default=0.01)
-    d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
-
-    p = sub.add_parser("pretrain", help="train a model from scratch on token shards")
-    p.add_argument("--config", help="a YAML recipe (see recipes/)")
-    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.dim=128")
-
-    p = sub.add_parser("finetune", help="instruction-tune a model (Alpaca/Vicuna data; full or LoRA)")
-    p.add_argument("--config", help="a YAML recipe (see recipes/alpaca*.yaml, vicuna.yaml)")
-    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base=models/x method=lora")
-
-    p = sub.add_parser("self-instruct", help="generate Alpaca-style instruction data with a model (Self-Instruct)")
-    p.add_argument("--out", required=True, help="Alpaca JSON to write (an existing one is resumed)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a local model camelid opens")
-    src.add_argument("--endpoint", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--endpoint-model", default="default", help="the model name the endpoint expects")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="for the endpoint (or OPENAI_API_KEY)")
-    p.add_argument("--num", type=int, default=100, help="how many new instructions to keep")
-    p.add_argument("--max-tokens", type=int, default=3072)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seed-tasks", default=None, help="seed tasks JSONL (default: Self-Instruct's 175)")
-    p.add_argument("--prompt", default=None, help="the generation prompt (default: Alpaca's)")
-
-    p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT layout) into its base model")
-    p.add_argument("base", help="the base model")
-    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("out", help="output camelid folder")
-    p.add_argument("--template", default=None, help="chat template to store (default: the base model's)")
-    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
-
-    p = sub.add_parser("quantize", help="int8 or int4 weights (round-to-nearest, or GPTQ for int4)")
-    _model_args(p)
-    p.add_argument("out", help="output camelid folder")
-    p.add_argument("--mode", default="int4", choices=["int8", "int4"])
-    p.add_argument("--group-size", type=int, default=32, help="int4: inputs sharing a scale (32, 64, 128, 256)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (int4)")
-    p.add_argument("--output-mode", default=None, choices=["int8", "int4", "float"],
-                   help="the output layer (default int8: llama.cpp's 4-bit files keep it at 6 bits too)")
-    p.add_argument("--calibration", nargs="+", default=None, help="GPTQ: text or JSONL files to calibrate on")
-    p.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per window")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
-
-    p = sub.add_parser("sweep", help="hyperparameter search with short proxy trainings (Optuna)")
-    p.add_argument("--config", help="the recipe to tune (see recipes/)")
-    p.add_argument("--out", required=True, help="sweep folder (study.db, trial runs, best.yaml, sweep.png)")
-    p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--steps", type=int, default=200, help="training steps per trial")
-    p.add_argument("--space", default=None, help="YAML search space (default: lr, warmup, batch, weight decay)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
-
-    p = sub.add_parser("eval", help="evaluate a model: perplexity and lm-eval's multiple-choice tasks")
-    _model_args(p)
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated: perplexity, arc_easy, arc_challenge, hellaswag, mmlu (or mmlu_<subject>), "
-                        "truthfulqa_mc1, truthfulqa_mc2")
-    p.add_argument("--suite", default=None, choices=["leaderboard-v1"],
-                   help="the Open LLM Leaderboard v1: ARC 25-shot, HellaSwag 10-shot, MMLU 5-shot, TruthfulQA mc2")
-    p.add_argument("--data", nargs="+", default=None, help="perplexity: text files (one document each) or JSONL")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the tasks' files (hub parquet/JSON, or e.g. ../shared/data/eval)")
-    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="shots (default: 0, or the suite's)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
-    p.add_argument("--fewshot-seed", "--seed", type=int, default=1234,
-                   help="few-shot sampling seed (lm-eval's default 1234)")
-    p.add_argument("--fewshot-sampler", default=None, choices=["lm-eval", "leaderboard-v1"],
-                   help="draw shots as lm-eval v0.4 does (default) or as the leaderboard's old harness did")
-    p.add_argument("--add-bos", action="store_true",
-                   help="prepend the tokenizer's BOS as lm-eval >= 0.4.10 does (off: the leaderboard and <= 0.4.9)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring batch")
-    p.add_argument("--protocol", default="harness", choices=["harness", "llamacpp"],
-                   help="perplexity: lm-evaluation-harness's rolling windows (default) or llama.cpp's chunks")
-    p.add_argument("--max-length", type=int, default=None, help="harness window (default: the model's context)")
-    p.add_argument("--ctx", type=int, default=512, help="llama.cpp chunk size")
-    p.add_argument("--output", default=None,
-                   help="a .json file, or a folder for results_<time>.json (lm-eval's layout)")
-    p.add_argument("--log-samples", action="store_true", help="also write samples_<task>_<time>.jsonl")
-
-    p = sub.add_parser("leaderboard", help="results files side by side: a table and a bar chart PNG")
-    p.add_argument("results", nargs="+", help="results JSON files from camelid eval or lm-eval")
-    p.add_argument("--names", default=None, help="comma-separated model names, one per results file")
-    p.add_argument("--out", default="leaderboard", help="writes OUT.md, OUT.json and OUT.png (default: leaderboard)")
-
-    p = sub.add_parser("answer", help="a model's answers to MT-bench or Vicuna-bench questions (FastChat layout)")
-    _model_args(p)
-    p.add_argument("--questions", default="mt_bench", help="mt_bench (default), vicuna, or a question.jsonl")
-    p.add_argument("--model-id", default=None, help="name in the answers (default: the model folder's name)")
-    p.add_argument("--out", default=None, help="answers JSONL (default: answers/<questions>/<model-id>.jsonl)")
-    p.add_argument("--template", default=None, help="chat template (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (FastChat's default 1024)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
-    p.add_argument("--seed", type=int, default=0)
-
-    p = sub.add_parser("judge", help="LLM-as-a-judge over answers: MT-bench single grading or pairwise")
-    p.add_argument("answers", nargs="+", help="answer JSONL files from camelid answer (or FastChat)")
-    p.add_argument("--questions", default="mt_bench", help="mt_bench (default), vicuna, or a question.jsonl")
-    p.add_argument("--mode", default="single", choices=["single", "pairwise-baseline", "pairwise-all"])
-    p.add_argument("--baseline", default=None, help="pairwise-baseline: the model id every other is compared to")
-    judge = p.add_mutually_exclusive_group(required=True)
-    judge.add_argument("--judge-url", default=None, help="an OpenAI-compatible server (OpenAI, camelid serve, ...)")
-    judge.add_argument("--judge-local", default=None, help="a camelid model folder to judge with")
-    p.add_argument("--judge-model", default=None, help="model name sent to --judge-url (default: gpt-4)")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="(or set OPENAI_API_KEY)")
-    p.add_argument("--references", default=None,
-                   help="reference answers for math/reasoning/coding (default: MT-bench's GPT-4 answers)")
-    p.add_argument("--judge-prompts", default=None, help="judge_prompts.jsonl (default: FastChat's, bundled)")
-    p.add_argument("--out", default="judgments", help="folder for the judgment JSONL, table and chart")
-    p.add_argument("--parallel", type=int, default=1, help="judge requests in flight (endpoint judges)")
-    p.add_argument("--judge-max-tokens", type=int, default=2048, help="longest judgment (FastChat's 2048)")
-    p.add_argument("--device", default="cpu", help="--judge-local: cpu (default), cuda, mps or auto")
-    p.add_argument("--dtype", default=None, help="--judge-local: fp32, bf16 or fp16")
-
-    p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page")
-    _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default=None, help="model name in the API (default: the folder or file name)")
-    key = p.add_mutually_exclusive_group()
-    key.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' on every API route. A key on the command line is "
-                          "visible to every user of this machine in `ps`: prefer CAMELID_API_KEY or --api-key-file")
-    key.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
-    p.add_argument("--allowed-host", action="append", default=[],
-                   help="also answer requests whose Host header is this name (repeatable; '*' for any). By "
-                        "default only the bound address, and localhost for a loopback one, are answered")
-    p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    for name, (add_arguments, handler, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
     return parser
 
 
@@ -287,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return COMMANDS[args.command](args) or 0
+        return args.handler(args) or 0
     except CamelidError as exc:
         return _error(str(exc))
     except Preempted as exc:
@@ -340,11 +107,24 @@ def _params(args):
                           repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
 
 
+def _args_info(p: argparse.ArgumentParser):
+    p.add_argument("model", help="a model path or a preset name (see `camelid info --list`)", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--context", type=int, default=None, help="context length for the KV cache figure")
+
+
 def cmd_info(args):
     from camelid.info import describe, list_presets
 
     _check_context(args.context)
     print(list_presets() if args.list or not args.model else describe(args.model, args.context))
+
+
+def _args_estimate(p: argparse.ArgumentParser):
+    p.add_argument("model", nargs="?", help="a model path (or use --preset)")
+    p.add_argument("--preset", help="a preset name, e.g. llama-13b")
+    p.add_argument("--quant", default="int4", choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    p.add_argument("--context", type=int, default=None)
 
 
 def cmd_estimate(args):
@@ -372,6 +152,18 @@ def _template(value: str | None) -> str | None:
     return value
 
 
+def _args_convert(p: argparse.ArgumentParser):
+    p.add_argument("source", help="camelid folder, Hugging Face folder, or llama2.c .bin")
+    p.add_argument("dest", help="output folder")
+    p.add_argument("--to", default="camelid", choices=["camelid", "hf"])
+    p.add_argument("--template", default=None, help="chat template to store: alpaca, vicuna, llama2, chatml, "
+                                                    "llama3, raw, or a Jinja file")
+    p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
+    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
+
+
 def cmd_convert(args):
     from camelid.files import check_output_folder
     from camelid.formats.load import export_hf, load_model, save_native
@@ -388,6 +180,17 @@ def cmd_convert(args):
     print(f"wrote {args.dest}")
 
 
+def _args_export(p: argparse.ArgumentParser):
+    p.add_argument("source", help="any model camelid opens")
+    p.add_argument("dest", help="output folder: NAME-QUANT.gguf, README.md and an Ollama Modelfile go there")
+    p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the one export format)")
+    p.add_argument("--quant", default="f16", help="f32, f16, q8_0, q4_0 or q4_k_m")
+    p.add_argument("--name", default=None, help="file and model name (default: the source's name)")
+    p.add_argument("--template", default=None, help="chat template to store (default: the model's own)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--force", action="store_true", help="replace a GGUF file of the same name and quantization")
+
+
 def cmd_export(args):
     from camelid.formats.gguf_export import export_gguf
     from camelid.formats.load import load_model
@@ -400,6 +203,17 @@ def cmd_export(args):
           f"{Path(args.dest) / 'Modelfile'}")
 
 
+def _args_generate(p: argparse.ArgumentParser):
+    _model_args(p)
+    p.add_argument("prompt", nargs="*", help="prompt text; '-' reads stdin")
+    p.add_argument("--file", "-f", help="read prompts from a file, one per line")
+    p.add_argument("--truncate-prompt", choices=["error", "left"], default="error",
+                   help="a prompt longer than the context: error (default) or keep its end")
+    p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
+    p.add_argument("--stats", action="store_true", help="print prompt and decode tokens/s to stderr")
+    _sampling_args(p)
+
+
 def cmd_generate(args):
     from camelid.generate.oneshot import read_prompts, run_generate
 
@@ -409,12 +223,39 @@ def cmd_generate(args):
                  bos=not args.no_bos, show_stats=args.stats)
 
 
+def _args_chat(p: argparse.ArgumentParser):
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--template", default=None, help="override the model's chat template: a built-in name "
+                                                    "(alpaca, vicuna, llama2, chatml, llama3, raw) or a Jinja file")
+    _sampling_args(p)
+
+
 def cmd_chat(args):
     from camelid.chat.repl import chat_loop
 
     params = _params(args)
     lm = _load(args)
     chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template))
+
+
+def _args_serve(p: argparse.ArgumentParser):
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model name in the API (default: the folder or file name)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every API route. A key on the command line is "
+                          "visible to every user of this machine in `ps`: prefer CAMELID_API_KEY or --api-key-file")
+    key.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="also answer requests whose Host header is this name (repeatable; '*' for any). By "
+                        "default only the bound address, and localhost for a loopback one, are answered")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
 
 
 def cmd_serve(args):
@@ -468,6 +309,17 @@ def _api_key(args) -> str | None:
     return key
 
 
+def _args_tokenizer(p: argparse.ArgumentParser):
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE or SentencePiece tokenizer on text files")
+    t.add_argument("files", nargs="+", help="text files, JSONL, folders, or a `data prepare` folder")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--kind", default="bpe", choices=["bpe", "sentencepiece-unigram", "sentencepiece-bpe"])
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--special", action="append", default=None, help="special token (default <|endoftext|>)")
+    t.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
+
+
 def cmd_tokenizer(args):
     from camelid.data.corpus import list_files, read_texts
     from camelid.tokenizer.train import END_OF_TEXT, train_tokenizer
@@ -476,6 +328,52 @@ def cmd_tokenizer(args):
     path = train_tokenizer(read_texts(args.files), args.out, args.kind, args.vocab_size,
                            tuple(args.special or [END_OF_TEXT]), args.force)
     print(f"wrote {path}")
+
+
+def _args_data(p: argparse.ArgumentParser):
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("prepare", help="clean, filter and deduplicate a raw corpus (text, JSONL, HTML)")
+    d.add_argument("inputs", nargs="+", help=".txt/.md files, .jsonl, .html pages, or folders of them")
+    d.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, report.json, report.md)")
+    d.add_argument("--text-key", default="text", help="the JSONL field holding the text")
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--near-dup", type=float, default=0.8,
+                   help="MinHash similarity threshold for near-duplicates (0 turns it off)")
+    d.add_argument("--no-exact-dedup", action="store_true")
+    d.add_argument("--keep-emoji", action="store_true", help="keep emoji instead of writing their names")
+    d.add_argument("--blocklist", default=None, help="file of words or phrases; documents with any are dropped")
+    d.add_argument("--min-words", type=int, default=50)
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
+    d = dsub.add_parser("convert", help="rewrite instruction data as alpaca, dolly, sharegpt or messages")
+    d.add_argument("src", help="Alpaca/Dolly JSON or JSONL, ShareGPT JSON, or messages JSONL")
+    d.add_argument("dest", help="output file: .jsonl for one record per line, else a JSON array")
+    d.add_argument("--to", required=True, choices=["alpaca", "dolly", "sharegpt", "messages"])
+    d.add_argument("--from", dest="fmt", default=None, choices=["alpaca", "dolly", "sharegpt", "messages"],
+                   help="the input format (default: detected per record)")
+    d = dsub.add_parser("show-mask", help="show which tokens of instruction samples the loss trains on")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d.add_argument("--template", required=True, help="alpaca, vicuna, llama2, chatml, llama3 or Jinja source")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or a model folder")
+    d.add_argument("--max-len", type=int, default=2048, help="the training context")
+    d.add_argument("--samples", type=int, default=2, help="how many samples to print")
+    d.add_argument("--train-on-prompt", action="store_true", help="train on the prompt too")
+    d = dsub.add_parser("search", help="full-text search of instruction data from the terminal")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d.add_argument("query", help='words, "a phrase", a OR b, prefix*; with --substring, any text')
+    d.add_argument("--limit", type=int, default=10)
+    d.add_argument("--substring", action="store_true", help="a LIKE '%%text%%' search instead of full-text")
+    d = dsub.add_parser("browse", help="open instruction data in Datasette on 127.0.0.1")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8001)
+    d = dsub.add_parser("tokenize", help="text/JSONL files or a prepared folder into train/val token shards")
+    d.add_argument("inputs", nargs="+", help=".txt files (paragraphs are documents), .jsonl, or folders")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json or a SentencePiece .model")
+    d.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
 
 
 def cmd_data(args):
@@ -561,6 +459,13 @@ def cmd_data_prepare(args):
     print(f"\nwrote {args.out} (examples in {Path(args.out) / 'report.md'})")
 
 
+def _args_pretrain(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="a YAML recipe (see recipes/)")
+    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 model.dim=128")
+
+
 def cmd_pretrain(args):
     from camelid.train.config import load_train_config
     from camelid.train.trainer import train
@@ -571,6 +476,13 @@ def cmd_pretrain(args):
         print(f"wrote {folder}")
 
 
+def _args_finetune(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="a YAML recipe (see recipes/alpaca*.yaml, vicuna.yaml)")
+    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base=models/x method=lora")
+
+
 def cmd_finetune(args):
     from camelid.train.config import FinetuneConfig, load_config
     from camelid.train.finetune import finetune
@@ -579,6 +491,20 @@ def cmd_finetune(args):
                       args.resume)
     if folder is not None:
         print(f"wrote {folder}")
+
+
+def _args_self_instruct(p: argparse.ArgumentParser):
+    p.add_argument("--out", required=True, help="Alpaca JSON to write (an existing one is resumed)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a local model camelid opens")
+    src.add_argument("--endpoint", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--endpoint-model", default="default", help="the model name the endpoint expects")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="for the endpoint (or OPENAI_API_KEY)")
+    p.add_argument("--num", type=int, default=100, help="how many new instructions to keep")
+    p.add_argument("--max-tokens", type=int, default=3072)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-tasks", default=None, help="seed tasks JSONL (default: Self-Instruct's 175)")
+    p.add_argument("--prompt", default=None, help="the generation prompt (default: Alpaca's)")
 
 
 def cmd_self_instruct(args):
@@ -596,6 +522,14 @@ def cmd_self_instruct(args):
     print(f"wrote {args.out}")
 
 
+def _args_merge(p: argparse.ArgumentParser):
+    p.add_argument("base", help="the base model")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output camelid folder")
+    p.add_argument("--template", default=None, help="chat template to store (default: the base model's)")
+    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
+
+
 def cmd_merge(args):
     from camelid.files import check_output_folder
     from camelid.formats.load import load_model, save_native
@@ -607,6 +541,34 @@ def cmd_merge(args):
     merge_lora(load_adapter(lm.model, args.adapter))
     save_native(lm, args.out, _template(args.template), force=args.force)
     print(f"wrote {args.out}")
+
+
+def _args_eval(p: argparse.ArgumentParser):
+    _model_args(p)
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: perplexity, arc_easy, arc_challenge, hellaswag, mmlu (or mmlu_<subject>), "
+                        "truthfulqa_mc1, truthfulqa_mc2")
+    p.add_argument("--suite", default=None, choices=["leaderboard-v1"],
+                   help="the Open LLM Leaderboard v1: ARC 25-shot, HellaSwag 10-shot, MMLU 5-shot, TruthfulQA mc2")
+    p.add_argument("--data", nargs="+", default=None, help="perplexity: text files (one document each) or JSONL")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the tasks' files (hub parquet/JSON, or e.g. ../shared/data/eval)")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, help="shots (default: 0, or the suite's)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
+    p.add_argument("--fewshot-seed", "--seed", type=int, default=1234,
+                   help="few-shot sampling seed (lm-eval's default 1234)")
+    p.add_argument("--fewshot-sampler", default=None, choices=["lm-eval", "leaderboard-v1"],
+                   help="draw shots as lm-eval v0.4 does (default) or as the leaderboard's old harness did")
+    p.add_argument("--add-bos", action="store_true",
+                   help="prepend the tokenizer's BOS as lm-eval >= 0.4.10 does (off: the leaderboard and <= 0.4.9)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per scoring batch")
+    p.add_argument("--protocol", default="harness", choices=["harness", "llamacpp"],
+                   help="perplexity: lm-evaluation-harness's rolling windows (default) or llama.cpp's chunks")
+    p.add_argument("--max-length", type=int, default=None, help="harness window (default: the model's context)")
+    p.add_argument("--ctx", type=int, default=512, help="llama.cpp chunk size")
+    p.add_argument("--output", default=None,
+                   help="a .json file, or a folder for results_<time>.json (lm-eval's layout)")
+    p.add_argument("--log-samples", action="store_true", help="also write samples_<task>_<time>.jsonl")
 
 
 def cmd_eval(args):
@@ -656,6 +618,12 @@ def cmd_eval(args):
         print(f"wrote {paths[0]}" + (f" and {len(paths) - 1} samples files beside it" if len(paths) > 1 else ""))
 
 
+def _args_leaderboard(p: argparse.ArgumentParser):
+    p.add_argument("results", nargs="+", help="results JSON files from camelid eval or lm-eval")
+    p.add_argument("--names", default=None, help="comma-separated model names, one per results file")
+    p.add_argument("--out", default="leaderboard", help="writes OUT.md, OUT.json and OUT.png (default: leaderboard)")
+
+
 def cmd_leaderboard(args):
     from camelid.eval.leaderboard import format_leaderboard, leaderboard, write_leaderboard
 
@@ -663,6 +631,18 @@ def cmd_leaderboard(args):
     columns, rows = leaderboard(args.results, names)
     print(format_leaderboard(columns, rows))
     print("wrote " + ", ".join(map(str, write_leaderboard(columns, rows, args.out))))
+
+
+def _args_answer(p: argparse.ArgumentParser):
+    _model_args(p)
+    p.add_argument("--questions", default="mt_bench", help="mt_bench (default), vicuna, or a question.jsonl")
+    p.add_argument("--model-id", default=None, help="name in the answers (default: the model folder's name)")
+    p.add_argument("--out", default=None, help="answers JSONL (default: answers/<questions>/<model-id>.jsonl)")
+    p.add_argument("--template", default=None, help="chat template (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (FastChat's default 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def cmd_answer(args):
@@ -676,6 +656,26 @@ def cmd_answer(args):
     report = answer_questions(_load(args), questions, model_id, out, args.max_new_tokens, args.template,
                               args.batch_size, args.seed)
     print(f"answered {report['answered']} questions ({report['skipped']} already in the file); wrote {report['out']}")
+
+
+def _args_judge(p: argparse.ArgumentParser):
+    p.add_argument("answers", nargs="+", help="answer JSONL files from camelid answer (or FastChat)")
+    p.add_argument("--questions", default="mt_bench", help="mt_bench (default), vicuna, or a question.jsonl")
+    p.add_argument("--mode", default="single", choices=["single", "pairwise-baseline", "pairwise-all"])
+    p.add_argument("--baseline", default=None, help="pairwise-baseline: the model id every other is compared to")
+    judge = p.add_mutually_exclusive_group(required=True)
+    judge.add_argument("--judge-url", default=None, help="an OpenAI-compatible server (OpenAI, camelid serve, ...)")
+    judge.add_argument("--judge-local", default=None, help="a camelid model folder to judge with")
+    p.add_argument("--judge-model", default=None, help="model name sent to --judge-url (default: gpt-4)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="(or set OPENAI_API_KEY)")
+    p.add_argument("--references", default=None,
+                   help="reference answers for math/reasoning/coding (default: MT-bench's GPT-4 answers)")
+    p.add_argument("--judge-prompts", default=None, help="judge_prompts.jsonl (default: FastChat's, bundled)")
+    p.add_argument("--out", default="judgments", help="folder for the judgment JSONL, table and chart")
+    p.add_argument("--parallel", type=int, default=1, help="judge requests in flight (endpoint judges)")
+    p.add_argument("--judge-max-tokens", type=int, default=2048, help="longest judgment (FastChat's 2048)")
+    p.add_argument("--device", default="cpu", help="--judge-local: cpu (default), cuda, mps or auto")
+    p.add_argument("--dtype", default=None, help="--judge-local: fp32, bf16 or fp16")
 
 
 def cmd_judge(args):
@@ -712,6 +712,21 @@ def cmd_judge(args):
     print(f"wrote {out / f'{safe}_{kind}.jsonl'}, " + ", ".join(map(str, paths)))
 
 
+def _args_quantize(p: argparse.ArgumentParser):
+    _model_args(p)
+    p.add_argument("out", help="output camelid folder")
+    p.add_argument("--mode", default="int4", choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=32, help="int4: inputs sharing a scale (32, 64, 128, 256)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (int4)")
+    p.add_argument("--output-mode", default=None, choices=["int8", "int4", "float"],
+                   help="the output layer (default int8: llama.cpp's 4-bit files keep it at 6 bits too)")
+    p.add_argument("--calibration", nargs="+", default=None, help="GPTQ: text or JSONL files to calibrate on")
+    p.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
+
+
 def cmd_quantize(args):
     from camelid.files import check_output_folder
     from camelid.formats.load import read_config
@@ -731,6 +746,15 @@ def cmd_quantize(args):
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
 
 
+def _args_sweep(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="the recipe to tune (see recipes/)")
+    p.add_argument("--out", required=True, help="sweep folder (study.db, trial runs, best.yaml, sweep.png)")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--steps", type=int, default=200, help="training steps per trial")
+    p.add_argument("--space", default=None, help="YAML search space (default: lr, warmup, batch, weight decay)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
+
+
 def cmd_sweep(args):
     from camelid.train.sweep import sweep
 
@@ -742,26 +766,46 @@ def cmd_sweep(args):
     print(f"wrote {Path(args.out) / 'best.yaml'} and {Path(args.out) / 'sweep.png'}")
 
 
+# name -> (its arguments, its handler, its help), in the order `camelid --help` lists them
 COMMANDS = {
-    "quantize": cmd_quantize,
-    "leaderboard": cmd_leaderboard,
-    "answer": cmd_answer,
-    "judge": cmd_judge,
-    "eval": cmd_eval,
-    "self-instruct": cmd_self_instruct,
-    "finetune": cmd_finetune,
-    "merge": cmd_merge,
-    "sweep": cmd_sweep,
-    "tokenizer": cmd_tokenizer,
-    "data": cmd_data,
-    "pretrain": cmd_pretrain,
-    "serve": cmd_serve,
-    "info": cmd_info,
-    "estimate": cmd_estimate,
-    "convert": cmd_convert,
-    "export": cmd_export,
-    "generate": cmd_generate,
-    "chat": cmd_chat,
+    "info": (_args_info, cmd_info,
+             "architecture, parameters, context and memory of a model or preset"),
+    "estimate": (_args_estimate, cmd_estimate,
+                 "will a model fit in this machine's memory?"),
+    "convert": (_args_convert, cmd_convert,
+                "convert between camelid, Hugging Face and llama2.c formats"),
+    "export": (_args_export, cmd_export,
+               "write a model as GGUF for llama.cpp and Ollama, with a model card"),
+    "generate": (_args_generate, cmd_generate,
+                 "complete one or more prompts"),
+    "chat": (_args_chat, cmd_chat,
+             "interactive chat in the terminal"),
+    "tokenizer": (_args_tokenizer, cmd_tokenizer,
+                  "tokenizer tools"),
+    "data": (_args_data, cmd_data,
+             "corpus tools"),
+    "pretrain": (_args_pretrain, cmd_pretrain,
+                 "train a model from scratch on token shards"),
+    "finetune": (_args_finetune, cmd_finetune,
+                 "instruction-tune a model (Alpaca/Vicuna data; full or LoRA)"),
+    "self-instruct": (_args_self_instruct, cmd_self_instruct,
+                      "generate Alpaca-style instruction data with a model (Self-Instruct)"),
+    "merge": (_args_merge, cmd_merge,
+              "fold a LoRA adapter (PEFT layout) into its base model"),
+    "quantize": (_args_quantize, cmd_quantize,
+                 "int8 or int4 weights (round-to-nearest, or GPTQ for int4)"),
+    "sweep": (_args_sweep, cmd_sweep,
+              "hyperparameter search with short proxy trainings (Optuna)"),
+    "eval": (_args_eval, cmd_eval,
+             "evaluate a model: perplexity and lm-eval's multiple-choice tasks"),
+    "leaderboard": (_args_leaderboard, cmd_leaderboard,
+                    "results files side by side: a table and a bar chart PNG"),
+    "answer": (_args_answer, cmd_answer,
+               "a model's answers to MT-bench or Vicuna-bench questions (FastChat layout)"),
+    "judge": (_args_judge, cmd_judge,
+              "LLM-as-a-judge over answers: MT-bench single grading or pairwise"),
+    "serve": (_args_serve, cmd_serve,
+              "OpenAI-compatible API server and web chat page"),
 }
 
 if __name__ == "__main__":
