@@ -130,6 +130,7 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
 
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.camelid = state  # the engine, for tests and embedding applications
+    app.state.config = config
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -137,165 +138,184 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # added last, so it runs first: CORS preflights too
-
-    @app.exception_handler(APIError)
-    async def _api_error(_, exc: APIError):
-        return _error_body(exc.status, exc.message, exc.param, exc.code, exc.kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_, exc: RequestValidationError):
-        err = exc.errors()[0]
-        loc = [str(p) for p in err.get("loc", []) if p != "body"]
-        param = ".".join(loc) or None
-        if err.get("type") == "json_invalid":
-            return _error_body(400, "the request body is not valid JSON", None, "invalid_json")
-        message = err.get("msg", "invalid request").removeprefix("Value error, ")
-        return _error_body(400, f"{param}: {message}" if param else message, param, "invalid_parameter")
-
-    @app.exception_handler(CamelidError)
-    async def _camelid_error(request, exc: CamelidError):  # the request's own input: its text, its parameters
-        return await _api_error(request, _generation_error(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_, exc: Exception):
-        return _error_body(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_, exc: StarletteHTTPException):
-        return _error_body(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-
-    def authorize(request: HTTPRequest):
-        if config.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
-                           kind="authentication_error")
-
-    def engine() -> Engine:
-        eng = state["engine"]
-        if eng is None:
-            raise APIError(503, "the model is still loading" if state["error"] is None
-                           else f"the model failed to load: {state['error']}", code="model_not_ready",
-                           kind="server_error")
-        if not eng.alive:
-            raise APIError(503, eng.failure or "the generation engine has stopped", code="engine_stopped",
-                           kind="server_error")
-        return eng
-
-    @app.get("/health")
-    async def health():
-        eng = state["engine"]
-        if eng is not None and eng.alive:
-            return {"status": "ok"}
-        error = state["error"] or (eng.failure or "the generation engine has stopped" if eng else None)
-        return JSONResponse({"status": "error" if error else "loading", "error": error}, status_code=503)
-
-    @app.get("/")
-    async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
+    for kind, handler in ((APIError, _api_error), (RequestValidationError, _invalid), (CamelidError, _camelid_error),
+                          (StarletteHTTPException, _http_error), (Exception, _unexpected)):
+        app.add_exception_handler(kind, handler)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/", page, methods=["GET"])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's vendored libraries
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
-                                            "created": state["started"], "owned_by": "camelid"}]}
-
-    @app.get("/metrics", dependencies=[Depends(authorize)])
-    async def metrics():
-        eng = state["engine"]
-        return PlainTextResponse(prometheus_text(eng), media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatRequest, http: HTTPRequest):
-        eng = engine()
-        lm = eng.lm
-        _check_model(body.model, config)
-        template, template_stops = resolve_template(lm.template)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-
-        def chat_prompt():  # in a worker thread: a long prompt or a slow template must not stall the loop
-            text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
-            return lm.tokenizer.encode(text, bos=False)
-
-        try:
-            prompt = await asyncio.to_thread(chat_prompt)
-        except CamelidError as exc:
-            raise APIError(400, str(exc), "messages", "invalid_messages") from None
-        limit = body.max_completion_tokens or body.max_tokens
-        return await _respond(eng, http, body, prompt, limit, template_stops + lm.stop, chat=True)
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest, http: HTTPRequest):
-        eng = engine()
-        _check_model(body.model, config)
-        if isinstance(body.prompt, list):
-            if any(not 0 <= t < eng.lm.tokenizer.vocab_size for t in body.prompt):
-                raise APIError(400, "prompt: token id out of the vocabulary", "prompt", "invalid_parameter")
-            prompt = list(body.prompt)
-        else:
-            try:
-                prompt = await asyncio.to_thread(eng.lm.tokenizer.encode, body.prompt)
-            except CamelidError as exc:
-                raise APIError(400, str(exc), "prompt", "invalid_parameter") from None
-        return await _respond(eng, http, body, prompt, body.max_tokens, list(eng.lm.stop), chat=False)
-
-    async def _respond(eng: Engine, http: HTTPRequest, body, prompt, max_tokens, stops, chat: bool):
-        ctx = eng.ctx
-        if not prompt:
-            raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
-        if max_tokens is not None and max_tokens > config.max_tokens_limit:
-            raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
-        room = ctx - len(prompt)
-        requested = max_tokens if max_tokens is not None else min(room, config.max_tokens_limit)
-        if room < 1 or requested > room:
-            raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
-                                f"{len(prompt)} prompt tokens and asks for {requested} more",
-                           "messages" if chat else "prompt", "context_length_exceeded")
-        params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                                repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
-                                frequency_penalty=body.frequency_penalty, seed=body.seed)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        req = Request(prompt, params, requested, list(body.stop or []) + stops,
-                      emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
-        try:
-            eng.submit(req)
-        except QueueFull:
-            raise APIError(429, "the server is busy: too many queued requests", code="queue_full",
-                           kind="rate_limit_error") from None
-        except EngineStopped as exc:
-            raise APIError(503, str(exc), code="engine_stopped", kind="server_error") from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        meta = dict(id=rid, created=int(time.time()), model=config.model_name)
-        try:  # the first event, or for a non-streaming request the whole reply, unless the client leaves
-            reply = await _unless_gone(events.get() if body.stream else _collect(events), http)
-        except BaseException:
-            req.cancel()
-            raise
-        if reply is None:
-            req.cancel()
-            return JSONResponse({}, status_code=499)
-        if body.stream:
-            if reply[0] == "error":  # failed before its first token: the status code can still say so
-                raise _generation_error(reply[1])
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(req, events, meta, chat, include_usage, reply),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        content = reply
-        usage = _usage(req)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                      "finish_reason": req.finish_reason}
-            return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-        if getattr(body, "echo", False) and isinstance(body.prompt, str):
-            content = body.prompt + content
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": req.finish_reason}
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
-
+    api = dict(dependencies=[Depends(authorize)])
+    app.add_api_route("/v1/models", models, methods=["GET"], **api)
+    app.add_api_route("/metrics", metrics, methods=["GET"], **api)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], **api)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], **api)
     return app
+
+
+# ---------------------------------------------------------------- errors
+
+
+async def _api_error(_, exc: APIError):
+    return _error_body(exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+
+async def _invalid(_, exc: RequestValidationError):
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", []) if p != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return _error_body(400, "the request body is not valid JSON", None, "invalid_json")
+    message = err.get("msg", "invalid request").removeprefix("Value error, ")
+    return _error_body(400, f"{param}: {message}" if param else message, param, "invalid_parameter")
+
+
+async def _camelid_error(request, exc: CamelidError):  # the request's own input: its text, its parameters
+    return await _api_error(request, _generation_error(exc))
+
+
+async def _unexpected(_, exc: Exception):
+    return _error_body(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+
+
+async def _http_error(_, exc: StarletteHTTPException):
+    return _error_body(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+
+
+# ---------------------------------------------------------------- routes
+
+
+def authorize(request: HTTPRequest):
+    key = request.app.state.config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                       kind="authentication_error")
+
+
+def engine(request: HTTPRequest) -> Engine:
+    state = request.app.state.camelid
+    eng = state["engine"]
+    if eng is None:
+        raise APIError(503, "the model is still loading" if state["error"] is None
+                       else f"the model failed to load: {state['error']}", code="model_not_ready",
+                       kind="server_error")
+    if not eng.alive:
+        raise APIError(503, eng.failure or "the generation engine has stopped", code="engine_stopped",
+                       kind="server_error")
+    return eng
+
+
+async def health(request: HTTPRequest):
+    state = request.app.state.camelid
+    eng = state["engine"]
+    if eng is not None and eng.alive:
+        return {"status": "ok"}
+    error = state["error"] or (eng.failure or "the generation engine has stopped" if eng else None)
+    return JSONResponse({"status": "error" if error else "loading", "error": error}, status_code=503)
+
+
+async def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+async def models(request: HTTPRequest):
+    name, started = request.app.state.config.model_name, request.app.state.camelid["started"]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "camelid"}]}
+
+
+async def metrics(request: HTTPRequest):
+    return PlainTextResponse(prometheus_text(request.app.state.camelid["engine"]),
+                             media_type="text/plain; version=0.0.4")
+
+
+async def chat_completions(body: ChatRequest, http: HTTPRequest):
+    eng = engine(http)
+    lm = eng.lm
+    _check_model(body.model, http.app.state.config)
+    template, template_stops = resolve_template(lm.template)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+    def chat_prompt():  # in a worker thread: a long prompt or a slow template must not stall the loop
+        text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
+        return lm.tokenizer.encode(text, bos=False)
+
+    try:
+        prompt = await asyncio.to_thread(chat_prompt)
+    except CamelidError as exc:
+        raise APIError(400, str(exc), "messages", "invalid_messages") from None
+    limit = body.max_completion_tokens or body.max_tokens
+    return await _respond(eng, http, body, prompt, limit, template_stops + lm.stop, chat=True)
+
+
+async def completions(body: CompletionRequest, http: HTTPRequest):
+    eng = engine(http)
+    _check_model(body.model, http.app.state.config)
+    if isinstance(body.prompt, list):
+        if any(not 0 <= t < eng.lm.tokenizer.vocab_size for t in body.prompt):
+            raise APIError(400, "prompt: token id out of the vocabulary", "prompt", "invalid_parameter")
+        prompt = list(body.prompt)
+    else:
+        try:
+            prompt = await asyncio.to_thread(eng.lm.tokenizer.encode, body.prompt)
+        except CamelidError as exc:
+            raise APIError(400, str(exc), "prompt", "invalid_parameter") from None
+    return await _respond(eng, http, body, prompt, body.max_tokens, list(eng.lm.stop), chat=False)
+
+
+async def _respond(eng: Engine, http: HTTPRequest, body, prompt, max_tokens, stops, chat: bool):
+    config: ServerConfig = http.app.state.config
+    ctx = eng.ctx
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
+    if max_tokens is not None and max_tokens > config.max_tokens_limit:
+        raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
+    room = ctx - len(prompt)
+    requested = max_tokens if max_tokens is not None else min(room, config.max_tokens_limit)
+    if room < 1 or requested > room:
+        raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
+                            f"{len(prompt)} prompt tokens and asks for {requested} more",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                            repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
+                            frequency_penalty=body.frequency_penalty, seed=body.seed)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    req = Request(prompt, params, requested, list(body.stop or []) + stops,
+                  emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+    try:
+        eng.submit(req)
+    except QueueFull:
+        raise APIError(429, "the server is busy: too many queued requests", code="queue_full",
+                       kind="rate_limit_error") from None
+    except EngineStopped as exc:
+        raise APIError(503, str(exc), code="engine_stopped", kind="server_error") from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    meta = dict(id=rid, created=int(time.time()), model=config.model_name)
+    try:  # the first event, or for a non-streaming request the whole reply, unless the client leaves
+        reply = await _unless_gone(events.get() if body.stream else _collect(events), http)
+    except BaseException:
+        req.cancel()
+        raise
+    if reply is None:
+        req.cancel()
+        return JSONResponse({}, status_code=499)
+    if body.stream:
+        if reply[0] == "error":  # failed before its first token: the status code can still say so
+            raise _generation_error(reply[1])
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_sse(req, events, meta, chat, include_usage, reply), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    usage = _usage(req)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None,
+                  "finish_reason": req.finish_reason}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+    if getattr(body, "echo", False) and isinstance(body.prompt, str):
+        reply = body.prompt + reply
+    choice = {"index": 0, "text": reply, "logprobs": None, "finish_reason": req.finish_reason}
+    return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
 
 
 def _check_model(name: str, config: ServerConfig):
