@@ -221,7 +221,7 @@ def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Ten
     """One layer's block rows for GGMLLinear, copied once: Q4_0/Q4_1 rows straight into the layout the kernel
     reads (the layer is then marked so), rather than repacked after loading in a second copy."""
     blocks = ggml_kernel.weight_buffer(sum(p.shape[0] for p in parts), parts[0].shape[1])
-    split = type_id in ggml_kernel.SPLIT and parts[0].shape[1] // (18 if type_id == 2 else 20) % 4 == 0
+    split = type_id in ggml_kernel.SPLIT and parts[0].shape[1] // ggml_kernel.BLOCK_BYTES[type_id] % 4 == 0
     row = 0
     for p in parts:  # part by part, so Q4 parts split alone, each into its rows of the layer
         if split:

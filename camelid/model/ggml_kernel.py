@@ -26,13 +26,16 @@ SOURCE = Path(__file__).with_name("ggml_gemv.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c",
          "-mfma", "-fopenmp", "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
-TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-Q4_1 = 3
-SPLIT = {2: 102, Q4_1: 103}  # Q4_0 and Q4_1 rows repacked as [scales][mins][nibbles] (see split_rows)
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14  # ggml's type ids
+TYPES = {"Q4_0": Q4_0, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K}
+SPLIT = {Q4_0: 102, Q4_1: 103}  # Q4_0 and Q4_1 rows repacked as [scales][mins][nibbles] (see split_rows)
+# A Q4_0 block is an fp16 scale and 16 bytes of nibbles; Q4_1 adds an fp16 min.
+HEAD_BYTES = {Q4_0: 2, Q4_1: 4}
+BLOCK_BYTES = {t: head + 16 for t, head in HEAD_BYTES.items()}
 TYPE_IDS = {*TYPES.values(), *SPLIT.values()}
 # From this many activation rows on, the panel kernel (ggml_gemm) beats the row kernel (ggml_matmul): its
 # unpacking costs about a millisecond per 10M weights whatever the rows (measured on a 2-core AVX-512 CPU).
-PANEL_ROWS = {8: 6, 2: 12, 102: 12, 103: 12, 12: 20, 14: 20}
+PANEL_ROWS = {Q8_0: 6, Q4_0: 12, SPLIT[Q4_0]: 12, SPLIT[Q4_1]: 12, Q4_K: 20, Q6_K: 20}
 _lib: list = []
 
 
@@ -191,7 +194,7 @@ def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = 
     out = torch.empty_like(blocks) if out is None else out
     n, row_bytes = blocks.shape
     blocks = blocks.contiguous()
-    nb = row_bytes // (18 if ggml_type == 2 else 20)
+    nb = row_bytes // BLOCK_BYTES[ggml_type]
     if not available() or _lib[0].ggml_split_rows(ggml_type, blocks.data_ptr(), n, nb, out.data_ptr(),
                                                   torch.get_num_threads()) != 0:
         raise RuntimeError(f"the GGUF kernel cannot repack ggml type {ggml_type}")
@@ -199,7 +202,7 @@ def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = 
 
 
 def join_rows(split: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    head = 2 if ggml_type == 2 else 4
-    n, nb = split.shape[0], split.shape[1] // (head + 16)
+    head = HEAD_BYTES[ggml_type]
+    n, nb = split.shape[0], split.shape[1] // BLOCK_BYTES[ggml_type]
     parts = [split[:, i * nb:(i + 2) * nb].view(n, nb, 2) for i in range(0, head, 2)]
     return torch.cat(parts + [split[:, head * nb:].view(n, nb, 16)], dim=-1).view(n, -1)
