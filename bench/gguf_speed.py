@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from camelid.formats.gguf_export import export_gguf
-from camelid.formats.load import LoadedModel, load_model
+from camelid.formats.load import load_model
+from camelid.formats.loaded import LoadedModel
 from camelid.generate.generate import generate_tokens
 from camelid.generate.sampling import SamplingParams
 from camelid.model.config import preset

@@ -33,7 +33,8 @@ PROMPT = ("Once upon a time, in a small village by the sea, there lived an old f
 def build_model(folder: Path, dtype: str):
     import torch
 
-    from camelid.formats.load import LoadedModel, save_native
+    from camelid.formats.load import save_native
+    from camelid.formats.loaded import LoadedModel
     from camelid.model.config import preset
     from camelid.model.transformer import Transformer
     from camelid.tokenizer.tokenizer import SentencePieceBackend, Tokenizer, load_sentencepiece

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats.load import LoadedModel, load_model, save_native
+from camelid.formats.load import load_model, save_native
+from camelid.formats.loaded import LoadedModel
 from camelid.model.quant import (
     INT4_GROUPS,
     QUANTIZED,

@@ -21,7 +21,8 @@ from camelid.errors import CamelidError
 from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize, quantize_q8_0
 from camelid.formats.gguf_export import export_gguf
 from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
-from camelid.formats.load import LoadedModel, load_model, save_native
+from camelid.formats.load import load_model, save_native
+from camelid.formats.loaded import LoadedModel
 from camelid.model import fused_decode, ggml_kernel
 from camelid.model.config import ModelConfig
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear

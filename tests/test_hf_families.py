@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from camelid.formats import hf as hf_format
-from camelid.formats.load import LoadedModel, build_model, export_hf
+from camelid.formats.load import build_model, export_hf
+from camelid.formats.loaded import LoadedModel
 from camelid.generate.generate import generate_tokens
 from camelid.generate.sampling import SamplingParams
 from camelid.tokenizer.piece_vocab import PieceVocab

@@ -6,7 +6,7 @@ import sys
 from typing import Callable, TextIO
 
 from camelid.errors import CamelidError
-from camelid.formats.load import LoadedModel
+from camelid.formats.loaded import LoadedModel
 from camelid.generate.generate import Completion, Stats, stream
 from camelid.generate.sampling import SamplingParams
 from camelid.tokenizer.chat_template import render_chat, resolve_template

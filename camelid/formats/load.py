@@ -7,7 +7,7 @@ A camelid folder is `camelid.json` (model config, tokenizer settings, chat templ
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +17,7 @@ from camelid.errors import CamelidError
 from camelid.files import output_folder, read_json
 from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
+from camelid.formats.loaded import LoadedModel
 from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
 from camelid.model.quant import (
@@ -34,24 +35,10 @@ from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
-from camelid.tokenizer.tokenizer import PieceBackend, Tokenizer, load_hf_tokenizer, piece_tokenizer
+from camelid.tokenizer.tokenizer import PieceBackend, load_hf_tokenizer, piece_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT_VERSION = 1
-
-
-@dataclass
-class LoadedModel:
-    model: Transformer
-    tokenizer: Tokenizer
-    template: str = "raw"  # a built-in template name or Jinja source
-    stop: list[str] = field(default_factory=list)  # stop strings besides the tokenizer's EOS ids
-    source: str = ""
-    quantization: dict | None = None  # how the weights were quantized (camelid quantize), if they were
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.cfg
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -165,18 +152,24 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
 
 
 def _load(path: Path, dev, dt, tokenizer_path, quantize) -> LoadedModel:
+    return _format_of(path).load(path, dev, dt, quantize, tokenizer_path)
+
+
+@dataclass(frozen=True)
+class _Format:
+    name: str
+    recognises: Callable[[Path], bool]
+    load: Callable[..., LoadedModel]  # (path, device, dtype, quantize, tokenizer_path)
+    config: Callable[[Path], ModelConfig]  # the config alone, without the weights
+
+
+def _format_of(path: Path) -> _Format:
     if not path.exists():
         raise CamelidError(f"{path}: no such file or directory")
-    if path.is_dir() and (path / "camelid.json").exists():
-        return _load_native(path, dev, dt, quantize)
-    if path.is_dir() and (path / "config.json").exists():
-        return _load_hf(path, dev, dt, quantize)
-    if path.is_file() and _is_gguf(path):
-        return _load_gguf(path, dev, dt, quantize)
-    if path.is_file() and path.suffix == ".bin":
-        return _load_llama2c(path, dev, dt, tokenizer_path, quantize)
-    raise CamelidError(f"{path}: not a model camelid can open (a camelid folder, a Hugging Face folder "
-                       f"with config.json, a GGUF file or a llama2.c .bin checkpoint)")
+    for fmt in FORMATS:
+        if fmt.recognises(path):
+            return fmt
+    raise CamelidError(f"{path}: not a model camelid can open (" + ", ".join(f.name for f in FORMATS) + ")")
 
 
 def _is_gguf(path: Path) -> bool:
@@ -207,7 +200,7 @@ def read_native_meta(folder: Path) -> dict:
     return meta
 
 
-def _load_native(folder: Path, device, dtype, quantize=None) -> LoadedModel:
+def _load_native(folder: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
     meta_path = folder / "camelid.json"
     meta = read_native_meta(folder)
     cfg = ModelConfig.from_dict(meta["model"], str(meta_path))
@@ -220,7 +213,7 @@ def _load_native(folder: Path, device, dtype, quantize=None) -> LoadedModel:
     return LoadedModel(model, tok, chat["template"], list(chat["stop"]), str(folder), meta.get("quantization"))
 
 
-def _load_hf(folder: Path, device, dtype, quantize=None) -> LoadedModel:
+def _load_hf(folder: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
     hf_config = hf.read_hf_config(folder)
     cfg = hf.config_from_hf(hf_config, str(folder / "config.json"))
     # converted (and quantized) as they are renamed and q/k/v or gate/up fused: no float copy of the whole
@@ -233,7 +226,7 @@ def _load_hf(folder: Path, device, dtype, quantize=None) -> LoadedModel:
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(folder))
 
 
-def _load_gguf(path: Path, device, dtype, quantize=None) -> LoadedModel:
+def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
     gf = read_gguf(path)
     cfg = gguf.config_from_gguf(gf)
     tok = gguf_tokenizer(gf.metadata, str(path))
@@ -251,7 +244,7 @@ def _load_gguf(path: Path, device, dtype, quantize=None) -> LoadedModel:
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
 
 
-def _load_llama2c(path: Path, device, dtype, tokenizer_path, quantize=None) -> LoadedModel:
+def _load_llama2c(path: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:
     cfg, sd = llama2c.read_llama2c(path)
     model = build_model(cfg, sd, str(path), device, dtype, quantize)
     tok_path = Path(tokenizer_path) if tokenizer_path else llama2c.find_llama2c_tokenizer(path, cfg.vocab_size)
@@ -331,14 +324,17 @@ def _write_hf(lm: LoadedModel, tmp: Path):
 def read_config(path: str | Path) -> ModelConfig:
     """A model's config without loading its weights (for `camelid info`)."""
     path = Path(path)
-    if not path.exists():
-        raise CamelidError(f"{path}: no such file or directory")
-    if path.is_dir() and (path / "camelid.json").exists():
-        return ModelConfig.from_dict(read_native_meta(path)["model"], str(path / "camelid.json"))
-    if path.is_dir() and (path / "config.json").exists():
-        return hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
-    if path.is_file() and _is_gguf(path):
-        return gguf.config_from_gguf(read_gguf(path))
-    if path.is_file() and path.suffix == ".bin":
-        return llama2c.read_llama2c(path)[0]
-    raise CamelidError(f"{path}: not a model camelid can open")
+    return _format_of(path).config(path)
+
+
+# How each format is recognised, in this order, and read.
+FORMATS = [
+    _Format("a camelid folder", lambda p: p.is_dir() and (p / "camelid.json").exists(), _load_native,
+            lambda p: ModelConfig.from_dict(read_native_meta(p)["model"], str(p / "camelid.json"))),
+    _Format("a Hugging Face folder with config.json", lambda p: p.is_dir() and (p / "config.json").exists(),
+            _load_hf, lambda p: hf.config_from_hf(hf.read_hf_config(p), str(p / "config.json"))),
+    _Format("a GGUF file", lambda p: p.is_file() and _is_gguf(p), _load_gguf,
+            lambda p: gguf.config_from_gguf(read_gguf(p))),
+    _Format("a llama2.c .bin checkpoint", lambda p: p.is_file() and p.suffix == ".bin", _load_llama2c,
+            lambda p: llama2c.read_llama2c(p)[0]),
+]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.files import read_text
-from camelid.formats.load import LoadedModel
+from camelid.formats.loaded import LoadedModel
 from camelid.generate.generate import Stats, generate, stream
 from camelid.generate.sampling import SamplingParams
 

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.errors import CamelidError, ModelError
-from camelid.formats.load import LoadedModel
+from camelid.formats.loaded import LoadedModel
 from camelid.generate.sampling import SamplingParams
 from camelid.serve.api import ChatRequest, CompletionRequest
 from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats.load import LoadedModel
+from camelid.formats.loaded import LoadedModel
 from camelid.generate.generate import StopStrings
 from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory

@@ -24,7 +24,8 @@ from camelid.data.instruct import Skipped, load_conversations
 from camelid.data.masking import IGNORE, MaskStats, mask_conversation
 from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
 from camelid.errors import CamelidError, Preempted
-from camelid.formats.load import LoadedModel, load_model, save_native
+from camelid.formats.load import load_model, save_native
+from camelid.formats.loaded import LoadedModel
 from camelid.formats.peft import load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec

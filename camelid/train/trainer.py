@@ -344,7 +344,8 @@ def plot_loss(log_path: Path, png: Path):
 
 
 def export_model(model, tokenizer, folder: Path) -> Path:
-    from camelid.formats.load import LoadedModel, save_native
+    from camelid.formats.load import save_native
+    from camelid.formats.loaded import LoadedModel
 
     model.eval().requires_grad_(False)
     save_native(LoadedModel(model.cpu(), tokenizer, "raw"), folder, force=True)  # the run's own output

@@ -1,0 +1,23 @@
+"""A model as camelid opened it: the network, its tokenizer, and how to prompt it (template, stop strings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from camelid.model.config import ModelConfig
+from camelid.model.transformer import Transformer
+from camelid.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    template: str = "raw"  # a built-in template name or Jinja source
+    stop: list[str] = field(default_factory=list)  # stop strings besides the tokenizer's EOS ids
+    source: str = ""
+    quantization: dict | None = None  # how the weights were quantized (camelid quantize), if they were
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
