@@ -15,20 +15,18 @@ from camelid.errors import CamelidError
 # Written into every folder camelid produces, so that a later run can tell its own output (which it may
 # replace when told to) from a user's folder (which it never touches).
 MARKER = ".camelid-output"
-# Folders written before the marker existed are recognised by these files.
-_OLDER_SIGNS = ("camelid.json", "report.json", "train/index.json", "log.jsonl", "study.db")
+# Folders written before the marker existed are recognised by these files, all of one group together.
+_OLDER_SIGNS = [("camelid.json",), ("report.json", "train.jsonl"), ("train/index.json",),
+                ("log.jsonl", "checkpoints"), ("study.db", "best.yaml")]
 TMP_SUFFIX = ".tmp-camelid"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# Read once: os.umask can only be read by setting it, which would race with other threads creating files.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _honour_umask(path: Path):
     """Some writers (safetensors, mkstemp) create files 0600; outputs get the mode the user's umask gives."""
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 @contextlib.contextmanager
@@ -53,7 +51,7 @@ def write_text(path: str | Path, text: str):
 
 
 def is_camelid_output(folder: Path) -> bool:
-    return any((folder / name).exists() for name in (MARKER, *_OLDER_SIGNS))
+    return (folder / MARKER).exists() or any(all((folder / n).exists() for n in sign) for sign in _OLDER_SIGNS)
 
 
 def check_output_folder(dest: str | Path, force: bool = False, flag: str = "--force"):

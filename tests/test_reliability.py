@@ -272,13 +272,12 @@ def test_tokenizer_train_refuses_inputs_without_text(tmp_path, capsys):
 
 
 def test_outputs_honour_the_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        assert main(["convert", str(MODEL), str(tmp_path / "out")]) == 0
-    finally:
-        os.umask(old)
+    """safetensors writes 0600 whatever the umask; every output gets the mode the user's umask gives."""
+    code = ("import os, sys; os.umask(0o027); from camelid.cli import main; "
+            f"sys.exit(main(['convert', {str(MODEL)!r}, {str(tmp_path / 'out')!r}]))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
-    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+    assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
 
 
 def test_generation_keeps_the_first_tokens_space(capsys):
