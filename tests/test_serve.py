@@ -304,6 +304,7 @@ def test_a_model_with_nan_logits_fails_its_requests_with_500_and_keeps_serving()
             r = post(base, "/v1/completions", body)
             assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text
         assert httpx.get(f"{base}/health").status_code == 200 and app.state.camelid["engine"].alive
+        assert "camelid_requests_failed_total 3" in httpx.get(f"{base}/metrics").text
 
 
 def test_a_stopped_engine_is_reported_and_refused_not_hung():

@@ -413,6 +413,8 @@ def prometheus_text(eng: Engine | None) -> str:
         ("camelid_requests_cancelled_total", "counter", "Requests cancelled by their client.",
          m and m.requests_cancelled),
         ("camelid_requests_rejected_total", "counter", "Requests refused with 429.", m and m.requests_rejected),
+        ("camelid_requests_failed_total", "counter", "Requests the engine could not finish (an error event).",
+         m and m.requests_failed),
         ("camelid_prompt_tokens_total", "counter", "Prompt tokens processed.", m and m.prompt_tokens),
         ("camelid_generated_tokens_total", "counter", "Tokens generated.", m and m.generated_tokens),
         ("camelid_queue_depth", "gauge", "Requests waiting for a batch slot.", eng and eng.queue_depth),
