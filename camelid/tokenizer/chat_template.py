@@ -150,9 +150,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         _tick()
         return super().getitem(obj, argument)
 
-    def call(self, __context, __obj, *args, **kwargs):
+    def call(__self, __context, __obj, *args, **kwargs):  # jinja's names: a call may pass a kwarg "self"
         _tick()
-        return super().call(__context, __obj, *args, **kwargs)
+        return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
 
 class _Range:
