@@ -3,6 +3,7 @@ quantized run in camelid with the same logits, and files camelid writes run in l
 and tokens."""
 
 import ctypes
+import functools
 import struct
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def kernels(request, monkeypatch):
     if request.param == "c-kernel" and not ggml_kernel.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
     if request.param == "torch-kernels":
-        monkeypatch.setattr(ggml_kernel, "_lib", [None])
+        monkeypatch.setattr(ggml_kernel, "library", lambda: None)
     return request.param
 
 
@@ -532,7 +533,7 @@ def test_kernel_build_failure_falls_back_to_pytorch(monkeypatch, tmp_path):
     """No C compiler (or no writable cache): a warning, PyTorch's kernels, nothing left behind."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(ggml_kernel, "_lib", [])
+    monkeypatch.setattr(ggml_kernel, "library", functools.cache(ggml_kernel._build))  # built afresh here
     assert not ggml_kernel.available()
     assert ggml_kernel.matmul(2, torch.zeros(4, 18, dtype=torch.uint8), torch.zeros(1, 32), 4) is None
     assert not list((tmp_path / "cache").rglob("*.so"))

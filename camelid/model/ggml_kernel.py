@@ -10,6 +10,7 @@ elsewhere `available()` is False and camelid uses PyTorch's kernels, so nothing 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import mmap
@@ -36,7 +37,6 @@ TYPE_IDS = {*TYPES.values(), *SPLIT.values()}
 # From this many activation rows on, the panel kernel (ggml_gemm) beats the row kernel (ggml_matmul): its
 # unpacking costs about a millisecond per 10M weights whatever the rows (measured on a 2-core AVX-512 CPU).
 PANEL_ROWS = {Q8_0: 6, Q4_0: 12, SPLIT[Q4_0]: 12, SPLIT[Q4_1]: 12, Q4_K: 20, Q6_K: 20}
-_lib: list = []
 
 
 def _cpu_flags() -> set[str]:
@@ -93,10 +93,14 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernel, compiled once per machine (cached on disk) and loaded on first use; None where it cannot be."""
+    return _build()
+
+
 def available() -> bool:
-    if not _lib:
-        _lib.append(_build())
-    return _lib[0] is not None
+    return library() is not None
 
 
 HUGE_PAGE = 2 << 20
@@ -125,7 +129,7 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
     """x (M, K) @ the block rows' weights (a ggml type id in TYPE_IDS) -> float32 (M, out_features); None when
     the kernel does not take the call (the caller falls back). A few rows (decode) go through the row kernel,
     more (a prompt) through the panel kernel (ggml_gemm): both int8 activations times the blocks' values."""
-    lib = _lib[0] if _lib else (_lib.append(_build()) or _lib[0])
+    lib = library()
     if lib is None or ggml_type not in TYPE_IDS or blocks.device.type != "cpu":
         return None
     x = x.float().contiguous()
@@ -158,7 +162,7 @@ def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos
     """Runs every block of one decode step on x (dim,) fp32 in place (see ggml_llama_decode), and with a head
     writes the logits (n_vocab,) fp32 too; False when the kernel does not take the call and x is untouched.
     k_cache/v_cache are ctypes arrays of the layers' (n_kv_heads, max_len, head_dim) fp32 cache pointers."""
-    lib = _lib[0] if _lib else None
+    lib = library()
     if lib is None:
         return False
     return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache, pos,
@@ -172,7 +176,7 @@ def k_quant_to_q8_0(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tenso
     if not available() or k % 256 or not blocks.is_contiguous():
         return None
     out = torch.empty(blocks.shape[0], k // 32 * 34, dtype=torch.uint8)
-    rc = _lib[0].ggml_k_to_q8_0(ggml_type, blocks.data_ptr(), blocks.shape[0], k, out.data_ptr(),
+    rc = library().ggml_k_to_q8_0(ggml_type, blocks.data_ptr(), blocks.shape[0], k, out.data_ptr(),
                                 torch.get_num_threads())
     return out if rc == 0 else None
 
@@ -183,7 +187,7 @@ def dequantize_rows(rows: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor 
     if not available() or not rows.is_contiguous() or rows.device.type != "cpu":
         return None
     out = torch.empty(rows.shape[0], k)
-    failed = _lib[0].ggml_dequantize_rows(ggml_type, rows.data_ptr(), rows.shape[0], k, out.data_ptr())
+    failed = library().ggml_dequantize_rows(ggml_type, rows.data_ptr(), rows.shape[0], k, out.data_ptr())
     return None if failed else out
 
 
@@ -195,7 +199,7 @@ def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = 
     n, row_bytes = blocks.shape
     blocks = blocks.contiguous()
     nb = row_bytes // BLOCK_BYTES[ggml_type]
-    if not available() or _lib[0].ggml_split_rows(ggml_type, blocks.data_ptr(), n, nb, out.data_ptr(),
+    if not available() or library().ggml_split_rows(ggml_type, blocks.data_ptr(), n, nb, out.data_ptr(),
                                                   torch.get_num_threads()) != 0:
         raise RuntimeError(f"the GGUF kernel cannot repack ggml type {ggml_type}")
     return out
