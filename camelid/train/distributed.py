@@ -47,8 +47,12 @@ def init_cluster(device: str) -> tuple[Cluster, torch.device]:
     return Cluster(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if on_gpu else device)
 
 
-def close_cluster(cluster: Cluster):
+def close_cluster(cluster: Cluster, finished: bool = False):
+    """After a run that finished, every rank waits for the others first: a rank that tore its process group
+    down while rank 0 still wrote the model could hang in gloo's teardown."""
     if cluster.world > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -103,10 +103,13 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> Path | None:
     and the losses are those of one process."""
     cfg.validate()
     cluster, device = init_cluster(cfg.device)
+    finished = False
     try:
-        return _finetune(cfg, resume, cluster, device)
+        folder = _finetune(cfg, resume, cluster, device)
+        finished = True
+        return folder
     finally:
-        close_cluster(cluster)
+        close_cluster(cluster, finished)
 
 
 def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device: torch.device) -> Path | None:

@@ -129,10 +129,13 @@ def train(cfg: TrainConfig, resume: str | None = None, on_eval: Callable[[int, f
     number of processes, so losses match a single-process run. `on_eval(step, val_loss)` sees each
     validation (a sweep uses it to prune a trial by raising)."""
     cluster, device = init_cluster(cfg.device)
+    finished = False
     try:
-        return _train(cfg, resume, cluster, device, on_eval)
+        folder = _train(cfg, resume, cluster, device, on_eval)
+        finished = True
+        return folder
     finally:
-        close_cluster(cluster)
+        close_cluster(cluster, finished)
 
 
 def _train(cfg: TrainConfig, resume: str | None, cluster: Cluster, device: torch.device,
