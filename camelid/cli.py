@@ -35,6 +35,10 @@ def _model_args(p: argparse.ArgumentParser):
                    help="do not compile the CPU decode kernel (first use compiles for a few seconds)")
 
 
+def _force_arg(p: argparse.ArgumentParser, help_text: str = "replace an earlier camelid output there"):
+    p.add_argument("--force", action="store_true", help=help_text + " (a folder camelid did not write never is)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camelid", description="Local large language models, start to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,7 +165,7 @@ def _args_convert(p: argparse.ArgumentParser):
     p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
-    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
+    _force_arg(p)
 
 
 def cmd_convert(args):
@@ -188,7 +192,7 @@ def _args_export(p: argparse.ArgumentParser):
     p.add_argument("--name", default=None, help="file and model name (default: the source's name)")
     p.add_argument("--template", default=None, help="chat template to store (default: the model's own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
-    p.add_argument("--force", action="store_true", help="replace a GGUF file of the same name and quantization")
+    _force_arg(p, "replace a GGUF file of the same name and quantization")
 
 
 def cmd_export(args):
@@ -317,7 +321,7 @@ def _args_tokenizer(p: argparse.ArgumentParser):
     t.add_argument("--kind", default="bpe", choices=["bpe", "sentencepiece-unigram", "sentencepiece-bpe"])
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--special", action="append", default=None, help="special token (default <|endoftext|>)")
-    t.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
+    _force_arg(t)
 
 
 def cmd_tokenizer(args):
@@ -344,7 +348,7 @@ def _args_data(p: argparse.ArgumentParser):
     d.add_argument("--blocklist", default=None, help="file of words or phrases; documents with any are dropped")
     d.add_argument("--min-words", type=int, default=50)
     d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
+    _force_arg(d)
     d = dsub.add_parser("convert", help="rewrite instruction data as alpaca, dolly, sharegpt or messages")
     d.add_argument("src", help="Alpaca/Dolly JSON or JSONL, ShareGPT JSON, or messages JSONL")
     d.add_argument("dest", help="output file: .jsonl for one record per line, else a JSON array")
@@ -373,7 +377,7 @@ def _args_data(p: argparse.ArgumentParser):
     d.add_argument("--out", required=True, help="output folder (gets train/ and val/)")
     d.add_argument("--val-fraction", type=float, default=0.01)
     d.add_argument("--workers", type=int, default=None)
-    d.add_argument("--force", action="store_true", help="replace an earlier camelid output in --out")
+    _force_arg(d)
 
 
 def cmd_data(args):
@@ -527,7 +531,7 @@ def _args_merge(p: argparse.ArgumentParser):
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output camelid folder")
     p.add_argument("--template", default=None, help="chat template to store (default: the base model's)")
-    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
+    _force_arg(p)
 
 
 def cmd_merge(args):
@@ -724,7 +728,7 @@ def _args_quantize(p: argparse.ArgumentParser):
     p.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an earlier camelid output at the destination")
+    _force_arg(p)
 
 
 def cmd_quantize(args):
