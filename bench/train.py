@@ -30,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from camelid.data.shards import TokenShards, write_shards  # noqa: E402
 from camelid.train.config import TrainConfig  # noqa: E402
-from camelid.train.trainer import param_groups, train  # noqa: E402
+from camelid.train.loop import param_groups  # noqa: E402
+from camelid.train.trainer import train  # noqa: E402
 
 SIZES = {"17M": (dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, ffn_dim=1024, max_seq_len=256), 8192, 256, 8),
          "124M": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, max_seq_len=1024), 32000,

@@ -25,8 +25,9 @@ from camelid.model.transformer import Transformer
 from camelid.tokenizer.train import train_tokenizer
 from camelid.train.config import TrainConfig, load_train_config
 from camelid.train.distributed import Cluster
+from camelid.train.loop import param_groups
 from camelid.train.schedule import lr_at
-from camelid.train.trainer import _train, param_groups, train
+from camelid.train.trainer import _train, train
 
 from conftest import REPO
 
@@ -70,16 +71,21 @@ def test_shards_are_reproducible_and_shifted(corpus):
 
 def test_schedules():
     cfg = TrainConfig(data="x", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, decay_every=50, decay_gamma=0.5)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
     cfg.schedule = "cosine"
-    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(60, cfg) == pytest.approx(0.55)
-    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(10, cfg, 110) == pytest.approx(1.0) and lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
     cfg.schedule = "linear"
-    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
     cfg.schedule = "step"
-    assert (lr_at(59, cfg), lr_at(60, cfg), lr_at(109, cfg), lr_at(110, cfg)) == (1.0, 0.5, 0.5, 0.25)
+    assert (lr_at(59, cfg, 110), lr_at(60, cfg, 110), lr_at(109, cfg, 110), lr_at(110, cfg, 110)) == (1.0, 0.5, 0.5, 0.25)
     cfg.schedule = "exponential"
-    assert lr_at(35, cfg) == pytest.approx(0.5 ** 0.5)
+    assert lr_at(35, cfg, 110) == pytest.approx(0.5 ** 0.5)
+    # warmup as a share of the run (fine-tuning's default): 10% of 110 steps is 11
+    cfg = TrainConfig(data="x", lr=1.0, warmup_steps=0, warmup_ratio=0.1, schedule="constant")
+    assert lr_at(0, cfg, 110) == pytest.approx(1 / 11) and lr_at(10, cfg, 110) == lr_at(11, cfg, 110) == 1.0
+    with pytest.raises(CamelidError, match="warmup_steps or warmup_ratio, not both"):
+        load_train_config(None, ["data=x", "warmup_steps=5", "warmup_ratio=0.1"])
 
 
 def test_no_weight_decay_on_norms_and_biases():

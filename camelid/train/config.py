@@ -14,19 +14,16 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduc
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What every training recipe shares: optimizer, schedule, precision, checkpoints, logging and distribution.
+    Each recipe's config is this plus its own fields; the defaults here are pretraining's."""
     out_dir: str = "out/run"
-    data: str = ""  # train shard folder (camelid data tokenize OUT/train)
-    val_data: str = ""  # validation shard folder (optional)
-    tokenizer: str = ""  # tokenizer file packaged with the final model
-    model: dict = field(default_factory=dict)  # {"preset": NAME} and/or ModelConfig fields
-    seq_len: int = 256
     micro_batch: int = 8
-    grad_accum: int = 1  # global batch = micro_batch * grad_accum sequences
-    max_steps: int = 1000
+    grad_accum: int = 1  # global batch = micro_batch * grad_accum rows
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # warmup as a share of the run, when warmup_steps is 0
     schedule: str = "cosine"  # after warmup: cosine | linear | step | exponential | constant
     decay_every: int = 1000  # step schedule: multiply by decay_gamma every decay_every steps
     decay_gamma: float = 0.5  # step and exponential schedules
@@ -40,12 +37,8 @@ class TrainConfig:
     threads: int = 0  # CPU threads (0: torch's default)
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = 20
     ckpt_every: int = 200
     keep_last: int = 3
-    sample_every: int = 0  # log a short generation every N steps (0: never)
-    sample_prompt: str = ""
-    sample_tokens: int = 100
     activation_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (else DDP)
     compile: bool = False
@@ -53,20 +46,47 @@ class TrainConfig:
     # minutes on a GPU): on bench/train.py's CPU run 4-9% faster in bf16, but slower in fp32
     compile_mode: str = "default"
 
-    def validate(self, source: str = "config"):
+    def run_checks(self) -> list[tuple[bool, str]]:
         checks = [(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
                   (self.dtype in ("fp32", "bf16", "fp16"), "dtype must be fp32, bf16 or fp16"),
                   (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
-                  (self.data != "", "data: the train shard folder is required")]
-        for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every",
-                    "keep_last", "decay_every"):
+                  (self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
+                  (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+                  (not (self.warmup_steps and self.warmup_ratio), "give warmup_steps or warmup_ratio, not both")]
+        for key in ("micro_batch", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last",
+                    "decay_every"):
             checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,
                            f"{key} must be a positive integer"))
-        checks += [(self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
-                   (self.warmup_steps >= 0, "warmup_steps must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise CamelidError(f"{source}: {message}")
+        return checks
+
+
+def _raise_failed(checks: list[tuple[bool, str]], source: str):
+    for ok, message in checks:
+        if not ok:
+            raise CamelidError(f"{source}: {message}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Pretraining (camelid pretrain): a model from scratch on token shards."""
+    data: str = ""  # train shard folder (camelid data tokenize OUT/train)
+    val_data: str = ""  # validation shard folder (optional)
+    tokenizer: str = ""  # tokenizer file packaged with the final model
+    model: dict = field(default_factory=dict)  # {"preset": NAME} and/or ModelConfig fields
+    seq_len: int = 256
+    max_steps: int = 1000
+    eval_batches: int = 20
+    sample_every: int = 0  # log a short generation every N steps (0: never)
+    sample_prompt: str = ""
+    sample_tokens: int = 100
+
+    def validate(self, source: str = "config"):
+        checks = self.run_checks() + [(self.data != "", "data: the train shard folder is required")]
+        for key in ("seq_len", "max_steps"):
+            checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,
+                           f"{key} must be a positive integer"))
+        _raise_failed(checks, source)
 
 
 def _coerce(value, kind: str, key: str, source: str):
@@ -87,7 +107,7 @@ def _coerce(value, kind: str, key: str, source: str):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """Instruction tuning (camelid finetune): Alpaca/Vicuna data on a pretrained model, full or LoRA."""
     base: str = ""  # the model to tune: any folder or file camelid opens
     data: str = ""  # Alpaca, Dolly, ShareGPT or messages data
@@ -95,7 +115,6 @@ class FinetuneConfig:
     val_fraction: float = 0.0
     format: str = ""  # alpaca | dolly | sharegpt | messages (empty: detected per record)
     template: str = ""  # chat template (empty: the base model's own)
-    out_dir: str = "out/finetune"
     max_len: int = 512
     train_on_prompt: bool = False
     pack: bool = True
@@ -107,51 +126,34 @@ class FinetuneConfig:
     quantize_base: str = ""  # int4 | int8: LoRA over a frozen quantized copy of the base (QLoRA)
     quantize_group: int = 64  # int4: inputs sharing a scale (QLoRA's block size)
     epochs: float = 3.0
+    # this recipe's defaults for shared fields (Alpaca's)
+    out_dir: str = "out/finetune"
     micro_batch: int = 4
-    grad_accum: int = 1  # global batch = micro_batch * grad_accum rows
     lr: float = 2e-5
     min_lr: float = 0.0
+    warmup_steps: int = 0
     warmup_ratio: float = 0.03
-    schedule: str = "cosine"
-    decay_every: int = 1000
-    decay_gamma: float = 0.5
     weight_decay: float = 0.0
-    beta1: float = 0.9
     beta2: float = 0.999
-    grad_clip: float = 1.0
-    dtype: str = "fp32"
-    device: str = "cpu"
     seed: int = 42
-    threads: int = 0
-    log_every: int = 10
     eval_every: int = 100
     ckpt_every: int = 100
     keep_last: int = 2
-    activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model: less activation memory, one-off compile time
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (else DDP)
 
     def validate(self, source: str = "config"):
         checks = [(self.base != "", "base: the model to tune is required"),
                   (self.data != "", "data: the instruction data file is required"),
                   (not Path(self.data).is_dir(), f"data: {self.data} is a folder; give the data file"),
                   (self.method in ("full", "lora"), "method must be full or lora"),
-                  (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
-                  (self.dtype in ("fp32", "bf16", "fp16"), "dtype must be fp32, bf16 or fp16"),
-                  (self.epochs > 0, "epochs must be > 0"), (self.lr > 0, "lr must be > 0"),
+                  (self.epochs > 0, "epochs must be > 0"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
                   (isinstance(self.lora_targets, list), "lora_targets must be a list of module names"),
                   (self.quantize_base in ("", "int8", "int4"), "quantize_base must be int8 or int4 (or empty)"),
                   (not self.quantize_base or self.method == "lora",
                    "quantize_base needs method lora (a quantized base is frozen)"),
-                  (self.quantize_group in (32, 64, 128, 256), "quantize_group must be 32, 64, 128 or 256")]
-        for key in ("max_len", "micro_batch", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last"):
-            checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,
-                           f"{key} must be a positive integer"))
-        for ok, message in checks:
-            if not ok:
-                raise CamelidError(f"{source}: {message}")
+                  (self.quantize_group in (32, 64, 128, 256), "quantize_group must be 32, 64, 128 or 256"),
+                  (isinstance(self.max_len, int) and self.max_len > 0, "max_len must be a positive integer")]
+        _raise_failed(checks + self.run_checks(), source)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, cfg) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def warmup_steps(cfg, max_steps: int) -> int:
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * max_steps)
+
+
+def lr_at(step: int, cfg, max_steps: int) -> float:
+    warmup = warmup_steps(cfg, max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    done = step - cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    done = step - warmup
+    span = max(1, max_steps - warmup)
     progress = min(1.0, done / span)
     if cfg.schedule == "cosine":
         return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
