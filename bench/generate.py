@@ -21,9 +21,9 @@ import torch  # noqa: E402
 
 from camelid.formats.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from camelid.formats.load import build_model  # noqa: E402
+from camelid.generate.decoding import prepare_for_decoding  # noqa: E402
 from camelid.generate.generate import generate_tokens  # noqa: E402
 from camelid.generate.sampling import SamplingParams  # noqa: E402
-from camelid.model.kernels import enable_fast_decode  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -102,7 +102,6 @@ def main():
             subprocess.run([sys.executable, __file__, *child], check=True)
         return
     torch.set_num_threads(args.threads)
-    enable_fast_decode(not args.no_compile)
     import transformers as tf
 
     hf_model, hf_cfg = tinyllama()
@@ -113,6 +112,7 @@ def main():
         cfg = config_from_hf(hf_cfg.to_dict())
         ours = build_model(cfg, state_dict_from_hf(dict(hf_model.state_dict()), cfg, "bench"), "bench",
                            dtype=dtype)
+        prepare_for_decoding(ours, not args.no_compile)
         with torch.inference_mode():
             check = torch.equal(ours(ids[:, :16]).argmax(-1), hf_model(ids[:, :16]).logits.argmax(-1))
             res = measure({"camelid": camelid_runner(ours, ids), "transformers": hf_runner(hf_model, ids)},

@@ -23,10 +23,10 @@ import torch
 from camelid.formats.gguf_export import export_gguf
 from camelid.formats.load import load_model
 from camelid.formats.loaded import LoadedModel
+from camelid.generate.decoding import prepare_for_decoding
 from camelid.generate.generate import generate_tokens
 from camelid.generate.sampling import SamplingParams
 from camelid.model.config import preset
-from camelid.model.kernels import enable_fast_decode
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.tokenizer import load_tokenizer_file
 
@@ -66,9 +66,9 @@ def llama_quantize(src: Path, dst: Path, ftype: str):
     tmp.rename(dst)
 
 
-def camelid_runners(path: Path, prompt: list[int], short: list[int], new_tokens: int):
+def camelid_runners(path: Path, prompt: list[int], short: list[int], new_tokens: int, compile: bool):
     lm = load_model(path)
-    model = lm.model
+    model = prepare_for_decoding(lm.model, compile)
 
     def prefill():
         cache = model.new_kv_cache(1, len(prompt) + 1)
@@ -122,7 +122,6 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="camelid without its compiled decode kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    enable_fast_decode(not args.no_compile)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     f16 = build_f16(workdir)
@@ -132,7 +131,7 @@ def main():
     for quant in args.quants.split(","):
         path = workdir / f"tinyllama-{quant}.gguf"
         llama_quantize(f16, path, quant)
-        engines = {"camelid": camelid_runners(path, prompt, short, args.new_tokens),
+        engines = {"camelid": camelid_runners(path, prompt, short, args.new_tokens, not args.no_compile),
                    "llama.cpp": llama_cpp_runners(path, prompt, short, args.new_tokens, args.threads)}
         for prefill, decode, _ in engines.values():  # warm-up: first-touch pages, compile kernels
             prefill()

@@ -79,11 +79,11 @@ def _error(message: str) -> int:
     return 1
 
 
-def _load(args):
+def _load(args, decoding: bool = True):
     import torch
 
     from camelid.formats.load import load_model
-    from camelid.model.kernels import enable_fast_decode
+    from camelid.generate.decoding import prepare_for_decoding
 
     _check_threads(args)
     if getattr(args, "threads", None):
@@ -94,8 +94,8 @@ def _load(args):
         from camelid.model.lora import merge_lora
 
         merge_lora(load_adapter(lm.model, args.adapter))  # merged: decoding then costs what the base costs
-    if lm.model.device.type == "cpu" and not args.no_compile and lm.config.dim >= 512:
-        enable_fast_decode(True)  # small models are dominated by Python overhead, not weight reads
+    if decoding:
+        prepare_for_decoding(lm.model, compile=not args.no_compile)
     return lm
 
 
@@ -743,9 +743,9 @@ def cmd_quantize(args):
         info = quantize_while_loading(args.model, args.out, args.mode, args.group_size, args.output_mode,
                                       args.tokenizer, force=args.force)
     else:  # GPTQ measures the float model's layers; an adapter is merged into the float weights first
-        info = quantize_folder(_load(args), args.out, mode=args.mode, group=args.group_size, method=args.method,
-                               calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
-                               seed=args.seed, output=args.output_mode, force=args.force)
+        info = quantize_folder(_load(args, decoding=False), args.out, mode=args.mode, group=args.group_size,
+                               method=args.method, calibration=args.calibration, samples=args.samples,
+                               seq_len=args.seq_len, seed=args.seed, output=args.output_mode, force=args.force)
     layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
 

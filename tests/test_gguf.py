@@ -24,6 +24,7 @@ from camelid.formats.gguf_export import export_gguf
 from camelid.formats.gguf_file import read_gguf, read_gguf_metadata
 from camelid.formats.load import load_model, save_native
 from camelid.formats.loaded import LoadedModel
+from camelid.generate.decoding import decode_step
 from camelid.model import fused_decode, ggml_kernel
 from camelid.model.config import ModelConfig
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
@@ -63,10 +64,12 @@ def assert_agree(ours: np.ndarray, ref: np.ndarray):
     np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
-def decode_logits(model: Transformer, tokens: list[int]) -> np.ndarray:
+def decode_logits(model: Transformer, tokens: list[int], step=None) -> np.ndarray:
+    """Token by token through the KV cache, by the step generation chooses for the model (or by `step`)."""
     cache = model.new_kv_cache(1, len(tokens))
+    step = step or decode_step(model)
     with torch.inference_mode():
-        return torch.cat([model(torch.tensor([[t]]), i, cache)[0] for i, t in enumerate(tokens)]).numpy()
+        return torch.cat([step(torch.tensor([[t]]), i, cache, None)[0] for i, t in enumerate(tokens)]).numpy()
 
 
 def _trained(cfg: ModelConfig, stories, text: str, steps: int = 100) -> Transformer:
@@ -123,11 +126,9 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
     assert_agree(ours, ref)
     decoded = decode_logits(lm.model, tokens)  # token by token through the KV cache, as generation runs
     assert_agree(decoded, ref)
-    fused = getattr(lm.model, "_decode_plan", None) is not None  # the whole step in one C call
+    fused = fused_decode.build_plan(lm.model) is not None  # the whole step in one C call
     assert fused == (kernels == "c-kernel" and ftype != "F16")
-    with pytest.MonkeyPatch.context() as mp:  # the same steps op by op through PyTorch
-        mp.setattr(fused_decode, "decode_step", lambda *args: None)
-        op_by_op = decode_logits(lm.model, tokens)
+    op_by_op = decode_logits(lm.model, tokens, step=lm.model)  # the same steps through the model's forward
     # the same math: equal but where an activation's int8 rounding flips on a last-bit difference
     np.testing.assert_allclose(decoded, op_by_op, atol=0.02)
     kinds = {type(m) for m in lm.model.modules()}
@@ -143,8 +144,9 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
         np.testing.assert_array_equal(again, ours)
 
 
-def test_fused_decode_follows_changes_to_the_model(trained_tiny):
-    """The C step keeps pointers to the weights: a swapped tensor or layer must be seen, not read stale."""
+def test_fused_decode_sees_the_model_as_it_is_when_chosen(trained_tiny):
+    """The C step reads the weights through pointers taken when it is chosen: a step chosen after a tensor or
+    layer was swapped must compute with the new one, as the model's forward does."""
     if not ggml_kernel.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
     root, f32, tokens = trained_tiny
@@ -156,20 +158,15 @@ def test_fused_decode_follows_changes_to_the_model(trained_tiny):
     norm = model.layers[1].mlp_norm
     norm.weight = torch.nn.Parameter(norm.weight * 1.5, requires_grad=False)
     after = decode_logits(model, tokens[:8])
-    assert model._decode_plan is not None and not np.allclose(after, before, atol=0.1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused_decode, "decode_step", lambda *args: None)
-        np.testing.assert_allclose(after, decode_logits(model, tokens[:8]), atol=0.02)
-    assert model._decode_plan.head is not None  # the final norm and output layer run in the C step too
+    assert fused_decode.build_plan(model) is not None and not np.allclose(after, before, atol=0.1)
+    np.testing.assert_allclose(after, decode_logits(model, tokens[:8], step=model), atol=0.02)
+    assert fused_decode.build_plan(model).head is not None  # the final norm and output layer run in C too
     model.norm.weight = torch.nn.Parameter(model.norm.weight * 1.5, requires_grad=False)
     final = decode_logits(model, tokens[:8])
     assert not np.allclose(final, after, atol=0.1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused_decode, "decode_step", lambda *args: None)
-        np.testing.assert_allclose(final, decode_logits(model, tokens[:8]), atol=0.02)
+    np.testing.assert_allclose(final, decode_logits(model, tokens[:8], step=model), atol=0.02)
     model.layers[0].attn.wo = torch.nn.Linear(256, 256, bias=False)  # no longer blocks: op by op again
-    decode_logits(model, tokens[:8])
-    assert model._decode_plan is None
+    assert fused_decode.build_plan(model) is None and decode_step(model) is model
 
 
 KERNEL_CASES = [(t, split, rows, k) for t, split in (("Q4_0", False), ("Q8_0", False), ("Q6_K", False), ("Q4_K", False),

@@ -84,8 +84,9 @@ def test_schedules():
     # warmup as a share of the run (fine-tuning's default): 10% of 110 steps is 11
     cfg = TrainConfig(data="x", lr=1.0, warmup_steps=0, warmup_ratio=0.1, schedule="constant")
     assert lr_at(0, cfg, 110) == pytest.approx(1 / 11) and lr_at(10, cfg, 110) == lr_at(11, cfg, 110) == 1.0
-    with pytest.raises(CamelidError, match="warmup_steps or warmup_ratio, not both"):
-        load_train_config(None, ["data=x", "warmup_steps=5", "warmup_ratio=0.1"])
+    # warmup_steps, when given, overrides warmup_ratio, as in transformers' Trainer
+    cfg = load_train_config(None, ["data=x", "warmup_steps=5", "warmup_ratio=0.1", "schedule=constant", "lr=1"])
+    assert lr_at(4, cfg, 110) == lr_at(5, cfg, 110) == 1.0 and lr_at(3, cfg, 110) == pytest.approx(0.8)
 
 
 def test_no_weight_decay_on_norms_and_biases():

@@ -1,5 +1,6 @@
-"""The README's own examples: every `camelid` command in its fenced sh blocks either runs here, as written
-but for its placeholders (and smaller limits), or is listed below with the reason it cannot run in a test."""
+"""The documentation's own examples: every `camelid` command in the fenced sh blocks of the README and of
+docs/*.md either runs here, as written but for its placeholders (and smaller limits), or is listed below with
+the reason it cannot run in a test."""
 
 import re
 import shlex
@@ -25,6 +26,7 @@ NOT_RUN = {
     "camelid chat out/alpaca-demo/model": "the model `camelid finetune` writes",
     "camelid chat tinyllama": "a downloaded GGUF file",
     "camelid export out/my-model": "your own model",
+    "camelid merge out/base": "an adapter `camelid finetune` writes (tests/test_lora.py merges them)",
     "camelid eval MODEL --suite leaderboard-v1": "ARC's files, which ../shared does not hold",
     "camelid leaderboard results/": "the results of the leaderboard suite",
 }
@@ -32,13 +34,14 @@ SMALLER = [(r"--limit \d+", "--limit 4"), (r"--num 500", "--num 2")]
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The commands in page order, the README first; one that two pages show runs once."""
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line.startswith("camelid "):
-                commands.append(" ".join(line.split()))
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```sh\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                if line.startswith("camelid ") and " ".join(line.split()) not in commands:
+                    commands.append(" ".join(line.split()))
     return commands
 
 
@@ -50,7 +53,7 @@ def test_every_readme_command_is_run_or_says_why_not():
             assert command.split()[1] in RUNNABLE, f"a new README example: run it below or list it: {command}"
 
 
-RUNNABLE = {"generate", "chat", "info", "estimate", "tokenizer", "data", "eval", "quantize"}
+RUNNABLE = {"generate", "chat", "info", "estimate", "tokenizer", "data", "eval", "quantize", "convert"}
 
 
 def test_readme_commands_run(tmp_path):

@@ -23,10 +23,9 @@ from camelid.model.config import ModelConfig
 from camelid.model.quant import (
     QUANTIZED,
     GGMLEmbedding,
-    GGMLLinear,
-    Int4Linear,
     QuantSpec,
     layer_modes,
+    prepare_layers,
     quantized_buffers,
     quantized_shells,
 )
@@ -140,14 +139,9 @@ def load_model(path: str | Path, device: str | None = "cpu", dtype: str | None =
     dt = resolve_dtype(dtype, dev)
     lm = _load(path, dev, dt, tokenizer_path, quantize)
     lm.tokenizer.validate(str(path), lm.config.vocab_size)
-    # Repack int4 weights for the CPU kernel now rather than on the first token; here, once the loaders'
-    # tensor dicts are gone, so the on-disk layout is freed layer by layer instead of living beside the copy.
-    if dev.type == "cpu":
-        for module in lm.model.modules():
-            if isinstance(module, Int4Linear):
-                module.kernel_weight()
-            elif isinstance(module, GGMLLinear):
-                module.prepare()
+    # here, once the loaders' tensor dicts are gone, so a repacked layer's file layout is freed layer by layer
+    # instead of living beside the copy
+    prepare_layers(lm.model)
     return lm
 
 
@@ -235,12 +229,7 @@ def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -
     sd, packed = gguf.state_dict_from_gguf(gf, cfg, dtype, cpu_kernel=torch.device(device).type == "cpu")
     model = build_model(cfg, sd, str(path), device, dtype, quantize)
     del sd
-    modules = dict(model.named_modules())
-    for name in packed:  # tensors the loader already laid out for the CPU kernels
-        if isinstance(modules[name], GGMLLinear):
-            modules[name].split = True
-        else:
-            modules[name].cpu_layout = True
+    prepare_layers(model, packed)
     return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
 
 

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from camelid.errors import CamelidError
+from camelid.generate.decoding import decode_step
 from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.transformer import Transformer
 
@@ -73,6 +74,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = sum(len(p) for p in prompts)
 
+    step_once = decode_step(model)
     t0 = time.perf_counter()
     logits = model(tokens, 0, kv_cache, None if pad_mask is None else pad_mask[:, :longest], last_only=True)
     for step in range(max_new_tokens):
@@ -100,7 +102,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         pos = longest + step
         mask = None if pad_mask is None else pad_mask[:, :pos + 1]
         t0 = time.perf_counter()
-        logits = model(nxt.view(B, 1), pos, kv_cache, mask)
+        logits = step_once(nxt.view(B, 1), pos, kv_cache, mask)
 
 
 class StopStrings:

@@ -2,15 +2,15 @@
 
 Through PyTorch, one token costs about fifteen small ops a layer (norms, rotary, cache writes, attention,
 SwiGLU); on a 22-layer model their dispatch is about 10 ms, a third of a Q4_0 token. ggml_gemv.c's
-`ggml_llama_decode` runs the same math in one parallel region. The model's forward stays the reference:
-the tests hold the two together. Everything else (prompts, batches, other families, float or int4 weights,
-bf16, gradients, LoRA) goes through the forward as it is.
+`ggml_llama_decode` runs the same math in one parallel region. The generation layer asks for a plan once per
+decoding run (generate/decoding.py) and falls back to the model's forward, which stays the reference (the
+tests hold the two together), for everything else: prompts, batches, other families, float or int4 weights,
+bf16, gradients, LoRA.
 """
 
 from __future__ import annotations
 
 import ctypes
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -18,39 +18,23 @@ import torch
 from camelid.model import ggml_kernel
 from camelid.model.kv_cache import KVCache
 from camelid.model.quant import GGMLLinear
+from camelid.model.transformer import linear
 
 
 @dataclass
 class DecodePlan:
     layers: ctypes.Array  # ggml_kernel.LlamaLayer per block
     dims: ggml_kernel.LlamaDims
-    parts: list  # the modules and tensors the pointers come from (see _parts)
     head: ggml_kernel.LlamaHead | None  # the final norm and output layer, where the C step runs them too
-    cache: tuple = (None, None, None)  # (weakref to the last KVCache seen, its k pointers, its v pointers)
-
-
-def _parts(model) -> list:
-    """What the plan's pointers depend on: once any of these objects is swapped (LoRA wrapping, a reload, a
-    move, a repack), the plan is rebuilt. Checked every token, so read from the modules' own dicts: through
-    nn.Module.__getattr__ this took a third of a millisecond on a 22-layer model."""
-    parts = []
-    for block in model.layers:
-        sub = block._modules
-        attn, mlp = sub["attn"]._modules, sub["mlp"]._modules
-        parts += [sub["attn_norm"]._parameters.get("weight"), sub["mlp_norm"]._parameters.get("weight")]
-        for layer in (attn["wqkv"], attn["wo"], mlp["w_in"], mlp["w_out"]):
-            parts += [layer, layer._buffers.get("blocks")]
-    norm, output = model._modules["norm"], model._modules["output"]
-    return parts + [norm, None if norm is None else norm._parameters.get("weight"), output,
-                    output._buffers.get("blocks")]
+    cache: tuple = (None, None, None)  # (the last KVCache seen, its k pointers, its v pointers)
 
 
 def _shaped_for_it(model) -> bool:
     cfg = model.cfg
     return (cfg.norm == "rmsnorm" and cfg.pre_norm and not cfg.parallel_residual and cfg.gated_mlp
             and cfg.activation == "silu" and cfg.positions == "rope" and not cfg.rope_interleaved
-            and cfg.rotary_dim == cfg.head_dim and model.dtype == torch.float32 and model.device.type == "cpu"
-            and ggml_kernel.available())
+            and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim and model.dtype == torch.float32
+            and model.device.type == "cpu" and ggml_kernel.available())
 
 
 def _kind(layer) -> int | None:
@@ -61,7 +45,8 @@ def _kind(layer) -> int | None:
 
 
 def build_plan(model) -> DecodePlan | None:
-    """The C step's view of the model's weights, or None when the model is not one it runs."""
+    """The C step's view of the model's weights (raw pointers: valid while the model's modules and tensors
+    stay as they are, so a plan lives for one decoding run), or None when the model is not one it runs."""
     if type(model.layers[0].attn.wqkv) is not GGMLLinear or not _shaped_for_it(model):
         return None
     layers = []
@@ -75,7 +60,7 @@ def build_plan(model) -> DecodePlan | None:
                                              *kinds))
     cfg = model.cfg
     dims = ggml_kernel.LlamaDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, 0, cfg.norm_eps)
-    return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, _parts(model), _head(model))
+    return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, _head(model))
 
 
 def _head(model) -> ggml_kernel.LlamaHead | None:
@@ -88,35 +73,28 @@ def _head(model) -> ggml_kernel.LlamaHead | None:
 
 
 def _cache_pointers(plan: DecodePlan, kv_cache: KVCache):
-    seen = plan.cache[0]
-    if seen is None or seen() is not kv_cache:  # a weak reference: the plan must not keep a cache alive
+    if plan.cache[0] is not kv_cache:
         pointers = [(ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts)) for ts in (kv_cache.k, kv_cache.v)]
-        plan.cache = (weakref.ref(kv_cache), *pointers)
+        plan.cache = (kv_cache, *pointers)
     return plan.cache[1], plan.cache[2]
 
 
-def decode_step(model, x: torch.Tensor, rope, mask, kv_cache: KVCache | None, start,
-                with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Every block of one decode step on x (1, 1, dim) -> (the last block's output, and where asked and the
-    output layer is in blocks too, the logits (1, 1, vocab)), or None where the C step does not apply."""
-    if (kv_cache is None or mask is not None or not isinstance(start, int) or x.shape[:2] != (1, 1)
-            or model.training or torch.is_grad_enabled() or x.dtype != torch.float32 or rope is None
-            or start >= kv_cache.max_len):
-        return None
-    plan = getattr(model, "_decode_plan", None)
-    if plan is None or any(a is not b for a, b in zip(plan.parts, _parts(model))):
-        plan = build_plan(model)
-        model._decode_plan = plan
-        if plan is None:
-            return None
-    if not all(t.shape[0] == 1 and t.dtype == torch.float32 and t.is_contiguous() for t in kv_cache.k + kv_cache.v):
+def decode_step(plan: DecodePlan, model, tokens: torch.Tensor, start: int, kv_cache: KVCache) -> torch.Tensor | None:
+    """Logits (1, 1, vocab) for one token (1, 1) at cache position `start`, what the model's forward returns
+    for it, or None where the C step does not apply to this call."""
+    if (tokens.shape != (1, 1) or model.training or torch.is_grad_enabled() or start >= kv_cache.max_len
+            or not all(t.shape[0] == 1 and t.dtype == torch.float32 and t.is_contiguous()
+                       for t in kv_cache.k + kv_cache.v)):
         return None
     plan.dims.max_len = kv_cache.max_len
     k_ptrs, v_ptrs = _cache_pointers(plan, kv_cache)
-    cos, sin = (r.reshape(-1).contiguous() for r in rope)
-    x = x.reshape(-1).clone()
-    head = plan.head if with_logits else None
-    logits = None if head is None else torch.empty(head.n_vocab)
-    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, cos, sin, head, logits):
+    freqs = torch.tensor(float(start)) * model.inv_freq  # the forward's rotary angles, halves not interleaved
+    freqs = torch.cat((freqs, freqs))
+    x = model.tok_embeddings(tokens).reshape(-1).clone()
+    logits = None if plan.head is None else torch.empty(plan.head.n_vocab)
+    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, freqs.cos(), freqs.sin(),
+                                    plan.head, logits):
         return None
-    return x.view(1, 1, -1), None if logits is None else logits.view(1, 1, -1)
+    if logits is None:
+        return linear(model.norm(x.view(1, 1, -1)), model.output).float()
+    return logits.view(1, 1, -1)

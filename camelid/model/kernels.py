@@ -1,4 +1,4 @@
-"""Decode-time matrix-vector products for CPUs.
+"""Decode-time matrix-vector products for CPUs, swapped into a model's float layers from outside it.
 
 Batch-1 decode reads every weight once per token, so its speed is memory bandwidth. PyTorch's CPU
 `F.linear` with one input row goes through BLAS gemv, which on x86 uses one thread for fp32 and reaches
@@ -13,25 +13,12 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
-_state = {"enabled": False, "gemv": None}
 
-
-def enable_fast_decode(enabled: bool = True) -> bool:
-    """Turn the compiled CPU decode kernel on or off; returns whether it is on (needs a C++ compiler)."""
-    if enabled and _state["gemv"] is None:
-        try:
-            import torch._dynamo
-
-            # One compiled kernel per weight shape; a model has about five.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            _state["gemv"] = torch.compile(_gemv, dynamic=False)
-        except Exception as exc:  # no inductor on this platform
-            log.warning("fast decode kernel unavailable (%s); using F.linear", exc)
-            enabled = False
-    _state["enabled"] = enabled
-    return enabled
+# Batched decode: oneDNN's bf16 kernel already reads the weights once for up to 8 rows; fp32 BLAS does not.
+MAX_KERNEL_ROWS = 8
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -44,30 +31,63 @@ def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return prod.sum(-1).sum(-1).t().to(x.dtype)
 
 
-def _use_kernel(x: torch.Tensor, layer: torch.nn.Module) -> bool:
-    if not (_state["enabled"] and type(layer) is torch.nn.Linear and x.device.type == "cpu"
-            and not torch.is_grad_enabled()):
-        return False
-    rows = x.shape[:-1].numel()
-    # Batched decode: oneDNN's bf16 kernel already reads the weights once for up to 8 rows; fp32 BLAS does not.
-    return rows == 1 or (rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32)
+class CompiledGemv:
+    """The compiled product, shared by the layers of one model: a compiler failure turns it off for all of
+    them (with one warning), and generation goes on through F.linear."""
 
+    def __init__(self):
+        import torch._dynamo
 
-MAX_KERNEL_ROWS = 8
+        # One compiled kernel per weight shape; a model has about five.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.fn = torch.compile(_gemv, dynamic=False)
 
-
-def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    if type(layer) is not torch.nn.Linear:  # LoRA and quantized layers bring their own forward
-        return layer(x)
-    if _use_kernel(x, layer):
+    def __call__(self, x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        if self.fn is None:
+            return None
+        if x2.shape[0] > 1:
+            torch._dynamo.mark_dynamic(x2, 0)  # one compiled kernel for every batch size
         try:
-            x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] > 1:
-                torch._dynamo.mark_dynamic(x2, 0)  # one compiled kernel for every batch size
-            y = _state["gemv"](x2, layer.weight).view(*x.shape[:-1], -1)
+            return self.fn(x2, w)
         except Exception as exc:  # a compiler failure must not stop generation
             log.warning("fast decode kernel failed (%s); using F.linear", str(exc).splitlines()[0])
-            _state["enabled"] = False
-            return layer(x)
-        return y if layer.bias is None else y + layer.bias
-    return F.linear(x, layer.weight, layer.bias)
+            self.fn = None
+            return None
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose few-row, no-grad CPU products go through the compiled kernel; the same parameters (and
+    state-dict keys) as the layer it replaces."""
+
+    def __init__(self, layer: nn.Linear, kernel: CompiledGemv):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight, self.bias = layer.weight, layer.bias
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if (x.device.type == "cpu" and not torch.is_grad_enabled()
+                and (rows == 1 or (rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32))):
+            y = self.kernel(x.reshape(-1, x.shape[-1]), self.weight)
+            if y is not None:
+                y = y.view(*x.shape[:-1], -1)
+                return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_gemv_kernel(model: nn.Module) -> int:
+    """Swap every plain nn.Linear of `model` for a GemvLinear on the same weights; returns how many. Where
+    inductor cannot be set up (no C++ compiler on this platform), nothing is swapped and 0 is returned."""
+    try:
+        kernel = CompiledGemv()
+    except Exception as exc:
+        log.warning("fast decode kernel unavailable (%s); using F.linear", exc)
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, GemvLinear(child, kernel))
+                swapped += 1
+    return swapped

@@ -218,6 +218,14 @@ class Int4Linear(nn.Module):
         self.scales_zeros = kernel_scales_zeros(scales, zeros, dtype)
         self.cpu_layout = False
 
+    def prepare(self, packed: bool = False):
+        """Once loaded: on a CPU, repack the weight into PyTorch's int4 kernel layout now rather than on the
+        first token. `packed`: the loader already wrote it in that layout."""
+        if packed:
+            self.cpu_layout = True
+        elif self.weight.device.type == "cpu":
+            self.kernel_weight()
+
     def kernel_weight(self) -> torch.Tensor:
         if not self.cpu_layout:
             self.weight = pack_for_cpu_kernel(unpack_int4(self.weight))
@@ -299,9 +307,12 @@ class GGMLLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.split = False  # Q4_0/Q4_1 rows repacked for the kernel (ggml_kernel.split_rows)
 
-    def prepare(self):
-        """Once loaded: repack Q4_0 into the layout the CPU kernel reads fastest (same size)."""
-        if (not self.split and int(self.ggml_type) in ggml_kernel.SPLIT and self.in_features % 128 == 0
+    def prepare(self, packed: bool = False):
+        """Once loaded: repack Q4_0/Q4_1 rows into the layout the CPU kernel reads fastest (same size).
+        `packed`: the loader already wrote them in that layout."""
+        if packed:
+            self.split = True
+        elif (not self.split and int(self.ggml_type) in ggml_kernel.SPLIT and self.in_features % 128 == 0
                 and self.blocks.device.type == "cpu" and ggml_kernel.available()):
             self.blocks = ggml_kernel.split_rows(self.blocks, int(self.ggml_type),
                                                  ggml_kernel.weight_buffer(*self.blocks.shape))
@@ -334,6 +345,14 @@ class GGMLLinear(nn.Module):
 
 
 QUANTIZED = (Int8Linear, Int4Linear, GGMLLinear)
+
+
+def prepare_layers(model: nn.Module, packed: frozenset[str] | set[str] = frozenset()):
+    """Every quantized layer laid out for the kernel of the device it is on (see their `prepare`); `packed`
+    names the layers a loader already wrote in that layout."""
+    for name, module in model.named_modules():
+        if isinstance(module, (Int4Linear, GGMLLinear)):
+            module.prepare(name in packed)
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

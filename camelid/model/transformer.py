@@ -14,11 +14,18 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from camelid.model import fused_decode
 from camelid.model.config import ModelConfig
 from camelid.model.dropout import dropout
-from camelid.model.kernels import linear
 from camelid.model.kv_cache import KVCache
+
+
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(x); a plain nn.Linear is called as F.linear, skipping Module.__call__ (hooks and all): at batch 1
+    on a CPU its overhead is a visible share of a small model's token. Other layers (LoRA, quantized, a
+    decode kernel swapped in from outside) bring their own forward."""
+    if type(layer) is nn.Linear:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
@@ -288,16 +295,9 @@ class Transformer(nn.Module):
             else:
                 freqs = freqs.repeat_interleave(2, dim=-1)
             rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
-        # a LLaMA-shaped GGUF model's decode step runs in one C call (None where that does not apply)
-        fused = fused_decode.decode_step(self, x, rope, mask, kv_cache, start, logits_at is None)
-        if fused is not None and fused[1] is not None:
-            return fused[1]
-        keep = logits_at if fused is None and not last_only else None
-        x = fused[0] if fused is not None else self._blocks(x, rope, mask, kv_cache, start, keep)
+        x = self._blocks(x, rope, mask, kv_cache, start, None if last_only else logits_at)
         if last_only:
             x = x[:, -1:]
-        elif logits_at is not None and keep is None:
-            x = x.flatten(0, 1)[logits_at]
         if self.norm is not None:
             x = self.norm(x)
         if cfg.embed_proj_dim:

@@ -22,6 +22,7 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.formats.loaded import LoadedModel
+from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
 from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
@@ -90,6 +91,7 @@ class Engine:
         self.max_queue = max_queue
         self.ctx = lm.config.max_seq_len
         self.cache = _allocate_cache(self.model, max_batch, self.ctx)
+        self.decode = decode_step(self.model)  # the served model's weights stay as they are
         self.device = self.model.device
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []
@@ -185,9 +187,11 @@ class Engine:
     def _step(self):
         n = len(self.active)
         tokens = torch.tensor([[s.last] for s in self.active], device=self.device)
-        starts = torch.tensor([s.length for s in self.active], device=self.device)
+        # one request alone: a plain position, which the C decode step takes
+        starts = self.active[0].length if n == 1 else torch.tensor([s.length for s in self.active],
+                                                                    device=self.device)
         try:
-            logits = self.model(tokens, starts, self.cache.rows(0, n))[:, -1]
+            logits = self.decode(tokens, starts, self.cache.rows(0, n), None)[:, -1]
         except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
             for slot in self.active:
                 self._fail(slot.req, exc)

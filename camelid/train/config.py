@@ -23,7 +23,7 @@ class RunConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
-    warmup_ratio: float = 0.0  # warmup as a share of the run, when warmup_steps is 0
+    warmup_ratio: float = 0.0  # warmup as a share of the run; warmup_steps > 0 overrides it (as in HF's Trainer)
     schedule: str = "cosine"  # after warmup: cosine | linear | step | exponential | constant
     decay_every: int = 1000  # step schedule: multiply by decay_gamma every decay_every steps
     decay_gamma: float = 0.5  # step and exponential schedules
@@ -52,8 +52,7 @@ class RunConfig:
                   (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
                   (self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
                   (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-                  (not (self.warmup_steps and self.warmup_ratio), "give warmup_steps or warmup_ratio, not both")]
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")]
         for key in ("micro_batch", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last",
                     "decay_every"):
             checks.append((isinstance(getattr(self, key), int) and getattr(self, key) > 0,

@@ -1,0 +1,168 @@
+"""Fills the tables of docs/benchmarks.md from the JSON lines the bench scripts printed.
+
+Each bench's latest run is kept in bench/results/NAME.jsonl (its stdout's JSON lines, as printed); a table
+`<!-- table:NAME -->` shows that file, laid out by the lines' "bench" field:
+
+    python bench/generate.py > bench/results/generate.jsonl
+    python bench/report.py            # rewrites the tables between the <!-- table:NAME --> markers
+    python bench/report.py --check    # exit 1 if docs/benchmarks.md is not what the results give
+
+The prose around the tables is written by hand; every figure in a table comes from a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+
+
+def _x(v) -> str:
+    return f"**{v:.2f}x**" if v is not None else ""
+
+
+def _n(v, digits=1) -> str:
+    return f"{v:,.{digits}f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def generate(rows):
+    yield "| dtype | camelid decode | transformers decode | ratio | camelid prefill | transformers prefill | ratio |"
+    yield "|---|---|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['dtype']} | {_n(r['camelid_decode_tok_s'])} tok/s | {_n(r['transformers_decode_tok_s'])} | "
+               f"{_x(r['decode_ratio'])} | {_n(r['camelid_prefill_tok_s'])} tok/s | "
+               f"{_n(r['transformers_prefill_tok_s'])} | {_x(r['prefill_ratio'])} |")
+
+
+def gguf_speed(rows):
+    yield "| file | camelid prompt | llama.cpp prompt | ratio | camelid decode | llama.cpp decode | ratio |"
+    yield "|---|---|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['file']} ({_mb(r['bytes'])}) | {_n(r['camelid_prompt_tok_s'])} tok/s | "
+               f"{_n(r['llama_cpp_prompt_tok_s'])} | {_x(r['prompt_ratio'])} | {_n(r['camelid_decode_tok_s'])} tok/s | "
+               f"{_n(r['llama_cpp_decode_tok_s'])} | {_x(r['decode_ratio'])} |")
+
+
+def gguf_memory(rows):
+    yield ("| file | camelid: open + first token | peak over baseline / file size | llama.cpp: open + first token "
+           "| peak over baseline / file size |")
+    yield "|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['file']} ({_mb(r['bytes'])}) | {r['camelid_first_token_s']:.2f} s | "
+               f"{r['camelid_peak_over_baseline_over_file']:.2f}x | {r['llama_cpp_first_token_s']:.2f} s | "
+               f"{r['llama_cpp_peak_over_baseline_over_file']:.2f}x |")
+
+
+def gguf_quality(rows):
+    yield "| file (by llama-quantize) | size | camelid perplexity | llama.cpp perplexity |"
+    yield "|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['file']} | {r['bytes'] / 1e6:.1f} MB | {r['camelid_perplexity']:.3f} | "
+               f"{r['llama_cpp_perplexity']:.3f} |")
+
+
+def train(rows):
+    gpu = any("camelid_peak_mb" in r for r in rows)
+    yield ("| size | dtype | device | camelid (compile) | transformers | ratio | camelid MFU |"
+           + (" camelid peak | transformers peak | memory |" if gpu else ""))
+    yield "|---|---|---|---|---|---|---|" + ("---|---|---|" if gpu else "")
+    for r in rows:
+        line = (f"| {r['params']} | {r['dtype']} | {r.get('device', 'cpu')} | {_n(r['camelid_tok_s'], 0)} tok/s | "
+                f"{_n(r['transformers_tok_s'], 0)} | {_x(r['ratio'])} | {r['camelid_mfu']:.2f} |")
+        if gpu:
+            line += (f" {r['camelid_peak_mb']:,} MB | {r['transformers_peak_mb']:,} MB | "
+                     f"{_x(r['memory_ratio'])} |")
+        yield line
+
+
+def finetune(rows):
+    yield "| dtype | camelid base | camelid | PEFT | speed | paired speed | camelid peak | PEFT peak | memory |"
+    yield "|---|---|---|---|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['dtype']} | {r['camelid_base']} | {_n(r['camelid_tok_s'])} tok/s | {_n(r['peft_tok_s'])} | "
+               f"{_x(r['speed_ratio'])} | {_x(r['paired_speed_ratio'])} | {r['camelid_peak_mb']:,} MB | "
+               f"{r['peft_peak_mb']:,} MB | {_x(r['memory_ratio'])} |")
+
+
+def eval_speed(rows):
+    yield "| task | camelid | lm-eval (HF backend) | ratio | same accuracy |"
+    yield "|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['task']} {r['shots']}-shot, {r['items']} questions | {r['camelid_items_per_s']:.2f} items/s | "
+               f"{r['lm_eval_items_per_s']:.2f} items/s (batch {r['lm_eval_batch_size']}) | {_x(r['ratio'])} | "
+               f"{'yes' if r['acc_equal'] else 'no'} |")
+
+
+def serve_load(rows):
+    yield "| clients | requests/s | generated tok/s | p50 latency | p95 latency | p50 first token | errors |"
+    yield "|---|---|---|---|---|---|---|"
+    for r in rows:
+        if r.get("summary"):
+            yield f"| 8 vs 1 | | {_x(r['ratio_8_vs_1'])} | | | | {r['errors']} |"
+        else:
+            yield (f"| {r['clients']} | {r['requests_per_s']:.2f} | {_n(r['generated_tokens_per_s'])} | "
+                   f"{r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | {r['ttft_p50_s']:.2f} s | "
+                   f"{r['errors']} |")
+
+
+# by the "bench" field of the JSON lines
+TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
+          "gguf_quality": gguf_quality, "train": train,
+          "finetune-lora": finetune, "eval_speed": eval_speed, "serve_load": serve_load}
+
+
+def read_results(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{PAGE}: a table reads {path}, which does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({exc})") from None
+    return rows
+
+
+def render(page: str) -> str:
+    def table(match: re.Match) -> str:
+        name = match.group(1)
+        rows = read_results(name)
+        kind = rows[0].get("bench") if rows else None
+        if kind not in TABLES:
+            raise SystemExit(f"bench/results/{name}.jsonl: no JSON lines of a bench this page has tables for")
+        body = "\n".join(TABLES[kind](rows))
+        notes = sorted({r["note"] for r in rows if r.get("note")})
+        if notes:  # figures not printed by this checkout's run of the bench say where they come from
+            body += "\n\n" + "\n".join(f"*{note[0].upper()}{note[1:]}.*" for note in notes)
+        return f"<!-- table:{name} -->\n{body}\n<!-- /table -->"
+
+    return re.sub(r"<!-- table:([\w-]+) -->\n.*?<!-- /table -->", table, page, flags=re.S)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true", help="exit 1 if the page's tables are out of date")
+    args = ap.parse_args()
+    page = PAGE.read_text(encoding="utf-8")
+    new = render(page)
+    if args.check:
+        if new != page:
+            sys.exit(f"{PAGE} is out of date with bench/results: run python bench/report.py")
+        return
+    PAGE.write_text(new, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
