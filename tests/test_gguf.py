@@ -299,7 +299,7 @@ def test_export_carries_tokenizer_template_and_stop_tokens(trained_tiny):
     assert "### Response:" in llm.metadata["tokenizer.chat_template"]
 
 
-FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's and Falcon-40B's shapes
+FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Falcon-40B's and Qwen's shapes
     "gpt_neox": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
                      rotary_pct=0.25, qkv_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4),
     "gpt_neox-sequential": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False,
@@ -308,6 +308,8 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's and 
                       shared_parallel_norm=True, n_kv_heads=1, tie_embeddings=True),
     "falcon-40b": dict(arch="falcon", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
                        n_kv_heads=2),
+    "qwen2": dict(arch="qwen2", qkv_bias=True, n_kv_heads=2, tie_embeddings=True, rope_theta=1e6),
+    "qwen3": dict(arch="qwen3", qk_norm=True, n_kv_heads=2, head_dim=32),
 }
 
 
@@ -324,9 +326,9 @@ def family(request, tmp_path_factory, shakespeare):
 
 
 def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family):
-    """GPT-NeoX and Falcon: camelid's F32 export runs in llama.cpp with camelid's logits (llama.cpp's GELU is
-    a tanh approximation, hence the tolerance), and the files llama.cpp quantizes from it run in camelid
-    with llama.cpp's logits."""
+    """GPT-NeoX, Falcon, Qwen2 and Qwen3: camelid's F32 export runs in llama.cpp with camelid's logits
+    (llama.cpp's GELU is a tanh approximation, hence the tolerance), and the files llama.cpp quantizes from it
+    run in camelid with llama.cpp's logits."""
     root, lm, f32, tokens = family
     want = lm.model(torch.tensor([tokens]))[0].numpy()
     ours = load_model(f32)

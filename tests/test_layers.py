@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "camelid"
 
 # Each part of camelid by its layer: a module may import its own layer's and lower layers' modules only.
-LAYERS = {"errors": 0, "files": 1, "model": 1, "tokenizer": 2, "data": 3, "formats": 3, "generate": 4, "info": 4,
+LAYERS = {"errors": 0, "files": 1, "model": 1, "families": 2, "tokenizer": 2, "data": 3, "formats": 3, "generate": 4, "info": 4,
           "quantize": 4, "train": 5, "chat": 6, "eval": 6, "serve": 6, "cli": 7, "__main__": 8}
 
 

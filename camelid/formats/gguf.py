@@ -1,7 +1,7 @@
 """Running llama.cpp's GGUF files (LLaMA family, GPT-2, GPT-NeoX, Falcon): config, tokenizer and weights all
-come from the file.
+come from the file. Each family's metadata keys and tensor names are in its module under `camelid/families/`.
 
-Weights map onto camelid's layers as directly as the kernels allow (README "GGUF"):
+Weights map onto camelid's layers as directly as the kernels allow (docs/gguf-and-kernels.md):
 - F32/F16/BF16 stay float (a zero-copy view when the dtype matches).
 - Where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as llama.cpp computes them), Q4_0 and
   Q8_0 stay in their blocks and Q4_1/Q4_K become Q4_1 blocks (exactly), Q4 rows repacked for the kernel.
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from camelid.errors import CamelidError
+from camelid.families import GGUF_ARCHS, family
+from camelid.families.spec import GGUFPart
 from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups, quantize_q8_0
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
 from camelid.model import ggml_kernel
@@ -31,8 +33,6 @@ from camelid.model.quant import int4_fits, kernel_block, pack_for_cpu_kernel, pa
 from camelid.model.transformer import Transformer
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-# camelid's family -> llama.cpp's architecture (llama.cpp has no GPT-J or OPT graph: no GGUF runs them)
-GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2", "gpt_neox": "gptneox", "falcon": "falcon"}
 
 
 def _key(meta: dict, source: str, key: str, kind=int, default=None):
@@ -53,61 +53,50 @@ def _key(meta: dict, source: str, key: str, kind=int, default=None):
 def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     meta, src = gf.metadata, str(gf.path)
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHS.values():
-        raise CamelidError(f"{src}: general.architecture={arch!r} is not supported "
-                           f"({', '.join(GGUF_ARCHS.values())})")
+    if arch not in GGUF_ARCHS:
+        raise CamelidError(f"{src}: general.architecture={arch!r} is not supported ({', '.join(GGUF_ARCHS)})")
     if "token_embd.weight" not in gf.tensors:
         raise CamelidError(f"{src}: tensor 'token_embd.weight' is missing")
-    n_heads = _key(meta, src, f"{arch}.attention.head_count")
-    dim = _key(meta, src, f"{arch}.embedding_length")
-    n_layers = _key(meta, src, f"{arch}.block_count")
-    ffn_dim = _key(meta, src, f"{arch}.feed_forward_length")
-    max_seq_len = _key(meta, src, f"{arch}.context_length", default=2048)
+
+    def key(name: str, kind=int, default=None):
+        return _key(meta, src, f"{arch}.{name}", kind, default)
+
+    def floats(name: str) -> np.ndarray:
+        t = gf.tensors[name]
+        return dequantize(t.data, t.type, (-1,))
+
+    fields = {**_sizes(gf, key, arch), **GGUF_ARCHS[arch].gguf.config(gf, key, floats)}
+    try:
+        return ModelConfig(**fields)
+    except CamelidError as exc:
+        raise CamelidError(f"{src}: {exc}") from None
+
+
+def _sizes(gf: GGUFFile, key, arch: str) -> dict:
+    """The sizes every architecture's metadata gives, checked against the tensors before anything is built."""
+    src = str(gf.path)
+    n_heads, dim = key("attention.head_count"), key("embedding_length")
+    n_layers, ffn_dim = key("block_count"), key("feed_forward_length")
+    max_seq_len = key("context_length", default=2048)
     embd = gf.tensors["token_embd.weight"]
-    # sizes are checked against the tensors before anything is built from them
     down = gf.tensors.get(f"blk.{n_layers - 1}.ffn_down.weight")
     if embd.shape[-1] != dim or n_heads > dim or down is None or len(down.shape) != 2 \
             or ffn_dim not in down.shape or (arch == "gpt2" and max_seq_len > len(gf.tensors.get(
                 "position_embd.weight", embd).data)):
         raise CamelidError(f"{src}: the metadata's sizes (embedding_length={dim}, block_count={n_layers}, "
                            f"feed_forward_length={ffn_dim}) do not match the file's tensors")
-    common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len,
-                  vocab_size=embd.shape[0], tie_embeddings="output.weight" not in gf.tensors)
-    if arch != "llama":
-        common.update(norm="layernorm", gated_mlp=False,
-                      norm_eps=_key(meta, src, f"{arch}.attention.layer_norm_epsilon", float, 1e-5))
-    if arch == "gpt2":
-        return ModelConfig(arch="gpt2", **common, activation="gelu_tanh", positions="learned", qkv_bias=True,
-                           attn_out_bias=True, mlp_bias=True)
-    head_dim = _key(meta, src, f"{arch}.attention.key_length", default=max(dim // n_heads, 1))
-    rope_dim = _key(meta, src, f"{arch}.rope.dimension_count", default=head_dim)
+    head_dim = key("attention.key_length", default=max(dim // n_heads, 1))
+    rope_dim = key("rope.dimension_count", default=head_dim)
     if rope_dim > head_dim or rope_dim % 2:
         raise CamelidError(f"{src}: {arch}.rope.dimension_count={rope_dim} does not fit heads of {head_dim}")
-    n_kv_heads = _key(meta, src, f"{arch}.attention.head_count_kv", default=n_heads)
+    n_kv_heads = key("attention.head_count_kv", default=n_heads)
     if n_heads % n_kv_heads:
         raise CamelidError(f"{src}: {arch}.attention.head_count_kv={n_kv_heads} does not divide "
                            f"head_count={n_heads}")
-    rope = dict(head_dim=head_dim, rotary_pct=rope_dim / head_dim, n_kv_heads=n_kv_heads,
-                rope_theta=_key(meta, src, f"{arch}.rope.freq_base", float, 10000.0))
-    # HF's NeoX and Falcon use exact GELU (llama.cpp approximates it with tanh); camelid runs the original
-    if arch == "gptneox":
-        parallel = meta.get("gptneox.use_parallel_residual", True)
-        if not isinstance(parallel, bool):
-            raise CamelidError(f"{src}: metadata key 'gptneox.use_parallel_residual' should be bool, got {parallel!r}")
-        return ModelConfig(arch="gpt_neox", **common, **rope, activation="gelu", parallel_residual=parallel,
-                           qkv_bias=True, attn_out_bias=True, mlp_bias=True)
-    if arch == "falcon":
-        two_norms = "blk.0.attn_norm_2.weight" in gf.tensors  # Falcon-40B's ln_attn and ln_mlp
-        return ModelConfig(arch="falcon", **common, **rope, activation="gelu", parallel_residual=True,
-                           shared_parallel_norm=not two_norms)
-    scaling = None
-    if meta.get("llama.rope.scaling.type") == "linear":
-        scaling = {"type": "linear", "factor": _key(meta, src, "llama.rope.scaling.factor", float)}
-    if "rope_freqs.weight" in gf.tensors:  # Llama 3.1: per-frequency divisors, stored as a tensor
-        factors = dequantize(gf.tensors["rope_freqs.weight"].data, gf.tensors["rope_freqs.weight"].type, (-1,))
-        scaling = {"type": "factors", "factors": factors.tolist()}
-    return ModelConfig(arch="llama", **common, **rope, rope_scaling=scaling,
-                       norm_eps=_key(meta, src, "llama.attention.layer_norm_rms_epsilon", float, 1e-5))
+    return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len,
+                vocab_size=embd.shape[0], tie_embeddings="output.weight" not in gf.tensors, head_dim=head_dim,
+                rotary_pct=rope_dim / head_dim, n_kv_heads=n_kv_heads,
+                rope_theta=key("rope.freq_base", float, 10000.0))
 
 
 def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
@@ -116,42 +105,20 @@ def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
     return raw.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
 
 
-def fused_layer_names(cfg: ModelConfig) -> dict[str, str]:
-    """camelid layer -> llama.cpp tensor, for the families whose GGUF keeps QKV fused in camelid's [q; k; v]
-    order (GPT-2, GPT-NeoX, Falcon: llama.cpp's converter puts NeoX's and Falcon's per-head rows in that order,
-    as camelid's Hugging Face loader does)."""
-    names = {"attn_norm": "attn_norm", "attn.wqkv": "attn_qkv", "attn.wo": "attn_output", "mlp_norm": "ffn_norm",
-             "mlp.w_in": "ffn_up", "mlp.w_out": "ffn_down"}
-    if cfg.arch == "falcon":  # llama.cpp's attn_norm feeds the MLP; Falcon-40B's attention has attn_norm_2
-        del names["mlp_norm"]
-        if not cfg.shared_parallel_norm:
-            names.update(attn_norm="attn_norm_2", mlp_norm="attn_norm")
-    return names
+def layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[GGUFPart]]:
+    """camelid tensor of block i -> the GGUF tensors whose rows it concatenates."""
+    return {f"layers.{i}.{ours}": [p._replace(name=p.name.format(i=i)) for p in parts]
+            for ours, parts in family(cfg.arch).gguf.layer_parts(cfg).items()}
 
 
-def _layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[tuple[str, int | None]]]:
-    """camelid tensor -> [(GGUF tensor, heads to un-permute or None)] whose rows it concatenates."""
-    b = f"blk.{i}."
-    if cfg.arch != "llama":
-        return {f"layers.{i}.{ours}.{p}": [(f"{b}{theirs}.{p}", None)]
-                for ours, theirs in fused_layer_names(cfg).items() for p in ("weight", "bias")}
-    return {f"layers.{i}.attn_norm.weight": [(f"{b}attn_norm.weight", None)],
-            f"layers.{i}.attn.wqkv.weight": [(f"{b}attn_q.weight", cfg.n_heads), (f"{b}attn_k.weight", cfg.n_kv_heads),
-                                             (f"{b}attn_v.weight", None)],
-            f"layers.{i}.attn.wo.weight": [(f"{b}attn_output.weight", None)],
-            f"layers.{i}.mlp_norm.weight": [(f"{b}ffn_norm.weight", None)],
-            f"layers.{i}.mlp.w_in.weight": [(f"{b}ffn_gate.weight", None), (f"{b}ffn_up.weight", None)],
-            f"layers.{i}.mlp.w_out.weight": [(f"{b}ffn_down.weight", None)]}
-
-
-def _global_parts(cfg: ModelConfig, gf: GGUFFile) -> dict[str, list[tuple[str, int | None]]]:
-    parts = {"tok_embeddings.weight": [("token_embd.weight", None)], "norm.weight": [("output_norm.weight", None)]}
-    if cfg.arch == "gpt2":
-        parts["pos_embeddings.weight"] = [("position_embd.weight", None)]
+def global_parts(cfg: ModelConfig, has_output: bool) -> dict[str, list[GGUFPart]]:
+    parts = {"tok_embeddings.weight": [GGUFPart("token_embd.weight")], "norm.weight": [GGUFPart("output_norm.weight")]}
+    if cfg.positions == "learned":
+        parts["pos_embeddings.weight"] = [GGUFPart("position_embd.weight")]
     if cfg.norm == "layernorm":
-        parts["norm.bias"] = [("output_norm.bias", None)]
-    if "output.weight" in gf.tensors:
-        parts["output.weight"] = [("output.weight", None)]
+        parts["norm.bias"] = [GGUFPart("output_norm.bias")]
+    if has_output:
+        parts["output.weight"] = [GGUFPart("output.weight")]
     return parts
 
 
@@ -159,29 +126,29 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
                          cpu_kernel: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
     """camelid's tensors, and the int4 layers among them already in the CPU kernel's layout (`cpu_kernel`:
     packed straight from the file's blocks, skipping the portable layout a camelid folder stores)."""
-    parts = _global_parts(cfg, gf)
+    parts = global_parts(cfg, "output.weight" in gf.tensors)
     for i in range(cfg.n_layers):
-        parts.update(_layer_parts(cfg, i))
+        parts.update(layer_parts(cfg, i))
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     sd: dict[str, torch.Tensor] = {}
     used = set()
     for ours, sources in parts.items():
-        found = [(gf.tensors.get(name), heads) for name, heads in sources]
+        found = [(gf.tensors.get(p.name), p.heads(cfg) if p.heads else None) for p in sources]
         if any(t is None for t, _ in found):
-            missing = next(name for (name, _), (t, _) in zip(sources, found) if t is None)
+            missing = next(p.name for p, (t, _) in zip(sources, found) if t is None)
             if ours.endswith(".bias") and all(t is None for t, _ in found):
                 continue  # the config's biases are checked against the model when it is built
             raise CamelidError(f"{gf.path}: tensor {missing!r} is missing")
         _check_shapes(gf, found, expected.get(ours))
-        used.update(name for name, _ in sources)
+        used.update(p.name for p in sources)
         base = ours.rsplit(".", 1)[0]
         if ours == "tok_embeddings.weight":
             sd.update(_embedding(found[0][0], dtype))
             if cfg.tie_embeddings and "tok_embeddings.blocks" in sd:  # the output layer needs its own copy
                 sd.update({f"output.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
-        elif len(found[0][0].shape) == 1:
-            sd[ours] = dequantize(found[0][0].data, found[0][0].type, found[0][0].shape).to(dtype)
+        elif len(found[0][0].shape) == 1:  # norms and biases (a fused bias from its parts)
+            sd[ours] = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found]).to(dtype)
         else:
             sd.update({f"{base}.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
         for t, _ in found:

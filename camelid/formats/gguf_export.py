@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from camelid.errors import CamelidError
+from camelid.families import FAMILIES, family
 from camelid.files import atomic_file, check_output_folder, claim_folder, write_text
-from camelid.formats.gguf import fused_layer_names
+from camelid.formats.gguf import global_parts, layer_parts
 from camelid.formats.gguf_blocks import quantize
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
 from camelid.model.transformer import count_parameters
@@ -36,14 +37,14 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None, n_layers: int,
-                arch: str = "llama", has_output: bool = True) -> str:
+                q4_output_type: str = "Q6_K", has_output: bool = True) -> str:
     base = QUANTS[quant][0]
     if len(shape) == 1 or name == "position_embd.weight":
         return "F32"
     kind = base
     output = name == "output.weight" or (name == "token_embd.weight" and not has_output)  # tied: one table
     if quant in ("q4_0", "q4_k_m") and output:
-        kind = "Q8_0" if arch == "falcon" else "Q6_K"  # llama-quantize's rule for Falcon
+        kind = q4_output_type
     elif quant == "q4_k_m" and layer is not None and name.split(".")[2] in ("attn_v", "ffn_down") \
             and _more_bits(layer, n_layers):
         kind = "Q6_K"
@@ -53,30 +54,23 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None
 
 
 def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tensor, int | None]]:
-    """camelid's state dict -> (GGUF name, tensor in PyTorch order, layer index) in llama.cpp's naming."""
-    out = [("token_embd.weight", sd["tok_embeddings.weight"], None)]
-    if cfg.arch == "gpt2":
-        out.append(("position_embd.weight", sd["pos_embeddings.weight"], None))
-    for i in range(cfg.n_layers):
-        p, b = f"layers.{i}.", f"blk.{i}."
-        if cfg.arch in ("gpt2", "gpt_neox", "falcon"):
-            out += [(f"{b}{theirs}.{s}", sd[f"{p}{ours}.{s}"], i) for ours, theirs in fused_layer_names(cfg).items()
-                    for s in ("weight", "bias") if f"{p}{ours}.{s}" in sd]
-            continue
-        hd = cfg.head_dim
-        q, k, v = sd[f"{p}attn.wqkv.weight"].split((cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd))
-        gate, up = sd[f"{p}mlp.w_in.weight"].chunk(2)
-        out += [(f"{b}attn_norm.weight", sd[f"{p}attn_norm.weight"], i),
-                (f"{b}attn_q.weight", _permute(q, cfg.n_heads), i),
-                (f"{b}attn_k.weight", _permute(k, cfg.n_kv_heads), i),
-                (f"{b}attn_v.weight", v, i), (f"{b}attn_output.weight", sd[f"{p}attn.wo.weight"], i),
-                (f"{b}ffn_norm.weight", sd[f"{p}mlp_norm.weight"], i), (f"{b}ffn_gate.weight", gate, i),
-                (f"{b}ffn_up.weight", up, i), (f"{b}ffn_down.weight", sd[f"{p}mlp.w_out.weight"], i)]
-    out.append(("output_norm.weight", sd["norm.weight"], None))
-    if "norm.bias" in sd:
-        out.append(("output_norm.bias", sd["norm.bias"], None))
-    if not cfg.tie_embeddings or cfg.arch == "gpt_neox":  # llama.cpp's NeoX always reads its own output layer
-        out.append(("output.weight", sd.get("output.weight", sd["tok_embeddings.weight"]), None))
+    """camelid's state dict -> (GGUF name, tensor in PyTorch order, layer index) in llama.cpp's naming: each
+    camelid tensor split into its family's GGUF parts (q/k/v, gate/up), q and k rows in Meta's order."""
+    fam = family(cfg.arch)
+    has_output = not cfg.tie_embeddings or fam.gguf.always_output
+    top = global_parts(cfg, has_output)
+    first = {k: top.pop(k) for k in ("tok_embeddings.weight", "pos_embeddings.weight") if k in top}
+    out = []  # in llama.cpp's converter's order: the embeddings, the blocks, the final norm and output layer
+    for layer, parts in [(None, first), *((i, layer_parts(cfg, i)) for i in range(cfg.n_layers)), (None, top)]:
+        for ours, sources in parts.items():
+            t = sd.get(ours)
+            if ours == "output.weight" and t is None:
+                t = sd["tok_embeddings.weight"]  # llama.cpp's graph wants the tied table as its own tensor
+            if t is None:
+                continue
+            pieces = t.split([p.rows(cfg) for p in sources]) if len(sources) > 1 else [t]
+            out += [(p.name, _permute(piece, p.heads(cfg)) if p.heads else piece, layer)
+                    for p, piece in zip(sources, pieces)]
     return out
 
 
@@ -88,27 +82,19 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 def gguf_arch(cfg, source: str, quant: str = "f32") -> str:
     """llama.cpp's architecture for this model, or a one-line error where llama.cpp's graph would compute
     something else (llama.cpp reads no flags for these variants)."""
-    rope = cfg.positions == "rope" and not cfg.rope_interleaved
-    shapes = {
-        "llama": cfg.arch in ("llama", "mistral") and cfg.norm == "rmsnorm" and cfg.gated_mlp and rope
-        and cfg.activation == "silu" and cfg.rotary_pct == 1.0
-        and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias),
-        "gpt2": cfg.arch == "gpt2",
-        "gptneox": cfg.arch == "gpt_neox" and rope and cfg.norm == "layernorm" and not cfg.gated_mlp
-        and not cfg.shared_parallel_norm and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias,
-        "falcon": cfg.arch == "falcon" and rope and cfg.rotary_pct == 1.0 and cfg.norm == "layernorm"
-        and cfg.parallel_residual and not cfg.gated_mlp and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias),
-    }
-    arch = next((a for a, ok in shapes.items() if ok), None)
-    if arch is None:
-        raise CamelidError(f"{source}: GGUF export covers the LLaMA, GPT-2, GPT-NeoX and Falcon families as "
-                           f"llama.cpp runs them; this model is {cfg.arch!r}")
-    if (cfg.rope_scaling or {}).get("type") not in (None, "linear") or (cfg.rope_scaling and arch != "llama"):
-        raise CamelidError(f"{source}: GGUF export does not write rope scaling {cfg.rope_scaling.get('type')!r}")
-    if quant == "q4_k_m" and arch != "llama":
+    fam = FAMILIES.get(cfg.arch)
+    if fam is None or fam.gguf is None or not fam.gguf.exports(cfg):
+        writable = ", ".join(f.name for f in FAMILIES.values() if f.gguf)
+        raise CamelidError(f"{source}: GGUF export covers the {writable} families as llama.cpp runs them; "
+                           f"this model is {cfg.arch!r}" + ("" if fam is None or fam.gguf is None else
+                                                            " in a variant llama.cpp's graph does not compute"))
+    scaling = (cfg.rope_scaling or {}).get("type")
+    if cfg.rope_scaling and scaling not in fam.gguf.rope_scaling_types:
+        raise CamelidError(f"{source}: GGUF export does not write rope scaling {scaling!r}")
+    if quant == "q4_k_m" and not fam.gguf.q4_k_m:
         raise CamelidError(f"--quant q4_k_m: camelid writes llama-quantize's Q4_K_M mix for the LLaMA family; "
                            f"for {cfg.arch!r}, run llama-quantize on the f16 export")
-    return arch
+    return fam.gguf.arch
 
 
 def export_gguf(lm, dest: str | Path, quant: str = "f16", name: str | None = None, force: bool = False) -> Path:
@@ -147,33 +133,15 @@ def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
     w.add_block_count(cfg.n_layers)
     w.add_feed_forward_length(cfg.ffn_dim)
     w.add_head_count(cfg.n_heads)
-    if arch == "llama":
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_vocab_size(cfg.vocab_size)
-        if cfg.head_dim != cfg.dim // cfg.n_heads:
-            w.add_key_length(cfg.head_dim)
-            w.add_value_length(cfg.head_dim)
-        if (cfg.rope_scaling or {}).get("type") == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
-    else:
-        w.add_layer_norm_eps(cfg.norm_eps)
-    if arch in ("gptneox", "falcon"):
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_dimension_count(cfg.rotary_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-    if arch == "gptneox":
-        w.add_parallel_residual(cfg.parallel_residual)
+    family(cfg.arch).gguf.write_metadata(w, cfg)
     _add_tokenizer(w, lm.tokenizer, cfg.vocab_size, lm.source)
     if lm.template != "raw":
         w.add_chat_template(resolve_template(lm.template)[0])
     tensors = gguf_tensors(sd, cfg)
     has_output = any(tname == "output.weight" for tname, _, _ in tensors)
     for tname, t, layer in tqdm(tensors, desc=f"quantizing to {quant}", unit="tensor", leave=False):
-        kind = tensor_type(tname, tuple(t.shape), quant, layer, cfg.n_layers, arch, has_output)
+        kind = tensor_type(tname, tuple(t.shape), quant, layer, cfg.n_layers, family(cfg.arch).gguf.q4_output_type,
+                           has_output)
         data = quantize(t.detach().float().cpu().numpy(), kind)
         if kind in ("F32", "F16"):
             w.add_tensor(tname, data)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from camelid.errors import CamelidError
+from camelid.families import family
 from camelid.files import output_folder, read_json
 from camelid.formats import gguf, hf, llama2c
 from camelid.formats.gguf_file import read_gguf
@@ -217,7 +218,15 @@ def _load_hf(folder: Path, device, dtype, quantize=None, _tokenizer_path=None) -
     model = build_model(cfg, sd, str(folder), device, dtype)
     del sd
     tok = load_hf_tokenizer(folder, hf_config)
-    return LoadedModel(model, tok, tok.chat_template or "raw", [], str(folder))
+    return LoadedModel(model, tok, *_template(tok, cfg), str(folder))
+
+
+def _template(tok, cfg: ModelConfig) -> tuple[str, list[str]]:
+    """The model's own chat template, or else its family's with the family's stop strings."""
+    if tok.chat_template:
+        return tok.chat_template, []
+    fam = family(cfg.arch)
+    return fam.template, list(fam.stop)
 
 
 def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
@@ -230,7 +239,7 @@ def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -
     model = build_model(cfg, sd, str(path), device, dtype, quantize)
     del sd
     prepare_layers(model, packed)
-    return LoadedModel(model, tok, tok.chat_template or "raw", [], str(path))
+    return LoadedModel(model, tok, *_template(tok, cfg), str(path))
 
 
 def _load_llama2c(path: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:

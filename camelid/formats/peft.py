@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from camelid.errors import CamelidError
+from camelid.families import FAMILIES, family
 from camelid.files import output_folder, read_json
-from camelid.formats.hf import _NAMES, _SPLIT_GATE_UP, _SPLIT_QKV, _layer_names
 from camelid.model.lora import LoRAConfig, add_lora, lora_layers
 
 CONFIG = "adapter_config.json"
@@ -21,31 +21,33 @@ WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def hf_module_names(cfg, family: str) -> dict[str, str]:
+def hf_module_names(cfg) -> dict[str, str]:
     """LoRA target name -> the Hugging Face module name inside a block (e.g. v_proj -> self_attn.v_proj)."""
-    if family not in _SPLIT_QKV:
-        raise CamelidError(f"PEFT adapters are supported for {', '.join(_SPLIT_QKV)} models, not {family}")
-    q, k, v = _SPLIT_QKV[family]
-    names = {"q_proj": q, "k_proj": k, "v_proj": v,
-             "o_proj": _layer_names(cfg, family)["attn.wo.weight"].removesuffix(".weight"),
-             "down_proj": _layer_names(cfg, family)["mlp.w_out.weight"].removesuffix(".weight")}
-    if family in _SPLIT_GATE_UP:
-        names["gate_proj"], names["up_proj"] = _SPLIT_GATE_UP[family]
+    layout = family(cfg.arch).hf
+    if not layout.qkv:
+        adaptable = ", ".join(name for name, f in FAMILIES.items() if f.hf.qkv)
+        raise CamelidError(f"PEFT adapters are supported for {adaptable} models, not {cfg.arch}")
+    names = layout.layer_names(cfg)
+    q, k, v = layout.qkv
+    modules = {"q_proj": q, "k_proj": k, "v_proj": v, "o_proj": names["attn.wo.weight"].removesuffix(".weight"),
+               "down_proj": names["mlp.w_out.weight"].removesuffix(".weight")}
+    if layout.gate_up:
+        modules["gate_proj"], modules["up_proj"] = layout.gate_up
     else:
-        names["up_proj"] = _layer_names(cfg, family)["mlp.w_in.weight"].removesuffix(".weight")
-    return names
+        modules["up_proj"] = names["mlp.w_in.weight"].removesuffix(".weight")
+    return modules
 
 
 def _keys(model) -> dict[tuple[str, str], str]:
     """(camelid LoRA layer path, target) -> PEFT key stem."""
     cfg = model.cfg
-    prefix, layer_fmt, _, _ = _NAMES[cfg.arch]
-    modules = hf_module_names(cfg, cfg.arch)
+    layout = family(cfg.arch).hf
+    modules = hf_module_names(cfg)
     out = {}
     for path, layer in lora_layers(model).items():
         i = int(path.split(".")[1])
         for target in layer.slices:
-            out[(path, target)] = f"{_PREFIX}{prefix}{layer_fmt.format(i=i)}{modules[target]}"
+            out[(path, target)] = f"{_PREFIX}{layout.prefix}{layout.layer.format(i=i)}{modules[target]}"
     return out
 
 
@@ -65,7 +67,7 @@ def save_adapter(model, folder: str | Path, base_model: str = "") -> Path:
 
 def _write_adapter(model, cfg: LoRAConfig, tensors: dict, tmp: Path, base_model: str):
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    hf_names = hf_module_names(model.cfg, model.cfg.arch)
+    hf_names = hf_module_names(model.cfg)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
               "lora_dropout": cfg.dropout, "target_modules": sorted({hf_names[t].split(".")[-1] for t in cfg.targets}),
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model}

@@ -37,6 +37,7 @@ class ModelConfig:
     learned_pos_offset: int = 0  # OPT keeps two unused rows before position 0
     # biases and embeddings
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (Qwen3)
     attn_out_bias: bool = False
     mlp_bias: bool = False
     lm_head_bias: bool = False

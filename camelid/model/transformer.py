@@ -142,6 +142,8 @@ class Attention(nn.Module):
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.q_size, cfg.dim, bias=cfg.attn_out_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int, keep=None):
         """keep (N,) indices into the B*T positions: the output projection runs for those only -> (N, dim)."""
@@ -151,6 +153,8 @@ class Attention(nn.Module):
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q = apply_rotary(q, cos, sin, cfg.rope_interleaved)

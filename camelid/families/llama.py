@@ -1,0 +1,107 @@
+"""LLaMA 1/2/3 and the models that ship its weights (Alpaca, Vicuna, Koala, WizardLM, TinyLlama), and
+Mistral's checkpoints without sliding-window attention."""
+
+from __future__ import annotations
+
+from camelid.errors import CamelidError
+from camelid.families.spec import (
+    ACTIVATION_TO_HF,
+    Family,
+    GGUFLayout,
+    GGUFPart,
+    HFLayout,
+    activation,
+    ffn_rows,
+    first,
+    gguf_rope_scaling,
+    kv_heads,
+    kv_rows,
+    q_heads,
+    q_rows,
+    rope_from_hf,
+)
+from camelid.model.config import ModelConfig
+
+
+def config_from_hf(hf: dict) -> dict:
+    theta, scaling = rope_from_hf(hf)
+    context = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
+    if window is not None:  # within one window, sliding-window attention is full attention: exact up to there
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise CamelidError(f"sliding_window must be a positive integer or null, got {window!r}")
+        context = min(context, window)
+    bias = hf.get("attention_bias", False)
+    return dict(arch="llama", vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"], n_kv_heads=first(hf, "num_key_value_heads"),
+                head_dim=first(hf, "head_dim"), ffn_dim=hf["intermediate_size"],
+                max_seq_len=context, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                activation=activation(hf.get("hidden_act", "silu")), rope_theta=theta, rope_scaling=scaling,
+                qkv_bias=bias, attn_out_bias=bias, mlp_bias=hf.get("mlp_bias", False),
+                tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=cfg.dim,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,
+                rms_norm_eps=cfg.norm_eps, hidden_act=ACTIVATION_TO_HF[cfg.activation], rope_theta=cfg.rope_theta,
+                rope_scaling=cfg.rope_scaling, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+
+
+def _layer_names(cfg: ModelConfig) -> dict[str, str]:
+    return {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+            "attn.wo.weight": "self_attn.o_proj.weight", "attn.wo.bias": "self_attn.o_proj.bias",
+            "mlp.w_out.weight": "mlp.down_proj.weight", "mlp.w_out.bias": "mlp.down_proj.bias"}
+
+
+def gguf_config(gf, key, floats) -> dict:
+    scaling = gguf_rope_scaling(gf, key, "llama")
+    if "rope_freqs.weight" in gf.tensors:  # Llama 3.1: per-frequency divisors, stored as a tensor
+        scaling = {"type": "factors", "factors": floats("rope_freqs.weight").tolist()}
+    return dict(arch="llama", rope_scaling=scaling, norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-5))
+
+
+def gguf_layer_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
+    b = "blk.{i}."
+    return {"attn_norm.weight": [GGUFPart(b + "attn_norm.weight")],
+            "attn.wqkv.weight": [GGUFPart(b + "attn_q.weight", q_rows, q_heads),
+                                 GGUFPart(b + "attn_k.weight", kv_rows, kv_heads),
+                                 GGUFPart(b + "attn_v.weight", kv_rows)],
+            "attn.wo.weight": [GGUFPart(b + "attn_output.weight")],
+            "mlp_norm.weight": [GGUFPart(b + "ffn_norm.weight")],
+            "mlp.w_in.weight": [GGUFPart(b + "ffn_gate.weight", ffn_rows), GGUFPart(b + "ffn_up.weight", ffn_rows)],
+            "mlp.w_out.weight": [GGUFPart(b + "ffn_down.weight")]}
+
+
+def gguf_exports(cfg: ModelConfig) -> bool:
+    return (cfg.norm == "rmsnorm" and cfg.gated_mlp and cfg.positions == "rope" and not cfg.rope_interleaved
+            and cfg.activation == "silu" and cfg.rotary_pct == 1.0
+            and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias))
+
+
+def gguf_write_metadata(w, cfg: ModelConfig):
+    import gguf
+
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if (cfg.rope_scaling or {}).get("type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+
+
+FAMILY = Family(
+    name="llama", hf_model_types=("llama", "mistral"), config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+    hf=HFLayout(prefix="model.", layer="layers.{i}.", layer_names=_layer_names,
+                global_names={"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
+                              "output.weight": "lm_head.weight"},
+                qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                gate_up=("mlp.gate_proj", "mlp.up_proj")),
+    gguf=GGUFLayout(arch="llama", config=gguf_config, layer_parts=gguf_layer_parts, exports=gguf_exports,
+                    write_metadata=gguf_write_metadata, q4_k_m=True, rope_scaling_types=("linear",)))

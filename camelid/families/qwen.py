@@ -1,0 +1,146 @@
+"""Alibaba's Qwen2 / Qwen2.5 (LLaMA's blocks with q/k/v biases) and Qwen3 (no biases, an RMSNorm over each
+head's q and k). Both rotate halves (llama.cpp's NeoX rope), so their GGUF q/k rows need no permutation."""
+
+from __future__ import annotations
+
+from camelid.errors import CamelidError
+from camelid.families.spec import (
+    ACTIVATION_TO_HF,
+    Family,
+    GGUFLayout,
+    GGUFPart,
+    HFLayout,
+    activation,
+    ffn_rows,
+    first,
+    gguf_rope_scaling,
+    kv_rows,
+    q_rows,
+    rope_from_hf,
+)
+from camelid.model.config import ModelConfig
+
+
+def _context(hf: dict) -> int:
+    """The context camelid runs exactly: a model with sliding-window layers is run up to one window, within
+    which sliding-window attention is full attention."""
+    context = hf.get("max_position_embeddings", 32768)
+    layer_types = hf.get("layer_types") or []
+    sliding = "sliding_attention" in layer_types or (not layer_types and hf.get("use_sliding_window"))
+    window = hf.get("sliding_window")
+    if sliding and window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise CamelidError(f"sliding_window must be a positive integer or null, got {window!r}")
+        context = min(context, window)
+    return context
+
+
+def _config(hf: dict, arch: str, **switches) -> dict:
+    theta, scaling = rope_from_hf(hf, 1000000.0)
+    return dict(arch=arch, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"], n_kv_heads=first(hf, "num_key_value_heads"),
+                head_dim=first(hf, "head_dim"), ffn_dim=hf["intermediate_size"], max_seq_len=_context(hf),
+                norm_eps=hf.get("rms_norm_eps", 1e-6), activation=activation(hf.get("hidden_act", "silu")),
+                rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
+                **switches)
+
+
+def qwen2_from_hf(hf: dict) -> dict:
+    return _config(hf, "qwen2", qkv_bias=True)
+
+
+def qwen3_from_hf(hf: dict) -> dict:
+    return _config(hf, "qwen3", qk_norm=True, qkv_bias=hf.get("attention_bias", False),
+                   attn_out_bias=hf.get("attention_bias", False))
+
+
+def _to_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
+    return dict(model_type=model_type, architectures=[architecture], hidden_size=cfg.dim,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,
+                rms_norm_eps=cfg.norm_eps, hidden_act=ACTIVATION_TO_HF[cfg.activation], rope_theta=cfg.rope_theta,
+                rope_scaling=cfg.rope_scaling, use_sliding_window=False)
+
+
+def qwen2_to_hf(cfg: ModelConfig) -> dict:
+    return _to_hf(cfg, "qwen2", "Qwen2ForCausalLM")
+
+
+def qwen3_to_hf(cfg: ModelConfig) -> dict:
+    return dict(_to_hf(cfg, "qwen3", "Qwen3ForCausalLM"), attention_bias=cfg.qkv_bias)
+
+
+def _layer_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+             "attn.wo.weight": "self_attn.o_proj.weight", "attn.wo.bias": "self_attn.o_proj.bias",
+             "mlp.w_out.weight": "mlp.down_proj.weight"}
+    if cfg.qk_norm:
+        names.update({"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"})
+    return names
+
+
+def gguf_config(gf, key, floats) -> dict:
+    arch = gf.metadata["general.architecture"]
+    return dict(arch=arch, rope_scaling=gguf_rope_scaling(gf, key, arch), qk_norm=arch == "qwen3",
+                qkv_bias="blk.0.attn_q.bias" in gf.tensors,
+                norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6))
+
+
+def gguf_layer_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
+    b = "blk.{i}."
+    parts = {"attn_norm.weight": [GGUFPart(b + "attn_norm.weight")],
+             "attn.wo.weight": [GGUFPart(b + "attn_output.weight")],
+             "mlp_norm.weight": [GGUFPart(b + "ffn_norm.weight")],
+             "mlp.w_in.weight": [GGUFPart(b + "ffn_gate.weight", ffn_rows), GGUFPart(b + "ffn_up.weight", ffn_rows)],
+             "mlp.w_out.weight": [GGUFPart(b + "ffn_down.weight")]}
+    for p in ("weight", "bias"):
+        parts[f"attn.wqkv.{p}"] = [GGUFPart(f"{b}attn_q.{p}", q_rows), GGUFPart(f"{b}attn_k.{p}", kv_rows),
+                                   GGUFPart(f"{b}attn_v.{p}", kv_rows)]
+    if cfg.qk_norm:
+        parts.update({"attn.q_norm.weight": [GGUFPart(b + "attn_q_norm.weight")],
+                      "attn.k_norm.weight": [GGUFPart(b + "attn_k_norm.weight")]})
+    return parts
+
+
+def _exports(cfg: ModelConfig) -> bool:
+    return (cfg.norm == "rmsnorm" and cfg.pre_norm and not cfg.parallel_residual and cfg.gated_mlp
+            and cfg.positions == "rope" and not cfg.rope_interleaved and cfg.activation == "silu"
+            and cfg.rotary_pct == 1.0 and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias))
+
+
+def gguf_write_metadata(w, cfg: ModelConfig):
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if (cfg.rope_scaling or {}).get("type") == "linear":
+        import gguf
+
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+
+
+def _hf_layout() -> HFLayout:
+    return HFLayout(prefix="model.", layer="layers.{i}.", layer_names=_layer_names,
+                    global_names={"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
+                                  "output.weight": "lm_head.weight"},
+                    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    gate_up=("mlp.gate_proj", "mlp.up_proj"))
+
+
+# llama.cpp's qwen2 graph needs the q/k/v biases; its qwen3 graph has none
+QWEN2 = Family(
+    name="qwen2", hf_model_types=("qwen2",), config_from_hf=qwen2_from_hf, config_to_hf=qwen2_to_hf, hf=_hf_layout(),
+    gguf=GGUFLayout(arch="qwen2", config=gguf_config, layer_parts=gguf_layer_parts,
+                    exports=lambda cfg: _exports(cfg) and cfg.qkv_bias and not cfg.qk_norm,
+                    write_metadata=gguf_write_metadata, rope_scaling_types=("linear",)),
+    template="chatml", stop=["<|im_end|>"])
+QWEN3 = Family(
+    name="qwen3", hf_model_types=("qwen3",), config_from_hf=qwen3_from_hf, config_to_hf=qwen3_to_hf, hf=_hf_layout(),
+    gguf=GGUFLayout(arch="qwen3", config=gguf_config, layer_parts=gguf_layer_parts,
+                    exports=lambda cfg: _exports(cfg) and cfg.qk_norm and not cfg.qkv_bias,
+                    write_metadata=gguf_write_metadata, rope_scaling_types=("linear",)),
+    template="chatml", stop=["<|im_end|>"])

@@ -1,0 +1,150 @@
+"""What camelid knows about one model family, as data: the shape of a `Family`, and the helpers its modules
+share. The loaders and exporters in `formats/` are generic over these specs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+from camelid.errors import CamelidError
+from camelid.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """A family's tensor names in a Hugging Face checkpoint."""
+    prefix: str  # the wrapper module's prefix, e.g. "model."
+    layer: str  # a block's prefix inside it, with "{i}" for its index
+    layer_names: Callable[[ModelConfig], dict[str, str]]  # camelid per-layer tensor -> HF name in the block
+    global_names: dict[str, str]  # camelid tensor outside the blocks -> HF name inside the prefix
+    qkv: tuple[str, str, str] | None = None  # separate q/k/v modules, fused here into attn.wqkv
+    gate_up: tuple[str, str] | None = None  # separate gate/up modules, fused into mlp.w_in
+    qkv_groups: Callable[[ModelConfig], int | None] = lambda cfg: None  # a fused QKV grouped per head group
+    transposed: bool = False  # 2-D weights stored (in, out), as GPT-2's Conv1D does
+    unprefixed: frozenset[str] = frozenset({"lm_head.weight", "lm_head.bias", "embed_out.weight"})
+
+
+class GGUFPart(NamedTuple):
+    """One llama.cpp tensor among those a camelid tensor's rows are made of."""
+    name: str  # with "{i}" for the block index where it is a block's
+    rows: Callable[[ModelConfig], int] | None = None  # its share of the rows where there are several
+    heads: Callable[[ModelConfig], int] | None = None  # heads whose q/k rows llama.cpp interleaves (Meta's order)
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """A family as llama.cpp names it."""
+    arch: str  # general.architecture
+    # (gf, key, floats) -> ModelConfig fields beyond the sizes every file gives: key(name, kind, default) reads
+    # "{arch}.{name}" from the metadata, floats(tensor name) a tensor's values
+    config: Callable
+    layer_parts: Callable[[ModelConfig], dict[str, list[GGUFPart]]]  # camelid block tensor -> its GGUF parts
+    exports: Callable[[ModelConfig], bool]  # llama.cpp's graph for `arch` computes what this config says
+    write_metadata: Callable  # (gguf.GGUFWriter, cfg): the family's metadata keys
+    q4_output_type: str = "Q6_K"  # llama-quantize's type for the output layer of a 4-bit file
+    q4_k_m: bool = False  # camelid writes llama-quantize's Q4_K_M mix for this family
+    always_output: bool = False  # llama.cpp's graph reads output.weight even for tied embeddings
+    rope_scaling_types: tuple[str, ...] = ()  # the rope_scaling types camelid writes as this arch's metadata
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # ModelConfig.arch
+    hf_model_types: tuple[str, ...]  # config.json's model_type values this family reads
+    config_from_hf: Callable[[dict], dict]  # config.json -> ModelConfig fields
+    config_to_hf: Callable[[ModelConfig], dict]  # and back
+    hf: HFLayout
+    gguf: GGUFLayout | None = None  # None: llama.cpp has no graph for it
+    template: str = "raw"  # the chat template when the model brings none
+    stop: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- helpers the family modules share
+
+
+def first(hf: dict, *keys, default=None):
+    """The first of `keys` config.json sets (families name one setting in several ways)."""
+    for k in keys:
+        if hf.get(k) is not None:
+            return hf[k]
+    return default
+
+
+def rope_from_hf(hf: dict, default_theta=10000.0) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either transformers layout: the old keys or `rope_parameters`."""
+    params = hf.get("rope_parameters") or {}
+    theta = first(hf, "rope_theta", "rotary_emb_base", default=params.get("rope_theta", default_theta))
+    scaling = hf.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return float(theta), scaling
+
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise CamelidError(f"activation {name!r} is not supported ({', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def ungroup_qkv(t: torch.Tensor, groups: int, cfg: ModelConfig) -> torch.Tensor:
+    """(groups, q_per_group + 2, head_dim, ...) rows -> camelid's q | k | v rows: NeoX's and Falcon's fused
+    layouts are this one with different group sizes."""
+    per = cfg.n_heads // groups
+    g = t.reshape(groups, per + 2, cfg.head_dim, *t.shape[1:])
+    q = g[:, :per].reshape(-1, *t.shape[1:])
+    k = g[:, per].reshape(-1, *t.shape[1:])
+    v = g[:, per + 1].reshape(-1, *t.shape[1:])
+    return torch.cat((q, k, v))
+
+
+def group_qkv(t: torch.Tensor, groups: int, cfg: ModelConfig) -> torch.Tensor:
+    per = cfg.n_heads // groups
+    hd = cfg.head_dim
+    q, k, v = t.split((cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd))
+    q = q.reshape(groups, per, hd, *t.shape[1:])
+    k = k.reshape(groups, 1, hd, *t.shape[1:])
+    v = v.reshape(groups, 1, hd, *t.shape[1:])
+    return torch.cat((q, k, v), dim=1).reshape(t.shape)
+
+
+def q_rows(cfg: ModelConfig) -> int:
+    return cfg.n_heads * cfg.head_dim
+
+
+def kv_rows(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads * cfg.head_dim
+
+
+def ffn_rows(cfg: ModelConfig) -> int:
+    return cfg.ffn_dim
+
+
+def q_heads(cfg: ModelConfig) -> int:
+    return cfg.n_heads
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads
+
+
+def one_part(names: dict[str, str]) -> dict[str, list[GGUFPart]]:
+    """camelid block tensor -> one GGUF tensor each, weights and biases, for {camelid layer: llama.cpp name}."""
+    return {f"{ours}.{p}": [GGUFPart(f"blk.{{i}}.{theirs}.{p}")] for ours, theirs in names.items()
+            for p in ("weight", "bias")}
+
+
+def gguf_rope_scaling(gf, key, arch: str) -> dict | None:
+    """`{arch}.rope.scaling.*` as a rope_scaling camelid computes; any other type is refused by name."""
+    kind = gf.metadata.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": key("rope.scaling.factor", float)}
+    raise CamelidError(f"{gf.path}: {arch}.rope.scaling.type={kind!r} is not supported (none, linear)")
