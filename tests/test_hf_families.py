@@ -39,6 +39,10 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
     cache = ours.new_kv_cache(1, IDS.shape[1])
     stepped = torch.cat([ours(IDS[:, i:i + 1], i, cache) for i in range(IDS.shape[1])], dim=1)
     torch.testing.assert_close(stepped, expected, atol=1e-4, rtol=0)
+    # ... and so does a per-row position tensor, as the server's continuous batching passes it
+    cache = ours.new_kv_cache(1, IDS.shape[1])
+    rows = torch.cat([ours(IDS[:, i:i + 1], torch.tensor([i]), cache) for i in range(IDS.shape[1])], dim=1)
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
     tokens = [t[0] for t in generate_tokens(ours, [IDS[0].tolist()], 10, SamplingParams.greedy())]
     assert tokens == _hf_greedy(ref, IDS, 10)
 
@@ -68,11 +72,13 @@ def test_pytorch_bin_and_sharded_safetensors(tmp_path):
     torch.testing.assert_close(_camelid(tmp_path / "sharded")(IDS), ref(IDS).logits.detach(), atol=1e-4, rtol=0)
 
 
-def test_batched_prompts_of_different_lengths_match_single(tmp_path):
-    make_hf_model("gpt2", tmp_path / "gpt2")
-    make_hf_model("llama", tmp_path / "llama")
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2-sliding"])
+def test_batched_prompts_of_different_lengths_match_single(name, tmp_path):
+    """Left padding changes no row's tokens; with a sliding window (5 and 6 positions here), the window counts
+    real tokens, not padding."""
+    make_hf_model(name, tmp_path)
     prompts = [[5, 17, 3], [44, 90, 12, 7, 61, 33, 2], [80]]
-    for model in (_camelid(tmp_path / "gpt2"), _camelid(tmp_path / "llama")):
+    for model in (_camelid(tmp_path),):
         alone = [[t[0] for t in generate_tokens(model, [p], 8, SamplingParams.greedy())] for p in prompts]
         together = list(zip(*generate_tokens(model, prompts, 8, SamplingParams.greedy())))
         assert [list(r) for r in together] == alone

@@ -25,28 +25,28 @@ from camelid.model.config import ModelConfig
 
 def config_from_hf(hf: dict) -> dict:
     theta, scaling = rope_from_hf(hf)
-    context = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
-    if window is not None:  # within one window, sliding-window attention is full attention: exact up to there
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise CamelidError(f"sliding_window must be a positive integer or null, got {window!r}")
-        context = min(context, window)
     bias = hf.get("attention_bias", False)
     return dict(arch="llama", vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                 n_heads=hf["num_attention_heads"], n_kv_heads=first(hf, "num_key_value_heads"),
                 head_dim=first(hf, "head_dim"), ffn_dim=hf["intermediate_size"],
-                max_seq_len=context, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
                 activation=activation(hf.get("hidden_act", "silu")), rope_theta=theta, rope_scaling=scaling,
                 qkv_bias=bias, attn_out_bias=bias, mlp_bias=hf.get("mlp_bias", False),
-                tie_embeddings=hf.get("tie_word_embeddings", False))
+                tie_embeddings=hf.get("tie_word_embeddings", False),
+                sliding_window=hf.get("sliding_window") if hf.get("model_type") == "mistral" else None)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=cfg.dim,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,
-                rms_norm_eps=cfg.norm_eps, hidden_act=ACTIVATION_TO_HF[cfg.activation], rope_theta=cfg.rope_theta,
-                rope_scaling=cfg.rope_scaling, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    keys = dict(hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                hidden_act=ACTIVATION_TO_HF[cfg.activation], rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.sliding_window is None:
+        return dict(keys, model_type="llama", architectures=["LlamaForCausalLM"])
+    if cfg.sliding_layers is not None:  # Mistral's checkpoints slide in every layer
+        raise CamelidError("a LLaMA-family model that slides in some layers only has no Hugging Face form")
+    return dict(keys, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=cfg.sliding_window)
 
 
 def _layer_names(cfg: ModelConfig) -> dict[str, str]:
@@ -75,7 +75,9 @@ def gguf_layer_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
 
 
 def gguf_exports(cfg: ModelConfig) -> bool:
-    return (cfg.norm == "rmsnorm" and cfg.gated_mlp and cfg.positions == "rope" and not cfg.rope_interleaved
+    # llama.cpp's graph for this architecture attends over the whole context: no sliding window
+    return (cfg.sliding_window is None and cfg.norm == "rmsnorm"
+            and cfg.gated_mlp and cfg.positions == "rope" and not cfg.rope_interleaved
             and cfg.activation == "silu" and cfg.rotary_pct == 1.0
             and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias))
 

@@ -1,9 +1,9 @@
 """Alibaba's Qwen2 / Qwen2.5 (LLaMA's blocks with q/k/v biases) and Qwen3 (no biases, an RMSNorm over each
-head's q and k). Both rotate halves (llama.cpp's NeoX rope), so their GGUF q/k rows need no permutation."""
+head's q and k), with sliding-window attention in the layers their config names. Both rotate halves
+(llama.cpp's NeoX rope), so their GGUF q/k rows need no permutation."""
 
 from __future__ import annotations
 
-from camelid.errors import CamelidError
 from camelid.families.spec import (
     ACTIVATION_TO_HF,
     Family,
@@ -21,28 +21,29 @@ from camelid.families.spec import (
 from camelid.model.config import ModelConfig
 
 
-def _context(hf: dict) -> int:
-    """The context camelid runs exactly: a model with sliding-window layers is run up to one window, within
-    which sliding-window attention is full attention."""
-    context = hf.get("max_position_embeddings", 32768)
-    layer_types = hf.get("layer_types") or []
-    sliding = "sliding_attention" in layer_types or (not layer_types and hf.get("use_sliding_window"))
-    window = hf.get("sliding_window")
-    if sliding and window is not None:
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise CamelidError(f"sliding_window must be a positive integer or null, got {window!r}")
-        context = min(context, window)
-    return context
+def _sliding(hf: dict) -> dict:
+    """sliding_window and the layers it covers: transformers' `layer_types`, or for configs older than it,
+    the layers from max_window_layers on when use_sliding_window is set."""
+    n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types is None:
+        start = hf.get("max_window_layers", n) if hf.get("use_sliding_window") else n
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
+    layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not layers or window is None:
+        return {}
+    return dict(sliding_window=window, sliding_layers=None if len(layers) == n else layers)
 
 
 def _config(hf: dict, arch: str, **switches) -> dict:
     theta, scaling = rope_from_hf(hf, 1000000.0)
     return dict(arch=arch, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                 n_heads=hf["num_attention_heads"], n_kv_heads=first(hf, "num_key_value_heads"),
-                head_dim=first(hf, "head_dim"), ffn_dim=hf["intermediate_size"], max_seq_len=_context(hf),
+                head_dim=first(hf, "head_dim"), ffn_dim=hf["intermediate_size"],
+                max_seq_len=hf.get("max_position_embeddings", 32768),
                 norm_eps=hf.get("rms_norm_eps", 1e-6), activation=activation(hf.get("hidden_act", "silu")),
                 rope_theta=theta, rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
-                **switches)
+                **_sliding(hf), **switches)
 
 
 def qwen2_from_hf(hf: dict) -> dict:
@@ -55,11 +56,14 @@ def qwen3_from_hf(hf: dict) -> dict:
 
 
 def _to_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
+    types = ["sliding_attention" if cfg.slides(i) else "full_attention" for i in range(cfg.n_layers)]
     return dict(model_type=model_type, architectures=[architecture], hidden_size=cfg.dim,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                 head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,
                 rms_norm_eps=cfg.norm_eps, hidden_act=ACTIVATION_TO_HF[cfg.activation], rope_theta=cfg.rope_theta,
-                rope_scaling=cfg.rope_scaling, use_sliding_window=False)
+                rope_scaling=cfg.rope_scaling, use_sliding_window=cfg.sliding_window is not None,
+                sliding_window=cfg.sliding_window, layer_types=types,
+                max_window_layers=next((i for i in range(cfg.n_layers) if cfg.slides(i)), cfg.n_layers))
 
 
 def qwen2_to_hf(cfg: ModelConfig) -> dict:
@@ -103,7 +107,9 @@ def gguf_layer_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
 
 
 def _exports(cfg: ModelConfig) -> bool:
-    return (cfg.norm == "rmsnorm" and cfg.pre_norm and not cfg.parallel_residual and cfg.gated_mlp
+    # llama.cpp's graph for this architecture attends over the whole context: no sliding window
+    return (cfg.sliding_window is None and cfg.norm == "rmsnorm"
+            and cfg.pre_norm and not cfg.parallel_residual and cfg.gated_mlp
             and cfg.positions == "rope" and not cfg.rope_interleaved and cfg.activation == "silu"
             and cfg.rotary_pct == 1.0 and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias))
 

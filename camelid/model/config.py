@@ -38,6 +38,8 @@ class ModelConfig:
     # biases and embeddings
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (Qwen3)
+    sliding_window: int | None = None  # a query sees only the last N positions (Mistral, Qwen2)
+    sliding_layers: list | None = None  # the blocks that slide; None: all of them, when sliding_window is set
     attn_out_bias: bool = False
     mlp_bias: bool = False
     lm_head_bias: bool = False
@@ -85,6 +87,15 @@ class ModelConfig:
             raise CamelidError(f"model config: rotary dimensions (head_dim {self.head_dim} x rotary_pct "
                                f"{self.rotary_pct}) must be even")
         _check_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise CamelidError(f"model config: sliding_window must be a positive integer, got {self.sliding_window}")
+        if self.sliding_layers is not None and not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise CamelidError(f"model config: sliding_layers must list block indices below n_layers={self.n_layers}")
+
+    def slides(self, layer: int) -> bool:
+        """Whether block `layer` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
     @property
     def rotary_dim(self) -> int:
@@ -108,7 +119,8 @@ class ModelConfig:
 
 
 # What each field's value must be (bool is not taken for a number: `true` is no dimension).
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+          list: "a list"}
 # The rope_scaling types the model computes, with the keys each needs (as Hugging Face configs name them).
 ROPE_SCALING = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                   "original_max_position_embeddings"),

@@ -33,7 +33,7 @@ def _shaped_for_it(model) -> bool:
     cfg = model.cfg
     return (cfg.norm == "rmsnorm" and cfg.pre_norm and not cfg.parallel_residual and cfg.gated_mlp
             and cfg.activation == "silu" and cfg.positions == "rope" and not cfg.rope_interleaved
-            and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim and not cfg.qk_norm
+            and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim and not cfg.qk_norm and not cfg.sliding_window
             and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias) and model.dtype == torch.float32
             and model.device.type == "cpu" and ggml_kernel.available())
 

@@ -285,6 +285,8 @@ class Transformer(nn.Module):
             positions, mask = packed_positions_and_mask(segment_ids)
         else:
             positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
+        masks = (mask, self._window_mask(positions, mask, start, pad_mask, layout is None and segment_ids is None)
+                 if cfg.sliding_window else mask)
         x = self.tok_embeddings(tokens)
         x = dropout(x, cfg.dropout, self.training)
         if cfg.embed_proj_dim:
@@ -299,7 +301,7 @@ class Transformer(nn.Module):
             else:
                 freqs = freqs.repeat_interleave(2, dim=-1)
             rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
-        x = self._blocks(x, rope, mask, kv_cache, start, None if last_only else logits_at)
+        x = self._blocks(x, rope, masks, kv_cache, start, None if last_only else logits_at)
         if last_only:
             x = x[:, -1:]
         if self.norm is not None:
@@ -308,12 +310,13 @@ class Transformer(nn.Module):
             x = linear(x, self.embed_proj_out)
         return linear(x, self.output).float()
 
-    def _blocks(self, x, rope, mask, kv_cache, start, keep=None):
-        """The blocks on x (B, T, dim); with keep (N,) indices into the B*T positions, the last block's output
-        at those only (N, dim): what only feeds other positions' logits is skipped."""
+    def _blocks(self, x, rope, masks, kv_cache, start, keep=None):
+        """The blocks on x (B, T, dim); masks = (full attention's, sliding-window layers'). With keep (N,)
+        indices into the B*T positions, the last block's output at those only (N, dim): what only feeds other
+        positions' logits is skipped."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            args = (x, rope, mask, kv_cache, i, start, keep if i == last else None)
+            args = (x, rope, masks[self.cfg.slides(i)], kv_cache, i, start, keep if i == last else None)
             if self.activation_checkpointing and self.training:  # recompute activations in backward
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -337,6 +340,27 @@ class Transformer(nn.Module):
         # A padding query still sees itself, so no softmax row is empty (which would give NaN).
         mask = causal & (pad_mask[:, None, :] | (keys == steps.unsqueeze(1)))
         return positions, mask.unsqueeze(1)
+
+    def _window_mask(self, positions, mask, start, pad_mask, in_cache_order: bool) -> torch.Tensor:
+        """`mask` (None: causal) narrowed to the keys within sliding_window positions of each query. Keys are
+        the cache's positions (real tokens counted, under left padding), or, for packed rows and other
+        layouts, the tokens themselves."""
+        window = self.cfg.sliding_window
+        B, T = positions.shape
+        device = positions.device
+        if mask is None:  # one block from `start`, no padding: a band of the causal mask
+            S = start + T
+            return torch.ones(T, S, dtype=torch.bool, device=device).tril(start).triu(start - window + 1).view(
+                1, 1, T, S)
+        S = mask.shape[-1]
+        if not in_cache_order:
+            keys = positions
+        elif isinstance(start, torch.Tensor) or pad_mask is None:
+            keys = torch.arange(S, device=device).view(1, S)
+        else:
+            keys = (pad_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
+        distance = positions.int().unsqueeze(-1) - keys.int().unsqueeze(-2)  # (B, T, S)
+        return mask & (distance < window).unsqueeze(1)
 
     @property
     def device(self) -> torch.device:
