@@ -82,3 +82,13 @@ def test_batched_prompts_of_different_lengths_match_single(name, tmp_path):
         alone = [[t[0] for t in generate_tokens(model, [p], 8, SamplingParams.greedy())] for p in prompts]
         together = list(zip(*generate_tokens(model, prompts, 8, SamplingParams.greedy())))
         assert [list(r) for r in together] == alone
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_rows_match_separate_sequences(name, tmp_path):
+    """Two sequences packed in one row (segment ids) give each its own logits, the sliding window included."""
+    make_hf_model(name, tmp_path)
+    model = _camelid(tmp_path)
+    a, b = IDS[:, :7], IDS[:, 7:]
+    packed = model(torch.cat([a, b], dim=1), segment_ids=torch.tensor([[0] * 7 + [1] * 5]))
+    torch.testing.assert_close(packed, torch.cat([model(a), model(b)], dim=1), atol=1e-5, rtol=0)
