@@ -30,7 +30,7 @@ from camelid.model.quant import (
     quantized_buffers,
     quantized_shells,
 )
-from camelid.model.transformer import Transformer, rope_frequencies
+from camelid.model.transformer import Transformer, rope_tables
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
@@ -128,7 +128,8 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     if isinstance(model.tok_embeddings, GGMLEmbedding):
         model.tok_embeddings.out_dtype = dtype
     if cfg.positions == "rope":
-        model.inv_freq = rope_frequencies(cfg).to(device)
+        for name, table in rope_tables(cfg).items():
+            setattr(model, name, table.to(device))
     return model.eval().requires_grad_(False)
 
 

@@ -40,6 +40,13 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (Qwen3)
     sliding_window: int | None = None  # a query sees only the last N positions (Mistral, Qwen2)
     sliding_layers: list | None = None  # the blocks that slide; None: all of them, when sliding_window is set
+    rope_local_theta: float | None = None  # the sliding blocks' own RoPE base, unscaled (Gemma 3)
+    attn_scale: float | None = None  # scores' scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    norm_plus_one: bool = False  # RMSNorm weights stored as w and applied as (1 + w), in fp32 (Gemma)
+    embed_scale: bool = False  # embeddings times sqrt(dim), rounded to the compute dtype (Gemma)
+    post_norms: bool = False  # a norm on the attention's and on the MLP's output before each residual sum
     attn_out_bias: bool = False
     mlp_bias: bool = False
     lm_head_bias: bool = False
@@ -87,6 +94,12 @@ class ModelConfig:
             raise CamelidError(f"model config: rotary dimensions (head_dim {self.head_dim} x rotary_pct "
                                f"{self.rotary_pct}) must be even")
         _check_rope_scaling(self.rope_scaling)
+        if self.post_norms and (self.parallel_residual or not self.pre_norm):
+            raise CamelidError("model config: post_norms applies to sequential pre-norm blocks only")
+        for key in ("rope_local_theta", "attn_scale", "attn_softcap", "final_softcap"):
+            value = getattr(self, key)
+            if value is not None and not (0 < value < float("inf")):
+                raise CamelidError(f"model config: {key} must be a positive number or null, got {value!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise CamelidError(f"model config: sliding_window must be a positive integer, got {self.sliding_window}")
         if self.sliding_layers is not None and not all(

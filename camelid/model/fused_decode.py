@@ -35,6 +35,8 @@ def _shaped_for_it(model) -> bool:
             and cfg.activation == "silu" and cfg.positions == "rope" and not cfg.rope_interleaved
             and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim and not cfg.qk_norm and not cfg.sliding_window
             and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias) and model.dtype == torch.float32
+            and not (cfg.norm_plus_one or cfg.embed_scale or cfg.post_norms or cfg.rope_local_theta
+                     or cfg.attn_scale or cfg.attn_softcap or cfg.final_softcap)
             and model.device.type == "cpu" and ggml_kernel.available())
 
 

@@ -37,33 +37,45 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one  # Gemma's: the weight is stored as w and scales by (1 + w), in fp32
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
         # Normalise in fp32 like the reference implementations, or bf16 drifts from them.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.dim
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_plus_one)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+def rope_tables(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's rotary frequency buffers: `inv_freq`, and the sliding blocks' own `inv_freq_local`."""
+    tables = {"inv_freq": rope_frequencies(cfg)}
+    if cfg.rope_local_theta:
+        tables["inv_freq_local"] = rope_frequencies(cfg, cfg.rope_local_theta, scaled=False)
+    return tables
+
+
+def rope_frequencies(cfg: ModelConfig, theta: float | None = None, scaled: bool = True) -> torch.Tensor:
     rot = cfg.rotary_dim
+    theta = theta or cfg.rope_theta
     # on the CPU even while a model is built on the meta device: meta arithmetic imports the compiler stack
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot))
-    scaling = cfg.rope_scaling or {}
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot))
+    scaling = (cfg.rope_scaling if scaled else None) or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -115,15 +127,19 @@ def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
 EXPLICIT_SCORES_BYTES = 32 << 20
 
 
-def explicit_attention(q, k, v, mask, dropout_p: float = 0.0):
+def explicit_attention(q, k, v, mask, dropout_p: float = 0.0, scale: float | None = None,
+                       softcap: float | None = None):
     """Softmax(q k^T / sqrt(d)) v with the scores in memory, for decode (one new token over the cache, where two
-    small matmuls beat a flash kernel) and for bf16/fp16 training on a CPU (see explicit_attention_pays). Query
-    heads are folded into rows by the KV head they share, so grouped-query attention needs no copy of K and V.
+    small matmuls beat a flash kernel), for bf16/fp16 training on a CPU (see explicit_attention_pays), and for
+    soft-capped scores, which PyTorch's kernels do not compute. Query heads are folded into rows by the KV head
+    they share, so grouped-query attention needs no copy of K and V.
     mask (B or 1, 1, T, S) bool; None means causal."""
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     group = H // n_kv
-    scores = (q.reshape(B, n_kv, group * T, D) @ k.transpose(-1, -2)).float() * (D ** -0.5)
+    scores = (q.reshape(B, n_kv, group * T, D) @ k.transpose(-1, -2)).float() * (scale or D ** -0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
     if mask is not None:
@@ -142,8 +158,8 @@ class Attention(nn.Module):
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.q_size, cfg.dim, bias=cfg.attn_out_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
 
     def forward(self, x, rope, mask, kv_cache: KVCache | None, layer: int, start: int, keep=None):
         """keep (N,) indices into the B*T positions: the output projection runs for those only -> (N, dim)."""
@@ -165,14 +181,16 @@ class Attention(nn.Module):
                 k, v = cached_k, cached_v
         gqa = cfg.n_kv_heads != cfg.n_heads
         p = cfg.dropout if self.training else 0.0
-        if T == 1 and not self.training:
-            y = explicit_attention(q, k, v, mask)
+        if (T == 1 and not self.training) or cfg.attn_softcap:
+            y = explicit_attention(q, k, v, mask, p, cfg.attn_scale, cfg.attn_softcap)
         elif self.training and explicit_attention_pays(q, k):
-            y = explicit_attention(q, k, v, mask, p)
+            y = explicit_attention(q, k, v, mask, p, cfg.attn_scale)
         elif mask is None:  # a causal block that starts at 0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=p,
+                                               scale=cfg.attn_scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p,
+                                               scale=cfg.attn_scale)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return linear(y if keep is None else y.flatten(0, 1)[keep], self.wo)
 
@@ -203,6 +221,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = None if cfg.shared_parallel_norm else make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
 
     def forward(self, x, rope, mask, kv_cache, layer, start, keep=None):
         """keep (N,) indices into the B*T positions: every position still gives its keys and values, but only
@@ -220,6 +240,9 @@ class Block(nn.Module):
         if not cfg.pre_norm:  # OPT-350m normalises after each residual sum
             x = self.attn_norm(rest + drop(attn(x, rope, mask, kv_cache, layer, start, keep)))
             return self.mlp_norm(x + drop(self.mlp(x)))
+        if self.post_attn_norm is not None:  # Gemma 2/3 normalise each branch's output too
+            x = rest + drop(self.post_attn_norm(attn(self.attn_norm(x), rope, mask, kv_cache, layer, start, keep)))
+            return x + drop(self.post_mlp_norm(self.mlp(self.mlp_norm(x))))
         x = rest + drop(attn(self.attn_norm(x), rope, mask, kv_cache, layer, start, keep))
         return x + drop(self.mlp(self.mlp_norm(x)))
 
@@ -251,7 +274,8 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.output = nn.Linear(emb_dim, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.positions == "rope":
-            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+            for name, table in rope_tables(cfg).items():
+                self.register_buffer(name, table, persistent=False)
         self.activation_checkpointing = False
 
     def tie_weights(self):
@@ -288,35 +312,45 @@ class Transformer(nn.Module):
         masks = (mask, self._window_mask(positions, mask, start, pad_mask, layout is None and segment_ids is None)
                  if cfg.sliding_window else mask)
         x = self.tok_embeddings(tokens)
+        if cfg.embed_scale:
+            x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         x = dropout(x, cfg.dropout, self.training)
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_in)
-        rope = None
+        ropes = (None, None)
         if cfg.positions == "learned":
             x = x + self.pos_embeddings(positions + cfg.learned_pos_offset)
         else:
-            freqs = positions.unsqueeze(-1).float() * self.inv_freq
-            if not cfg.rope_interleaved:
-                freqs = torch.cat((freqs, freqs), dim=-1)
-            else:
-                freqs = freqs.repeat_interleave(2, dim=-1)
-            rope = (freqs.cos().to(x.dtype).unsqueeze(1), freqs.sin().to(x.dtype).unsqueeze(1))
-        x = self._blocks(x, rope, masks, kv_cache, start, None if last_only else logits_at)
+            rope = self._rope(positions, self.inv_freq, x.dtype)
+            ropes = (rope, self._rope(positions, self.inv_freq_local, x.dtype) if cfg.rope_local_theta else rope)
+        x = self._blocks(x, ropes, masks, kv_cache, start, None if last_only else logits_at)
         if last_only:
             x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_out)
-        return linear(x, self.output).float()
+        logits = linear(x, self.output).float()
+        if cfg.final_softcap:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
 
-    def _blocks(self, x, rope, masks, kv_cache, start, keep=None):
-        """The blocks on x (B, T, dim); masks = (full attention's, sliding-window layers'). With keep (N,)
-        indices into the B*T positions, the last block's output at those only (N, dim): what only feeds other
-        positions' logits is skipped."""
+    def _rope(self, positions, inv_freq, dtype):
+        freqs = positions.unsqueeze(-1).float() * inv_freq
+        if not self.cfg.rope_interleaved:
+            freqs = torch.cat((freqs, freqs), dim=-1)
+        else:
+            freqs = freqs.repeat_interleave(2, dim=-1)
+        return freqs.cos().to(dtype).unsqueeze(1), freqs.sin().to(dtype).unsqueeze(1)
+
+    def _blocks(self, x, ropes, masks, kv_cache, start, keep=None):
+        """The blocks on x (B, T, dim); ropes and masks are (full attention's, sliding-window blocks'). With keep
+        (N,) indices into the B*T positions, the last block's output at those only (N, dim): what only feeds
+        other positions' logits is skipped."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            args = (x, rope, masks[self.cfg.slides(i)], kv_cache, i, start, keep if i == last else None)
+            slides = self.cfg.slides(i)
+            args = (x, ropes[slides], masks[slides], kv_cache, i, start, keep if i == last else None)
             if self.activation_checkpointing and self.training:  # recompute activations in backward
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:

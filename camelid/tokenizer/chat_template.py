@@ -90,6 +90,22 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, list[str]]] = {
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
         ["<|eot_id|>"],
     ),
+    # Gemma's turns (as Gemma 3's own template: a system message opens the first user turn)
+    "gemma": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+        "{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+        ["<end_of_turn>"],
+    ),
     # Base models: the conversation is plain text continued by the model.
     "raw": ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}", []),
 }
