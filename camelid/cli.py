@@ -161,7 +161,7 @@ def _args_convert(p: argparse.ArgumentParser):
     p.add_argument("dest", help="output folder")
     p.add_argument("--to", default="camelid", choices=["camelid", "hf"])
     p.add_argument("--template", default=None, help="chat template to store: alpaca, vicuna, llama2, chatml, "
-                                                    "llama3, raw, or a Jinja file")
+                                                    "llama3, gemma, raw, or a Jinja file")
     p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
@@ -230,8 +230,8 @@ def cmd_generate(args):
 def _args_chat(p: argparse.ArgumentParser):
     _model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--template", default=None, help="override the model's chat template: a built-in name "
-                                                    "(alpaca, vicuna, llama2, chatml, llama3, raw) or a Jinja file")
+    p.add_argument("--template", default=None, help="override the model's chat template: a built-in name (alpaca, "
+                                                    "vicuna, llama2, chatml, llama3, gemma, raw) or a Jinja file")
     _sampling_args(p)
 
 
@@ -357,7 +357,7 @@ def _args_data(p: argparse.ArgumentParser):
                    help="the input format (default: detected per record)")
     d = dsub.add_parser("show-mask", help="show which tokens of instruction samples the loss trains on")
     d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
-    d.add_argument("--template", required=True, help="alpaca, vicuna, llama2, chatml, llama3 or Jinja source")
+    d.add_argument("--template", required=True, help="alpaca, vicuna, llama2, chatml, llama3, gemma or Jinja source")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or a model folder")
     d.add_argument("--max-len", type=int, default=2048, help="the training context")
     d.add_argument("--samples", type=int, default=2, help="how many samples to print")
