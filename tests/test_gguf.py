@@ -299,7 +299,7 @@ def test_export_carries_tokenizer_template_and_stop_tokens(trained_tiny):
     assert "### Response:" in llm.metadata["tokenizer.chat_template"]
 
 
-FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Falcon-40B's and Qwen's shapes
+FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Falcon-40B's, Qwen's and Gemma's shapes
     "gpt_neox": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
                      rotary_pct=0.25, qkv_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4),
     "gpt_neox-sequential": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False,
@@ -310,6 +310,15 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Fal
                        n_kv_heads=2),
     "qwen2": dict(arch="qwen2", qkv_bias=True, n_kv_heads=2, tie_embeddings=True, rope_theta=1e6),
     "qwen3": dict(arch="qwen3", qk_norm=True, n_kv_heads=2, head_dim=32),
+    "gemma": dict(arch="gemma", activation="gelu_tanh", norm_plus_one=True, embed_scale=True, n_kv_heads=1,
+                  head_dim=32, tie_embeddings=True),
+    "gemma2": dict(arch="gemma2", activation="gelu_tanh", norm_plus_one=True, embed_scale=True, post_norms=True,
+                   n_kv_heads=2, head_dim=32, attn_scale=32 ** -0.5, attn_softcap=50.0, final_softcap=30.0,
+                   sliding_window=8, sliding_layers=[0, 2], n_layers=4, tie_embeddings=True),
+    "gemma3": dict(arch="gemma3", activation="gelu_tanh", norm_plus_one=True, embed_scale=True, post_norms=True,
+                   qk_norm=True, n_kv_heads=2, head_dim=32, attn_scale=32 ** -0.5, sliding_window=8,
+                   sliding_layers=[0, 1, 2, 3, 4], n_layers=6, rope_theta=1e6, rope_local_theta=1e4,
+                   tie_embeddings=True),
 }
 
 
@@ -317,8 +326,8 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Fal
 def family(request, tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp(request.param)
     stories = load_model(REPO / "models" / "stories260K")
-    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, ffn_dim=1024, max_seq_len=128,
-                      **FAMILIES[request.param])
+    cfg = ModelConfig(**{**dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, ffn_dim=1024, max_seq_len=128),
+                         **FAMILIES[request.param]})
     model = _trained(cfg, stories, shakespeare, steps=60)
     lm = LoadedModel(model, stories.tokenizer, "raw", [], request.param)
     tokens = stories.tokenizer.encode(shakespeare[300_000:300_400])[:60]
@@ -326,7 +335,7 @@ def family(request, tmp_path_factory, shakespeare):
 
 
 def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family):
-    """GPT-NeoX, Falcon, Qwen2 and Qwen3: camelid's F32 export runs in llama.cpp with camelid's logits
+    """GPT-NeoX, Falcon, Qwen2, Qwen3 and Gemma 1-3: camelid's F32 export runs in llama.cpp with camelid's logits
     (llama.cpp's GELU is a tanh approximation, hence the tolerance), and the files llama.cpp quantizes from it
     run in camelid with llama.cpp's logits."""
     root, lm, f32, tokens = family

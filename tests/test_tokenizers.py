@@ -8,7 +8,7 @@ from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
 from camelid.tokenizer.tokenizer import HFBackend, SentencePieceBackend, Tokenizer, load_sentencepiece, piece_tokenizer
 
-from conftest import SHARED, STORIES
+from conftest import REPO, SHARED, STORIES
 
 TOK = SHARED / "tokenizers"
 TEXTS = ["Hello world", " Hello, world!", "Füh 🦙 ½ — 我想在apple工作", "  two  spaces\n\nand\ttabs ",
@@ -125,3 +125,50 @@ def test_bad_gguf_files(tmp_path):
     (tmp_path / "t.gguf").write_bytes((TOK / "ggml-vocab-llama-spm.gguf").read_bytes()[:5000])
     with pytest.raises(CamelidError, match="truncated"):
         read_gguf_metadata(tmp_path / "t.gguf")
+
+
+# llama.cpp's vocabularies, from the llama-cpp-python source distribution (`make test` fetches them)
+LLAMA_CPP_VOCABS = REPO / ".cache" / "llama.cpp" / "models"
+READ = ["command-r", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-bpe", "llama-spm", "mpt", "phi-3",
+        "qwen2", "qwen35", "refact", "starcoder", "aquila", "baichuan", "gpt-neox"]
+
+
+def _llama_cpp_vocab(name: str):
+    path = LLAMA_CPP_VOCABS / f"ggml-vocab-{name}.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} not found (make test downloads llama.cpp's reference vocabularies)")
+    return path
+
+
+def _strings() -> list[str]:
+    """llama.cpp's test strings (the broadest of its sets) and a few of ours."""
+    inp = _llama_cpp_vocab("llama-bpe").with_suffix(".gguf.inp").read_text(encoding="utf-8")
+    return inp.split("\n__ggml_vocab_test__\n")[:-1] + TEXTS
+
+
+@pytest.mark.parametrize("name", READ)
+def test_every_llama_cpp_vocabulary_tokenizes_as_llama_cpp_does(name):
+    """Each vocabulary type and pre-tokenizer, against llama.cpp itself on its own test strings, and against
+    its stored test vectors where the file has them."""
+    import llama_cpp
+
+    path = _llama_cpp_vocab(name)
+    ours = gguf_tokenizer(read_gguf_metadata(path), str(path))
+    ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in _strings():
+        expected = ref.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
+        assert ours.encode(text, bos=False) == expected, (name, text)
+    stored = path.with_suffix(".gguf.out")
+    if stored.exists():
+        inputs = path.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+        for text, line in zip(inputs, stored.read_text(encoding="utf-8").split("\n")):
+            assert ours.encode(text, bos=False) == [int(x) for x in line.split()], (name, text)
+
+
+@pytest.mark.parametrize("name", ["gemma-4", "bert-bge", "nomic-bert-moe"])
+def test_vocabularies_camelid_does_not_read_are_refused_by_name(name):
+    from camelid.errors import CamelidError
+
+    path = _llama_cpp_vocab(name)
+    with pytest.raises(CamelidError, match="is not supported"):
+        gguf_tokenizer(read_gguf_metadata(path), str(path))

@@ -6,7 +6,19 @@ and slides in five blocks of six with a RoPE base of their own."""
 from __future__ import annotations
 
 from camelid.errors import CamelidError
-from camelid.families.spec import ACTIVATION_TO_HF, Family, HFLayout, activation, first, rope_from_hf
+from camelid.families.spec import (
+    ACTIVATION_TO_HF,
+    Family,
+    GGUFLayout,
+    GGUFPart,
+    HFLayout,
+    activation,
+    ffn_rows,
+    first,
+    kv_rows,
+    q_rows,
+    rope_from_hf,
+)
 from camelid.model.config import ModelConfig
 
 
@@ -138,9 +150,92 @@ def _hf_layout() -> HFLayout:
                     gate_up=("mlp.gate_proj", "mlp.up_proj"))
 
 
+# ---------------------------------------------------------------- GGUF
+# llama.cpp's Gemma graphs fix what Hugging Face configs say: the query scale (1/sqrt(head_dim), but
+# 1/sqrt(dim/heads) for the 27B models, known by their block count), Gemma 2's alternating and Gemma 3's
+# five-in-six sliding pattern and Gemma 3's local RoPE base of 10,000.
+_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gguf_scale(arch: str, dim: int, n_heads: int, n_layers: int, head_dim: int) -> float | None:
+    if arch == "gemma":
+        return None
+    return (dim / n_heads) ** -0.5 if n_layers == _27B_BLOCKS[arch] else head_dim ** -0.5
+
+
+def _gguf_pattern(arch: str, n_layers: int) -> list[int] | None:
+    every = {"gemma2": 2, "gemma3": 6}.get(arch)
+    return None if every is None else [i for i in range(n_layers) if (i + 1) % every]
+
+
+def gguf_config(gf, key, floats) -> dict:
+    arch = gf.metadata["general.architecture"]
+    n_layers, dim, n_heads = key("block_count"), key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", default=max(dim // n_heads, 1))
+    fields = dict(arch=arch, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,
+                  norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6))
+    if arch == "gemma":
+        return fields
+    fields.update(post_norms=True, attn_scale=_gguf_scale(arch, dim, n_heads, n_layers, head_dim),
+                  sliding_window=key("attention.sliding_window"), sliding_layers=_gguf_pattern(arch, n_layers))
+    if arch == "gemma2":
+        return dict(fields, attn_softcap=key("attn_logit_softcapping", float, 50.0),
+                    final_softcap=key("final_logit_softcapping", float, 30.0))
+    return dict(fields, qk_norm=True, rope_local_theta=10000.0)
+
+
+def gguf_layer_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
+    b = "blk.{i}."
+    parts = {"attn_norm.weight": [GGUFPart(b + "attn_norm.weight")],
+             "attn.wqkv.weight": [GGUFPart(b + "attn_q.weight", q_rows), GGUFPart(b + "attn_k.weight", kv_rows),
+                                  GGUFPart(b + "attn_v.weight", kv_rows)],
+             "attn.wo.weight": [GGUFPart(b + "attn_output.weight")],
+             "mlp_norm.weight": [GGUFPart(b + "ffn_norm.weight")],
+             "mlp.w_in.weight": [GGUFPart(b + "ffn_gate.weight", ffn_rows), GGUFPart(b + "ffn_up.weight", ffn_rows)],
+             "mlp.w_out.weight": [GGUFPart(b + "ffn_down.weight")]}
+    if cfg.post_norms:
+        parts.update({"post_attn_norm.weight": [GGUFPart(b + "post_attention_norm.weight")],
+                      "post_mlp_norm.weight": [GGUFPart(b + "post_ffw_norm.weight")]})
+    if cfg.qk_norm:
+        parts.update({"attn.q_norm.weight": [GGUFPart(b + "attn_q_norm.weight")],
+                      "attn.k_norm.weight": [GGUFPart(b + "attn_k_norm.weight")]})
+    return parts
+
+
+def _gguf_exports(cfg: ModelConfig) -> bool:
+    """The config is one llama.cpp's graph for its Gemma computes (see above)."""
+    scale = _gguf_scale(cfg.arch, cfg.dim, cfg.n_heads, cfg.n_layers, cfg.head_dim)
+    same_scale = (cfg.attn_scale is None) if scale is None else (
+        cfg.attn_scale is not None and abs(cfg.attn_scale - scale) < 1e-9 * scale)
+    slides = [i for i in range(cfg.n_layers) if cfg.slides(i)]
+    return (same_scale and cfg.activation == "gelu_tanh" and cfg.gated_mlp and not (cfg.qkv_bias or cfg.mlp_bias)
+            and slides == (_gguf_pattern(cfg.arch, cfg.n_layers) or []) and not cfg.rope_scaling
+            and (cfg.arch != "gemma3" or cfg.rope_local_theta == 10000.0)
+            and (cfg.tie_embeddings or cfg.arch == "gemma3"))  # only Gemma 3's graph reads an output layer
+
+
+def gguf_write_metadata(w, cfg: ModelConfig):
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+        w.add_final_logit_softcapping(cfg.final_softcap)
+
+
+def _gguf(arch: str) -> GGUFLayout:
+    return GGUFLayout(arch=arch, config=gguf_config, layer_parts=gguf_layer_parts, exports=_gguf_exports,
+                      write_metadata=gguf_write_metadata, norm_offset=1.0)
+
+
 GEMMA = Family(name="gemma", hf_model_types=("gemma",), config_from_hf=gemma_from_hf, config_to_hf=gemma_to_hf,
-               hf=_hf_layout(), template="gemma", stop=["<end_of_turn>"])
+               hf=_hf_layout(), gguf=_gguf("gemma"), template="gemma", stop=["<end_of_turn>"])
 GEMMA2 = Family(name="gemma2", hf_model_types=("gemma2",), config_from_hf=gemma2_from_hf, config_to_hf=gemma2_to_hf,
-                hf=_hf_layout(), template="gemma", stop=["<end_of_turn>"])
+                hf=_hf_layout(), gguf=_gguf("gemma2"), template="gemma", stop=["<end_of_turn>"])
 GEMMA3 = Family(name="gemma3", hf_model_types=("gemma3_text",), config_from_hf=gemma3_from_hf,
-                config_to_hf=gemma3_to_hf, hf=_hf_layout(), template="gemma", stop=["<end_of_turn>"])
+                config_to_hf=gemma3_to_hf, hf=_hf_layout(), gguf=_gguf("gemma3"), template="gemma",
+                stop=["<end_of_turn>"])

@@ -19,6 +19,7 @@ from camelid.families.spec import (
     q_heads,
     q_rows,
     rope_from_hf,
+    write_rms_rope_metadata,
 )
 from camelid.model.config import ModelConfig
 
@@ -83,19 +84,8 @@ def gguf_exports(cfg: ModelConfig) -> bool:
 
 
 def gguf_write_metadata(w, cfg: ModelConfig):
-    import gguf
-
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
+    write_rms_rope_metadata(w, cfg)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.head_dim != cfg.dim // cfg.n_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    if (cfg.rope_scaling or {}).get("type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
 
 
 FAMILY = Family(

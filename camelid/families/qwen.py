@@ -17,6 +17,7 @@ from camelid.families.spec import (
     kv_rows,
     q_rows,
     rope_from_hf,
+    write_rms_rope_metadata,
 )
 from camelid.model.config import ModelConfig
 
@@ -114,21 +115,6 @@ def _exports(cfg: ModelConfig) -> bool:
             and cfg.rotary_pct == 1.0 and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias))
 
 
-def gguf_write_metadata(w, cfg: ModelConfig):
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    if cfg.head_dim != cfg.dim // cfg.n_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    if (cfg.rope_scaling or {}).get("type") == "linear":
-        import gguf
-
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
-
-
 def _hf_layout() -> HFLayout:
     return HFLayout(prefix="model.", layer="layers.{i}.", layer_names=_layer_names,
                     global_names={"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
@@ -142,11 +128,11 @@ QWEN2 = Family(
     name="qwen2", hf_model_types=("qwen2",), config_from_hf=qwen2_from_hf, config_to_hf=qwen2_to_hf, hf=_hf_layout(),
     gguf=GGUFLayout(arch="qwen2", config=gguf_config, layer_parts=gguf_layer_parts,
                     exports=lambda cfg: _exports(cfg) and cfg.qkv_bias and not cfg.qk_norm,
-                    write_metadata=gguf_write_metadata, rope_scaling_types=("linear",)),
+                    write_metadata=write_rms_rope_metadata, rope_scaling_types=("linear",)),
     template="chatml", stop=["<|im_end|>"])
 QWEN3 = Family(
     name="qwen3", hf_model_types=("qwen3",), config_from_hf=qwen3_from_hf, config_to_hf=qwen3_to_hf, hf=_hf_layout(),
     gguf=GGUFLayout(arch="qwen3", config=gguf_config, layer_parts=gguf_layer_parts,
                     exports=lambda cfg: _exports(cfg) and cfg.qk_norm and not cfg.qkv_bias,
-                    write_metadata=gguf_write_metadata, rope_scaling_types=("linear",)),
+                    write_metadata=write_rms_rope_metadata, rope_scaling_types=("linear",)),
     template="chatml", stop=["<|im_end|>"])

@@ -47,6 +47,7 @@ class GGUFLayout:
     q4_k_m: bool = False  # camelid writes llama-quantize's Q4_K_M mix for this family
     always_output: bool = False  # llama.cpp's graph reads output.weight even for tied embeddings
     rope_scaling_types: tuple[str, ...] = ()  # the rope_scaling types camelid writes as this arch's metadata
+    norm_offset: float = 0.0  # added to every norm weight in the file (Gemma's converter stores 1 + w)
 
 
 @dataclass(frozen=True)
@@ -148,3 +149,19 @@ def gguf_rope_scaling(gf, key, arch: str) -> dict | None:
     if kind == "linear":
         return {"type": "linear", "factor": key("rope.scaling.factor", float)}
     raise CamelidError(f"{gf.path}: {arch}.rope.scaling.type={kind!r} is not supported (none, linear)")
+
+
+def write_rms_rope_metadata(w, cfg: ModelConfig):
+    """The metadata llama.cpp's RMSNorm-and-rotary graphs (llama, qwen2, qwen3) read beyond the sizes."""
+    import gguf
+
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if (cfg.rope_scaling or {}).get("type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])

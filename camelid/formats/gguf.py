@@ -129,6 +129,7 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
     parts = global_parts(cfg, "output.weight" in gf.tensors)
     for i in range(cfg.n_layers):
         parts.update(layer_parts(cfg, i))
+    norm_offset = family(cfg.arch).gguf.norm_offset
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     sd: dict[str, torch.Tensor] = {}
@@ -148,7 +149,8 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             if cfg.tie_embeddings and "tok_embeddings.blocks" in sd:  # the output layer needs its own copy
                 sd.update({f"output.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
         elif len(found[0][0].shape) == 1:  # norms and biases (a fused bias from its parts)
-            sd[ours] = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found]).to(dtype)
+            t = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found])
+            sd[ours] = (t - norm_offset if ours.endswith("norm.weight") else t).to(dtype)
         else:
             sd.update({f"{base}.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
         for t, _ in found:

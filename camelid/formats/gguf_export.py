@@ -68,6 +68,8 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
                 t = sd["tok_embeddings.weight"]  # llama.cpp's graph wants the tied table as its own tensor
             if t is None:
                 continue
+            if ours.endswith("norm.weight") and fam.gguf.norm_offset:
+                t = t + fam.gguf.norm_offset
             pieces = t.split([p.rows(cfg) for p in sources]) if len(sources) > 1 else [t]
             out += [(p.name, _permute(piece, p.heads(cfg)) if p.heads else piece, layer)
                     for p, piece in zip(sources, pieces)]

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from camelid.errors import CamelidError
+from camelid.tokenizer import pretokenizers
 from camelid.tokenizer.piece_vocab import PieceVocab
 from camelid.tokenizer.tokenizer import HFBackend, Tokenizer, check_token_ids, piece_tokenizer
 
 CONTROL, USER_DEFINED = 3, 4
-
-# tokenizer.ggml.pre -> the pre-tokenizer regex llama.cpp uses for it (None: GPT-2's own byte-level regex).
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_REGEX = {"default": None, "gpt-2": None, "gpt2": None, "llama-bpe": _LLAMA3_REGEX,
-                       "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
-
 
 _KEY_TYPES = {"tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
               "tokenizer.ggml.tokens": [str], "tokenizer.ggml.merges": [str], "tokenizer.ggml.scores": [float],
@@ -82,22 +74,21 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
 
 
 def _byte_level_bpe(tokens, merges, types, pre: str, source: str):
+    """llama.cpp's BPE for this `tokenizer.ggml.pre`: its regexes split the text in turn (each keeping what falls
+    between its matches), the pieces are mapped to bytes as GPT-2 does, then merged."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    if pre not in PRE_TOKENIZER_REGEX:
-        raise CamelidError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported "
-                           f"({', '.join(PRE_TOKENIZER_REGEX)})")
-    regex = PRE_TOKENIZER_REGEX[pre]
+    if pre in pretokenizers.UNSUPPORTED or pre not in pretokenizers.NAMES:
+        known = ", ".join(sorted(pretokenizers.NAMES))
+        raise CamelidError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (camelid reads {known})")
+    kind, ignore_merges = pretokenizers.NAMES[pre]
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=regex is _LLAMA3_REGEX))
-    if regex is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pretokenizers.REGEXES[kind]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
