@@ -80,6 +80,14 @@ def rope_from_hf(hf: dict, default_theta=10000.0) -> tuple[float, dict | None]:
     scaling = hf.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind in ("llama3", "yarn", "longrope"):  # as transformers completes them
+        scaling = dict(scaling)
+        if hf.get("original_max_position_embeddings") is not None:  # Phi-3 keeps it outside rope_scaling
+            scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        if kind == "yarn" and scaling.get("factor") is None and scaling["original_max_position_embeddings"]:
+            scaling["factor"] = hf.get("max_position_embeddings", 0) / scaling["original_max_position_embeddings"]
     return float(theta), scaling
 
 

@@ -38,7 +38,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 _HF_INTS = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
             "num_key_value_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim",
             "ffn_hidden_size", "max_position_embeddings", "n_positions", "rotary_dim", "word_embed_proj_dim",
-            "sliding_window", "sliding_window_pattern", "max_window_layers")
+            "sliding_window", "sliding_window_pattern", "max_window_layers", "original_max_position_embeddings")
 _HF_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct",
               "partial_rotary_factor", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
               "rope_local_base_freq")

@@ -106,6 +106,23 @@ class ModelConfig:
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.sliding_layers):
             raise CamelidError(f"model config: sliding_layers must list block indices below n_layers={self.n_layers}")
 
+    @property
+    def rope_attention_factor(self) -> float:
+        """What YaRN and LongRoPE multiply the rotary cos and sin by (1 for every other kind)."""
+        s = self.rope_scaling or {}
+        kind = s.get("rope_type", s.get("type"))
+        if kind not in ("yarn", "longrope"):
+            return 1.0
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        old = s["original_max_position_embeddings"]
+        factor = s.get("factor") or self.max_seq_len / old
+        if kind == "longrope":
+            return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old))
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return _yarn_mscale(factor, s["mscale"]) / _yarn_mscale(factor, s["mscale_all_dim"])
+        return _yarn_mscale(factor)
+
     def slides(self, layer: int) -> bool:
         """Whether block `layer` attends through the sliding window."""
         return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
@@ -137,6 +154,8 @@ _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 # The rope_scaling types the model computes, with the keys each needs (as Hugging Face configs name them).
 ROPE_SCALING = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                   "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings"),
+                "longrope": ("original_max_position_embeddings",),  # with short_factor and long_factor lists
                 "factors": ()}  # GGUF's rope_freqs tensor: one divisor per frequency
 
 
@@ -152,6 +171,10 @@ def _check_types(cfg: "ModelConfig"):
             raise CamelidError(f"model config: {f.name} must be {_KINDS[kinds[0]]}, got {value!r}")
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def _check_rope_scaling(scaling: dict | None):
     if scaling is None:
         return
@@ -164,7 +187,13 @@ def _check_rope_scaling(scaling: dict | None):
     if kind == "factors" and not (isinstance(scaling.get("factors"), list) and all(
             isinstance(x, (int, float)) and 0 < x < float("inf") for x in scaling["factors"])):
         raise CamelidError("model config: rope_scaling.factors must be a list of positive numbers")
-    for key in ROPE_SCALING[kind]:
+    for key in ("short_factor", "long_factor") if kind == "longrope" else ():
+        if not (isinstance(scaling.get(key), list) and all(
+                isinstance(x, (int, float)) and 0 < x < float("inf") for x in scaling[key])):
+            raise CamelidError(f"model config: rope_scaling.{key} must be a list of positive numbers")
+    optional = {"yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"),
+                "longrope": ("factor", "attention_factor")}.get(kind, ())
+    for key in ROPE_SCALING[kind] + tuple(k for k in optional if scaling.get(k) is not None):
         value = scaling.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise CamelidError(f"model config: rope_scaling.{key} must be a positive number, got {value!r}")

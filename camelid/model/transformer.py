@@ -63,14 +63,18 @@ ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lamb
 
 
 def rope_tables(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's rotary frequency buffers: `inv_freq`, and the sliding blocks' own `inv_freq_local`."""
+    """The model's rotary frequency buffers: `inv_freq`, LongRoPE's `inv_freq_long` (for sequences past the
+    original context), and the sliding blocks' own `inv_freq_local`."""
     tables = {"inv_freq": rope_frequencies(cfg)}
+    if (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "longrope":
+        tables["inv_freq_long"] = rope_frequencies(cfg, long=True)
     if cfg.rope_local_theta:
         tables["inv_freq_local"] = rope_frequencies(cfg, cfg.rope_local_theta, scaled=False)
     return tables
 
 
-def rope_frequencies(cfg: ModelConfig, theta: float | None = None, scaled: bool = True) -> torch.Tensor:
+def rope_frequencies(cfg: ModelConfig, theta: float | None = None, scaled: bool = True,
+                     long: bool = False) -> torch.Tensor:
     rot = cfg.rotary_dim
     theta = theta or cfg.rope_theta
     # on the CPU even while a model is built on the meta device: meta arithmetic imports the compiler stack
@@ -81,9 +85,33 @@ def rope_frequencies(cfg: ModelConfig, theta: float | None = None, scaled: bool 
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         inv_freq = _llama3_frequencies(inv_freq, scaling)
+    elif kind == "yarn":
+        inv_freq = _yarn_frequencies(theta, rot, scaling)
+    elif kind == "longrope":  # one divisor per frequency, for short sequences or for long ones
+        factors = scaling["long_factor" if long else "short_factor"]
+        shape = torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * theta ** shape)
     elif kind == "factors":  # GGUF's rope_freqs tensor: one divisor per frequency
         inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=inv_freq.dtype, device="cpu")
     return inv_freq
+
+
+def _yarn_frequencies(theta: float, rot: int, s: dict) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context are interpolated by
+    `factor`, those turning more than beta_fast times kept, and a linear ramp blends the band between."""
+    def correction_dim(rotations):
+        return rot * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(rot // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    freqs = theta ** (torch.arange(0, rot, 2, device="cpu").float() / rot)
+    keep = 1 - ramp
+    return (1.0 / (s["factor"] * freqs)) * (1 - keep) + (1.0 / freqs) * keep
 
 
 def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -321,7 +349,7 @@ class Transformer(nn.Module):
         if cfg.positions == "learned":
             x = x + self.pos_embeddings(positions + cfg.learned_pos_offset)
         else:
-            rope = self._rope(positions, self.inv_freq, x.dtype)
+            rope = self._rope(positions, self._inv_freq(positions), x.dtype, cfg.rope_attention_factor)
             ropes = (rope, self._rope(positions, self.inv_freq_local, x.dtype) if cfg.rope_local_theta else rope)
         x = self._blocks(x, ropes, masks, kv_cache, start, None if last_only else logits_at)
         if last_only:
@@ -335,13 +363,25 @@ class Transformer(nn.Module):
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits
 
-    def _rope(self, positions, inv_freq, dtype):
+    def _inv_freq(self, positions):
+        """LongRoPE, as transformers runs it: the long factors for a forward whose last position lies past the
+        original context (the cache keeps what earlier steps rotated), else the short ones."""
+        if not hasattr(self, "inv_freq_long"):
+            return self.inv_freq
+        longest = int(positions.max()) + 1
+        return self.inv_freq_long if longest > self.cfg.rope_scaling["original_max_position_embeddings"] \
+            else self.inv_freq
+
+    def _rope(self, positions, inv_freq, dtype, factor: float = 1.0):
         freqs = positions.unsqueeze(-1).float() * inv_freq
         if not self.cfg.rope_interleaved:
             freqs = torch.cat((freqs, freqs), dim=-1)
         else:
             freqs = freqs.repeat_interleave(2, dim=-1)
-        return freqs.cos().to(dtype).unsqueeze(1), freqs.sin().to(dtype).unsqueeze(1)
+        cos, sin = freqs.cos(), freqs.sin()
+        if factor != 1.0:  # YaRN and LongRoPE scale the rotation's magnitude
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
     def _blocks(self, x, ropes, masks, kv_cache, start, keep=None):
         """The blocks on x (B, T, dim); ropes and masks are (full attention's, sliding-window blocks'). With keep
