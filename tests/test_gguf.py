@@ -310,6 +310,8 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Fal
                        n_kv_heads=2),
     "qwen2": dict(arch="qwen2", qkv_bias=True, n_kv_heads=2, tie_embeddings=True, rope_theta=1e6),
     "qwen3": dict(arch="qwen3", qk_norm=True, n_kv_heads=2, head_dim=32),
+    "starcoder": dict(arch="starcoder", norm="layernorm", activation="gelu_tanh", gated_mlp=False, positions="learned",
+                      qkv_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=1, tie_embeddings=True),
     "gemma": dict(arch="gemma", activation="gelu_tanh", norm_plus_one=True, embed_scale=True, n_kv_heads=1,
                   head_dim=32, tie_embeddings=True),
     "gemma2": dict(arch="gemma2", activation="gelu_tanh", norm_plus_one=True, embed_scale=True, post_norms=True,

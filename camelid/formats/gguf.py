@@ -81,8 +81,8 @@ def _sizes(gf: GGUFFile, key, arch: str) -> dict:
     embd = gf.tensors["token_embd.weight"]
     down = gf.tensors.get(f"blk.{n_layers - 1}.ffn_down.weight")
     if embd.shape[-1] != dim or n_heads > dim or down is None or len(down.shape) != 2 \
-            or ffn_dim not in down.shape or (arch == "gpt2" and max_seq_len > len(gf.tensors.get(
-                "position_embd.weight", embd).data)):
+            or ffn_dim not in down.shape or ("position_embd.weight" in gf.tensors
+                                             and max_seq_len > gf.tensors["position_embd.weight"].shape[0]):
         raise CamelidError(f"{src}: the metadata's sizes (embedding_length={dim}, block_count={n_layers}, "
                            f"feed_forward_length={ffn_dim}) do not match the file's tensors")
     head_dim = key("attention.key_length", default=max(dim // n_heads, 1))
