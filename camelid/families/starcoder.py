@@ -4,7 +4,8 @@ q | k | v in camelid's order, learned positions, the tanh GELU."""
 from __future__ import annotations
 
 from camelid.errors import CamelidError
-from camelid.families.spec import ACTIVATION_TO_HF, Family, GGUFLayout, HFLayout, activation, first, one_part
+from camelid.families import gpt2
+from camelid.families.spec import ACTIVATION_TO_HF, Family, GGUFLayout, HFLayout, activation, first
 from camelid.model.config import ModelConfig
 
 
@@ -40,11 +41,6 @@ def gguf_config(gf, key, floats) -> dict:
                 mlp_bias=True)
 
 
-def gguf_layer_parts(cfg: ModelConfig):
-    return one_part({"attn_norm": "attn_norm", "attn.wqkv": "attn_qkv", "attn.wo": "attn_output",
-                     "mlp_norm": "ffn_norm", "mlp.w_in": "ffn_up", "mlp.w_out": "ffn_down"})
-
-
 def gguf_write_metadata(w, cfg: ModelConfig):
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_layer_norm_eps(cfg.norm_eps)
@@ -58,7 +54,7 @@ FAMILY = Family(
                 global_names={"tok_embeddings.weight": "wte.weight", "pos_embeddings.weight": "wpe.weight",
                               "norm.weight": "ln_f.weight", "norm.bias": "ln_f.bias",
                               "output.weight": "lm_head.weight"}),
-    gguf=GGUFLayout(arch="starcoder", config=gguf_config, layer_parts=gguf_layer_parts,
+    gguf=GGUFLayout(arch="starcoder", config=gguf_config, layer_parts=gpt2.gguf_layer_parts,  # GPT-2's tensor names
                     exports=lambda cfg: cfg.positions == "learned" and cfg.norm == "layernorm" and not cfg.gated_mlp
                     and cfg.activation == "gelu_tanh" and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias,
                     write_metadata=gguf_write_metadata))
