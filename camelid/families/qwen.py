@@ -123,16 +123,14 @@ def _hf_layout() -> HFLayout:
                     gate_up=("mlp.gate_proj", "mlp.up_proj"))
 
 
+def _family(name: str, from_hf, to_hf, exports) -> Family:
+    return Family(name=name, hf_model_types=(name,), config_from_hf=from_hf, config_to_hf=to_hf, hf=_hf_layout(),
+                  gguf=GGUFLayout(arch=name, config=gguf_config, layer_parts=gguf_layer_parts,
+                                  exports=lambda cfg: _exports(cfg) and exports(cfg),
+                                  write_metadata=write_rms_rope_metadata, rope_scaling_types=("linear",)),
+                  template="chatml", stop=["<|im_end|>"])
+
+
 # llama.cpp's qwen2 graph needs the q/k/v biases; its qwen3 graph has none
-QWEN2 = Family(
-    name="qwen2", hf_model_types=("qwen2",), config_from_hf=qwen2_from_hf, config_to_hf=qwen2_to_hf, hf=_hf_layout(),
-    gguf=GGUFLayout(arch="qwen2", config=gguf_config, layer_parts=gguf_layer_parts,
-                    exports=lambda cfg: _exports(cfg) and cfg.qkv_bias and not cfg.qk_norm,
-                    write_metadata=write_rms_rope_metadata, rope_scaling_types=("linear",)),
-    template="chatml", stop=["<|im_end|>"])
-QWEN3 = Family(
-    name="qwen3", hf_model_types=("qwen3",), config_from_hf=qwen3_from_hf, config_to_hf=qwen3_to_hf, hf=_hf_layout(),
-    gguf=GGUFLayout(arch="qwen3", config=gguf_config, layer_parts=gguf_layer_parts,
-                    exports=lambda cfg: _exports(cfg) and cfg.qk_norm and not cfg.qkv_bias,
-                    write_metadata=write_rms_rope_metadata, rope_scaling_types=("linear",)),
-    template="chatml", stop=["<|im_end|>"])
+QWEN2 = _family("qwen2", qwen2_from_hf, qwen2_to_hf, lambda cfg: cfg.qkv_bias and not cfg.qk_norm)
+QWEN3 = _family("qwen3", qwen3_from_hf, qwen3_to_hf, lambda cfg: cfg.qk_norm and not cfg.qkv_bias)
