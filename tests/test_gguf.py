@@ -312,7 +312,8 @@ def test_export_carries_tokenizer_template_and_stop_tokens(trained_tiny):
     assert "### Response:" in llm.metadata["tokenizer.chat_template"]
 
 
-FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Falcon-40B's, Qwen's and Gemma's shapes
+FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Falcon-40B's, Qwen's, Gemma's and
+    # the mixtures of experts' shapes
     "gpt_neox": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False, parallel_residual=True,
                      rotary_pct=0.25, qkv_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4),
     "gpt_neox-sequential": dict(arch="gpt_neox", norm="layernorm", activation="gelu", gated_mlp=False,
@@ -335,6 +336,11 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Fal
                    qk_norm=True, n_kv_heads=2, head_dim=32, attn_scale=32 ** -0.5, sliding_window=8,
                    sliding_layers=[0, 1, 2, 3, 4], n_layers=6, rope_theta=1e6, rope_local_theta=1e4,
                    tie_embeddings=True),
+    "mixtral": dict(arch="llama", n_kv_heads=2, n_experts=4, n_experts_used=2, ffn_dim=256),
+    "qwen2_moe": dict(arch="qwen2_moe", qkv_bias=True, n_kv_heads=2, n_experts=4, n_experts_used=2,
+                      expert_ffn_dim=256, shared_expert_dim=512, moe_renorm=False),
+    "qwen3_moe": dict(arch="qwen3_moe", qk_norm=True, n_kv_heads=2, head_dim=32, n_experts=8, n_experts_used=3,
+                      expert_ffn_dim=256, tie_embeddings=True),
 }
 
 

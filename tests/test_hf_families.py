@@ -72,7 +72,7 @@ def test_pytorch_bin_and_sharded_safetensors(tmp_path):
     torch.testing.assert_close(_camelid(tmp_path / "sharded")(IDS), ref(IDS).logits.detach(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2-sliding"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2-sliding", "qwen2_moe"])
 def test_batched_prompts_of_different_lengths_match_single(name, tmp_path):
     """Left padding changes no row's tokens; with a sliding window (5 and 6 positions here), the window counts
     real tokens, not padding."""

@@ -9,7 +9,8 @@ from camelid.families import falcon, gemma, gpt2, gpt_neox, gptj, llama, opt, ph
 from camelid.families.spec import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, gpt2.FAMILY, gptj.FAMILY, gpt_neox.FAMILY,
-                                                    falcon.FAMILY, opt.FAMILY, qwen.QWEN2, qwen.QWEN3, gemma.GEMMA,
+                                                    falcon.FAMILY, opt.FAMILY, qwen.QWEN2, qwen.QWEN3, qwen.QWEN2_MOE,
+                                                    qwen.QWEN3_MOE, gemma.GEMMA,
                                                     gemma.GEMMA2, gemma.GEMMA3, phi3.FAMILY,
                                                     starcoder.FAMILY)}
 HF_MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.hf_model_types}

@@ -1,14 +1,18 @@
 """Alibaba's Qwen2 / Qwen2.5 (LLaMA's blocks with q/k/v biases) and Qwen3 (no biases, an RMSNorm over each
-head's q and k), with sliding-window attention in the layers their config names. Both rotate halves
-(llama.cpp's NeoX rope), so their GGUF q/k rows need no permutation."""
+head's q and k), with sliding-window attention in the layers their config names, and their mixtures of
+experts: Qwen2-MoE (top-k weights as the softmax gives them, plus a gated shared expert) and Qwen3-MoE
+(renormalised top-k, no shared expert). All rotate halves (llama.cpp's NeoX rope), so their GGUF q/k rows
+need no permutation."""
 
 from __future__ import annotations
 
+from camelid.errors import CamelidError
 from camelid.families.spec import (
     ACTIVATION_TO_HF,
     Family,
     GGUFLayout,
     GGUFPart,
+    HFExperts,
     HFLayout,
     activation,
     ffn_rows,
@@ -17,6 +21,7 @@ from camelid.families.spec import (
     kv_rows,
     q_rows,
     rope_from_hf,
+    write_moe_metadata,
     write_rms_rope_metadata,
 )
 from camelid.model.config import ModelConfig
@@ -56,6 +61,24 @@ def qwen3_from_hf(hf: dict) -> dict:
                    attn_out_bias=hf.get("attention_bias", False))
 
 
+def _experts(hf: dict, shared: bool) -> dict:
+    n_layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
+    dense = [i for i in range(n_layers) if i in (hf.get("mlp_only_layers") or ()) or (i + 1) % step]
+    return dict(n_experts=first(hf, "num_experts", "num_local_experts"), n_experts_used=hf["num_experts_per_tok"],
+                expert_ffn_dim=hf["moe_intermediate_size"], moe_renorm=hf.get("norm_topk_prob", False),
+                shared_expert_dim=hf["shared_expert_intermediate_size"] if shared else None,
+                dense_layers=dense or None)
+
+
+def qwen2_moe_from_hf(hf: dict) -> dict:
+    return _config(hf, "qwen2_moe", qkv_bias=hf.get("qkv_bias", True), **_experts(hf, shared=True))
+
+
+def qwen3_moe_from_hf(hf: dict) -> dict:
+    return _config(hf, "qwen3_moe", qk_norm=True, qkv_bias=hf.get("attention_bias", False),
+                   attn_out_bias=hf.get("attention_bias", False), **_experts(hf, shared=False))
+
+
 def _to_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
     types = ["sliding_attention" if cfg.slides(i) else "full_attention" for i in range(cfg.n_layers)]
     return dict(model_type=model_type, architectures=[architecture], hidden_size=cfg.dim,
@@ -75,6 +98,25 @@ def qwen3_to_hf(cfg: ModelConfig) -> dict:
     return dict(_to_hf(cfg, "qwen3", "Qwen3ForCausalLM"), attention_bias=cfg.qkv_bias)
 
 
+def _experts_to_hf(cfg: ModelConfig, shared: bool) -> dict:
+    if bool(cfg.shared_expert_dim) != shared:
+        raise CamelidError(f"a {cfg.arch} model {'needs' if shared else 'has no'} shared expert in its Hugging "
+                           f"Face form")
+    keys = dict(num_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_used,
+                moe_intermediate_size=cfg.expert_ffn_dim or cfg.ffn_dim, norm_topk_prob=cfg.moe_renorm,
+                decoder_sparse_step=1, mlp_only_layers=cfg.dense_layers or [])
+    return dict(keys, shared_expert_intermediate_size=cfg.shared_expert_dim) if shared else keys
+
+
+def qwen2_moe_to_hf(cfg: ModelConfig) -> dict:
+    return dict(_to_hf(cfg, "qwen2_moe", "Qwen2MoeForCausalLM"), qkv_bias=cfg.qkv_bias, **_experts_to_hf(cfg, True))
+
+
+def qwen3_moe_to_hf(cfg: ModelConfig) -> dict:
+    return dict(_to_hf(cfg, "qwen3_moe", "Qwen3MoeForCausalLM"), attention_bias=cfg.qkv_bias,
+                **_experts_to_hf(cfg, False))
+
+
 def _layer_names(cfg: ModelConfig) -> dict[str, str]:
     names = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
              "attn.wo.weight": "self_attn.o_proj.weight", "attn.wo.bias": "self_attn.o_proj.bias",
@@ -86,9 +128,13 @@ def _layer_names(cfg: ModelConfig) -> dict[str, str]:
 
 def gguf_config(gf, key, floats) -> dict:
     arch = gf.metadata["general.architecture"]
-    return dict(arch=arch, rope_scaling=gguf_rope_scaling(gf, key, arch), qk_norm=arch == "qwen3",
-                qkv_bias="blk.0.attn_q.bias" in gf.tensors,
-                norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6))
+    return dict(arch=_FROM_GGUF[arch], rope_scaling=gguf_rope_scaling(gf, key, arch),
+                qk_norm=arch in ("qwen3", "qwen3moe"), qkv_bias="blk.0.attn_q.bias" in gf.tensors,
+                norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6),
+                moe_renorm=arch == "qwen3moe")  # llama.cpp's qwen2moe graph never renormalises, qwen3moe's does
+
+
+_FROM_GGUF = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 
 def gguf_layer_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
@@ -115,22 +161,41 @@ def _exports(cfg: ModelConfig) -> bool:
             and cfg.rotary_pct == 1.0 and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias))
 
 
-def _hf_layout() -> HFLayout:
+def _hf_layout(experts: HFExperts | None = None) -> HFLayout:
     return HFLayout(prefix="model.", layer="layers.{i}.", layer_names=_layer_names,
                     global_names={"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
                                   "output.weight": "lm_head.weight"},
                     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                    gate_up=("mlp.gate_proj", "mlp.up_proj"))
+                    gate_up=("mlp.gate_proj", "mlp.up_proj"), experts=experts)
 
 
-def _family(name: str, from_hf, to_hf, exports) -> Family:
-    return Family(name=name, hf_model_types=(name,), config_from_hf=from_hf, config_to_hf=to_hf, hf=_hf_layout(),
-                  gguf=GGUFLayout(arch=name, config=gguf_config, layer_parts=gguf_layer_parts,
-                                  exports=lambda cfg: _exports(cfg) and exports(cfg),
-                                  write_metadata=write_rms_rope_metadata, rope_scaling_types=("linear",)),
+def _write_metadata(w, cfg: ModelConfig):
+    write_rms_rope_metadata(w, cfg)
+    write_moe_metadata(w, cfg)
+    if cfg.n_experts:
+        w.add_expert_feed_forward_length(cfg.expert_ffn_dim or cfg.ffn_dim)
+    if cfg.shared_expert_dim:
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
+
+
+def _family(name: str, gguf_arch: str, from_hf, to_hf, exports, experts=None, routes=None) -> Family:
+    return Family(name=name, hf_model_types=(name,), config_from_hf=from_hf, config_to_hf=to_hf,
+                  hf=_hf_layout(experts),
+                  gguf=GGUFLayout(arch=gguf_arch, config=gguf_config, layer_parts=gguf_layer_parts,
+                                  exports=lambda cfg: _exports(cfg) and exports(cfg) and bool(cfg.n_experts) == bool(
+                                      routes), write_metadata=_write_metadata, rope_scaling_types=("linear",),
+                                  experts=routes, always_output=gguf_arch == "qwen2moe"),
                   template="chatml", stop=["<|im_end|>"])
 
 
-# llama.cpp's qwen2 graph needs the q/k/v biases; its qwen3 graph has none
-QWEN2 = _family("qwen2", qwen2_from_hf, qwen2_to_hf, lambda cfg: cfg.qkv_bias and not cfg.qk_norm)
-QWEN3 = _family("qwen3", qwen3_from_hf, qwen3_to_hf, lambda cfg: cfg.qk_norm and not cfg.qkv_bias)
+_EXPERTS = HFExperts("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"))
+# llama.cpp's qwen2 graphs need the q/k/v biases; its qwen3 graphs have none
+QWEN2 = _family("qwen2", "qwen2", qwen2_from_hf, qwen2_to_hf, lambda cfg: cfg.qkv_bias and not cfg.qk_norm)
+QWEN3 = _family("qwen3", "qwen3", qwen3_from_hf, qwen3_to_hf, lambda cfg: cfg.qk_norm and not cfg.qkv_bias)
+QWEN2_MOE = _family("qwen2_moe", "qwen2moe", qwen2_moe_from_hf, qwen2_moe_to_hf,
+                    lambda cfg: cfg.qkv_bias and not cfg.qk_norm,
+                    _EXPERTS._replace(shared="mlp.shared_expert.", shared_gate="mlp.shared_expert_gate"),
+                    routes=lambda cfg: bool(cfg.shared_expert_dim) and not cfg.moe_renorm)
+QWEN3_MOE = _family("qwen3_moe", "qwen3moe", qwen3_moe_from_hf, qwen3_moe_to_hf,
+                    lambda cfg: cfg.qk_norm and not cfg.qkv_bias, _EXPERTS,
+                    routes=lambda cfg: not cfg.shared_expert_dim and cfg.moe_renorm)

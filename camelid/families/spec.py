@@ -12,6 +12,15 @@ from camelid.errors import CamelidError
 from camelid.model.config import ModelConfig
 
 
+class HFExperts(NamedTuple):
+    """A mixture-of-experts block's module names inside a Hugging Face layer."""
+    router: str  # e.g. "block_sparse_moe.gate"
+    expert: str  # one expert's prefix, with "{e}" for its index: "block_sparse_moe.experts.{e}."
+    gate_up_down: tuple[str, str, str]  # an expert's three projections: ("w1", "w3", "w2")
+    shared: str | None = None  # the shared expert's prefix (Qwen2-MoE: "mlp.shared_expert.")
+    shared_gate: str | None = None  # and its gate (a dim -> 1 projection)
+
+
 @dataclass(frozen=True)
 class HFLayout:
     """A family's tensor names in a Hugging Face checkpoint."""
@@ -24,6 +33,37 @@ class HFLayout:
     qkv_groups: Callable[[ModelConfig], int | None] = lambda cfg: None  # a fused QKV grouped per head group
     transposed: bool = False  # 2-D weights stored (in, out), as GPT-2's Conv1D does
     unprefixed: frozenset[str] = frozenset({"lm_head.weight", "lm_head.bias", "embed_out.weight"})
+    experts: HFExperts | None = None
+
+    def all_layer_names(self, cfg: ModelConfig) -> dict[str, str]:
+        """layer_names, and a mixture-of-experts block's router and down projections."""
+        names = dict(self.layer_names(cfg))
+        ex = self.experts
+        if ex is None or not cfg.n_experts:
+            return names
+        names["mlp.router.weight"] = ex.router + ".weight"
+        for e in range(cfg.n_experts):
+            names[f"mlp.experts.{e}.w_out.weight"] = ex.expert.format(e=e) + ex.gate_up_down[2] + ".weight"
+        if ex.shared:
+            names["mlp.shared.w_out.weight"] = ex.shared + ex.gate_up_down[2] + ".weight"
+            names["mlp.shared_gate.weight"] = ex.shared_gate + ".weight"
+        return names
+
+    def fusions(self, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+        """camelid layer -> the Hugging Face modules whose rows it concatenates (q/k/v; gate/up, an
+        expert's too)."""
+        out = {}
+        if self.qkv:
+            out["attn.wqkv"] = self.qkv
+        if self.gate_up:
+            out["mlp.w_in"] = self.gate_up
+        ex = self.experts
+        if ex is not None and cfg.n_experts:
+            for e in range(cfg.n_experts):
+                out[f"mlp.experts.{e}.w_in"] = tuple(ex.expert.format(e=e) + n for n in ex.gate_up_down[:2])
+            if ex.shared:
+                out["mlp.shared.w_in"] = tuple(ex.shared + n for n in ex.gate_up_down[:2])
+        return out
 
 
 class GGUFPart(NamedTuple):
@@ -31,6 +71,7 @@ class GGUFPart(NamedTuple):
     name: str  # with "{i}" for the block index where it is a block's
     rows: Callable[[ModelConfig], int] | None = None  # its share of the rows where there are several
     heads: Callable[[ModelConfig], int] | None = None  # heads whose q/k rows llama.cpp interleaves (Meta's order)
+    expert: int | None = None  # one expert's slice of a 3-D `ffn_*_exps` tensor
 
 
 @dataclass(frozen=True)
@@ -48,6 +89,8 @@ class GGUFLayout:
     always_output: bool = False  # llama.cpp's graph reads output.weight even for tied embeddings
     rope_scaling_types: tuple[str, ...] = ()  # the rope_scaling types camelid writes as this arch's metadata
     norm_offset: float = 0.0  # added to every norm weight in the file (Gemma's converter stores 1 + w)
+    # None: llama.cpp's graph for `arch` has no experts; else whether it routes as this config does
+    experts: Callable[[ModelConfig], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +184,37 @@ def q_heads(cfg: ModelConfig) -> int:
 
 def kv_heads(cfg: ModelConfig) -> int:
     return cfg.n_kv_heads
+
+
+def expert_rows(cfg: ModelConfig) -> int:
+    return cfg.expert_ffn_dim or cfg.ffn_dim
+
+
+def shared_rows(cfg: ModelConfig) -> int:
+    return cfg.shared_expert_dim
+
+
+def moe_parts(cfg: ModelConfig) -> dict[str, list[GGUFPart]]:
+    """A mixture-of-experts block's tensors as llama.cpp names them, the same in every family: the router
+    (ffn_gate_inp), the experts stacked in 3-D tensors, and the shared expert where there is one."""
+    b = "blk.{i}."
+    parts = {"mlp.router.weight": [GGUFPart(b + "ffn_gate_inp.weight")]}
+    for e in range(cfg.n_experts):
+        parts[f"mlp.experts.{e}.w_in.weight"] = [GGUFPart(b + "ffn_gate_exps.weight", expert_rows, expert=e),
+                                                 GGUFPart(b + "ffn_up_exps.weight", expert_rows, expert=e)]
+        parts[f"mlp.experts.{e}.w_out.weight"] = [GGUFPart(b + "ffn_down_exps.weight", expert=e)]
+    if cfg.shared_expert_dim:
+        parts["mlp.shared_gate.weight"] = [GGUFPart(b + "ffn_gate_inp_shexp.weight")]
+        parts["mlp.shared.w_in.weight"] = [GGUFPart(b + "ffn_gate_shexp.weight", shared_rows),
+                                           GGUFPart(b + "ffn_up_shexp.weight", shared_rows)]
+        parts["mlp.shared.w_out.weight"] = [GGUFPart(b + "ffn_down_shexp.weight")]
+    return parts
+
+
+def write_moe_metadata(w, cfg: ModelConfig):
+    if cfg.n_experts:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.n_experts_used)
 
 
 def one_part(names: dict[str, str]) -> dict[str, list[GGUFPart]]:

@@ -24,7 +24,7 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.families import GGUF_ARCHS, family
-from camelid.families.spec import GGUFPart
+from camelid.families.spec import GGUFPart, moe_parts
 from camelid.formats.gguf_blocks import INT4_TYPES, dequantize, int4_groups, quantize_q8_0
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
 from camelid.model import ggml_kernel
@@ -80,9 +80,13 @@ def _sizes(gf: GGUFFile, key, arch: str) -> dict:
     max_seq_len = key("context_length", default=2048)
     embd = gf.tensors["token_embd.weight"]
     down = gf.tensors.get(f"blk.{n_layers - 1}.ffn_down.weight")
-    if embd.shape[-1] != dim or n_heads > dim or down is None or len(down.shape) != 2 \
-            or ffn_dim not in down.shape or ("position_embd.weight" in gf.tensors
-                                             and max_seq_len > gf.tensors["position_embd.weight"].shape[0]):
+    experts, hidden = _experts(gf, key, arch, ffn_dim), ffn_dim
+    if experts and down is None:  # every block a mixture of experts
+        down, hidden = gf.tensors.get(f"blk.{n_layers - 1}.ffn_down_exps.weight"), experts["expert_ffn_dim"]
+    positions = gf.tensors.get("position_embd.weight")
+    if embd.shape[-1] != dim or n_heads > dim or down is None or hidden not in down.shape \
+            or len(down.shape) != (3 if down.name.endswith("_exps.weight") else 2) \
+            or (positions is not None and max_seq_len > positions.shape[0]):
         raise CamelidError(f"{src}: the metadata's sizes (embedding_length={dim}, block_count={n_layers}, "
                            f"feed_forward_length={ffn_dim}) do not match the file's tensors")
     head_dim = key("attention.key_length", default=max(dim // n_heads, 1))
@@ -96,7 +100,20 @@ def _sizes(gf: GGUFFile, key, arch: str) -> dict:
     return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len,
                 vocab_size=embd.shape[0], tie_embeddings="output.weight" not in gf.tensors, head_dim=head_dim,
                 rotary_pct=rope_dim / head_dim, n_kv_heads=n_kv_heads,
-                rope_theta=key("rope.freq_base", float, 10000.0))
+                rope_theta=key("rope.freq_base", float, 10000.0), **experts)
+
+
+def _experts(gf: GGUFFile, key, arch: str, ffn_dim: int) -> dict:
+    """A mixture of experts' sizes: the same keys in every architecture."""
+    if f"{arch}.expert_count" not in gf.metadata:
+        return {}
+    n, used = key("expert_count"), key("expert_used_count")
+    if used > n:
+        raise CamelidError(f"{gf.path}: {arch}.expert_used_count={used} is more than expert_count={n}")
+    fields = dict(n_experts=n, n_experts_used=used, expert_ffn_dim=key("expert_feed_forward_length", default=ffn_dim))
+    if "blk.0.ffn_gate_inp_shexp.weight" in gf.tensors:
+        fields["shared_expert_dim"] = key("expert_shared_feed_forward_length", default=ffn_dim)
+    return fields
 
 
 def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
@@ -107,8 +124,10 @@ def _unpermute(raw: np.ndarray, heads: int) -> np.ndarray:
 
 def layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[GGUFPart]]:
     """camelid tensor of block i -> the GGUF tensors whose rows it concatenates."""
-    return {f"layers.{i}.{ours}": [p._replace(name=p.name.format(i=i)) for p in parts]
-            for ours, parts in family(cfg.arch).gguf.layer_parts(cfg).items()}
+    parts = family(cfg.arch).gguf.layer_parts(cfg)
+    if cfg.moe(i):  # the experts in place of the dense MLP
+        parts = {k: v for k, v in parts.items() if not k.startswith(("mlp.w_in.", "mlp.w_out."))} | moe_parts(cfg)
+    return {f"layers.{i}.{ours}": [p._replace(name=p.name.format(i=i)) for p in ps] for ours, ps in parts.items()}
 
 
 def global_parts(cfg: ModelConfig, has_output: bool) -> dict[str, list[GGUFPart]]:
@@ -135,7 +154,8 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
     sd: dict[str, torch.Tensor] = {}
     used = set()
     for ours, sources in parts.items():
-        found = [(gf.tensors.get(p.name), p.heads(cfg) if p.heads else None) for p in sources]
+        found = [(_part(gf.tensors.get(p.name), p, expected.get(ours)), p.heads(cfg) if p.heads else None)
+                 for p in sources]
         if any(t is None for t, _ in found):
             missing = next(p.name for p, (t, _) in zip(sources, found) if t is None)
             if ours.endswith(".bias") and all(t is None for t, _ in found):
@@ -148,6 +168,8 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             sd.update(_embedding(found[0][0], dtype))
             if cfg.tie_embeddings and "tok_embeddings.blocks" in sd:  # the output layer needs its own copy
                 sd.update({f"output.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
+        elif ours.endswith(("router.weight", "shared_gate.weight")):  # routing stays in float, as in llama.cpp
+            sd[ours] = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found]).to(dtype)
         elif len(found[0][0].shape) == 1:  # norms and biases (a fused bias from its parts)
             t = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found])
             sd[ours] = (t - norm_offset if ours.endswith("norm.weight") else t).to(dtype)
@@ -164,6 +186,22 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
         sd[f"{name}.blocks"] = sd.pop(key)
         packed.add(name)
     return sd, packed
+
+
+def _part(t: GGUFTensor | None, part: GGUFPart, want: tuple[int, ...] | None) -> GGUFTensor | None:
+    """The tensor a part names: one expert's slice of a 3-D tensor, and a vector as the (1, n) matrix it is
+    in camelid (a shared expert's gate)."""
+    if t is None:
+        return None
+    if part.expert is not None:
+        if len(t.shape) != 3 or part.expert >= t.shape[0]:
+            return t  # refused by the shape check, naming the tensor
+        rows = t.data.shape[0] // t.shape[0]
+        data = t.data[part.expert * rows:(part.expert + 1) * rows]
+        return GGUFTensor(t.name, t.type, t.shape[1:], data, t.offset + part.expert * data.nbytes)
+    if len(t.shape) == 1 and want is not None and len(want) == 2 and want[0] == 1:
+        return GGUFTensor(t.name, t.type, (1, t.shape[0]), t.data.reshape(1, -1), t.offset)
+    return t
 
 
 def _check_shapes(gf: GGUFFile, found, want: tuple[int, ...] | None):

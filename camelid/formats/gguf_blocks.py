@@ -91,16 +91,16 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(w: np.ndarray, ggml_type: str) -> np.ndarray:
-    """float32 (N, K) -> (N, row bytes) uint8 blocks of `ggml_type` (F32 and F16 are plain arrays)."""
+    """float32 (..., K) -> (..., row bytes) uint8 blocks of `ggml_type` (F32 and F16 are plain arrays)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if ggml_type == "F32":
         return w
     if ggml_type == "F16":
         return w.astype(np.float16)
-    if ggml_type == "Q4_K":
-        return _quantize_q4_k(w)
-    if ggml_type == "Q6_K":
-        return _quantize_q6_k(w)
+    if ggml_type in ("Q4_K", "Q6_K"):
+        rows = w.reshape(-1, w.shape[-1])
+        blocks = _quantize_q4_k(rows) if ggml_type == "Q4_K" else _quantize_q6_k(rows)
+        return blocks.reshape(*w.shape[:-1], -1)
     return quants.quantize(w, GGMLQuantizationType[ggml_type])
 
 

@@ -37,10 +37,10 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None, n_layers: int,
-                q4_output_type: str = "Q6_K", has_output: bool = True) -> str:
+                q4_output_type: str = "Q6_K", has_output: bool = True, n_experts: int = 0) -> str:
     base = QUANTS[quant][0]
-    if len(shape) == 1 or name == "position_embd.weight":
-        return "F32"
+    if len(shape) == 1 or name == "position_embd.weight" or name.endswith("ffn_gate_inp.weight"):
+        return "F32"  # llama-quantize keeps the routers in float too
     kind = base
     output = name == "output.weight" or (name == "token_embd.weight" and not has_output)  # tied: one table
     if quant in ("q4_0", "q4_k_m") and output:
@@ -48,6 +48,9 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, layer: int | None
     elif quant == "q4_k_m" and layer is not None and name.split(".")[2] in ("attn_v", "ffn_down") \
             and _more_bits(layer, n_layers):
         kind = "Q6_K"
+    elif quant in ("q4_0", "q4_k_m") and n_experts == 8 and layer is not None and name.split(".")[2] in ("attn_k",
+                                                                                                          "attn_v"):
+        kind = "Q8_0"  # llama-quantize's rule for 8-expert models (Mixtral 8x7B)
     while shape[-1] % _BLOCK[kind]:
         kind = _FALLBACK[kind]
     return kind
@@ -70,10 +73,27 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
                 continue
             if ours.endswith("norm.weight") and fam.gguf.norm_offset:
                 t = t + fam.gguf.norm_offset
+            if t.dim() == 2 and t.shape[0] == 1:  # a (1, n) matrix is a vector to llama.cpp
+                t = t.flatten()
             pieces = t.split([p.rows(cfg) for p in sources]) if len(sources) > 1 else [t]
-            out += [(p.name, _permute(piece, p.heads(cfg)) if p.heads else piece, layer)
+            out += [(p.name, _permute(piece, p.heads(cfg)) if p.heads else piece, layer, p.expert)
                     for p, piece in zip(sources, pieces)]
-    return out
+    return _stack_experts(out)
+
+
+def _stack_experts(tensors: list) -> list[tuple[str, torch.Tensor, int | None]]:
+    """Each expert's slices stacked into the 3-D tensor llama.cpp reads, where its first slice was."""
+    experts: dict[str, list[torch.Tensor]] = {}
+    out = []
+    for name, t, layer, expert in tensors:
+        if expert is None:
+            out.append((name, t, layer))
+            continue
+        if name not in experts:
+            experts[name] = []
+            out.append((name, experts[name], layer))
+        experts[name].append(t)
+    return [(name, torch.stack(t) if isinstance(t, list) else t, layer) for name, t, layer in out]
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -90,10 +110,12 @@ def gguf_arch(cfg, source: str, quant: str = "f32") -> str:
         raise CamelidError(f"{source}: GGUF export covers the {writable} families as llama.cpp runs them; "
                            f"this model is {cfg.arch!r}" + ("" if fam is None or fam.gguf is None else
                                                             " in a variant llama.cpp's graph does not compute"))
+    if cfg.n_experts and (fam.gguf.experts is None or not fam.gguf.experts(cfg) or cfg.dense_layers):
+        raise CamelidError(f"{source}: llama.cpp's {fam.gguf.arch} graph does not route experts as this model does")
     scaling = (cfg.rope_scaling or {}).get("type")
     if cfg.rope_scaling and scaling not in fam.gguf.rope_scaling_types:
         raise CamelidError(f"{source}: GGUF export does not write rope scaling {scaling!r}")
-    if quant == "q4_k_m" and not fam.gguf.q4_k_m:
+    if quant == "q4_k_m" and (not fam.gguf.q4_k_m or cfg.n_experts):
         raise CamelidError(f"--quant q4_k_m: camelid writes llama-quantize's Q4_K_M mix for the LLaMA family; "
                            f"for {cfg.arch!r}, run llama-quantize on the f16 export")
     return fam.gguf.arch
@@ -143,7 +165,7 @@ def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
     has_output = any(tname == "output.weight" for tname, _, _ in tensors)
     for tname, t, layer in tqdm(tensors, desc=f"quantizing to {quant}", unit="tensor", leave=False):
         kind = tensor_type(tname, tuple(t.shape), quant, layer, cfg.n_layers, family(cfg.arch).gguf.q4_output_type,
-                           has_output)
+                           has_output, cfg.n_experts)
         data = quantize(t.detach().float().cpu().numpy(), kind)
         if kind in ("F32", "F16"):
             w.add_tensor(tname, data)

@@ -13,7 +13,7 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.families import HF_MODEL_TYPES, family
-from camelid.families.spec import Family, group_qkv, ungroup_qkv
+from camelid.families.spec import group_qkv, ungroup_qkv
 from camelid.files import read_json, write_text
 from camelid.formats.tensors import load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
@@ -100,7 +100,8 @@ def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str, convert=None)
         if full in remaining:
             sd[ours] = take(full)
     groups = layout.qkv_groups(cfg)
-    layer_names = layout.layer_names(cfg)
+    layer_names = layout.all_layer_names(cfg)
+    fusions = layout.fusions(cfg)
     for i in range(cfg.n_layers):
         base = layout.prefix + layout.layer.format(i=i)
         for ours, theirs in layer_names.items():
@@ -111,7 +112,7 @@ def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str, convert=None)
                 if ours.startswith("attn.wqkv") and groups:
                     t = ungroup_qkv(t, groups, cfg)
                 sd[f"layers.{i}.{ours}"] = t
-        _fuse(sd, take, remaining, i, base, fam)
+        _fuse(sd, take, remaining, i, base, fusions)
     if remaining:
         raise CamelidError(f"{source}: unexpected tensor {next(iter(remaining))!r} for {fam.name}")
     return dict(sd)
@@ -131,10 +132,8 @@ class _Converted(dict):
             self.update(self.convert(key, value))
 
 
-def _fuse(sd, take, remaining, i, base, fam: Family):
-    for ours, parts in (("attn.wqkv", fam.hf.qkv), ("mlp.w_in", fam.hf.gate_up)):
-        if not parts:
-            continue
+def _fuse(sd, take, remaining, i, base, fusions: dict[str, tuple[str, ...]]):
+    for ours, parts in fusions.items():
         for p in ("weight", "bias"):
             names = [f"{base}{part}.{p}" for part in parts]
             if all(n in remaining for n in names):
@@ -152,7 +151,8 @@ def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:
         if ours in sd and not (ours == "output.weight" and cfg.tie_embeddings):
             out[theirs if theirs in layout.unprefixed else layout.prefix + theirs] = sd[ours]
     groups = layout.qkv_groups(cfg)
-    layer_names = layout.layer_names(cfg)
+    layer_names = layout.all_layer_names(cfg)
+    fusions = layout.fusions(cfg)
     hd = cfg.head_dim
     for i in range(cfg.n_layers):
         base = layout.prefix + layout.layer.format(i=i)
@@ -165,15 +165,14 @@ def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:
             if layout.transposed and t.dim() == 2:
                 t = t.t()
             out[base + theirs] = t.contiguous()
-        for p in ("weight", "bias"):
-            qkv = sd.get(f"layers.{i}.attn.wqkv.{p}")
-            if layout.qkv and qkv is not None:
-                sizes = (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd)
-                for part, t in zip(layout.qkv, qkv.split(sizes)):
-                    out[f"{base}{part}.{p}"] = t.contiguous()
-            w_in = sd.get(f"layers.{i}.mlp.w_in.{p}")
-            if layout.gate_up and w_in is not None:
-                for part, t in zip(layout.gate_up, w_in.chunk(2)):
+        for ours, parts in fusions.items():
+            for p in ("weight", "bias"):
+                fused = sd.get(f"layers.{i}.{ours}.{p}")
+                if fused is None:
+                    continue
+                pieces = fused.split((cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd)) \
+                    if ours == "attn.wqkv" else fused.chunk(len(parts))
+                for part, t in zip(parts, pieces):
                     out[f"{base}{part}.{p}"] = t.contiguous()
     return out
 

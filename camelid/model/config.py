@@ -53,6 +53,13 @@ class ModelConfig:
     tie_embeddings: bool = False
     embed_proj_dim: int | None = None  # OPT-350m projects a smaller embedding up to dim
     final_norm: bool = True
+    # mixture of experts: each token's MLP is the weighted sum of the n_experts_used experts its router picks
+    n_experts: int = 0  # 0: a dense MLP
+    n_experts_used: int = 0
+    expert_ffn_dim: int | None = None  # each expert's hidden size; None: ffn_dim
+    moe_renorm: bool = True  # the picked experts' softmax weights rescaled to sum to 1 (Mixtral, Qwen3-MoE)
+    shared_expert_dim: int | None = None  # an expert every token uses, gated by sigmoid(x . w) (Qwen2-MoE)
+    dense_layers: list | None = None  # blocks that keep the dense MLP of ffn_dim in a mixture-of-experts model
     dropout: float = 0.0  # training only: embeddings, attention weights and each residual branch
     extra: dict = field(default_factory=dict)  # family-specific fields kept for lossless export
 
@@ -102,9 +109,14 @@ class ModelConfig:
                 raise CamelidError(f"model config: {key} must be a positive number or null, got {value!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise CamelidError(f"model config: sliding_window must be a positive integer, got {self.sliding_window}")
+        _check_experts(self)
         if self.sliding_layers is not None and not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.sliding_layers):
             raise CamelidError(f"model config: sliding_layers must list block indices below n_layers={self.n_layers}")
+
+    def moe(self, layer: int) -> bool:
+        """Whether block `layer`'s MLP is a mixture of experts."""
+        return self.n_experts > 0 and layer not in (self.dense_layers or ())
 
     @property
     def rope_attention_factor(self) -> float:
@@ -169,6 +181,19 @@ def _check_types(cfg: "ModelConfig"):
         ok = ok or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
             raise CamelidError(f"model config: {f.name} must be {_KINDS[kinds[0]]}, got {value!r}")
+
+
+def _check_experts(cfg: "ModelConfig"):
+    if cfg.n_experts < 0 or (cfg.n_experts and not 0 < cfg.n_experts_used <= cfg.n_experts):
+        raise CamelidError(f"model config: n_experts_used must be between 1 and n_experts={cfg.n_experts}, "
+                           f"got {cfg.n_experts_used}")
+    for key in ("expert_ffn_dim", "shared_expert_dim"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise CamelidError(f"model config: {key} must be a positive integer, got {value!r}")
+    if cfg.dense_layers is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.n_layers for i in cfg.dense_layers):
+        raise CamelidError(f"model config: dense_layers must list block indices below n_layers={cfg.n_layers}")
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

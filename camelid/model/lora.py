@@ -86,6 +86,9 @@ def target_slices(model, layer: int, cfg_targets: list[str]) -> dict[str, dict[s
              "gate_proj": ("mlp", "w_in", (0, ffn)),
              "up_proj": ("mlp", "w_in", (ffn, 2 * ffn) if mc.gated_mlp else (0, ffn)),
              "down_proj": ("mlp", "w_out", (0, mc.dim))}
+    if mc.moe(layer) and {"gate_proj", "up_proj", "down_proj"} & set(cfg_targets):
+        raise CamelidError("LoRA targets the attention of a mixture-of-experts model (q_proj, k_proj, v_proj, "
+                           "o_proj): its MLP is many experts")
     if "gate_proj" in cfg_targets and not mc.gated_mlp:
         raise CamelidError("LoRA target module 'gate_proj' does not exist in this model (its MLP is not gated)")
     out: dict = {}

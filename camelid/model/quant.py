@@ -357,11 +357,13 @@ def prepare_layers(model: nn.Module, packed: frozenset[str] | set[str] = frozens
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(name, parent, attribute) of every matmul weight a quantizer may replace: the blocks' projections and
-    the output layer (embeddings stay in float: a lookup reads one row a token)."""
+    the output layer (embeddings stay in float: a lookup reads one row a token; so do a mixture of experts'
+    routers, as llama-quantize keeps them: a rounded score can send a token to another expert)."""
     found = []
     for name, module in model.named_modules():
         for attr, child in module.named_children():
-            if isinstance(child, (nn.Linear, *QUANTIZED)) and attr not in ("embed_proj_in", "embed_proj_out"):
+            if isinstance(child, (nn.Linear, *QUANTIZED)) and attr not in ("embed_proj_in", "embed_proj_out",
+                                                                             "router", "shared_gate"):
                 found.append((f"{name}.{attr}" if name else attr, module, attr))
     return found
 

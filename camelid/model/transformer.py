@@ -224,12 +224,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
+        hidden = hidden or cfg.ffn_dim
         self.gated = cfg.gated_mlp
         self.act = ACTIVATIONS[cfg.activation]
-        self.w_in = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.gated else 1), bias=cfg.mlp_bias)
-        self.w_out = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.w_in = nn.Linear(cfg.dim, hidden * (2 if self.gated else 1), bias=cfg.mlp_bias)
+        self.w_out = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
         h = linear(x, self.w_in)
@@ -241,14 +242,49 @@ class MLP(nn.Module):
         return linear(h, self.w_out)
 
 
-class Block(nn.Module):
+class MoE(nn.Module):
+    """A mixture of experts: a router scores every expert, each token goes through the n_experts_used it
+    scores highest (softmax, then top-k), and their outputs are summed by those weights. Only the experts some
+    token picked run, each on the tokens that picked it, so decoding one token reads n_experts_used experts'
+    weights, not all of them. A shared expert, where the family has one, runs for every token, gated."""
+
     def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.expert_ffn_dim) for _ in range(cfg.n_experts))
+        self.shared = MLP(cfg, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_dim else None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = linear(x, self.router).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.cfg.n_experts_used, dim=-1)
+        if self.cfg.moe_renorm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:  # decoding: the picked experts in turn, with no index bookkeeping
+            for j, e in enumerate(chosen[0].tolist()):
+                out = out + (self.experts[e](x) * weights[0, j]).to(x.dtype)
+        else:
+            for e in chosen.unique().tolist():
+                rows, slot = (chosen == e).nonzero(as_tuple=True)
+                y = self.experts[e](x[rows]) * weights[rows, slot, None]
+                out.index_add_(0, rows, y.to(x.dtype))
+        if self.shared is not None:
+            out = out + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.cfg = cfg
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = None if cfg.shared_parallel_norm else make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if moe else MLP(cfg)
         self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
 
@@ -298,7 +334,7 @@ class Transformer(nn.Module):
         if cfg.embed_proj_dim:
             self.embed_proj_in = nn.Linear(emb_dim, cfg.dim, bias=False)
             self.embed_proj_out = nn.Linear(cfg.dim, emb_dim, bias=False)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.moe(i)) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.output = nn.Linear(emb_dim, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.positions == "rope":
@@ -458,7 +494,7 @@ def init_weights(model: Transformer, std: float = 0.02) -> Transformer:
     residual_std = std / math.sqrt(2 * model.cfg.n_layers)
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            is_residual = name.endswith(("attn.wo", "mlp.w_out"))
+            is_residual = name.endswith(("attn.wo", "w_out"))
             nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
