@@ -15,6 +15,7 @@ from conftest import make_hf_model, tiny_hf_configs
 
 FAMILIES = list(tiny_hf_configs())
 IDS = torch.tensor([[5, 17, 3, 44, 90, 12, 7, 61, 33, 2, 80, 9]])
+GROWING_ROPE = {"llama-dynamic"}  # rotary tables that change with the sequence's length past 8 positions
 
 
 def _camelid(folder):
@@ -35,6 +36,10 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
         expected = ref(IDS).logits
     got = ours(IDS)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    tokens = [t[0] for t in generate_tokens(ours, [IDS[0].tolist()], 10, SamplingParams.greedy())]
+    assert tokens == _hf_greedy(ref, IDS, 10)
+    if name in GROWING_ROPE:  # past its context each step rotates by its own table: no one pass to compare with
+        return
     # Decoding one token at a time through the KV cache gives the same logits as one full pass.
     cache = ours.new_kv_cache(1, IDS.shape[1])
     stepped = torch.cat([ours(IDS[:, i:i + 1], i, cache) for i in range(IDS.shape[1])], dim=1)
@@ -43,8 +48,6 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
     cache = ours.new_kv_cache(1, IDS.shape[1])
     rows = torch.cat([ours(IDS[:, i:i + 1], torch.tensor([i]), cache) for i in range(IDS.shape[1])], dim=1)
     torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
-    tokens = [t[0] for t in generate_tokens(ours, [IDS[0].tolist()], 10, SamplingParams.greedy())]
-    assert tokens == _hf_greedy(ref, IDS, 10)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -71,7 +71,7 @@ MODEL_KEY_CASES = [
     (_model_key("rope_theta", "abc"), "rope_theta must be a number"),
     (_model_key("activation", ["silu"]), "activation must be a string"),
     (_model_key("rope_scaling", "linear"), "rope_scaling must be an object"),
-    (_model_key("rope_scaling", {"type": "dynamic", "factor": 4.0}), "rope_scaling type 'dynamic' is not supported"),
+    (_model_key("rope_scaling", {"type": "ntk-by-parts", "factor": 4.0}), "rope_scaling type 'ntk-by-parts' is not supported"),
     (_model_key("rope_scaling", {"type": "yarn", "factor": 4.0}), "rope_scaling.original_max_position_embeddings must be"),
     (_model_key("norm_eps", "x"), "norm_eps must be a number"),
     (_model_key("tie_embeddings", "no"), "tie_embeddings must be true or false"),

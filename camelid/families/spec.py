@@ -124,7 +124,9 @@ def rope_from_hf(hf: dict, default_theta=10000.0) -> tuple[float, dict | None]:
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if kind in ("llama3", "yarn", "longrope"):  # as transformers completes them
+    if kind == "dynamic":  # transformers scales from max_position_embeddings, whatever else the dict says
+        scaling = dict(scaling, original_max_position_embeddings=hf.get("max_position_embeddings"))
+    elif kind in ("llama3", "yarn", "longrope"):  # as transformers completes them
         scaling = dict(scaling)
         if hf.get("original_max_position_embeddings") is not None:  # Phi-3 keeps it outside rope_scaling
             scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]

@@ -25,13 +25,22 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise CamelidError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
     _check_hf_types(hf, source)
     try:
-        return ModelConfig(**HF_MODEL_TYPES[mt].config_from_hf(hf))
+        return ModelConfig(**_dynamic_context(HF_MODEL_TYPES[mt].config_from_hf(hf)))
     except KeyError as exc:
         raise CamelidError(f"{source}: missing key {exc.args[0]!r} for model_type {mt!r}") from None
     except CamelidError as exc:
         raise CamelidError(f"{source}: {exc}") from None
     except (TypeError, ValueError, ZeroDivisionError) as exc:
         raise CamelidError(f"{source}: an implausible value ({exc})") from None
+
+
+def _dynamic_context(fields: dict) -> dict:
+    """Dynamic NTK scaling stretches the context config.json gives by its factor: that is the context camelid
+    allows, while the scaling keeps the original length it grows the base from."""
+    scaling = fields.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "dynamic" and isinstance(scaling.get("factor"), (int, float)):
+        fields["max_seq_len"] = int(fields["max_seq_len"] * max(scaling["factor"], 1))
+    return fields
 
 
 # The types of the config.json keys the families read, so a wrong one is named as the file names it.
@@ -179,7 +188,13 @@ def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, torch_dtype="float32")
-    return dict(common, **family(cfg.arch).config_to_hf(cfg))
+    if cfg.n_experts and family(cfg.arch).hf.experts is None:
+        raise CamelidError(f"a {cfg.arch} model with experts has no Hugging Face form")
+    hf = dict(common, **family(cfg.arch).config_to_hf(cfg))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "dynamic":  # the length transformers scales from
+        hf["max_position_embeddings"] = scaling["original_max_position_embeddings"]
+    return hf
 
 
 # ---------------------------------------------------------------- folders

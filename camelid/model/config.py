@@ -167,6 +167,8 @@ _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 ROPE_SCALING = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                   "original_max_position_embeddings"),
                 "yarn": ("factor", "original_max_position_embeddings"),
+                # NTK-aware: past the original context, the base grows with the sequence (transformers' dynamic)
+                "dynamic": ("factor", "original_max_position_embeddings"),
                 "longrope": ("original_max_position_embeddings",),  # with short_factor and long_factor lists
                 "factors": ()}  # GGUF's rope_freqs tensor: one divisor per frequency
 

@@ -37,7 +37,9 @@ def _shaped_for_it(model) -> bool:
             and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias) and model.dtype == torch.float32
             and not (cfg.norm_plus_one or cfg.embed_scale or cfg.post_norms or cfg.rope_local_theta
                      or cfg.attn_scale or cfg.attn_softcap or cfg.final_softcap)
-            and cfg.rope_attention_factor == 1.0 and not hasattr(model, "inv_freq_long") and not cfg.n_experts
+            and cfg.rope_attention_factor == 1.0 and not cfg.n_experts
+            and (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type")) not in ("longrope",
+                                                                                                      "dynamic")
             and model.device.type == "cpu" and ggml_kernel.available())
 
 

@@ -400,13 +400,22 @@ class Transformer(nn.Module):
         return logits
 
     def _inv_freq(self, positions):
-        """LongRoPE, as transformers runs it: the long factors for a forward whose last position lies past the
-        original context (the cache keeps what earlier steps rotated), else the short ones."""
-        if not hasattr(self, "inv_freq_long"):
+        """As transformers runs them, for a forward whose last position lies past the original context (the
+        cache keeps what earlier steps rotated): LongRoPE's long factors, or dynamic NTK's base grown for
+        this length. Otherwise the plain table."""
+        scaling = self.cfg.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("longrope", "dynamic"):
             return self.inv_freq
-        longest = int(positions.max()) + 1
-        return self.inv_freq_long if longest > self.cfg.rope_scaling["original_max_position_embeddings"] \
-            else self.inv_freq
+        longest, original = int(positions.max()) + 1, scaling["original_max_position_embeddings"]
+        if longest <= original:
+            return self.inv_freq
+        if kind == "longrope":
+            return self.inv_freq_long
+        rot, factor = self.cfg.rotary_dim, scaling["factor"]
+        base = self.cfg.rope_theta * ((factor * longest / original) - (factor - 1)) ** (rot / (rot - 2))
+        steps = torch.arange(0, rot, 2, dtype=torch.int64, device=self.inv_freq.device).float() / rot
+        return 1.0 / (base ** steps)
 
     def _rope(self, positions, inv_freq, dtype, factor: float = 1.0):
         freqs = positions.unsqueeze(-1).float() * inv_freq
