@@ -91,6 +91,9 @@ class GGUFLayout:
     norm_offset: float = 0.0  # added to every norm weight in the file (Gemma's converter stores 1 + w)
     # None: llama.cpp's graph for `arch` has no experts; else whether it routes as this config does
     experts: Callable[[ModelConfig], bool] | None = None
+    # cfg -> {name: tensor} the file carries beside the weights (Phi-3's LongRoPE factors); the loader reads
+    # them in `config`
+    extra_tensors: Callable[[ModelConfig], dict[str, torch.Tensor]] = lambda cfg: {}
 
 
 @dataclass(frozen=True)

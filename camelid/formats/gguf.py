@@ -177,7 +177,8 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             sd.update({f"{base}.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
         for t, _ in found:
             gf.release(t)
-    extra = sorted(set(gf.tensors) - used - {"rope_freqs.weight"})
+    config_tensors = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+    extra = sorted(set(gf.tensors) - used - config_tensors)
     if extra:
         raise CamelidError(f"{gf.path}: tensor {extra[0]!r} is not part of a {cfg.arch} model camelid runs")
     packed = {k.rsplit(".", 1)[0] for k in sd if k.endswith("scales_zeros")} if cpu_kernel else set()

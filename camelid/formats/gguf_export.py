@@ -78,6 +78,7 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
             pieces = t.split([p.rows(cfg) for p in sources]) if len(sources) > 1 else [t]
             out += [(p.name, _permute(piece, p.heads(cfg)) if p.heads else piece, layer, p.expert)
                     for p, piece in zip(sources, pieces)]
+    out += [(name, t, None, None) for name, t in fam.gguf.extra_tensors(cfg).items()]
     return _stack_experts(out)
 
 
@@ -112,7 +113,7 @@ def gguf_arch(cfg, source: str, quant: str = "f32") -> str:
                                                             " in a variant llama.cpp's graph does not compute"))
     if cfg.n_experts and (fam.gguf.experts is None or not fam.gguf.experts(cfg) or cfg.dense_layers):
         raise CamelidError(f"{source}: llama.cpp's {fam.gguf.arch} graph does not route experts as this model does")
-    scaling = (cfg.rope_scaling or {}).get("type")
+    scaling = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
     if cfg.rope_scaling and scaling not in fam.gguf.rope_scaling_types:
         raise CamelidError(f"{source}: GGUF export does not write rope scaling {scaling!r}")
     if quant == "q4_k_m" and (not fam.gguf.q4_k_m or cfg.n_experts):
