@@ -1,13 +1,15 @@
-"""Running llama.cpp's GGUF files (LLaMA family, GPT-2, GPT-NeoX, Falcon): config, tokenizer and weights all
-come from the file. Each family's metadata keys and tensor names are in its module under `camelid/families/`.
+"""Running llama.cpp's GGUF files (every family in `camelid/families/` with a GGUF layout): config, tokenizer and
+weights all come from the file. Each family's metadata keys and tensor names are in its module there.
 
 Weights map onto camelid's layers as directly as the kernels allow (docs/gguf-and-kernels.md):
 - F32/F16/BF16 stay float (a zero-copy view when the dtype matches).
-- Where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as llama.cpp computes them), Q4_0 and
-  Q8_0 stay in their blocks and Q4_1/Q4_K become Q4_1 blocks (exactly), Q4 rows repacked for the kernel.
+- Where camelid's C kernel runs (AVX-512 VNNI: int8 activations, as llama.cpp computes them), Q4_0, Q8_0,
+  Q4_K, Q6_K, IQ4_NL and IQ4_XS stay in their blocks (Q4_0 and the IQ4s' rows repacked for the kernel), and
+  Q4_1 is repacked too.
 - Elsewhere Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
-- Q5_0, Q5_1, Q5_K, Q6_K, Q2_K and Q3_K are re-quantized to Q8_0 blocks for the C kernel, or where it does
-  not run, to int8 per output channel (`_weight_int8pack_mm`): within a fraction of the file's own rounding.
+- The other types (Q5_0, Q5_1, Q5_K, Q2_K, Q3_K, the other i-quants, TQ1_0, TQ2_0, MXFP4) are decoded by gguf's
+  own dequantization and re-quantized to Q8_0 blocks for the C kernel, or where it does not run, to int8
+  per output channel (`_weight_int8pack_mm`): within a fraction of the file's own rounding.
 - A fused camelid layer (QKV, gate+up) whose parts have different types takes Q8_0 (or int8).
 - A quantized token embedding stays in the file's blocks; rows are dequantized as they are looked up.
 
@@ -229,7 +231,8 @@ def _ggml_blocks(parts: list[torch.Tensor], type_id: int) -> dict[str, torch.Ten
     """One layer's block rows for GGMLLinear, copied once: Q4_0/Q4_1 rows straight into the layout the kernel
     reads (the layer is then marked so), rather than repacked after loading in a second copy."""
     blocks = ggml_kernel.weight_buffer(sum(p.shape[0] for p in parts), parts[0].shape[1])
-    split = type_id in ggml_kernel.SPLIT and parts[0].shape[1] // ggml_kernel.BLOCK_BYTES[type_id] % 4 == 0
+    split = type_id in ggml_kernel.SPLIT and parts[0].shape[1] // ggml_kernel.BLOCK_BYTES[type_id] * \
+        ggml_kernel.BLOCK_VALUES[type_id] % 128 == 0
     row = 0
     for p in parts:  # part by part, so Q4 parts split alone, each into its rows of the layer
         if split:
@@ -265,7 +268,8 @@ def _linear(found: list[tuple[GGUFTensor, int | None]], dtype, cpu_kernel: bool)
     k = found[0][0].shape[-1]
     if types <= set(FLOAT_TYPES):
         return {"weight": torch.cat([dequantize(raw, t.type, (-1, k)) for raw, t in raws]).to(dtype)}
-    if cpu_kernel and len(types) == 1 and types <= set(ggml_kernel.TYPES) and ggml_kernel.available():
+    splits = len(types) == 1 and types <= set(ggml_kernel.SPLIT_ONLY) and k % 128 == 0
+    if cpu_kernel and len(types) == 1 and (types <= set(ggml_kernel.TYPES) or splits) and ggml_kernel.available():
         with warnings.catch_warnings():  # read-only views of the file, copied below, so its pages can go
             warnings.simplefilter("ignore", UserWarning)
             rows = [torch.from_numpy(raw) for raw, _ in raws]

@@ -1,4 +1,4 @@
-// CPU kernels on GGUF's blocks: matrix products on Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with int8 activations (a few
+// CPU kernels on GGUF's blocks: matrix products on Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL and IQ4_XS with int8 activations (a few
 // rows, and a prompt's many), a whole LLaMA decode step on them, and the load-time conversions into them.
 //
 // As llama.cpp does it: the few activation rows are rounded to int8 (one float scale per 32 values, or per 256
@@ -213,6 +213,63 @@ static inline __attribute__((always_inline)) void q41s_row(
 // scales, the f16 d.
 #define Q6K 14
 
+// ---------------------------------------------------------------------------------------------------
+// IQ4_NL and IQ4_XS: 4-bit indices into llama.cpp's fixed non-linear table of int8 values (kvalues_iq4nl),
+// with a scale per 32 values: an f16 (IQ4_NL), or a 6-bit integer times the f16 scale of its 256 (IQ4_XS).
+// Repacked at load as Q4_0 is, each field of every block together: type 104 is [nb f16 scales][nibbles],
+// type 105 [nsb f16 d][nsb u16 high scale bits][nsb x 4 bytes of low scale nibbles][nibbles]. vpshufb looks
+// the indices up in the table shifted by 128 (so unsigned, for vpdpbusd), and 128 times the activations' sum
+// is taken back out.
+#define IQ4NLS 104
+#define IQ4XSS 105
+
+static inline __m512i iq4_table(void) {
+    return _mm512_broadcast_i32x4(_mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
+                                                (char)166, (char)181, (char)197, (char)217, (char)241));
+}
+
+// IQ4_XS: block b's integer scale (ls - 32) in a repacked row of nsb super-blocks.
+static inline int iq4xs_scale(const uint8_t *row, int64_t nsb, int64_t b) {
+    const int64_t s = b / 8, ib = b % 8;
+    uint16_t h;
+    memcpy(&h, row + 2 * nsb + 2 * s, 2);
+    const uint8_t l = row[4 * nsb + 4 * s + ib / 2];
+    return (((l >> 4 * (ib % 2)) & 15) | (((h >> 2 * ib) & 3) << 4)) - 32;
+}
+
+static inline __attribute__((always_inline)) void iq4_row(
+        const uint8_t *row, int64_t nb, const __m512i *alo, const __m512i *ahi, const __m512i *bias4,
+        const __m512 *xd4, float *y, int64_t n_out, const int M, const int XS) {
+    const int64_t nsb = nb / 8, ng = nb / 4;
+    const uint8_t *qs = row + (XS ? 8 * nsb : 2 * nb);
+    const __m512i table = iq4_table();
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i lo, hi;
+        nibbles(qs + g * 64, &lo, &hi);
+        lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
+        __m512 dw;
+        if (XS) {
+            const __m128 ls = _mm_cvtepi32_ps(_mm_setr_epi32(iq4xs_scale(row, nsb, 4 * g), iq4xs_scale(row, nsb, 4 * g + 1),
+                                                             iq4xs_scale(row, nsb, 4 * g + 2), iq4xs_scale(row, nsb, 4 * g + 3)));
+            dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_mul_ps(ls, _mm_set1_ps(f16(row + 2 * (g / 2))))));
+        } else {
+            dw = f16_lanes((const uint16_t *)row + 4 * g);
+        }
+        for (int r = 0; r < M; r++) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo[r * ng + g]);
+            dot = _mm512_dpbusd_epi32(dot, hi, ahi[r * ng + g]);
+            dot = _mm512_sub_epi32(dot, bias4[r * ng + g]);
+            const __m512 sc = _mm512_mul_ps(dw, xd4[r * ng + g]);
+            if (g & 1) acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc1[r]);
+            else acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc0[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
 static inline __attribute__((always_inline)) void q6k_row(
         const uint8_t *row, int64_t k, const int8_t *xq, const __m256i *bias, const float *xd, float *y,
         int64_t n_out, const int M) {
@@ -359,15 +416,16 @@ static int prepared_alloc(prepared *p, int64_t k, int64_t m) {
     return 0;
 }
 
-static int is_split(int type) { return type == Q4S || type == Q41S; }
+static int is_split(int type) { return type == Q4S || type == Q41S || type == IQ4NLS || type == IQ4XSS; }
 
 // Whether `type` rows of k values are taken: Q4_0 (2), Q8_0 (8) and the repacked Q4_0/Q4_1 (102, 103).
 static int takes(int type, int64_t k) {
-    if (type == Q6K || type == Q4K) return k % 256 == 0;
+    if (type == Q6K || type == Q4K || type == IQ4XSS) return k % 256 == 0;
     return is_split(type) ? k % (4 * QK) == 0 : (type == 2 || type == 8) && k % QK == 0;
 }
 
 static int64_t row_bytes_of(int type, int64_t k) {
+    if (type == IQ4XSS) return k / 256 * 136;
     return type == Q6K ? k / 256 * 210 : type == Q4K ? k / 256 * 144 : k / QK * (type == 8 ? 34 : type == Q41S ? 20 : 18);
 }
 
@@ -437,7 +495,7 @@ static void prepare(int type, const float *x, int64_t k, int64_t m, prepared *p)
                                                               _mm256_set1_ps(p->xd[r * nb + 2 * b + 1]), 1);
         return;
     }
-    const __m512i eight = _mm512_set1_epi8(8);
+    const __m512i eight = _mm512_set1_epi8(type == IQ4NLS || type == IQ4XSS ? (char)128 : 8);  // the offset
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < ng; g++) {
             int8_t l[64] __attribute__((aligned(64))), h[64] __attribute__((aligned(64)));
@@ -481,6 +539,10 @@ static inline __attribute__((always_inline)) void rows_block(
             q4s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M);
         else if (type == Q41S)
             q41s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->x4 + t * ng, p->s4 + t * ng, out, n_out, M);
+        else if (type == IQ4NLS)
+            iq4_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 0);
+        else if (type == IQ4XSS)
+            iq4_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 1);
         else
             gemv_row(row, bb, type == 2, nb, k, p->xq + t * k, p->xd + t * nb, p->bias + t * nb,
                      p->xdv + t * (nb / 2), out, n_out, M);
@@ -541,7 +603,9 @@ typedef struct {
 } gemm_acts;
 
 static int gemm_fold(int type) { return type == Q6K ? 16 : 32; }
-static int gemm_offset(int type) { return type == 8 ? 128 : type == Q6K ? 32 : type == Q41S || type == Q4K ? 0 : 8; }
+static int gemm_offset(int type) {
+    return type == 8 || type == IQ4NLS || type == IQ4XSS ? 128 : type == Q6K ? 32 : type == Q41S || type == Q4K ? 0 : 8;
+}
 static int gemm_mins(int type) { return type == Q41S || type == Q4K; }
 
 // x (m, k) -> int8 with one scale per 32 (rounded to nearest, as llama.cpp's vectorised Q8_0), the fold sums.
@@ -594,6 +658,11 @@ static void gemm_unpack(int type, const uint8_t *w, int64_t n0, int64_t n_out, i
         const __m512i idx = _mm512_loadu_si512(rows);
         uint8_t *q = pq + 64 * h;
         float *d = pd + 16 * h, *mn = pm + 16 * h;
+        if (type == IQ4XSS) {
+            for (int c = 0; c < 16; c++)
+                for (int64_t b = 0; b < nb; b++)
+                    d[b * NR + c] = f16(base + rows[c] + 2 * (b / 8)) * iq4xs_scale(base + rows[c], nb / 8, b);
+        }
         if (type == Q4K || type == Q6K) {
             for (int c = 0; c < 16; c++) {  // integer sub-block scales times the super-block's, per weight row
                 for (int64_t s = 0; s < k / 256; s++) {
@@ -616,6 +685,9 @@ static void gemm_unpack(int type, const uint8_t *w, int64_t n0, int64_t n_out, i
                 if (type == 2) v = gather_bits(base, idx, 18 * b + 2 + 4 * (i & 3), 4 * (i >> 2), 15);
                 else if (type == Q4S) v = gather_bits(base, idx, 2 * nb + 16 * b + 4 * (i & 3), 4 * (i >> 2), 15);
                 else if (type == Q41S) v = gather_bits(base, idx, 4 * nb + 16 * b + 4 * (i & 3), 4 * (i >> 2), 15);
+                else if (type == IQ4NLS || type == IQ4XSS)
+                    v = _mm512_shuffle_epi8(iq4_table(), gather_bits(base, idx, (type == IQ4NLS ? 2 * nb : nb)
+                                                                     + 16 * b + 4 * (i & 3), 4 * (i >> 2), 15));
                 else if (type == 8) v = _mm512_xor_si512(gather_bits(base, idx, 34 * b + 2 + 4 * i, 0, 255),
                                                          _mm512_set1_epi8((char)0x80));
                 else if (type == Q4K) v = gather_bits(base, idx, 144 * s + 16 + 32 * (j / 2) + 4 * i, 4 * (j & 1), 15);
@@ -628,7 +700,7 @@ static void gemm_unpack(int type, const uint8_t *w, int64_t n0, int64_t n_out, i
                 _mm512_store_si512((void *)(q + (b * 8 + i) * 64 * (NR / 16)), v);
             }
             if (type == 2 || type == 8) _mm512_store_ps(d + b * NR, gather_f16(base, idx, (type == 2 ? 18 : 34) * b, 0));
-            if (type == Q4S || type == Q41S) _mm512_store_ps(d + b * NR, gather_f16(base, idx, 2 * b, 0));
+            if (type == Q4S || type == Q41S || type == IQ4NLS) _mm512_store_ps(d + b * NR, gather_f16(base, idx, 2 * b, 0));
             if (type == Q41S) _mm512_store_ps(mn + b * NR, gather_f16(base, idx, 2 * nb + 2 * b, 0));
         }
     }
@@ -966,19 +1038,22 @@ int ggml_k_to_q8_0(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *ou
     return 0;
 }
 
-// Q4_0 (type 2) or Q4_1 (3) block rows -> the repacked rows Q4S/Q41S read: per row all scales, [all mins,]
-// then all nibble bytes (same size). At load, straight from the file's pages.
+// Q4_0 (type 2), Q4_1 (3), IQ4_NL (20) or IQ4_XS (23) block rows -> the repacked rows the kernels above read:
+// each field of every block together (per row all scales, [all mins,] then all nibble bytes; the same size).
+// At load, straight from the file's pages.
 int ggml_split_rows(int type, const uint8_t *src, int64_t n, int64_t nb, uint8_t *dst, int threads) {
-    if (type != 2 && type != 3) return -1;
-    const int64_t head = type == 2 ? 2 : 4, bb = head + 16;
+    static const int q4_0[] = {2, 16, 0}, q4_1[] = {2, 2, 16, 0}, iq4_xs[] = {2, 2, 4, 128, 0};
+    const int *fields = type == 2 || type == 20 ? q4_0 : type == 3 ? q4_1 : type == 23 ? iq4_xs : NULL;
+    if (!fields) return -1;
+    int64_t bb = 0;
+    for (const int *f = fields; *f; f++) bb += *f;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *s = src + r * nb * bb;
         uint8_t *d = dst + r * nb * bb;
-        for (int64_t b = 0; b < nb; b++) {
-            for (int64_t i = 0; i < head; i += 2) memcpy(d + i * nb + 2 * b, s + b * bb + i, 2);
-            memcpy(d + head * nb + 16 * b, s + b * bb + head, 16);
-        }
+        int64_t at = 0;  // the field's offset inside a block
+        for (const int *f = fields; *f; at += *f, f++)
+            for (int64_t b = 0; b < nb; b++) memcpy(d + at * nb + *f * b, s + b * bb + at, *f);
     }
     return 0;
 }

@@ -1,4 +1,5 @@
-"""Builds and calls ggml_gemv.c: matmuls on GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks with int8 activations,
+"""Builds and calls ggml_gemv.c: matmuls on GGUF's Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL and IQ4_XS blocks with int8
+activations,
 a whole LLaMA decode step on them (see fused_decode.py), and the load-time conversions into them (Q4 repacking,
 K-quants to Q8_0 for mixed fused layers).
 
@@ -27,16 +28,20 @@ SOURCE = Path(__file__).with_name("ggml_gemv.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c",
          "-mfma", "-fopenmp", "-shared", "-fPIC"]
 NEEDED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14  # ggml's type ids
-TYPES = {"Q4_0": Q4_0, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K}
-SPLIT = {Q4_0: 102, Q4_1: 103}  # Q4_0 and Q4_1 rows repacked as [scales][mins][nibbles] (see split_rows)
-# A Q4_0 block is an fp16 scale and 16 bytes of nibbles; Q4_1 adds an fp16 min.
-HEAD_BYTES = {Q4_0: 2, Q4_1: 4}
-BLOCK_BYTES = {t: head + 16 for t, head in HEAD_BYTES.items()}
+Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL, IQ4_XS = 2, 3, 8, 12, 14, 20, 23  # ggml's type ids
+TYPES = {"Q4_0": Q4_0, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K}  # run in the file's own layout
+# Run repacked, each field of a row's blocks together (see split_rows); IQ4_NL and IQ4_XS only so
+SPLIT = {Q4_0: 102, Q4_1: 103, IQ4_NL: 104, IQ4_XS: 105}
+SPLIT_ONLY = {"IQ4_NL": IQ4_NL, "IQ4_XS": IQ4_XS}
+# A block's fields in bytes: Q4_0 an fp16 scale and 16 bytes of nibbles, Q4_1 an fp16 min besides; IQ4_NL is
+# laid out as Q4_0; an IQ4_XS block of 256 has its fp16 scale, 2 + 4 bytes of 6-bit sub-scales, 128 of nibbles.
+FIELDS = {Q4_0: (2, 16), Q4_1: (2, 2, 16), IQ4_NL: (2, 16), IQ4_XS: (2, 2, 4, 128)}
+BLOCK_BYTES = {t: sum(f) for t, f in FIELDS.items()}
+BLOCK_VALUES = {Q4_0: 32, Q4_1: 32, IQ4_NL: 32, IQ4_XS: 256}
 TYPE_IDS = {*TYPES.values(), *SPLIT.values()}
 # From this many activation rows on, the panel kernel (ggml_gemm) beats the row kernel (ggml_matmul): its
 # unpacking costs about a millisecond per 10M weights whatever the rows (measured on a 2-core AVX-512 CPU).
-PANEL_ROWS = {Q8_0: 6, Q4_0: 12, SPLIT[Q4_0]: 12, SPLIT[Q4_1]: 12, Q4_K: 20, Q6_K: 20}
+PANEL_ROWS = {Q8_0: 6, Q4_0: 12, Q4_K: 20, Q6_K: 20, **{t: 12 for t in SPLIT.values()}}
 
 
 def _cpu_flags() -> set[str]:
@@ -192,9 +197,10 @@ def dequantize_rows(rows: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor 
 
 
 def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Q4_0 (18-byte) or Q4_1 (20-byte) block rows -> per row all scales, [all mins,] then all nibble bytes:
-    the layout the kernel reads four blocks at a time from (same size; `join_rows` undoes it). Written into
-    `out` (contiguous rows of the same size) when given. Needs the kernel (`available()`)."""
+    """Q4_0, Q4_1, IQ4_NL or IQ4_XS block rows -> each field of a row's blocks together (per row all scales,
+    [all mins,] then all nibble bytes): the layout the kernel reads four blocks at a time from (same size;
+    `join_rows` undoes it). Written into `out` (contiguous rows of the same size) when given. Needs the kernel
+    (`available()`)."""
     out = torch.empty_like(blocks) if out is None else out
     n, row_bytes = blocks.shape
     blocks = blocks.contiguous()
@@ -206,7 +212,9 @@ def split_rows(blocks: torch.Tensor, ggml_type: int, out: torch.Tensor | None = 
 
 
 def join_rows(split: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    head = HEAD_BYTES[ggml_type]
     n, nb = split.shape[0], split.shape[1] // BLOCK_BYTES[ggml_type]
-    parts = [split[:, i * nb:(i + 2) * nb].view(n, nb, 2) for i in range(0, head, 2)]
-    return torch.cat(parts + [split[:, head * nb:].view(n, nb, 16)], dim=-1).view(n, -1)
+    parts, at = [], 0
+    for size in FIELDS[ggml_type]:
+        parts.append(split[:, at * nb:(at + size) * nb].reshape(n, nb, size))
+        at += size
+    return torch.cat(parts, dim=-1).view(n, -1)

@@ -295,7 +295,7 @@ class GGMLEmbedding(nn.Module):
 
 
 class GGMLLinear(nn.Module):
-    """A matmul weight kept in GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K or Q6_K), run by camelid's C kernel
+    """A matmul weight kept in GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, IQ4_NL or IQ4_XS), run by camelid's C kernel
     (ggml_gemv.c: int8 activations, AVX-512 VNNI), as llama.cpp runs it. Only built where that kernel is
     available; elsewhere the same file loads into Int4Linear/Int8Linear. Other devices dequantize per call."""
 
