@@ -75,7 +75,7 @@ def test_pytorch_bin_and_sharded_safetensors(tmp_path):
     torch.testing.assert_close(_camelid(tmp_path / "sharded")(IDS), ref(IDS).logits.detach(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2-sliding", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2-sliding", "qwen2_moe", "bloom"])
 def test_batched_prompts_of_different_lengths_match_single(name, tmp_path):
     """Left padding changes no row's tokens; with a sliding window (5 and 6 positions here), the window counts
     real tokens, not padding."""
@@ -87,7 +87,7 @@ def test_batched_prompts_of_different_lengths_match_single(name, tmp_path):
         assert [list(r) for r in together] == alone
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "mpt"])
 def test_packed_rows_match_separate_sequences(name, tmp_path):
     """Two sequences packed in one row (segment ids) give each its own logits, the sliding window included."""
     make_hf_model(name, tmp_path)

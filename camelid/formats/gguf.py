@@ -138,6 +138,8 @@ def global_parts(cfg: ModelConfig, has_output: bool) -> dict[str, list[GGUFPart]
         parts["pos_embeddings.weight"] = [GGUFPart("position_embd.weight")]
     if cfg.norm == "layernorm":
         parts["norm.bias"] = [GGUFPart("output_norm.bias")]
+    if cfg.embed_norm:
+        parts.update({f"embed_norm.{p}": [GGUFPart(f"token_embd_norm.{p}")] for p in ("weight", "bias")})
     if has_output:
         parts["output.weight"] = [GGUFPart("output.weight")]
     return parts

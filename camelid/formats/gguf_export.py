@@ -62,7 +62,8 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
     fam = family(cfg.arch)
     has_output = not cfg.tie_embeddings or fam.gguf.always_output
     top = global_parts(cfg, has_output)
-    first = {k: top.pop(k) for k in ("tok_embeddings.weight", "pos_embeddings.weight") if k in top}
+    first = {k: top.pop(k) for k in ("tok_embeddings.weight", "embed_norm.weight", "embed_norm.bias",
+                                     "pos_embeddings.weight") if k in top}
     out = []  # in llama.cpp's converter's order: the embeddings, the blocks, the final norm and output layer
     for layer, parts in [(None, first), *((i, layer_parts(cfg, i)) for i in range(cfg.n_layers)), (None, top)]:
         for ours, sources in parts.items():

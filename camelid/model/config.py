@@ -23,13 +23,15 @@ class ModelConfig:
     # block structure
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm with a bias (MPT's have none)
     activation: str = "silu"  # silu | gelu | gelu_tanh | relu
     gated_mlp: bool = True  # SwiGLU-style gate * up
     parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x)) (GPT-J, NeoX, Falcon)
     shared_parallel_norm: bool = False  # parallel blocks that use one norm for both branches
     pre_norm: bool = True  # False: post-norm (OPT-350m)
     # positions
-    positions: str = "rope"  # rope | learned
+    positions: str = "rope"  # rope | learned | alibi (a per-head linear penalty on distance: Bloom, MPT)
+    alibi_max_bias: float = 8.0  # ALiBi's slopes: 2^(-max_bias * i / heads), interleaved past a power of two
     rotary_pct: float = 1.0  # fraction of head_dim that is rotated (GPT-J, NeoX: partial)
     rope_interleaved: bool = False  # rotate pairs (GPT-J) instead of halves (NeoX/HF LLaMA)
     rope_theta: float = 10000.0
@@ -37,6 +39,7 @@ class ModelConfig:
     learned_pos_offset: int = 0  # OPT keeps two unused rows before position 0
     # biases and embeddings
     qkv_bias: bool = False
+    qkv_clip: float | None = None  # q, k and v clamped to [-clip, clip] (MPT's clip_qkv)
     qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (Qwen3)
     sliding_window: int | None = None  # a query sees only the last N positions (Mistral, Qwen2)
     sliding_layers: list | None = None  # the blocks that slide; None: all of them, when sliding_window is set
@@ -46,6 +49,7 @@ class ModelConfig:
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     norm_plus_one: bool = False  # RMSNorm weights stored as w and applied as (1 + w), in fp32 (Gemma)
     embed_scale: bool = False  # embeddings times sqrt(dim), rounded to the compute dtype (Gemma)
+    embed_norm: bool = False  # a norm on the token embeddings (Bloom)
     post_norms: bool = False  # a norm on the attention's and on the MLP's output before each residual sum
     attn_out_bias: bool = False
     mlp_bias: bool = False
@@ -71,7 +75,7 @@ class ModelConfig:
         the key, instead of a failure deep inside the model (or NaN logits) later."""
         _check_types(self)
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu", "gelu_tanh", "relu"),
-                   "positions": ("rope", "learned")}
+                   "positions": ("rope", "learned", "alibi")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise CamelidError(f"model config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -103,7 +107,7 @@ class ModelConfig:
         _check_rope_scaling(self.rope_scaling)
         if self.post_norms and (self.parallel_residual or not self.pre_norm):
             raise CamelidError("model config: post_norms applies to sequential pre-norm blocks only")
-        for key in ("rope_local_theta", "attn_scale", "attn_softcap", "final_softcap"):
+        for key in ("rope_local_theta", "attn_scale", "attn_softcap", "final_softcap", "qkv_clip", "alibi_max_bias"):
             value = getattr(self, key)
             if value is not None and not (0 < value < float("inf")):
                 raise CamelidError(f"model config: {key} must be a positive number or null, got {value!r}")

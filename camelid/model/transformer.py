@@ -56,10 +56,20 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.dim
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_plus_one)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def alibi_slopes(cfg: ModelConfig) -> torch.Tensor:
+    """ALiBi's per-head slopes as Bloom, MPT and llama.cpp compute them: 2^(-max_bias * (h + 1) / n) for the
+    first n heads, n the largest power of two not above the head count, then the odd steps of the series for
+    2n heads."""
+    n = 2 ** math.floor(math.log2(cfg.n_heads))
+    m0, m1 = 2.0 ** (-cfg.alibi_max_bias / n), 2.0 ** (-cfg.alibi_max_bias / 2 / n)
+    return torch.tensor([m0 ** (h + 1) if h < n else m1 ** (2 * (h - n) + 1) for h in range(cfg.n_heads)],
+                        device="cpu")
 
 
 def rope_tables(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -161,7 +171,7 @@ def explicit_attention(q, k, v, mask, dropout_p: float = 0.0, scale: float | Non
     small matmuls beat a flash kernel), for bf16/fp16 training on a CPU (see explicit_attention_pays), and for
     soft-capped scores, which PyTorch's kernels do not compute. Query heads are folded into rows by the KV head
     they share, so grouped-query attention needs no copy of K and V.
-    mask (B or 1, 1, T, S) bool; None means causal."""
+    mask (B or 1, 1, T, S) bool, or (B or 1, H, T, S) float to add to the scores (ALiBi); None means causal."""
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     group = H // n_kv
@@ -170,7 +180,9 @@ def explicit_attention(q, k, v, mask, dropout_p: float = 0.0, scale: float | Non
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores.view(B, n_kv, group, T, S) + mask.view(mask.shape[0], n_kv, group, T, S)
+    elif mask is not None:
         scores = scores.view(B, n_kv, group, T, S).masked_fill(~mask.unsqueeze(2), float("-inf"))
     probs = scores.view(B, n_kv, group * T, S).softmax(dim=-1).to(v.dtype)
     if dropout_p:
@@ -193,7 +205,10 @@ class Attention(nn.Module):
         """keep (N,) indices into the B*T positions: the output projection runs for those only -> (N, dim)."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = linear(x, self.wqkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        qkv = linear(x, self.wqkv)
+        if cfg.qkv_clip:
+            qkv = qkv.clamp(-cfg.qkv_clip, cfg.qkv_clip)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -331,6 +346,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = _embedding(cfg.vocab_size, emb_dim)
         if cfg.positions == "learned":
             self.pos_embeddings = _embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.dim)
+        self.embed_norm = make_norm(cfg, emb_dim) if cfg.embed_norm else None
         if cfg.embed_proj_dim:
             self.embed_proj_in = nn.Linear(emb_dim, cfg.dim, bias=False)
             self.embed_proj_out = nn.Linear(cfg.dim, emb_dim, bias=False)
@@ -340,6 +356,8 @@ class Transformer(nn.Module):
         if cfg.positions == "rope":
             for name, table in rope_tables(cfg).items():
                 self.register_buffer(name, table, persistent=False)
+        if cfg.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg), persistent=False)
         self.activation_checkpointing = False
 
     def tie_weights(self):
@@ -373,9 +391,14 @@ class Transformer(nn.Module):
             positions, mask = packed_positions_and_mask(segment_ids)
         else:
             positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
-        masks = (mask, self._window_mask(positions, mask, start, pad_mask, layout is None and segment_ids is None)
+        in_cache_order = layout is None and segment_ids is None
+        masks = (mask, self._window_mask(positions, mask, start, pad_mask, in_cache_order)
                  if cfg.sliding_window else mask)
         x = self.tok_embeddings(tokens)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        if cfg.positions == "alibi":
+            masks = tuple(self._alibi(positions, m, start, pad_mask, in_cache_order, x.dtype) for m in masks)
         if cfg.embed_scale:
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         x = dropout(x, cfg.dropout, self.training)
@@ -384,7 +407,7 @@ class Transformer(nn.Module):
         ropes = (None, None)
         if cfg.positions == "learned":
             x = x + self.pos_embeddings(positions + cfg.learned_pos_offset)
-        else:
+        elif cfg.positions == "rope":
             rope = self._rope(positions, self._inv_freq(positions), x.dtype, cfg.rope_attention_factor)
             ropes = (rope, self._rope(positions, self.inv_freq_local, x.dtype) if cfg.rope_local_theta else rope)
         x = self._blocks(x, ropes, masks, kv_cache, start, None if last_only else logits_at)
@@ -461,25 +484,25 @@ class Transformer(nn.Module):
         return positions, mask.unsqueeze(1)
 
     def _window_mask(self, positions, mask, start, pad_mask, in_cache_order: bool) -> torch.Tensor:
-        """`mask` (None: causal) narrowed to the keys within sliding_window positions of each query. Keys are
-        the cache's positions (real tokens counted, under left padding), or, for packed rows and other
-        layouts, the tokens themselves."""
+        """`mask` (None: causal) narrowed to the keys within sliding_window positions of each query."""
         window = self.cfg.sliding_window
-        B, T = positions.shape
-        device = positions.device
+        T = positions.shape[1]
         if mask is None:  # one block from `start`, no padding: a band of the causal mask
             S = start + T
-            return torch.ones(T, S, dtype=torch.bool, device=device).tril(start).triu(start - window + 1).view(
-                1, 1, T, S)
-        S = mask.shape[-1]
-        if not in_cache_order:
-            keys = positions
-        elif isinstance(start, torch.Tensor) or pad_mask is None:
-            keys = torch.arange(S, device=device).view(1, S)
-        else:
-            keys = (pad_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
-        distance = positions.int().unsqueeze(-1) - keys.int().unsqueeze(-2)  # (B, T, S)
-        return mask & (distance < window).unsqueeze(1)
+            return torch.ones(T, S, dtype=torch.bool, device=positions.device).tril(start).triu(
+                start - window + 1).view(1, 1, T, S)
+        return mask & (_distance(positions, mask.shape[-1], start, pad_mask, in_cache_order) < window).unsqueeze(1)
+
+    def _alibi(self, positions, mask, start, pad_mask, in_cache_order: bool, dtype) -> torch.Tensor:
+        """`mask` (None: causal) as scores to add: ALiBi's -slope * distance for the keys it lets through,
+        -inf for the others, (B or 1, H, T, S)."""
+        T = positions.shape[1]
+        if mask is None:
+            S = start + T
+            mask = torch.ones(T, S, dtype=torch.bool, device=positions.device).tril(start).view(1, 1, T, S)
+        distance = _distance(positions, mask.shape[-1], start, pad_mask, in_cache_order)
+        bias = -self.alibi_slopes.view(1, -1, 1, 1) * distance.unsqueeze(1).float()
+        return bias.masked_fill(~mask, float("-inf")).to(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -494,6 +517,18 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
                        dtype=self.dtype, device=self.device)
+
+
+def _distance(positions, S: int, start, pad_mask, in_cache_order: bool) -> torch.Tensor:
+    """(B, T, S) query position minus key position. Keys are the cache's positions (real tokens counted, under
+    left padding), or, for packed rows and other layouts, the tokens themselves."""
+    if not in_cache_order:
+        keys = positions
+    elif isinstance(start, torch.Tensor) or pad_mask is None:
+        keys = torch.arange(S, device=positions.device).view(1, S)
+    else:
+        keys = (pad_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
+    return positions.int().unsqueeze(-1) - keys.int().unsqueeze(-2)
 
 
 def init_weights(model: Transformer, std: float = 0.02) -> Transformer:
