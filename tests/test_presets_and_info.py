@@ -16,6 +16,10 @@ PUBLISHED = {
     "falcon-7b": 6.92e9, "falcon-40b": 41.8e9,
     "opt-125m": 125e6, "opt-350m": 331e6, "opt-1.3b": 1.32e9, "opt-2.7b": 2.65e9, "opt-6.7b": 6.7e9,
     "opt-13b": 12.9e9, "opt-30b": 30.0e9, "opt-66b": 65.7e9,
+    # as their model cards give them
+    "mistral-7b": 7.24e9, "mixtral-8x7b": 46.7e9, "qwen2.5-0.5b": 0.49e9, "qwen2.5-7b": 7.61e9, "qwen3-8b": 8.19e9,
+    "qwen3-30b-a3b": 30.5e9, "gemma-2b": 2.51e9, "gemma-2-2b": 2.61e9, "gemma-3-1b": 1.0e9, "phi-3-mini": 3.82e9,
+    "bloom-560m": 559e6, "mpt-7b": 6.7e9,
 }
 
 

@@ -253,6 +253,20 @@ def _neox(dim, n_layers, n_heads, vocab_size=50688, **kw):
                 parallel_residual=True, rotary_pct=0.25, qkv_bias=True, attn_out_bias=True, mlp_bias=True, **kw)
 
 
+def _qwen(arch, dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size=151936, **kw):
+    return dict(arch=arch, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
+                vocab_size=vocab_size, max_seq_len=32768, norm_eps=1e-6, rope_theta=1000000.0,
+                qkv_bias=arch in ("qwen2", "qwen2_moe"), qk_norm=arch in ("qwen3", "qwen3_moe"), **kw)
+
+
+def _gemma(arch, dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size=256000, max_seq_len=8192, **kw):
+    return dict(arch=arch, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=256,
+                ffn_dim=ffn_dim, vocab_size=vocab_size, max_seq_len=max_seq_len, norm_eps=1e-6, activation="gelu_tanh",
+                norm_plus_one=True, embed_scale=True, tie_embeddings=True, **kw)
+
+
+_ALIBI = dict(norm="layernorm", gated_mlp=False, positions="alibi", tie_embeddings=True)
+
 # Sizes as published; `camelid info` computes the parameter counts from these (tests check them).
 PRESETS: dict[str, dict] = {
     "llama-7b": _llama(4096, 32, 32, 11008),
@@ -292,11 +306,36 @@ PRESETS: dict[str, dict] = {
     "opt-13b": _opt(5120, 40, 40),
     "opt-30b": _opt(7168, 48, 56),
     "opt-66b": _opt(9216, 64, 72),
+    "mistral-7b": _llama(4096, 32, 32, 14336, n_kv_heads=8, max_seq_len=32768, sliding_window=4096),
+    "mixtral-8x7b": _llama(4096, 32, 32, 14336, n_kv_heads=8, max_seq_len=32768, rope_theta=1000000.0,
+                           n_experts=8, n_experts_used=2),
+    "qwen2.5-0.5b": _qwen("qwen2", 896, 24, 14, 2, 4864, tie_embeddings=True),
+    "qwen2.5-7b": _qwen("qwen2", 3584, 28, 28, 4, 18944, vocab_size=152064),
+    "qwen3-8b": _qwen("qwen3", 4096, 36, 32, 8, 12288, head_dim=128),
+    "qwen3-30b-a3b": _qwen("qwen3_moe", 2048, 48, 32, 4, 6144, head_dim=128, n_experts=128, n_experts_used=8,
+                           expert_ffn_dim=768),
+    "gemma-2b": _gemma("gemma", 2048, 18, 8, 1, 16384),
+    "gemma-2-2b": _gemma("gemma2", 2304, 26, 8, 4, 9216, post_norms=True, attn_softcap=50.0, final_softcap=30.0,
+                         sliding_window=4096, sliding_layers=list(range(0, 26, 2))),
+    "gemma-3-1b": _gemma("gemma3", 1152, 26, 4, 1, 6912, vocab_size=262144, post_norms=True, qk_norm=True,
+                         sliding_window=512, sliding_layers=[i for i in range(26) if (i + 1) % 6],
+                         rope_theta=1000000.0, rope_local_theta=10000.0, max_seq_len=32768),
+    "phi-3-mini": dict(arch="phi3", dim=3072, n_layers=32, n_heads=32, ffn_dim=8192, vocab_size=32064,
+                       max_seq_len=4096, sliding_window=2047),
+    "bloom-560m": dict(arch="bloom", dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, vocab_size=250880,
+                       max_seq_len=2048, activation="gelu_tanh", embed_norm=True, qkv_bias=True, attn_out_bias=True,
+                       mlp_bias=True, **_ALIBI),
+    "mpt-7b": dict(arch="mpt", dim=4096, n_layers=32, n_heads=32, ffn_dim=16384, vocab_size=50432, max_seq_len=2048,
+                   activation="gelu", norm_bias=False, **_ALIBI),
 }
 # Fine-tunes share their base's architecture; their names are what people type.
 ALIASES = {"alpaca-7b": "llama-7b", "vicuna-7b": "llama-7b", "vicuna-13b": "llama-13b", "koala-7b": "llama-7b",
            "koala-13b": "llama-13b", "wizardlm-7b": "llama-7b", "wizardlm-13b": "llama-13b",
-           "dolly-v2": "dolly-v2-12b"}
+           "dolly-v2": "dolly-v2-12b", "mistral-7b-instruct": "mistral-7b", "mixtral-8x7b-instruct": "mixtral-8x7b",
+           "qwen2.5-0.5b-instruct": "qwen2.5-0.5b", "qwen2.5-7b-instruct": "qwen2.5-7b",
+           "gemma-2b-it": "gemma-2b", "gemma-2-2b-it": "gemma-2-2b", "gemma-3-1b-it": "gemma-3-1b",
+           "phi-3-mini-instruct": "phi-3-mini", "bloomz-560m": "bloom-560m", "mpt-7b-instruct": "mpt-7b",
+           "mpt-7b-chat": "mpt-7b"}
 
 
 def preset(name: str) -> ModelConfig:

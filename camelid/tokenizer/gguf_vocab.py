@@ -1,4 +1,6 @@
-"""The tokenizer stored in GGUF metadata: `llama` (SentencePiece-style scores) or `gpt2` (byte-level BPE)."""
+"""The tokenizer stored in GGUF metadata, as llama.cpp reads each vocabulary type: `llama` (SentencePiece-style
+scores, SPM), `gpt2` (byte-level BPE with its pre-tokenizer), `bert` (WordPiece, WPM) and `t5` (SentencePiece's
+unigram model with its precompiled normalizer, UGM)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,16 @@ from camelid.tokenizer import pretokenizers
 from camelid.tokenizer.piece_vocab import PieceVocab
 from camelid.tokenizer.tokenizer import HFBackend, Tokenizer, check_token_ids, piece_tokenizer
 
-CONTROL, USER_DEFINED = 3, 4
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
 
 _KEY_TYPES = {"tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
               "tokenizer.ggml.tokens": [str], "tokenizer.ggml.merges": [str], "tokenizer.ggml.scores": [float],
               "tokenizer.ggml.token_type": [int], "tokenizer.ggml.bos_token_id": int,
               "tokenizer.ggml.eos_token_id": int, "tokenizer.ggml.eot_token_id": int,
               "tokenizer.ggml.eom_token_id": int, "tokenizer.ggml.unknown_token_id": int,
-              "tokenizer.ggml.add_bos_token": bool, "tokenizer.ggml.add_space_prefix": bool}
+              "tokenizer.ggml.add_bos_token": bool, "tokenizer.ggml.add_space_prefix": bool,
+              "tokenizer.ggml.remove_extra_whitespaces": bool, "tokenizer.ggml.precompiled_charsmap": [int],
+              "tokenizer.ggml.normalizer.lowercase": bool, "tokenizer.ggml.normalizer.strip_accents": bool}
 
 
 def _check_types(meta: dict, source: str):
@@ -70,7 +74,67 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
         if eos_ids:
             specials["eos_token"] = tokens[eos_ids[0]]
         return Tokenizer(HFBackend(tok), bos, eos_ids, add_bos and bos is not None, template, specials)
-    raise CamelidError(f"{source}: tokenizer.ggml.model={model!r} is not supported (llama, gpt2)")
+    if model in ("bert", "t5"):
+        build = _wordpiece if model == "bert" else _unigram
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "bert")
+        return Tokenizer(HFBackend(build(tokens, types, meta, source)), bos, eos_ids, add_bos and bos is not None,
+                         template, {})
+    raise CamelidError(f"{source}: tokenizer.ggml.model={model!r} is not supported (llama, gpt2, bert, t5)")
+
+
+def _specials(tok, tokens, types):
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)])
+    return tok
+
+
+def _wordpiece(tokens, types, meta, source):
+    """llama.cpp's WPM: BERT's normalizer (lowercase and accents stripped unless the metadata says otherwise),
+    words split at whitespace, punctuation and CJK characters, each matched longest-first. The file marks a
+    word's first piece with a leading '▁' where BERT's vocabulary marks the others with '##'."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    lowercase = meta.get("tokenizer.ggml.normalizer.lowercase", True)
+    strip_accents = meta.get("tokenizer.ggml.normalizer.strip_accents", lowercase)
+    vocab = {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        piece = t if ty in (UNKNOWN, CONTROL, USER_DEFINED) else t[1:] if t.startswith("▁") else "##" + t
+        vocab.setdefault(piece, i)
+    unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 100)]
+    tok = HFTokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=1 << 30))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return _specials(tok, tokens, types)
+
+
+def _unigram(tokens, types, meta, source):
+    """llama.cpp's UGM (T5's SentencePiece unigram model): the precompiled character map normalizes, runs of
+    whitespace become one '▁' before each word, and the best-scoring segmentation of the whole text wins
+    (user-defined pieces scoring 0, an unknown character the lowest score less 10)."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    vocab = [(t, 0.0 if ty == USER_DEFINED else float(sc)) for t, ty, sc in zip(tokens, types, scores)]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = HFTokenizer(models.Unigram(vocab, unk_id=unk, byte_fallback=False))
+    steps = []
+    charsmap = meta.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap:
+        steps.append(normalizers.Precompiled(bytes(charsmap)))
+    if meta.get("tokenizer.ggml.remove_extra_whitespaces", True):
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    tok.normalizer = normalizers.Sequence(steps)
+    prefix = "always" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
+    return _specials(tok, tokens, types)
 
 
 def _byte_level_bpe(tokens, merges, types, pre: str, source: str):
