@@ -116,9 +116,8 @@ def _unigram(tokens, types, meta, source):
     """llama.cpp's UGM (T5's SentencePiece unigram model): the precompiled character map normalizes, runs of
     whitespace become one '▁' before each word, and the best-scoring segmentation of the whole text wins
     (user-defined pieces scoring 0, an unknown character the lowest score less 10)."""
-    from tokenizers import Regex
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     vocab = [(t, 0.0 if ty == USER_DEFINED else float(sc)) for t, ty, sc in zip(tokens, types, scores)]
