@@ -2,10 +2,12 @@
 
 Through PyTorch, one token costs about fifteen small ops a layer (norms, rotary, cache writes, attention,
 SwiGLU); on a 22-layer model their dispatch is about 10 ms, a third of a Q4_0 token. ggml_gemv.c's
-`ggml_llama_decode` runs the same math in one parallel region. The generation layer asks for a plan once per
-decoding run (generate/decoding.py) and falls back to the model's forward, which stays the reference (the
-tests hold the two together), for everything else: prompts, batches, other families, float or int4 weights,
-bf16, gradients, LoRA.
+`ggml_llama_decode` runs the same math in one parallel region, for the LLaMA family and for what Qwen2/3 and
+Gemma 1-3 add to its blocks (q/k/v biases, q/k norms, (1 + w) norms, post-branch norms, sliding windows with
+their own rotary tables, scaled and soft-capped scores, GeGLU, scaled embeddings, soft-capped logits). The
+generation layer asks for a plan once per decoding run (generate/decoding.py) and falls back to the model's
+forward, which stays the reference (the tests hold the two together), for everything else: prompts, batches,
+other families, mixtures of experts, float or int4 weights, bf16, gradients, LoRA.
 """
 
 from __future__ import annotations
@@ -26,25 +28,23 @@ class DecodePlan:
     layers: ctypes.Array  # ggml_kernel.LlamaLayer per block
     dims: ggml_kernel.LlamaDims
     head: ggml_kernel.LlamaHead | None  # the final norm and output layer, where the C step runs them too
+    keep: list  # tensors the pointers above point into that the model does not hold ((1 + w) norm weights)
     cache: tuple = (None, None, None)  # (the last KVCache seen, its k pointers, its v pointers)
 
 
 def _shaped_for_it(model) -> bool:
     cfg = model.cfg
+    kind = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
     return (cfg.norm == "rmsnorm" and cfg.pre_norm and not cfg.parallel_residual and cfg.gated_mlp
-            and cfg.activation == "silu" and cfg.positions == "rope" and not cfg.rope_interleaved
-            and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim and not cfg.qk_norm and not cfg.sliding_window
-            and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias) and model.dtype == torch.float32
-            and not (cfg.norm_plus_one or cfg.embed_scale or cfg.post_norms or cfg.rope_local_theta
-                     or cfg.attn_scale or cfg.attn_softcap or cfg.final_softcap)
-            and cfg.rope_attention_factor == 1.0 and not cfg.n_experts
-            and (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type")) not in ("longrope",
-                                                                                                      "dynamic")
+            and cfg.activation in ("silu", "gelu_tanh") and cfg.positions == "rope" and not cfg.rope_interleaved
+            and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim
+            and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias) and model.dtype == torch.float32
+            and cfg.rope_attention_factor == 1.0 and not cfg.n_experts and kind not in ("longrope", "dynamic")
             and model.device.type == "cpu" and ggml_kernel.available())
 
 
-def _kind(layer) -> int | None:
-    if type(layer) is not GGMLLinear or layer.bias is not None:
+def _kind(layer, bias_ok: bool = False) -> int | None:
+    if type(layer) is not GGMLLinear or (layer.bias is not None and not bias_ok):
         return None
     kind = ggml_kernel.SPLIT[int(layer.ggml_type)] if layer.split else int(layer.ggml_type)
     return kind if kind in ggml_kernel.TYPE_IDS else None
@@ -55,27 +55,44 @@ def build_plan(model) -> DecodePlan | None:
     stay as they are, so a plan lives for one decoding run), or None when the model is not one it runs."""
     if type(model.layers[0].attn.wqkv) is not GGMLLinear or not _shaped_for_it(model):
         return None
-    layers = []
-    for block in model.layers:
-        parts = [block.attn.wqkv, block.attn.wo, block.mlp.w_in, block.mlp.w_out]
-        kinds = [_kind(p) for p in parts]
-        norms = [block.attn_norm.weight, block.mlp_norm.weight]
-        if None in kinds or not all(n.dtype == torch.float32 and n.is_contiguous() for n in norms):
+    cfg, keep = model.cfg, []
+
+    def weight(norm) -> int:  # the multiplier a norm applies, as a pointer (0: no such norm)
+        if norm is None:
+            return 0
+        w = (1.0 + norm.weight.float()) if norm.plus_one else norm.weight
+        if w.dtype != torch.float32:
             return None
-        layers.append(ggml_kernel.LlamaLayer(*(n.data_ptr() for n in norms), *(p.blocks.data_ptr() for p in parts),
-                                             *kinds))
-    cfg = model.cfg
-    dims = ggml_kernel.LlamaDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, 0, cfg.norm_eps)
-    return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, _head(model))
+        keep.append(w.contiguous())
+        return keep[-1].data_ptr()
+
+    layers = []
+    for i, block in enumerate(model.layers):
+        attn = block.attn
+        parts = [attn.wqkv, attn.wo, block.mlp.w_in, block.mlp.w_out]
+        kinds = [_kind(attn.wqkv, bias_ok=True)] + [_kind(p) for p in parts[1:]]
+        norms = [weight(n) for n in (block.attn_norm, block.mlp_norm, attn.q_norm, attn.k_norm, block.post_attn_norm,
+                                     block.post_mlp_norm)]
+        bias = attn.wqkv.bias
+        if None in kinds or None in norms or (bias is not None and (bias.dtype != torch.float32
+                                                                    or not bias.is_contiguous())):
+            return None
+        bias = 0 if bias is None else bias.data_ptr()
+        layers.append(ggml_kernel.LlamaLayer(*norms[:2], *(p.blocks.data_ptr() for p in parts), *kinds, bias,
+                                             *norms[2:], cfg.sliding_window if cfg.slides(i) else 0,
+                                             int(bool(cfg.rope_local_theta) and cfg.slides(i))))
+    dims = ggml_kernel.LlamaDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, 0, cfg.norm_eps,
+                                 cfg.attn_scale or 0.0, cfg.attn_softcap or 0.0, int(cfg.activation == "gelu_tanh"))
+    head = _head(model, weight)
+    return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, head, keep)
 
 
-def _head(model) -> ggml_kernel.LlamaHead | None:
+def _head(model, weight) -> ggml_kernel.LlamaHead | None:
     norm, kind = model.norm, _kind(model.output)
-    if (kind is None or model.cfg.embed_proj_dim or norm is None or norm.weight.dtype != torch.float32
-            or not norm.weight.is_contiguous()):
+    scale = None if kind is None or model.cfg.embed_proj_dim or norm is None else weight(norm)
+    if scale is None:
         return None
-    return ggml_kernel.LlamaHead(norm.weight.data_ptr(), model.output.blocks.data_ptr(), kind,
-                                 model.output.out_features)
+    return ggml_kernel.LlamaHead(scale, model.output.blocks.data_ptr(), kind, model.output.out_features)
 
 
 def _cache_pointers(plan: DecodePlan, kv_cache: KVCache):
@@ -94,13 +111,24 @@ def decode_step(plan: DecodePlan, model, tokens: torch.Tensor, start: int, kv_ca
         return None
     plan.dims.max_len = kv_cache.max_len
     k_ptrs, v_ptrs = _cache_pointers(plan, kv_cache)
-    freqs = torch.tensor(float(start)) * model.inv_freq  # the forward's rotary angles, halves not interleaved
-    freqs = torch.cat((freqs, freqs))
+    cos, sin = _rotary(model.inv_freq, start)
+    cos_local, sin_local = _rotary(model.inv_freq_local, start) if model.cfg.rope_local_theta else (cos, sin)
     x = model.tok_embeddings(tokens).reshape(-1).clone()
+    if model.cfg.embed_scale:
+        x = x * torch.tensor(model.cfg.dim ** 0.5, dtype=x.dtype)
     logits = None if plan.head is None else torch.empty(plan.head.n_vocab)
-    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, freqs.cos(), freqs.sin(),
-                                    plan.head, logits):
+    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, cos, sin, cos_local,
+                                    sin_local, plan.head, logits):
         return None
     if logits is None:
-        return linear(model.norm(x.view(1, 1, -1)), model.output).float()
+        logits = linear(model.norm(x.view(1, 1, -1)), model.output).float()
+    if model.cfg.final_softcap:
+        logits = torch.tanh(logits / model.cfg.final_softcap) * model.cfg.final_softcap
     return logits.view(1, 1, -1)
+
+
+def _rotary(inv_freq: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's rotary factors at one position, halves not interleaved."""
+    freqs = torch.tensor(float(position)) * inv_freq
+    freqs = torch.cat((freqs, freqs))
+    return freqs.cos(), freqs.sin()

@@ -93,8 +93,8 @@ def _build() -> ctypes.CDLL | None:
     lib.ggml_llama_decode.restype = ctypes.c_int
     lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(LlamaHead),
-                                      ctypes.c_void_p, ctypes.c_int]
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.POINTER(LlamaHead), ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -146,14 +146,20 @@ def matmul(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: 
 
 
 class LlamaLayer(ctypes.Structure):
-    """One block's weights for `llama_decode` (ggml_gemv.c's llama_layer)."""
+    """One block's weights for `llama_decode` (ggml_gemv.c's llama_layer); a null pointer is a part the block
+    does not have."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "mlp_norm", "wqkv", "wo", "w_in", "w_out")] + \
-               [(name, ctypes.c_int32) for name in ("qkv_type", "wo_type", "in_type", "out_type")]
+               [(name, ctypes.c_int32) for name in ("qkv_type", "wo_type", "in_type", "out_type")] + \
+               [(name, ctypes.c_void_p) for name in ("qkv_bias", "q_norm", "k_norm", "post_attn_norm",
+                                                     "post_mlp_norm")] + \
+               [("window", ctypes.c_int64), ("local_rope", ctypes.c_int32)]
 
 
 class LlamaDims(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_len")] + [("norm_eps", ctypes.c_float)]
+                ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_len")] + \
+               [(name, ctypes.c_float) for name in ("norm_eps", "attn_scale", "attn_softcap")] + \
+               [("gelu", ctypes.c_int32)]
 
 
 class LlamaHead(ctypes.Structure):
@@ -163,7 +169,8 @@ class LlamaHead(ctypes.Structure):
 
 
 def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos: int, cos: torch.Tensor,
-                 sin: torch.Tensor, head: LlamaHead | None = None, logits: torch.Tensor | None = None) -> bool:
+                 sin: torch.Tensor, cos_local: torch.Tensor, sin_local: torch.Tensor, head: LlamaHead | None = None,
+                 logits: torch.Tensor | None = None) -> bool:
     """Runs every block of one decode step on x (dim,) fp32 in place (see ggml_llama_decode), and with a head
     writes the logits (n_vocab,) fp32 too; False when the kernel does not take the call and x is untouched.
     k_cache/v_cache are ctypes arrays of the layers' (n_kv_heads, max_len, head_dim) fp32 cache pointers."""
@@ -171,7 +178,8 @@ def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos
     if lib is None:
         return False
     return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache, pos,
-                                 cos.data_ptr(), sin.data_ptr(), None if head is None else ctypes.byref(head),
+                                 cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(), sin_local.data_ptr(),
+                                 None if head is None else ctypes.byref(head),
                                  None if logits is None else logits.data_ptr(), torch.get_num_threads()) == 0
 
 
