@@ -432,7 +432,7 @@ def family(request, tmp_path_factory, shakespeare):
     return root, lm, export_gguf(lm, root, "f32"), tokens
 
 
-FUSED = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3"}  # the families whose decode step is one C call
+FUSED = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen3_moe"}  # decode steps of one C call
 
 
 def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family):

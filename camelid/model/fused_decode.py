@@ -39,7 +39,8 @@ def _shaped_for_it(model) -> bool:
             and cfg.activation in ("silu", "gelu_tanh") and cfg.positions == "rope" and not cfg.rope_interleaved
             and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim
             and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias) and model.dtype == torch.float32
-            and cfg.rope_attention_factor == 1.0 and not cfg.n_experts and kind not in ("longrope", "dynamic")
+            and cfg.rope_attention_factor == 1.0 and not cfg.shared_expert_dim and cfg.n_experts <= 256
+            and kind not in ("longrope", "dynamic")
             and model.device.type == "cpu" and ggml_kernel.available())
 
 
@@ -69,7 +70,11 @@ def build_plan(model) -> DecodePlan | None:
     layers = []
     for i, block in enumerate(model.layers):
         attn = block.attn
-        parts = [attn.wqkv, attn.wo, block.mlp.w_in, block.mlp.w_out]
+        experts = _experts(block.mlp, keep) if cfg.moe(i) else {}
+        if experts is None:
+            return None
+        mlp = (block.mlp.experts[0] if experts else block.mlp)  # unused by the step where there are experts
+        parts = [attn.wqkv, attn.wo, mlp.w_in, mlp.w_out]
         kinds = [_kind(attn.wqkv, bias_ok=True)] + [_kind(p) for p in parts[1:]]
         norms = [weight(n) for n in (block.attn_norm, block.mlp_norm, attn.q_norm, attn.k_norm, block.post_attn_norm,
                                      block.post_mlp_norm)]
@@ -80,11 +85,30 @@ def build_plan(model) -> DecodePlan | None:
         bias = 0 if bias is None else bias.data_ptr()
         layers.append(ggml_kernel.LlamaLayer(*norms[:2], *(p.blocks.data_ptr() for p in parts), *kinds, bias,
                                              *norms[2:], cfg.sliding_window if cfg.slides(i) else 0,
-                                             int(bool(cfg.rope_local_theta) and cfg.slides(i))))
+                                             int(bool(cfg.rope_local_theta) and cfg.slides(i)), **experts))
     dims = ggml_kernel.LlamaDims(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, 0, cfg.norm_eps,
                                  cfg.attn_scale or 0.0, cfg.attn_softcap or 0.0, int(cfg.activation == "gelu_tanh"))
     head = _head(model, weight)
     return DecodePlan((ggml_kernel.LlamaLayer * len(layers))(*layers), dims, head, keep)
+
+
+def _experts(moe, keep: list) -> dict | None:
+    """A mixture of experts' fields of its layer for the C step (every expert in one block type, as the file's
+    3-D tensors give them), or None where it cannot run them."""
+    router = moe.router.weight if type(moe.router) is torch.nn.Linear else None
+    kinds = {(_kind(e.w_in), _kind(e.w_out)) for e in moe.experts}
+    if router is None or router.dtype != torch.float32 or len(kinds) != 1 or None in next(iter(kinds)):
+        return None
+    in_kind, out_kind = kinds.pop()
+    keep.append(router.contiguous())
+    tables = [(ctypes.c_void_p * len(moe.experts))(*(getattr(e, w).blocks.data_ptr() for e in moe.experts))
+              for w in ("w_in", "w_out")]
+    keep.extend(tables)
+    cfg = moe.cfg
+    return dict(n_experts=cfg.n_experts, n_used=cfg.n_experts_used, renorm=int(cfg.moe_renorm),
+                expert_in_type=in_kind, expert_out_type=out_kind, expert_ffn=moe.experts[0].w_out.in_features,
+                router=keep[-3].data_ptr(), expert_in=ctypes.cast(tables[0], ctypes.c_void_p),
+                expert_out=ctypes.cast(tables[1], ctypes.c_void_p))
 
 
 def _head(model, weight) -> ggml_kernel.LlamaHead | None:

@@ -812,6 +812,11 @@ typedef struct {
     const float *post_attn_norm, *post_mlp_norm;  // (dim) or NULL
     int64_t window;                            // attends over the last `window` positions; 0: all of them
     int32_t local_rope;                        // rotates by the second (local) tables
+    // a mixture of experts in place of the MLP (w_in/w_out unused): n_used of n_experts, by a float router
+    int32_t n_experts, n_used, renorm, expert_in_type, expert_out_type;
+    int64_t expert_ffn;
+    const float *router;                       // (n_experts, dim)
+    const uint8_t *const *expert_in, *const *expert_out;  // each expert's [gate; up] rows and down rows
 } llama_layer;
 
 typedef struct {
@@ -866,6 +871,30 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+// The router's choice for a normalised token h: the n_used experts of highest softmax probability, in order,
+// with their probabilities (rescaled to sum to 1 where the family does).
+static void route(const llama_layer *L, const float *h, int64_t dim, int32_t *chosen, float *weights) {
+    float probs[256], top = -INFINITY, total = 0.0f;
+    for (int e = 0; e < L->n_experts; e++) {
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < dim; i++) dot += L->router[e * dim + i] * h[i];
+        probs[e] = dot;
+        top = dot > top ? dot : top;
+    }
+    for (int e = 0; e < L->n_experts; e++) total += probs[e] = expf(probs[e] - top);
+    float picked = 0.0f;
+    for (int j = 0; j < L->n_used; j++) {
+        int best = -1;
+        for (int e = 0; e < L->n_experts; e++)
+            if (probs[e] >= 0.0f && (best < 0 || probs[e] > probs[best])) best = e;
+        chosen[j] = best, weights[j] = probs[best] / total, picked += weights[j];
+        probs[best] = -1.0f;
+    }
+    if (L->renorm)
+        for (int j = 0; j < L->n_used; j++) weights[j] /= picked;
+}
+
 // The final RMSNorm and output layer, when the step also makes the logits.
 typedef struct {
     const float *norm;
@@ -883,22 +912,35 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
                       float *const *k_cache, float *const *v_cache, int64_t pos, const float *cos,
                       const float *sin, const float *cos_local, const float *sin_local, const llama_head *head,
                       float *logits, int threads) {
-    const int64_t dim = d->dim, hd = d->head_dim, nh = d->n_heads, nkv = d->n_kv_heads, ffn = d->ffn_dim;
-    const int64_t q_size = nh * hd, kv_size = nkv * hd, widest = q_size > ffn ? q_size : ffn;
+    const int64_t dim = d->dim, hd = d->head_dim, nh = d->n_heads, nkv = d->n_kv_heads;
+    int64_t ffn = d->ffn_dim;  // the widest MLP, dense or expert
     if (pos < 0 || pos >= d->max_len || nh % nkv || hd % 2 || (head && !takes(head->type, dim))) return -1;
+    const int64_t q_size = nh * hd, kv_size = nkv * hd;
     for (int64_t l = 0; l < n_layers; l++) {
         const llama_layer *L = layers + l;
-        if (!takes(L->qkv_type, dim) || !takes(L->wo_type, q_size) || !takes(L->in_type, dim) ||
-            !takes(L->out_type, ffn))
+        const int moe = L->n_experts > 0;
+        if (!takes(L->qkv_type, dim) || !takes(L->wo_type, q_size) ||
+            !takes(moe ? L->expert_in_type : L->in_type, dim) ||
+            !takes(moe ? L->expert_out_type : L->out_type, moe ? L->expert_ffn : d->ffn_dim) || L->n_experts > 256 ||
+            (moe && (L->n_used < 1 || L->n_used > L->n_experts)))
             return -1;
+        if (moe && L->expert_ffn > ffn) ffn = L->expert_ffn;
     }
-    prepared p;
-    float *h = malloc(sizeof(float) * (widest > dim ? widest : dim));
+    const int64_t widest = q_size > ffn ? q_size : ffn;
+    prepared p, p_down;  // the MLP's input stays prepared for every expert while each one's down projection runs
+    float *h = malloc(sizeof(float) * (widest > dim ? widest : dim)), *acc = malloc(sizeof(float) * dim);
     float *qkv = malloc(sizeof(float) * (q_size + 2 * kv_size)), *att = malloc(sizeof(float) * q_size);
-    float *y = malloc(sizeof(float) * (2 * ffn > dim ? 2 * ffn : dim));
+    float *y = malloc(sizeof(float) * (2 * ffn > dim ? 2 * ffn : dim)), *hx = malloc(sizeof(float) * ffn);
     float *scores = malloc(sizeof(float) * nh * (pos + 1));
-    if (!h || !qkv || !att || !y || !scores || prepared_alloc(&p, widest > dim ? widest : dim, 1)) {
-        free(h), free(qkv), free(att), free(y), free(scores);
+    int32_t chosen[256];
+    float weights[256];
+    if (!h || !acc || !qkv || !att || !y || !hx || !scores || prepared_alloc(&p, widest > dim ? widest : dim, 1)) {
+        free(h), free(acc), free(qkv), free(att), free(y), free(hx), free(scores);
+        return -1;
+    }
+    if (prepared_alloc(&p_down, ffn, 1)) {
+        prepared_free(&p);
+        free(h), free(acc), free(qkv), free(att), free(y), free(hx), free(scores);
         return -1;
     }
     const int64_t group = nh / nkv, n = pos + 1;
@@ -938,19 +980,42 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
 #pragma omp single
         prepare(L->wo_type, att, q_size, 1, &p);
         matmul_shared(L->wo_type, L->wo, dim, &p, y);
+        const int moe = L->n_experts > 0;
 #pragma omp single
         {
             if (L->post_attn_norm) rmsnorm(y, L->post_attn_norm, dim, d->norm_eps, y);
             for (int64_t i = 0; i < dim; i++) x[i] += y[i];
             rmsnorm(x, L->mlp_norm, dim, d->norm_eps, h);
-            prepare(L->in_type, h, dim, 1, &p);
+            prepare(moe ? L->expert_in_type : L->in_type, h, dim, 1, &p);
+            if (moe) {
+                route(L, h, dim, chosen, weights);
+                memset(acc, 0, sizeof(float) * dim);
+            }
         }
-        matmul_shared(L->in_type, L->w_in, 2 * ffn, &p, y);
+        if (moe) {  // the picked experts in turn, each summed in by its weight as the PyTorch model does
+            const int64_t effn = L->expert_ffn;
+            for (int32_t j = 0; j < L->n_used; j++) {
+                matmul_shared(L->expert_in_type, L->expert_in[chosen[j]], 2 * effn, &p, y);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < ffn; i++)
-            h[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[ffn + i];
+                for (int64_t i = 0; i < effn; i++)
+                    hx[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[effn + i];
 #pragma omp single
-        prepare(L->out_type, h, ffn, 1, &p);
+                prepare(L->expert_out_type, hx, effn, 1, &p_down);
+                matmul_shared(L->expert_out_type, L->expert_out[chosen[j]], dim, &p_down, y);
+#pragma omp single
+                for (int64_t i = 0; i < dim; i++) acc[i] += y[i] * weights[j];
+            }
+#pragma omp single
+            for (int64_t i = 0; i < dim; i++) x[i] += acc[i];
+            continue;
+        }
+        const int64_t dense = d->ffn_dim;
+        matmul_shared(L->in_type, L->w_in, 2 * dense, &p, y);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < dense; i++)
+            h[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[dense + i];
+#pragma omp single
+        prepare(L->out_type, h, dense, 1, &p);
         matmul_shared(L->out_type, L->w_out, dim, &p, y);
 #pragma omp single
         {
@@ -967,8 +1032,8 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
         matmul_shared(head->type, head->w, head->n_vocab, &p, logits);
     }
     }
-    prepared_free(&p);
-    free(h), free(qkv), free(att), free(y), free(scores);
+    prepared_free(&p), prepared_free(&p_down);
+    free(h), free(acc), free(qkv), free(att), free(y), free(hx), free(scores);
     return 0;
 }
 

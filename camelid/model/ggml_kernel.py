@@ -152,7 +152,11 @@ class LlamaLayer(ctypes.Structure):
                [(name, ctypes.c_int32) for name in ("qkv_type", "wo_type", "in_type", "out_type")] + \
                [(name, ctypes.c_void_p) for name in ("qkv_bias", "q_norm", "k_norm", "post_attn_norm",
                                                      "post_mlp_norm")] + \
-               [("window", ctypes.c_int64), ("local_rope", ctypes.c_int32)]
+               [("window", ctypes.c_int64), ("local_rope", ctypes.c_int32)] + \
+               [(name, ctypes.c_int32) for name in ("n_experts", "n_used", "renorm", "expert_in_type",
+                                                    "expert_out_type")] + \
+               [("expert_ffn", ctypes.c_int64), ("router", ctypes.c_void_p), ("expert_in", ctypes.c_void_p),
+                ("expert_out", ctypes.c_void_p)]
 
 
 class LlamaDims(ctypes.Structure):
