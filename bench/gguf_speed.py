@@ -153,7 +153,8 @@ def main():
         c_pre, c_dec = args.prompt_tokens / best["camelid"][0], 1 / best["camelid"][1]
         l_pre, l_dec = args.prompt_tokens / best["llama.cpp"][0], 1 / best["llama.cpp"][1]
         print(json.dumps({
-            "bench": "gguf_speed", "shape": args.shape, "file": path.name, "bytes": path.stat().st_size, "threads": args.threads,
+            "bench": "gguf_speed", "shape": args.shape, "file": path.name, "bytes": path.stat().st_size,
+            "threads": args.threads,
             "camelid_prompt_tok_s": round(c_pre, 2), "llama_cpp_prompt_tok_s": round(l_pre, 2),
             "prompt_ratio": round(c_pre / l_pre, 3),
             "camelid_decode_tok_s": round(c_dec, 2), "llama_cpp_decode_tok_s": round(l_dec, 2),

@@ -26,6 +26,7 @@ from camelid.formats.load import build_model, load_model, plain_state_dict, save
 from camelid.formats.loaded import LoadedModel
 from camelid.generate.decoding import decode_step
 from camelid.model import fused_decode, ggml_kernel
+from camelid.model.kernels import use_gemv_kernel
 from camelid.model.config import ModelConfig
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
 from camelid.model.transformer import Transformer
@@ -454,6 +455,8 @@ def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family)
         assert_agree(quantized.model(torch.tensor([tokens]))[0].numpy(), llama_cpp_logits(path, tokens),
                      exact(torch.tensor([tokens]))[0].numpy())
         if ggml_kernel.available() and lm.source in FUSED:  # one C call a token, computing what the forward does
+            if quantized.config.n_experts:  # the routers (float) on the compiled gemv kernel, as generation has them
+                assert use_gemv_kernel(quantized.model) == quantized.config.n_layers
             assert fused_decode.build_plan(quantized.model) is not None
             # equal but where an activation's int8 rounding flips on a last-bit difference, which Gemma 2's large
             # activations carry to about 1% of the logits' scale

@@ -95,9 +95,11 @@ def build_plan(model) -> DecodePlan | None:
 def _experts(moe, keep: list) -> dict | None:
     """A mixture of experts' fields of its layer for the C step (every expert in one block type, as the file's
     3-D tensors give them), or None where it cannot run them."""
-    router = moe.router.weight if type(moe.router) is torch.nn.Linear else None
+    # a plain float router, or the same weights on the compiled gemv kernel (generate/decoding.py swaps it in)
+    router = getattr(moe.router, "weight", None) if getattr(moe.router, "bias", None) is None else None
     kinds = {(_kind(e.w_in), _kind(e.w_out)) for e in moe.experts}
-    if router is None or router.dtype != torch.float32 or len(kinds) != 1 or None in next(iter(kinds)):
+    if (router is None or router.dtype != torch.float32 or router.shape != (moe.cfg.n_experts, moe.cfg.dim)
+            or len(kinds) != 1 or None in next(iter(kinds))):
         return None
     in_kind, out_kind = kinds.pop()
     keep.append(router.contiguous())
