@@ -251,10 +251,17 @@ static inline __attribute__((always_inline)) void iq4_row(
         nibbles(qs + g * 64, &lo, &hi);
         lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
         __m512 dw;
-        if (XS) {
-            const __m128 ls = _mm_cvtepi32_ps(_mm_setr_epi32(iq4xs_scale(row, nsb, 4 * g), iq4xs_scale(row, nsb, 4 * g + 1),
-                                                             iq4xs_scale(row, nsb, 4 * g + 2), iq4xs_scale(row, nsb, 4 * g + 3)));
-            dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_mul_ps(ls, _mm_set1_ps(f16(row + 2 * (g / 2))))));
+        if (XS) {  // the group's four 6-bit scales at once: low nibbles from 16 bits, high bit pairs from 8
+            const int64_t sb = g / 2, half = g & 1;
+            uint16_t hbits, lbits;
+            memcpy(&hbits, row + 2 * nsb + 2 * sb, 2);
+            memcpy(&lbits, row + 4 * nsb + 4 * sb + 2 * half, 2);
+            const __m128i lo = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(lbits), _mm_setr_epi32(0, 4, 8, 12)),
+                                             _mm_set1_epi32(15));
+            const __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32(hbits >> (8 * half)), _mm_setr_epi32(0, 2, 4, 6)),
+                                             _mm_set1_epi32(3));
+            const __m128 ls = _mm_cvtepi32_ps(_mm_sub_epi32(_mm_or_si128(lo, _mm_slli_epi32(hi, 4)), _mm_set1_epi32(32)));
+            dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_mul_ps(ls, _mm_set1_ps(f16(row + 2 * sb)))));
         } else {
             dw = f16_lanes((const uint16_t *)row + 4 * g);
         }
