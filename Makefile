@@ -31,23 +31,26 @@ $(DEV_STAMP): $(STAMP)
 	touch $@
 
 # llama.cpp's own reference files, from the llama-cpp-python source distribution the tests compare against:
-# the vocabularies with their tokenizer test vectors. Without a network the tests that need them skip.
+# the vocabularies with their tokenizer test vectors, and its Hugging Face to GGUF converter (with its gguf-py).
+# Without a network the tests that need them skip.
 LLAMA_CPP_REF := .cache/llama.cpp
-$(LLAMA_CPP_REF)/.done: | $(PY)
+LLAMA_CPP_SRC := llama_cpp_python-0.3.36/vendor/llama.cpp
+$(LLAMA_CPP_REF)/.done-with-converter: | $(PY)
 	@mkdir -p $(LLAMA_CPP_REF)/sdist
 	@if $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(LLAMA_CPP_REF)/sdist; then \
 		tar xzf $(LLAMA_CPP_REF)/sdist/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_CPP_REF) --strip-components 3 \
-			--wildcards 'llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*' && \
+			--wildcards '$(LLAMA_CPP_SRC)/models/ggml-vocab-*' '$(LLAMA_CPP_SRC)/convert_hf_to_gguf.py' \
+			'$(LLAMA_CPP_SRC)/conversion/*' '$(LLAMA_CPP_SRC)/gguf-py/*' && \
 		rm -rf $(LLAMA_CPP_REF)/sdist && touch $@; \
 	else echo "llama.cpp's reference files could not be downloaded: the tests that need them will be skipped"; fi
 
 install: $(STAMP)
-install-dev: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done
+install-dev: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-converter
 
 run: $(STAMP)
 	$(VENV)/bin/camelid generate $(MODEL) --temperature 0 --max-new-tokens 200 ""
 
-test: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done
+test: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-converter
 	$(VENV)/bin/ruff check camelid tests bench
 	$(VENV)/bin/python -m pytest
 
