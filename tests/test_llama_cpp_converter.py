@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_gguf import llama_cpp_logits, llama_quantize
 
 from camelid.formats.load import load_model
 
 from conftest import REPO, SHARED, tiny_hf_configs
-from test_gguf import llama_cpp_logits, llama_quantize
 
 CONVERTER = REPO / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"
 SPM = {"llama", "mixtral", "gemma", "gemma2", "gemma3", "phi3"}  # SentencePiece vocabularies; the rest GPT-2's
