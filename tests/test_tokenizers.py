@@ -130,7 +130,8 @@ def test_bad_gguf_files(tmp_path):
 # llama.cpp's vocabularies, from the llama-cpp-python source distribution (`make test` fetches them)
 LLAMA_CPP_VOCABS = REPO / ".cache" / "llama.cpp" / "models"
 READ = ["command-r", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-bpe", "llama-spm", "mpt", "phi-3",
-        "qwen2", "qwen35", "refact", "starcoder", "aquila", "baichuan", "gpt-neox", "bert-bge", "nomic-bert-moe"]
+        "qwen2", "qwen35", "refact", "starcoder", "aquila", "baichuan", "gpt-neox", "bert-bge", "nomic-bert-moe",
+        "gemma-4"]
 
 
 def _llama_cpp_vocab(name: str):
@@ -165,10 +166,14 @@ def test_every_llama_cpp_vocabulary_tokenizes_as_llama_cpp_does(name):
             assert ours.encode(text, bos=False) == [int(x) for x in line.split()], (name, text)
 
 
-@pytest.mark.parametrize("name", ["gemma-4"])
-def test_vocabularies_camelid_does_not_read_are_refused_by_name(name):
+@pytest.mark.parametrize("model,pre", [("gpt2", "kimi-k2"), ("gpt2", "afmoe"), ("gpt2", "whitespace"),
+                                       ("gpt2", "no-such-pre"), ("rwkv", "default"), ("plamo2", "default")])
+def test_vocabularies_camelid_does_not_read_are_refused_by_name(model, pre):
+    """What llama.cpp tokenizes with code of its own (Kimi K2's and AFMoE's digit and Han rules, Jina's
+    whitespace splitter, RWKV's and PLaMo 2's tokenizers): a one-line error naming it."""
     from camelid.errors import CamelidError
 
-    path = _llama_cpp_vocab(name)
-    with pytest.raises(CamelidError, match="is not supported"):
-        gguf_tokenizer(read_gguf_metadata(path), str(path))
+    meta = dict(read_gguf_metadata(_llama_cpp_vocab("gpt-2")), **{"tokenizer.ggml.model": model,
+                                                                  "tokenizer.ggml.pre": pre})
+    with pytest.raises(CamelidError, match=f"{model if model != 'gpt2' else pre}.* is not supported"):
+        gguf_tokenizer(meta, "x.gguf")

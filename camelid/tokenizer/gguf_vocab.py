@@ -66,10 +66,16 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
                            add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True),
                            unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0), special_ids=specials)
         return piece_tokenizer(vocab, bos, eos_ids, add_bos, template)
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if model == "gemma4" or (model == "gpt2" and pre in pretokenizers.SPM_STYLE):
+        # llama.cpp turns Gemma 4's BOS on whatever the file says
+        add_bos = model == "gemma4" or meta.get("tokenizer.ggml.add_bos_token", False)
+        tok = _spm_style_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types)
+        specials = {"bos_token": tokens[bos]} if bos is not None else {}
+        return Tokenizer(HFBackend(tok), bos, eos_ids, add_bos and bos is not None, template, specials)
     if model == "gpt2":
         add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
-        tok = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types,
-                              meta.get("tokenizer.ggml.pre", "default"), source)
+        tok = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types, pre, source)
         specials = {"bos_token": tokens[bos]} if bos is not None else {}
         if eos_ids:
             specials["eos_token"] = tokens[eos_ids[0]]
@@ -79,7 +85,24 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
         add_bos = meta.get("tokenizer.ggml.add_bos_token", model == "bert")
         return Tokenizer(HFBackend(build(tokens, types, meta, source)), bos, eos_ids, add_bos and bos is not None,
                          template, {})
-    raise CamelidError(f"{source}: tokenizer.ggml.model={model!r} is not supported (llama, gpt2, bert, t5)")
+    raise CamelidError(f"{source}: tokenizer.ggml.model={model!r} is not supported (llama, gpt2, bert, t5, gemma4)")
+
+
+def _spm_style_bpe(tokens, merges, types):
+    """llama.cpp's BPE on raw UTF-8 (Gemma 4, Sarvam, Granite's multilingual embedder): spaces become '▁', the
+    text splits only at newlines (a run of them taken whole where it is a token), merges go by rank, and a
+    piece with no token falls back to its bytes' <0xXX> tokens."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab, pairs, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return _specials(tok, tokens, types)
 
 
 def _specials(tok, tokens, types):

@@ -243,4 +243,6 @@ NAMES: dict[str, tuple[str, bool]] = {
 
 # what llama.cpp runs with code of its own (digit grouping, Han-script rules) or without GPT-2's byte
 # mapping (SPM-style BPE), which camelid does not reproduce
-UNSUPPORTED = {'afmoe', 'gemma4', 'granite-embed-multi-311m', 'kimi-k2', 'sarvam-moe', 'whitespace'}
+UNSUPPORTED = {'afmoe', 'kimi-k2', 'whitespace'}
+# BPE on raw UTF-8 with spaces as '▁' and no regex split but at newlines (gguf_vocab._spm_style_bpe)
+SPM_STYLE = {'gemma4', 'granite-embed-multi-311m', 'sarvam-moe'}
