@@ -92,9 +92,8 @@ def _spm_style_bpe(tokens, merges, types):
     """llama.cpp's BPE on raw UTF-8 (Gemma 4, Sarvam, Granite's multilingual embedder): spaces become '▁', the
     text splits only at newlines (a run of them taken whole where it is a token), merges go by rank, and a
     piece with no token falls back to its bytes' <0xXX> tokens."""
-    from tokenizers import Regex
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
