@@ -22,9 +22,15 @@ def config_for(model_or_preset: str) -> tuple[ModelConfig, str]:
 
 
 def architecture_summary(cfg: ModelConfig) -> str:
-    parts = [cfg.norm, cfg.activation + (" gated (SwiGLU-style)" if cfg.gated_mlp else ""),
-             "learned positions" if cfg.positions == "learned" else
-             f"RoPE ({'interleaved' if cfg.rope_interleaved else 'half'}, {cfg.rotary_pct:g} of each head)"]
+    positions = {"learned": "learned positions", "alibi": "ALiBi"}.get(
+        cfg.positions, f"RoPE ({'interleaved' if cfg.rope_interleaved else 'half'}, {cfg.rotary_pct:g} of each head)")
+    parts = [cfg.norm, cfg.activation + (" gated (SwiGLU-style)" if cfg.gated_mlp else ""), positions]
+    if cfg.n_experts:
+        parts.append(f"mixture of {cfg.n_experts} experts, {cfg.n_experts_used} per token"
+                     + (" plus a shared one" if cfg.shared_expert_dim else ""))
+    if cfg.sliding_window:
+        parts.append(f"sliding window of {cfg.sliding_window}"
+                     + ("" if cfg.sliding_layers is None else f" in {len(cfg.sliding_layers)} of {cfg.n_layers} blocks"))
     if cfg.n_kv_heads == 1:
         parts.append("multi-query attention")
     elif cfg.n_kv_heads != cfg.n_heads:
@@ -46,7 +52,7 @@ def describe(model_or_preset: str, context: int | None = None) -> str:
              f"  architecture   {architecture_summary(cfg)}",
              f"  layers         {cfg.n_layers}, dim {cfg.dim}, heads {cfg.n_heads} (head dim {cfg.head_dim}), "
              f"FFN {cfg.ffn_dim}, vocab {cfg.vocab_size}",
-             f"  parameters     {params:,} ({human_count(params)})",
+             f"  parameters     {params:,} ({human_count(params)})" + _active(cfg, params),
              f"  context        {cfg.max_seq_len} tokens",
              f"  memory         weights + KV cache at {ctx} tokens (+10% runtime):"]
     for quant in BYTES_PER_PARAM:
@@ -56,6 +62,15 @@ def describe(model_or_preset: str, context: int | None = None) -> str:
         lines.append(f"    {quant:<5} {human_bytes(est.weights_bytes):>10} weights, "
                      f"{human_bytes(est.kv_cache_bytes):>10} KV cache, {human_bytes(est.total_bytes):>10} total")
     return "\n".join(lines)
+
+
+def _active(cfg: ModelConfig, params: int) -> str:
+    """A mixture of experts' parameters a token uses: all but the experts it does not pick."""
+    if not cfg.n_experts:
+        return ""
+    per_expert = cfg.dim * (cfg.expert_ffn_dim or cfg.ffn_dim) * (3 if cfg.gated_mlp else 2)
+    idle = per_expert * (cfg.n_experts - cfg.n_experts_used) * sum(cfg.moe(i) for i in range(cfg.n_layers))
+    return f", {human_count(params - idle)} active per token"
 
 
 def fits(model_or_preset: str, quant: str, context: int | None = None) -> tuple[str, bool]:

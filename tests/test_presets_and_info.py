@@ -37,3 +37,12 @@ def test_info_and_estimate(capsys):
     # 65B at fp32 needs ~270 GB: more than any machine this suite runs on.
     assert main(["estimate", "--preset", "llama-65b", "--quant", "fp32"]) == 2
     assert "does not fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, active", [("mixtral-8x7b", "12.88B"), ("qwen3-30b-a3b", "3.35B")])
+def test_info_gives_a_mixture_of_experts_active_parameters(name, active):
+    """As their model cards give them: 12.9B of Mixtral's 46.7B, 3.3B of Qwen3-30B-A3B's 30.5B per token."""
+    from camelid.info import describe
+
+    text = describe(name)
+    assert f"{active} active per token" in text and "experts" in text
