@@ -29,8 +29,8 @@ def architecture_summary(cfg: ModelConfig) -> str:
         parts.append(f"mixture of {cfg.n_experts} experts, {cfg.n_experts_used} per token"
                      + (" plus a shared one" if cfg.shared_expert_dim else ""))
     if cfg.sliding_window:
-        parts.append(f"sliding window of {cfg.sliding_window}"
-                     + ("" if cfg.sliding_layers is None else f" in {len(cfg.sliding_layers)} of {cfg.n_layers} blocks"))
+        some = "" if cfg.sliding_layers is None else f" in {len(cfg.sliding_layers)} of {cfg.n_layers} blocks"
+        parts.append(f"sliding window of {cfg.sliding_window}{some}")
     if cfg.n_kv_heads == 1:
         parts.append("multi-query attention")
     elif cfg.n_kv_heads != cfg.n_heads:
