@@ -154,30 +154,6 @@ static inline __m512 f16_lanes(const uint16_t *p) {
 }
 
 
-static inline __attribute__((always_inline)) void q4s_row(
-        const uint8_t *row, int64_t nb, const __m512i *alo, const __m512i *ahi, const __m512i *bias4,
-        const __m512 *xd4, float *y, int64_t n_out, const int M) {
-    const uint16_t *d = (const uint16_t *)row;
-    const uint8_t *qs = row + 2 * nb;
-    const int64_t ng = nb / 4;
-    __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
-    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        __m512i lo, hi;
-        nibbles(qs + g * 64, &lo, &hi);
-        const __m512 dw = f16_lanes(d + 4 * g);
-        for (int r = 0; r < M; r++) {
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo[r * ng + g]);
-            dot = _mm512_dpbusd_epi32(dot, hi, ahi[r * ng + g]);
-            dot = _mm512_sub_epi32(dot, bias4[r * ng + g]);
-            const __m512 sc = _mm512_mul_ps(dw, xd4[r * ng + g]);
-            if (g & 1) acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc1[r]);
-            else acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc0[r]);
-        }
-    }
-    for (int r = 0; r < M; r++) y[r * n_out] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Q4_1 (w = d * q + m, q 0..15), repacked at load as [nb f16 d][nb f16 m][nb x 16 nibble bytes] (type 103). No offset to take out: the
 // min meets the activations' block sums, a quarter of each in each of the block's four lanes.
@@ -237,9 +213,12 @@ static inline int iq4xs_scale(const uint8_t *row, int64_t nsb, int64_t b) {
     return (((l >> 4 * (ib % 2)) & 15) | (((h >> 2 * ib) & 3) << 4)) - 32;
 }
 
-static inline __attribute__((always_inline)) void iq4_row(
+// One output row of repacked 4-bit blocks: Q4_0 (KIND 0: nibble - 8), IQ4_NL (1) or IQ4_XS (2), whose nibbles
+// index the table. The activations come as the prepared halves of four blocks at a time (see prepare).
+static inline __attribute__((always_inline)) void nibble_row(
         const uint8_t *row, int64_t nb, const __m512i *alo, const __m512i *ahi, const __m512i *bias4,
-        const __m512 *xd4, float *y, int64_t n_out, const int M, const int XS) {
+        const __m512 *xd4, float *y, int64_t n_out, const int M, const int KIND) {
+    const int XS = KIND == 2;
     const int64_t nsb = nb / 8, ng = nb / 4;
     const uint8_t *qs = row + (XS ? 8 * nsb : 2 * nb);
     const __m512i table = iq4_table();
@@ -249,7 +228,7 @@ static inline __attribute__((always_inline)) void iq4_row(
     for (int64_t g = 0; g < ng; g++) {
         __m512i lo, hi;
         nibbles(qs + g * 64, &lo, &hi);
-        lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
+        if (KIND) lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
         __m512 dw;
         if (XS) {  // the group's four 6-bit scales at once: low nibbles from 16 bits, high bit pairs from 8
             const int64_t sb = g / 2, half = g & 1;
@@ -543,13 +522,13 @@ static inline __attribute__((always_inline)) void rows_block(
             q4k_row(row, k, p->lo + t * ng, p->hi + t * ng, p->xd + t * (k / 256), p->sums + t * (k / 256), out,
                     n_out, M);
         else if (type == Q4S)
-            q4s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M);
+            nibble_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 0);
         else if (type == Q41S)
             q41s_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->x4 + t * ng, p->s4 + t * ng, out, n_out, M);
         else if (type == IQ4NLS)
-            iq4_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 0);
+            nibble_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 1);
         else if (type == IQ4XSS)
-            iq4_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 1);
+            nibble_row(row, nb, p->lo + t * ng, p->hi + t * ng, p->b4 + t * ng, p->x4 + t * ng, out, n_out, M, 2);
         else
             gemv_row(row, bb, type == 2, nb, k, p->xq + t * k, p->xd + t * nb, p->bias + t * nb,
                      p->xdv + t * (nb / 2), out, n_out, M);
