@@ -51,6 +51,44 @@ def test_camelid_adapter_loads_in_peft_with_the_same_logits(tmp_path, targets):
         torch.testing.assert_close(ours(IDS), merged_peft, atol=1e-4, rtol=0)
 
 
+# families whose checkpoints fuse q/k/v (and Phi-3 gate/up) into one module: PEFT targets it whole
+FUSED = {"bloom": ["query_key_value", "dense_4h_to_h"], "gpt_neox": ["query_key_value", "dense"],
+         "falcon-40b-style": ["query_key_value"], "mpt": ["Wqkv", "up_proj"], "phi3": ["qkv_proj", "gate_up_proj"],
+         "gpt2": ["c_attn", "c_proj"], "starcoder": ["c_attn"]}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_adapters_on_fused_modules_round_trip_through_peft(tmp_path, name):
+    """Per-head-grouped QKV rows (Bloom, NeoX, Falcon) regrouped, GPT-2's Conv1D marked fan_in_fan_out: PEFT's
+    adapter runs in camelid with PEFT's logits, and camelid's in PEFT."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    hf = make_hf_model(name, tmp_path / "base")
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=FUSED[name], lora_dropout=0.0,
+                                                task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    ours = load_adapter(camelid_model(tmp_path / "base"), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        expected = peft_model.eval()(IDS).logits
+        torch.testing.assert_close(ours(IDS), expected, atol=1e-4, rtol=0)
+    save_adapter(ours, tmp_path / "ours", "tiny")
+    again = PeftModel.from_pretrained(make_hf_model(name, tmp_path / "base2"), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_targets_a_family_checkpoint_cannot_name_are_refused_before_training(tmp_path):
+    make_hf_model("bloom", tmp_path / "base")
+    ours = camelid_model(tmp_path / "base")
+    add_lora(ours, LoRAConfig(rank=2, targets=["q_proj"]))
+    with pytest.raises(CamelidError, match="'q_proj': a bloom checkpoint has no such module.*qkv_proj"):
+        save_adapter(ours, tmp_path / "adapter")
+
+
 def test_peft_adapter_loads_in_camelid(tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -77,6 +115,8 @@ def test_only_lora_weights_train_and_bad_adapters_are_refused(tmp_path):
     assert names and all(".lora_" in n and "wqkv" in n for n in names)
     with pytest.raises(CamelidError, match="LoRA target module 'qkv' does not exist"):
         add_lora(camelid_model(tmp_path / "base"), LoRAConfig(targets=["qkv"]))
+    with pytest.raises(CamelidError, match="qkv_proj already covers"):
+        add_lora(camelid_model(tmp_path / "base"), LoRAConfig(targets=["qkv_proj", "v_proj"]))
     save_adapter(ours, tmp_path / "adapter")
     # The same adapter on a model of another width.
     wider = tf.LlamaConfig(hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

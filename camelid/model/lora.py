@@ -2,7 +2,9 @@
 
 camelid fuses projections (q, k and v in `wqkv`; gate and up in `w_in`), so a LoRA target is a slice of
 rows of a fused layer: targeting q_proj and v_proj, as alpaca-lora does, adds one (A, B) pair per slice and
-leaves k's rows alone. Targets use the Hugging Face / PEFT names, which `camelid.formats.peft` writes."""
+leaves k's rows alone. Targets use the Hugging Face / PEFT names, which `camelid.formats.peft` writes;
+`qkv_proj` and `gate_up_proj` take the whole fused layer, as PEFT does for the families whose checkpoints
+store q/k/v (Bloom, GPT-NeoX, Falcon, MPT, Phi-3, GPT-2, StarCoder) or gate/up (Phi-3) as one module."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from camelid.errors import CamelidError
 from camelid.model.dropout import dropout
 from camelid.model.quant import QUANTIZED
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 
 
 @dataclass
@@ -85,12 +87,17 @@ def target_slices(model, layer: int, cfg_targets: list[str]) -> dict[str, dict[s
              "v_proj": ("attn", "wqkv", (q + kv, q + 2 * kv)), "o_proj": ("attn", "wo", (0, mc.dim)),
              "gate_proj": ("mlp", "w_in", (0, ffn)),
              "up_proj": ("mlp", "w_in", (ffn, 2 * ffn) if mc.gated_mlp else (0, ffn)),
-             "down_proj": ("mlp", "w_out", (0, mc.dim))}
-    if mc.moe(layer) and {"gate_proj", "up_proj", "down_proj"} & set(cfg_targets):
+             "down_proj": ("mlp", "w_out", (0, mc.dim)), "qkv_proj": ("attn", "wqkv", (0, q + 2 * kv)),
+             "gate_up_proj": ("mlp", "w_in", (0, 2 * ffn))}
+    if mc.moe(layer) and {"gate_proj", "up_proj", "down_proj", "gate_up_proj"} & set(cfg_targets):
         raise CamelidError("LoRA targets the attention of a mixture-of-experts model (q_proj, k_proj, v_proj, "
                            "o_proj): its MLP is many experts")
-    if "gate_proj" in cfg_targets and not mc.gated_mlp:
-        raise CamelidError("LoRA target module 'gate_proj' does not exist in this model (its MLP is not gated)")
+    for name in ("gate_proj", "gate_up_proj"):
+        if name in cfg_targets and not mc.gated_mlp:
+            raise CamelidError(f"LoRA target module {name!r} does not exist in this model (its MLP is not gated)")
+    for whole, parts in (("qkv_proj", {"q_proj", "k_proj", "v_proj"}), ("gate_up_proj", {"gate_proj", "up_proj"})):
+        if whole in cfg_targets and parts & set(cfg_targets):
+            raise CamelidError(f"LoRA target {whole} already covers {', '.join(sorted(parts))}")
     out: dict = {}
     for t in cfg_targets:
         parent, attr, rows = where[t]

@@ -26,7 +26,7 @@ from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model, save_native
 from camelid.formats.loaded import LoadedModel
-from camelid.formats.peft import load_adapter, save_adapter
+from camelid.formats.peft import check_targets, load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
 from camelid.tokenizer.chat_template import resolve_template
@@ -111,7 +111,10 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     model.activation_checkpointing = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     if cfg.method == "lora":
-        add_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets)))
+        lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+        lora.validate()
+        check_targets(model.cfg, lora.targets)  # the adapter is written at the end: refuse now, not then
+        add_lora(model, lora)
     wrapped = wrap(model, cluster, cfg.fsdp, device)
     job = sft_job(cfg, wrapped, model, train_rows, val_rows, cluster, device)
     train_loop(job, cfg, cluster, device, out, resume)
@@ -192,7 +195,10 @@ def _unsharded(cfg: FinetuneConfig, params: dict):
     base is the float one the quantized copy was made from, which the adapter is merged into."""
     model = load_model(cfg.base, "cpu", cfg.dtype if cfg.method == "lora" else "fp32").model
     if cfg.method == "lora":
-        add_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets)))
+        lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+        lora.validate()
+        check_targets(model.cfg, lora.targets)  # the adapter is written at the end: refuse now, not then
+        add_lora(model, lora)
     unexpected = model.load_state_dict(params, strict=False).unexpected_keys
     if unexpected:  # the same base and config made both: a mismatch is a bug, not bad input
         raise RuntimeError(f"gathered weights the model does not have: {unexpected[:3]}")
