@@ -411,3 +411,55 @@ def test_connections_whose_headers_never_finish_are_closed(monkeypatch):
             s.settimeout(20)
             assert s.recv(100) == b""  # closed by the server
         assert httpx.get(f"{base}/health").status_code == 200  # complete requests are served as before
+
+
+CHAT = {"messages": [{"role": "user", "content": "Once"}], "max_tokens": 3, "temperature": 0}
+COMPLETION = {"prompt": "Once", "max_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.parametrize("path,extra,needle", [
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice: not supported"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format: not supported"),
+    ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias: not supported"),
+    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs: not supported"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities: not supported"),
+    ("/v1/chat/completions", {"store": True}, "store: not supported"),
+    ("/v1/completions", {"suffix": "The end."}, "suffix: not supported"),
+    ("/v1/completions", {"best_of": 3}, "best_of: not supported"),
+    ("/v1/completions", {"grammar": "root ::= \"a\""}, "grammar: not supported"),
+    ("/v1/completions", {"frobnicate": 1}, "frobnicate: not a field of the OpenAI API"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "mood": "happy"}]},
+     "messages.0.mood: not a field"),
+])
+def test_fields_the_server_does_not_compute_are_refused_by_name_never_dropped(server, path, extra, needle):
+    r = post(server[0], path, {**(CHAT if "chat" in path else COMPLETION), **extra})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_fields_that_change_nothing_pass_and_unknown_ones_pass_when_asked(server, lm):
+    base = server[0]
+    want = greedy(lm, "Once", 3)
+    same = {"user": "u1", "metadata": {"k": "v"}, "tools": [], "response_format": {"type": "text"},
+            "parallel_tool_calls": True, "logit_bias": {}, "store": False}
+    r = post(base, "/v1/completions", {**COMPLETION, **same})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+    r = post(base, "/v1/completions", {**COMPLETION, "frobnicate": 1}, headers={"X-Camelid-Unknown-Fields": "ignore"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+    history = {"messages": [{"role": "user", "content": "Once"},
+                            {"role": "assistant", "content": "", "tool_calls": [
+                                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                            {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}]}
+    assert post(base, "/v1/chat/completions", {**CHAT, **history}).status_code == 200
+
+
+def test_echo_returns_the_prompt_as_sent_or_as_its_tokens_read(server, lm):
+    base = server[0]
+    want = greedy(lm, "Once", 3)
+    assert post(base, "/v1/completions", {**COMPLETION, "echo": True}).json()["choices"][0]["text"] == "Once" + want
+    ids = lm.tokenizer.encode("Once")
+    text = post(base, "/v1/completions", {**COMPLETION, "prompt": ids, "echo": True}).json()["choices"][0]["text"]
+    assert text == lm.tokenizer.decode(ids) + want
+    with httpx.stream("POST", f"{base}/v1/completions", json={**COMPLETION, "echo": True, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Once" + want

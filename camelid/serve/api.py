@@ -1,19 +1,42 @@
 """The OpenAI-compatible request bodies: validated, with OpenAI's names, ranges and defaults. Types are
-strict, as OpenAI's are: `"0.5"` is not a number and `true` is not 1."""
+strict, as OpenAI's are: `"0.5"` is not a number and `true` is not 1.
+
+Nothing a client sends is dropped without a word: a field of the OpenAI API this server does not compute yet
+(tools, response_format, logit_bias, ...) is refused with a 400 naming it whenever it asks for something, and a
+field the API does not define is refused unless the request opts in (app.py: `X-Camelid-Unknown-Fields:
+ignore`). Fields that do not change the output (`user`, `metadata`, `service_tier`) are accepted."""
 
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from camelid.generate.sampling import INT64, MIN_TEMPERATURE
 
 MAX_STOP_STRINGS = 4
 
+# OpenAI's (and llama.cpp's) fields this server does not compute yet: their "off" values pass, anything else is a 400
+NOT_YET = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+           "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "top_logprobs": (None, 0),
+           "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
+           "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+           "web_search_options": (None,), "store": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+           "grammar": (None, ""), "json_schema": (None,)}
+# defined by the API, and changing nothing in the output
+NO_EFFECT = {"user", "metadata", "service_tier"}
+
+
+def _refuse_what_is_not_computed(data):
+    if isinstance(data, dict):
+        for key, off in NOT_YET.items():
+            if key in data and data[key] not in off:
+                raise ValueError(f"{key}: not supported by this server")
+    return data
+
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = ""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -30,6 +53,15 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     logprobs: Union[bool, int, None] = None
+
+    _not_yet = model_validator(mode="before")(_refuse_what_is_not_computed)
+
+    def unknown_fields(self) -> list[str]:
+        """Fields the request sent that the API does not define (its messages' too)."""
+        extra = [k for k in (self.model_extra or {}) if k not in NOT_YET and k not in NO_EFFECT]
+        for i, m in enumerate(getattr(self, "messages", None) or []):
+            extra += [f"messages.{i}.{k}" for k in (m.model_extra or {})]
+        return extra
 
     @field_validator("temperature")
     @classmethod
@@ -59,6 +91,15 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict], None] = ""
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, and the tool's answer to one, as
+    tool_call_id: str | None = None  # the chat template renders them
+
+    def for_template(self) -> dict:
+        """The message as a chat template reads it (transformers' names), with the fields it was sent with."""
+        out = {"role": self.role, "content": self.text()}
+        out.update({k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id") if getattr(self, k)})
+        return out
 
     @field_validator("content")
     @classmethod

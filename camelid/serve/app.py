@@ -230,12 +230,24 @@ async def metrics(request: HTTPRequest):
                              media_type="text/plain; version=0.0.4")
 
 
+UNKNOWN_FIELDS_HEADER = "X-Camelid-Unknown-Fields"
+
+
+def _check_fields(body, http: HTTPRequest):
+    """A field the OpenAI API does not define is refused by name, unless the request asks for it to be ignored."""
+    unknown = body.unknown_fields()
+    if unknown and http.headers.get(UNKNOWN_FIELDS_HEADER, "").lower() != "ignore":
+        raise APIError(400, f"{unknown[0]}: not a field of the OpenAI API (send {UNKNOWN_FIELDS_HEADER}: ignore "
+                            f"to have unknown fields ignored)", unknown[0], "invalid_parameter")
+
+
 async def chat_completions(body: ChatRequest, http: HTTPRequest):
     eng = engine(http)
     lm = eng.lm
     _check_model(body.model, http.app.state.config)
+    _check_fields(body, http)
     template, template_stops = resolve_template(lm.template)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
 
     def chat_prompt():  # in a worker thread: a long prompt or a slow template must not stall the loop
         text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
@@ -252,6 +264,7 @@ async def chat_completions(body: ChatRequest, http: HTTPRequest):
 async def completions(body: CompletionRequest, http: HTTPRequest):
     eng = engine(http)
     _check_model(body.model, http.app.state.config)
+    _check_fields(body, http)
     if isinstance(body.prompt, list):
         if any(not 0 <= t < eng.lm.tokenizer.vocab_size for t in body.prompt):
             raise APIError(400, "prompt: token id out of the vocabulary", "prompt", "invalid_parameter")
@@ -305,15 +318,16 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompt, max_tokens, sto
         if reply[0] == "error":  # failed before its first token: the status code can still say so
             raise _generation_error(reply[1])
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(req, events, meta, chat, include_usage, reply), media_type="text/event-stream",
+        echo = _echo(eng, body) if not chat else ""
+        return StreamingResponse(_sse(req, events, meta, chat, include_usage, reply, echo),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     usage = _usage(req)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None,
                   "finish_reason": req.finish_reason}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-    if getattr(body, "echo", False) and isinstance(body.prompt, str):
-        reply = body.prompt + reply
+    reply = _echo(eng, body) + reply
     choice = {"index": 0, "text": reply, "logprobs": None, "finish_reason": req.finish_reason}
     return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
 
@@ -369,7 +383,15 @@ def _usage(req: Request) -> dict:
             "total_tokens": len(req.prompt) + len(req.tokens)}
 
 
-async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool, first: tuple):
+def _echo(eng: Engine, body) -> str:
+    """What a completion with `echo` puts before its text: the prompt as sent, or as its tokens read."""
+    if not getattr(body, "echo", False):
+        return ""
+    return body.prompt if isinstance(body.prompt, str) else eng.lm.tokenizer.decode(body.prompt)
+
+
+async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool, first: tuple,
+               echo: str = ""):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that goes away
     cancels the generator here, which cancels its request in the engine."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -384,6 +406,8 @@ async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, incl
     try:
         if chat:
             yield chunk({"role": "assistant", "content": ""})
+        if echo:  # the prompt first, as a completion with echo returns it
+            yield chunk(echo)
         kind, value = first
         while True:
             if kind == "text":
