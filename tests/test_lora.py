@@ -51,6 +51,20 @@ def test_camelid_adapter_loads_in_peft_with_the_same_logits(tmp_path, targets):
         torch.testing.assert_close(ours(IDS), merged_peft, atol=1e-4, rtol=0)
 
 
+def peft_adapter(hf, targets: list[str], alpha: int, folder):
+    """PEFT's own rank-4 adapter on `targets` of a transformers model, its B matrices random, saved to `folder`."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                                task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
 # families whose checkpoints fuse q/k/v (and Phi-3 gate/up) into one module: PEFT targets it whole
 FUSED = {"bloom": ["query_key_value", "dense_4h_to_h"], "gpt_neox": ["query_key_value", "dense"],
          "falcon-40b-style": ["query_key_value"], "mpt": ["Wqkv", "up_proj"], "phi3": ["qkv_proj", "gate_up_proj"],
@@ -61,16 +75,9 @@ FUSED = {"bloom": ["query_key_value", "dense_4h_to_h"], "gpt_neox": ["query_key_
 def test_adapters_on_fused_modules_round_trip_through_peft(tmp_path, name):
     """Per-head-grouped QKV rows (Bloom, NeoX, Falcon) regrouped, GPT-2's Conv1D marked fan_in_fan_out: PEFT's
     adapter runs in camelid with PEFT's logits, and camelid's in PEFT."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
-    hf = make_hf_model(name, tmp_path / "base")
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=FUSED[name], lora_dropout=0.0,
-                                                task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "theirs")
+    peft_model = peft_adapter(make_hf_model(name, tmp_path / "base"), FUSED[name], 8, tmp_path / "theirs")
     ours = load_adapter(camelid_model(tmp_path / "base"), tmp_path / "theirs").eval()
     with torch.no_grad():
         expected = peft_model.eval()(IDS).logits
@@ -90,16 +97,8 @@ def test_targets_a_family_checkpoint_cannot_name_are_refused_before_training(tmp
 
 
 def test_peft_adapter_loads_in_camelid(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    hf = make_hf_model("llama", tmp_path / "base")
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = peft_adapter(make_hf_model("llama", tmp_path / "base"), ["q_proj", "v_proj", "up_proj"], 16,
+                              tmp_path / "adapter")
     ours = load_adapter(camelid_model(tmp_path / "base"), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS), peft_model.eval()(IDS).logits, atol=1e-4, rtol=0)
