@@ -433,7 +433,7 @@ def family(request, tmp_path_factory, shakespeare):
     return root, lm, export_gguf(lm, root, "f32"), tokens
 
 
-FUSED = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen3_moe"}  # decode steps of one C call
+FUSED = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"}  # one C call a step
 
 
 def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family):
@@ -456,7 +456,8 @@ def test_other_families_export_and_run_quantized_files_as_llama_cpp_does(family)
                      exact(torch.tensor([tokens]))[0].numpy())
         if ggml_kernel.available() and lm.source in FUSED:  # one C call a token, computing what the forward does
             if quantized.config.n_experts:  # the routers (float) on the compiled gemv kernel, as generation has them
-                assert use_gemv_kernel(quantized.model) == quantized.config.n_layers
+                gates = 1 + bool(quantized.config.shared_expert_dim)  # the router, and a shared expert's gate
+                assert use_gemv_kernel(quantized.model) == quantized.config.n_layers * gates
             assert fused_decode.build_plan(quantized.model) is not None
             # equal but where an activation's int8 rounding flips on a last-bit difference, which Gemma 2's large
             # activations carry to about 1% of the logits' scale

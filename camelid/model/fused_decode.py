@@ -7,7 +7,8 @@ Gemma 1-3 add to its blocks (q/k/v biases, q/k norms, (1 + w) norms, post-branch
 their own rotary tables, scaled and soft-capped scores, GeGLU, scaled embeddings, soft-capped logits). The
 generation layer asks for a plan once per decoding run (generate/decoding.py) and falls back to the model's
 forward, which stays the reference (the tests hold the two together), for everything else: prompts, batches,
-other families, mixtures of experts, float or int4 weights, bf16, gradients, LoRA.
+other families, float or int4 weights, bf16, gradients, LoRA. Mixtures of experts run in it too: the router,
+the picked experts' blocks and a shared expert.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _shaped_for_it(model) -> bool:
             and cfg.activation in ("silu", "gelu_tanh") and cfg.positions == "rope" and not cfg.rope_interleaved
             and cfg.rotary_dim == cfg.head_dim and not cfg.embed_proj_dim
             and not (cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias) and model.dtype == torch.float32
-            and cfg.rope_attention_factor == 1.0 and not cfg.shared_expert_dim and cfg.n_experts <= 256
+            and cfg.rope_attention_factor == 1.0 and cfg.n_experts <= 256
             and kind not in ("longrope", "dynamic")
             and model.device.type == "cpu" and ggml_kernel.available())
 
@@ -107,10 +108,21 @@ def _experts(moe, keep: list) -> dict | None:
               for w in ("w_in", "w_out")]
     keep.extend(tables)
     cfg = moe.cfg
-    return dict(n_experts=cfg.n_experts, n_used=cfg.n_experts_used, renorm=int(cfg.moe_renorm),
-                expert_in_type=in_kind, expert_out_type=out_kind, expert_ffn=moe.experts[0].w_out.in_features,
-                router=keep[-3].data_ptr(), expert_in=ctypes.cast(tables[0], ctypes.c_void_p),
-                expert_out=ctypes.cast(tables[1], ctypes.c_void_p))
+    fields = dict(n_experts=cfg.n_experts, n_used=cfg.n_experts_used, renorm=int(cfg.moe_renorm),
+                  expert_in_type=in_kind, expert_out_type=out_kind, expert_ffn=moe.experts[0].w_out.in_features,
+                  router=keep[-3].data_ptr(), expert_in=ctypes.cast(tables[0], ctypes.c_void_p),
+                  expert_out=ctypes.cast(tables[1], ctypes.c_void_p))
+    if moe.shared is None:
+        return fields
+    gate = getattr(moe.shared_gate, "weight", None)
+    kinds = (_kind(moe.shared.w_in), _kind(moe.shared.w_out))
+    # the shared expert reads the activations prepared for the experts, so its input blocks must be their type
+    if gate is None or gate.dtype != torch.float32 or None in kinds or kinds[0] != in_kind:
+        return None
+    keep.append(gate.contiguous())
+    return dict(fields, shared_ffn=moe.shared.w_out.in_features, shared_gate=keep[-1].data_ptr(),
+                shared_in=moe.shared.w_in.blocks.data_ptr(), shared_out=moe.shared.w_out.blocks.data_ptr(),
+                shared_in_type=kinds[0], shared_out_type=kinds[1])
 
 
 def _head(model, weight) -> ggml_kernel.LlamaHead | None:

@@ -803,6 +803,11 @@ typedef struct {
     int64_t expert_ffn;
     const float *router;                       // (n_experts, dim)
     const uint8_t *const *expert_in, *const *expert_out;  // each expert's [gate; up] rows and down rows
+    // an expert every token runs, scaled by sigmoid(shared_gate . h) (Qwen2-MoE); shared_ffn 0: none
+    int64_t shared_ffn;
+    const float *shared_gate;                  // (dim)
+    const uint8_t *shared_in, *shared_out;
+    int32_t shared_in_type, shared_out_type;
 } llama_layer;
 
 typedef struct {
@@ -908,9 +913,11 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
         if (!takes(L->qkv_type, dim) || !takes(L->wo_type, q_size) ||
             !takes(moe ? L->expert_in_type : L->in_type, dim) ||
             !takes(moe ? L->expert_out_type : L->out_type, moe ? L->expert_ffn : d->ffn_dim) || L->n_experts > 256 ||
-            (moe && (L->n_used < 1 || L->n_used > L->n_experts)))
+            (moe && (L->n_used < 1 || L->n_used > L->n_experts)) ||
+            (moe && L->shared_ffn && (L->shared_in_type != L->expert_in_type || !takes(L->shared_out_type, L->shared_ffn))))
             return -1;
         if (moe && L->expert_ffn > ffn) ffn = L->expert_ffn;
+        if (moe && L->shared_ffn > ffn) ffn = L->shared_ffn;
     }
     const int64_t widest = q_size > ffn ? q_size : ffn;
     prepared p, p_down;  // the MLP's input stays prepared for every expert while each one's down projection runs
@@ -990,6 +997,23 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
                 matmul_shared(L->expert_out_type, L->expert_out[chosen[j]], dim, &p_down, y);
 #pragma omp single
                 for (int64_t i = 0; i < dim; i++) acc[i] += y[i] * weights[j];
+            }
+            if (L->shared_ffn) {  // prepared for the experts' type: the shared expert's blocks must match it
+                const int64_t sffn = L->shared_ffn;
+                matmul_shared(L->shared_in_type, L->shared_in, 2 * sffn, &p, y);
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < sffn; i++)
+                    hx[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[sffn + i];
+#pragma omp single
+                prepare(L->shared_out_type, hx, sffn, 1, &p_down);
+                matmul_shared(L->shared_out_type, L->shared_out, dim, &p_down, y);
+#pragma omp single
+                {
+                    float dot = 0.0f;
+                    for (int64_t i = 0; i < dim; i++) dot += L->shared_gate[i] * h[i];
+                    const float gate = 1.0f / (1.0f + expf(-dot));
+                    for (int64_t i = 0; i < dim; i++) acc[i] += gate * y[i];
+                }
             }
 #pragma omp single
             for (int64_t i = 0; i < dim; i++) x[i] += acc[i];

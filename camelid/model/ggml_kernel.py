@@ -156,7 +156,9 @@ class LlamaLayer(ctypes.Structure):
                [(name, ctypes.c_int32) for name in ("n_experts", "n_used", "renorm", "expert_in_type",
                                                     "expert_out_type")] + \
                [("expert_ffn", ctypes.c_int64), ("router", ctypes.c_void_p), ("expert_in", ctypes.c_void_p),
-                ("expert_out", ctypes.c_void_p)]
+                ("expert_out", ctypes.c_void_p), ("shared_ffn", ctypes.c_int64), ("shared_gate", ctypes.c_void_p),
+                ("shared_in", ctypes.c_void_p), ("shared_out", ctypes.c_void_p), ("shared_in_type", ctypes.c_int32),
+                ("shared_out_type", ctypes.c_int32)]
 
 
 class LlamaDims(ctypes.Structure):
