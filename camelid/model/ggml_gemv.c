@@ -862,6 +862,18 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+// y (dim) = the gated MLP of the activations prepared in `in` (w_in's rows [gate; up], ffn each), through
+// hx (ffn) and `down`. Called by every thread of the decode step's parallel region.
+static void gated_mlp(int in_type, const uint8_t *w_in, int out_type, const uint8_t *w_out, int64_t ffn,
+                      int64_t dim, int gelu, const prepared *in, prepared *down, float *y, float *hx) {
+    matmul_shared(in_type, w_in, 2 * ffn, in, y);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < ffn; i++) hx[i] = (gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[ffn + i];
+#pragma omp single
+    prepare(out_type, hx, ffn, 1, down);
+    matmul_shared(out_type, w_out, dim, down, y);
+}
+
 // The router's choice for a normalised token h: the n_used experts of highest softmax probability, in order,
 // with their probabilities (rescaled to sum to 1 where the family does).
 static void route(const llama_layer *L, const float *h, int64_t dim, int32_t *chosen, float *weights) {
@@ -986,27 +998,15 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
             }
         }
         if (moe) {  // the picked experts in turn, each summed in by its weight as the PyTorch model does
-            const int64_t effn = L->expert_ffn;
             for (int32_t j = 0; j < L->n_used; j++) {
-                matmul_shared(L->expert_in_type, L->expert_in[chosen[j]], 2 * effn, &p, y);
-#pragma omp for schedule(static)
-                for (int64_t i = 0; i < effn; i++)
-                    hx[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[effn + i];
-#pragma omp single
-                prepare(L->expert_out_type, hx, effn, 1, &p_down);
-                matmul_shared(L->expert_out_type, L->expert_out[chosen[j]], dim, &p_down, y);
+                gated_mlp(L->expert_in_type, L->expert_in[chosen[j]], L->expert_out_type, L->expert_out[chosen[j]],
+                          L->expert_ffn, dim, d->gelu, &p, &p_down, y, hx);
 #pragma omp single
                 for (int64_t i = 0; i < dim; i++) acc[i] += y[i] * weights[j];
             }
             if (L->shared_ffn) {  // prepared for the experts' type: the shared expert's blocks must match it
-                const int64_t sffn = L->shared_ffn;
-                matmul_shared(L->shared_in_type, L->shared_in, 2 * sffn, &p, y);
-#pragma omp for schedule(static)
-                for (int64_t i = 0; i < sffn; i++)
-                    hx[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[sffn + i];
-#pragma omp single
-                prepare(L->shared_out_type, hx, sffn, 1, &p_down);
-                matmul_shared(L->shared_out_type, L->shared_out, dim, &p_down, y);
+                gated_mlp(L->shared_in_type, L->shared_in, L->shared_out_type, L->shared_out, L->shared_ffn, dim,
+                          d->gelu, &p, &p_down, y, hx);
 #pragma omp single
                 {
                     float dot = 0.0f;
@@ -1019,14 +1019,7 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
             for (int64_t i = 0; i < dim; i++) x[i] += acc[i];
             continue;
         }
-        const int64_t dense = d->ffn_dim;
-        matmul_shared(L->in_type, L->w_in, 2 * dense, &p, y);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < dense; i++)
-            h[i] = (d->gelu ? gelu_tanh(y[i]) : y[i] / (1.0f + expf(-y[i]))) * y[dense + i];
-#pragma omp single
-        prepare(L->out_type, h, dense, 1, &p);
-        matmul_shared(L->out_type, L->w_out, dim, &p, y);
+        gated_mlp(L->in_type, L->w_in, L->out_type, L->w_out, d->ffn_dim, dim, d->gelu, &p, &p_down, y, hx);
 #pragma omp single
         {
             if (L->post_mlp_norm) rmsnorm(y, L->post_mlp_norm, dim, d->norm_eps, y);
