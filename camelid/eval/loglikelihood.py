@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from camelid.data.shared_prefix import batch_layout, shared_row
 from camelid.errors import CamelidError
 
 
@@ -57,38 +58,6 @@ def truncate(ctx: list[int], cont: list[int], max_len: int) -> tuple[int, ...]:
         raise CamelidError(f"a continuation of {len(cont)} tokens is longer than the model's context {max_len}")
     whole = (ctx + cont)[-(max_len + 1):]
     return tuple(whole[:len(whole) - len(cont)])
-
-
-def shared_row(ctx: tuple[int, ...], conts: list[list[int]]):
-    """Tokens, positions, segment of each token (0 context, i for continuation i) and, for every
-    continuation, the row index whose logits predict each of its tokens."""
-    tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
-    predict_from = []
-    for i, cont in enumerate(conts, 1):
-        start = len(tokens)
-        body = cont[:-1]  # the last token is predicted, never read
-        tokens += body
-        positions += range(len(ctx), len(ctx) + len(body))
-        segments += [i] * len(body)
-        predict_from.append([len(ctx) - 1] + list(range(start, start + len(body))))
-    return tokens, positions, segments, predict_from
-
-
-def batch_layout(rows: list[tuple], device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded tokens and the (positions, mask) layout for a batch of shared rows."""
-    width = max(len(r[0]) for r in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding, which sees only padding
-    for b, (tok, pos, seg, _) in enumerate(rows):
-        tokens[b, :len(tok)] = torch.tensor(tok)
-        positions[b, :len(pos)] = torch.tensor(pos)
-        segments[b, :len(seg)] = torch.tensor(seg)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    sees_context = (segments[:, None, :] == 0) & (segments[:, :, None] >= 0)
-    mask = (same | sees_context) & causal
-    return tokens.to(device), (positions.to(device), mask.unsqueeze(1).to(device))
 
 
 @torch.inference_mode()

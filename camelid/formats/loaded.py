@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from camelid.errors import CamelidError
 from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.tokenizer import Tokenizer
@@ -21,3 +22,11 @@ class LoadedModel:
     @property
     def config(self) -> ModelConfig:
         return self.model.cfg
+
+
+def require_policy(lm: LoadedModel, path) -> LoadedModel:
+    """A reward model scores text and does not write it: refuse one where a model must generate or be tuned."""
+    if lm.config.score_head:
+        raise CamelidError(f"{path}: a reward model (it scores text, it does not write it); it is the "
+                           "reward_model of `camelid rlhf`, not a model to chat with or tune")
+    return lm

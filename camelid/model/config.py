@@ -57,6 +57,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     embed_proj_dim: int | None = None  # OPT-350m projects a smaller embedding up to dim
     final_norm: bool = True
+    score_head: bool = False  # a scalar score per position beside the LM head: a reward model
     # mixture of experts: each token's MLP is the weighted sum of the n_experts_used experts its router picks
     n_experts: int = 0  # 0: a dense MLP
     n_experts_used: int = 0

@@ -9,6 +9,7 @@ store q/k/v (Bloom, GPT-NeoX, Falcon, MPT, Phi-3, GPT-2, StarCoder) or gate/up (
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class LoRALinear(nn.Module):
         self.slices = slices
         self.scaling = cfg.scaling
         self.dropout = cfg.dropout
+        self.enabled = True  # off: the layer is its base (preference tuning's reference model)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         # The adapter is trained, so it stays fp32 even over a bf16 base (frozen weights need no fp32 master).
@@ -63,6 +65,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         h = dropout(x, self.dropout, self.training)
         for name, (lo, hi) in self.slices.items():
             a, b = self.lora_A[name], self.lora_B[name]
@@ -133,6 +137,19 @@ def _float_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
 
 def lora_layers(model) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_off(model):
+    """The base model, for as long as the block runs: the frozen weights without any adapter's update."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 @torch.no_grad()

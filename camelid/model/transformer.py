@@ -6,6 +6,7 @@ because decode on a CPU is dominated by per-op overhead and memory reads, not by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -355,6 +356,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, cfg.moe(i)) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.output = nn.Linear(emb_dim, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.score_head:
+            self.score = nn.Linear(emb_dim, 1, bias=False)
         if cfg.positions == "rope":
             for name, table in rope_tables(cfg).items():
                 self.register_buffer(name, table, persistent=False)
@@ -369,7 +372,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False,
                 segment_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None, scores: bool = False) -> torch.Tensor:
         """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
@@ -382,6 +385,7 @@ class Transformer(nn.Module):
         position 0, e.g. one context followed by several continuations that each see it but not each other.
         logits_at (B, T) bool returns logits (N, vocab) for those positions only: fine-tuning needs none for
         the prompt and padding, and the output layer is a large share of a small model's work and memory.
+        scores returns the score head's scalar (fp32) instead of logits: (B, T), or (N,) with logits_at.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -419,6 +423,8 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_out)
+        if scores:  # the head may be fp32 over a bf16 base: it is trained, the base is not
+            return linear(x.to(self.score.weight.dtype), self.score).float().squeeze(-1)
         logits = linear(x, self.output).float()
         if cfg.final_softcap:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
@@ -549,6 +555,16 @@ def init_weights(model: Transformer, std: float = 0.02) -> Transformer:
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
     model.tie_weights()
+    return model
+
+
+def add_score_head(model: Transformer, std: float = 0.02) -> Transformer:
+    """A language model made a reward model: a new scalar head on the final hidden state, N(0, std) in fp32
+    (transformers' ForSequenceClassification head, read at the last token)."""
+    model.cfg = dataclasses.replace(model.cfg, score_head=True)
+    emb = model.tok_embeddings.weight
+    model.score = nn.Linear(model.cfg.embed_proj_dim or model.cfg.dim, 1, bias=False, device=emb.device)
+    nn.init.normal_(model.score.weight, std=std)
     return model
 
 

@@ -10,6 +10,7 @@ from camelid.errors import CamelidError
 from camelid.files import read_text
 
 SCHEDULES = ("cosine", "linear", "step", "exponential", "constant")
+METHODS = ("full", "lora", "dpo", "ipo", "orpo", "simpo", "kto", "reward")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
@@ -117,7 +118,10 @@ class FinetuneConfig(RunConfig):
     max_len: int = 512
     train_on_prompt: bool = False
     pack: bool = True
-    method: str = "full"  # full | lora
+    # what is learnt: full | lora (instruction tuning: all weights, or a LoRA adapter), or a preference
+    # objective dpo | ipo | orpo | simpo | kto | reward, which trains all weights unless `lora` is set
+    method: str = "full"
+    lora: bool = False  # a preference objective through a LoRA adapter (method: lora is instruction tuning's)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -125,6 +129,13 @@ class FinetuneConfig(RunConfig):
     quantize_base: str = ""  # int4 | int8: LoRA over a frozen quantized copy of the base (QLoRA)
     quantize_group: int = 64  # int4: inputs sharing a scale (QLoRA's block size)
     epochs: float = 3.0
+    # preference tuning (TRL's names and defaults)
+    beta: float = 0.1  # DPO/IPO/KTO: closeness to the reference; ORPO: the odds-ratio weight; SimPO: the scale
+    label_smoothing: float = 0.0  # DPO (cDPO) and SimPO: the probability that a pair's labels are flipped
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0  # KTO
+    precompute_ref: bool = False  # DPO/IPO/KTO under LoRA: the reference's log-probabilities once, before training
     # this recipe's defaults for shared fields (Alpaca's)
     out_dir: str = "out/finetune"
     micro_batch: int = 4
@@ -143,16 +154,33 @@ class FinetuneConfig(RunConfig):
         checks = [(self.base != "", "base: the model to tune is required"),
                   (self.data != "", "data: the instruction data file is required"),
                   (not Path(self.data).is_dir(), f"data: {self.data} is a folder; give the data file"),
-                  (self.method in ("full", "lora"), "method must be full or lora"),
+                  (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+                  (not (self.lora and self.method in ("full", "lora")),
+                   "lora: true is for preference objectives; instruction tuning with LoRA is method: lora"),
+                  (self.beta > 0, "beta must be > 0"),
+                  (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
+                  (self.desirable_weight > 0 and self.undesirable_weight > 0,
+                   "desirable_weight and undesirable_weight must be > 0"),
+                  (self.method != "kto" or self.micro_batch > 1,
+                   "kto needs micro_batch > 1: its KL term is estimated over a micro-batch"),
                   (self.epochs > 0, "epochs must be > 0"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
                   (isinstance(self.lora_targets, list), "lora_targets must be a list of module names"),
                   (self.quantize_base in ("", "int8", "int4"), "quantize_base must be int8 or int4 (or empty)"),
-                  (not self.quantize_base or self.method == "lora",
-                   "quantize_base needs method lora (a quantized base is frozen)"),
+                  (not self.quantize_base or self.uses_lora,
+                   "quantize_base needs method lora, or lora: true (a quantized base is frozen)"),
                   (self.quantize_group in (32, 64, 128, 256), "quantize_group must be 32, 64, 128 or 256"),
                   (isinstance(self.max_len, int) and self.max_len > 0, "max_len must be a positive integer")]
         _raise_failed(checks + self.run_checks(), source)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method == "lora" or self.lora
+
+    @property
+    def objective(self) -> str:
+        """sft, or the preference objective."""
+        return "sft" if self.method in ("full", "lora") else self.method
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -1,5 +1,5 @@
 """Instruction tuning, the way Stanford Alpaca and Vicuna did it: full fine-tuning or LoRA, with the loss
-only on what the model must learn to say.
+only on what the model must learn to say; and the preference tuning that follows it (`camelid.train.preference`).
 
 Samples are rendered with the chat template `camelid chat` uses and masked on tokens
 (`camelid.data.masking`), optionally packed several to a row (`camelid.data.packing`). The data order is a
@@ -25,11 +25,13 @@ from camelid.data.masking import IGNORE, MaskStats, mask_conversation
 from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model, save_native
-from camelid.formats.loaded import LoadedModel
+from camelid.formats.loaded import LoadedModel, require_policy
 from camelid.formats.peft import check_targets, load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
+from camelid.model.transformer import add_score_head
 from camelid.tokenizer.chat_template import resolve_template
+from camelid.train import preference
 from camelid.train.config import FinetuneConfig
 from camelid.train.distributed import Cluster, full_trainable_state, load_full_trainable_state, wrap
 from camelid.train.loop import Job, autocast, autocast_dtype, in_cluster, make_optimizer, start_run, train_loop
@@ -95,42 +97,54 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     # Full fine-tuning keeps fp32 master weights; LoRA's base is frozen, so it can stay in the compute dtype.
     # QLoRA quantizes the base tensor by tensor as it loads: the float model never sits in memory whole.
     qlora = QuantSpec(cfg.quantize_base, cfg.quantize_group, "float") if cfg.quantize_base else None
-    lm = load_model(cfg.base, str(device), cfg.dtype if cfg.method == "lora" else "fp32", quantize=qlora)
+    lm = require_policy(load_model(cfg.base, str(device), cfg.dtype if cfg.uses_lora else "fp32", quantize=qlora),
+                        cfg.base)
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
                            "llama3 or Jinja source)")
     _, stop = resolve_template(template)
-    train_rows, val_rows, info = build_rows(cfg, lm, template)
-    if cluster.main:
-        print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
-              f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
+    if cfg.objective == "sft":
+        train_rows, val_rows, info = build_rows(cfg, lm, template)
+        if cluster.main:
+            print(f"finetune: {info['samples']} samples -> {info['train_rows']} training rows "
+                  f"({info['trained_tokens']} of {info['tokens']} tokens trained, {info['truncated']} truncated)")
+    else:
+        train_items, val_items = preference.build_items(cfg, lm, template, cluster.main)
     model = lm.model
     _check_frozen_base(model, cfg)
-    model.train().requires_grad_(cfg.method == "full")  # loading prepares a model for inference: frozen
+    model.train().requires_grad_(not cfg.uses_lora)  # loading prepares a model for inference: frozen
     model.activation_checkpointing = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
-    if cfg.method == "lora":
+    if cfg.uses_lora:
         lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
         lora.validate()
         check_targets(model.cfg, lora.targets)  # the adapter is written at the end: refuse now, not then
         add_lora(model, lora)
-    wrapped = wrap(model, cluster, cfg.fsdp, device)
-    job = sft_job(cfg, wrapped, model, train_rows, val_rows, cluster, device)
+    if cfg.method == "reward":  # a new head, trained with the adapter or with all weights
+        add_score_head(model).score.requires_grad_(True)
+    if cfg.objective == "sft":
+        wrapped = wrap(model, cluster, cfg.fsdp, device)
+        job = sft_job(cfg, wrapped, model, train_rows, val_rows, cluster, device)
+    else:
+        refs = preference.references(cfg, model, train_items, val_items, out, device, cluster)
+        wrapped = wrap(model, cluster, cfg.fsdp, device)
+        job = preference.preference_job(cfg, wrapped, model, train_items, val_items, refs, cluster, device)
     train_loop(job, cfg, cluster, device, out, resume)
     sharded = cfg.fsdp and cluster.world > 1
-    if sharded:  # collective: rank 0 gathers the trained weights into an unsharded copy
+    if sharded or (cfg.quantize_base and cfg.method == "reward"):  # rank 0 gathers the trained weights (collective)
         params, _ = full_trainable_state(wrapped, None, trainable_parameters(model))
         lm.model = model = wrapped = job = None
         model = _unsharded(cfg, params) if cluster.main else None
     if not cluster.main:
         return None
     model.eval().requires_grad_(False)
-    if cfg.method == "lora":
-        adapter = save_adapter(model, out / "adapter", cfg.base)
-        if cfg.quantize_base and not sharded:  # merge into the float weights the quantized copy was made from
-            lm.model = model = wrapped = job = None
-            model = load_adapter(load_model(cfg.base, "cpu", cfg.dtype).model, adapter)
+    if cfg.uses_lora:
+        if cfg.method != "reward":  # PEFT's causal-LM adapter has no place for a reward model's new head
+            adapter = save_adapter(model, out / "adapter", cfg.base)
+            if cfg.quantize_base and not sharded:  # merge into the float weights the quantized copy came from
+                lm.model = model = wrapped = job = None
+                model = load_adapter(load_model(cfg.base, "cpu", cfg.dtype).model, adapter)
         merge_lora(model)
     save_native(LoadedModel(model.cpu(), lm.tokenizer, template, stop), out / "model", template, stop,
                 force=True)  # the run's own output
@@ -193,12 +207,14 @@ def sft_job(cfg: FinetuneConfig, wrapped, model, train_rows: list[Row], val_rows
 def _unsharded(cfg: FinetuneConfig, params: dict):
     """The tuned model in one piece on the CPU, from the base and the gathered trained weights. Under QLoRA the
     base is the float one the quantized copy was made from, which the adapter is merged into."""
-    model = load_model(cfg.base, "cpu", cfg.dtype if cfg.method == "lora" else "fp32").model
-    if cfg.method == "lora":
+    model = load_model(cfg.base, "cpu", cfg.dtype if cfg.uses_lora else "fp32").model
+    if cfg.uses_lora:
         lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
         lora.validate()
         check_targets(model.cfg, lora.targets)  # the adapter is written at the end: refuse now, not then
         add_lora(model, lora)
+    if cfg.method == "reward":
+        add_score_head(model)
     unexpected = model.load_state_dict(params, strict=False).unexpected_keys
     if unexpected:  # the same base and config made both: a mismatch is a bug, not bad input
         raise RuntimeError(f"gathered weights the model does not have: {unexpected[:3]}")
@@ -207,8 +223,9 @@ def _unsharded(cfg: FinetuneConfig, params: dict):
 
 def _check_frozen_base(model, cfg: FinetuneConfig) -> None:
     """A quantized base (a camelid int4 folder, a GGUF file, or QLoRA's) can only be trained through LoRA."""
-    if cfg.method == "full" and any(isinstance(m, QUANTIZED) for m in model.modules()):
-        raise CamelidError(f"base: {cfg.base} is quantized, so its weights cannot be trained; use method: lora")
+    if not cfg.uses_lora and any(isinstance(m, QUANTIZED) for m in model.modules()):
+        raise CamelidError(f"base: {cfg.base} is quantized, so its weights cannot be trained; use "
+                           + ("method: lora" if cfg.objective == "sft" else "lora: true"))
 
 
 def sft_loss(model, batch: dict, amp_dtype=None) -> torch.Tensor:
