@@ -83,12 +83,13 @@ def _load(args, decoding: bool = True):
     import torch
 
     from camelid.formats.load import load_model
+    from camelid.formats.loaded import require_policy
     from camelid.generate.decoding import prepare_for_decoding
 
     _check_threads(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, args.device, args.dtype, args.tokenizer)
+    lm = require_policy(load_model(args.model, args.device, args.dtype, args.tokenizer), args.model)
     if args.adapter:
         from camelid.formats.peft import load_adapter
         from camelid.model.lora import merge_lora
@@ -497,6 +498,21 @@ def cmd_finetune(args):
         print(f"wrote {folder}")
 
 
+def _args_rlhf(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="a YAML recipe (see recipes/rlhf-cpu-demo.yaml)")
+    p.add_argument("--resume", default=None, help="'auto' (the newest checkpoint in out_dir) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. policy=out/sft/model method=rloo")
+
+
+def cmd_rlhf(args):
+    from camelid.train.config import RLHFConfig, load_config
+    from camelid.train.rlhf import rlhf
+
+    folder = rlhf(load_config(args.config, args.overrides, RLHFConfig), args.resume)
+    if folder is not None:
+        print(f"wrote {folder}")
+
+
 def _args_self_instruct(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, help="Alpaca JSON to write (an existing one is resumed)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -791,7 +807,10 @@ COMMANDS = {
     "pretrain": (_args_pretrain, cmd_pretrain,
                  "train a model from scratch on token shards"),
     "finetune": (_args_finetune, cmd_finetune,
-                 "instruction-tune a model (Alpaca/Vicuna data; full or LoRA)"),
+                 "instruction-tune (full or LoRA), preference-tune (DPO, IPO, ORPO, SimPO, KTO) or train a reward "
+                 "model"),
+    "rlhf": (_args_rlhf, cmd_rlhf,
+             "tune a policy online against a reward model (GRPO or RLOO)"),
     "self-instruct": (_args_self_instruct, cmd_self_instruct,
                       "generate Alpaca-style instruction data with a model (Self-Instruct)"),
     "merge": (_args_merge, cmd_merge,

@@ -214,3 +214,37 @@ def tokenize_unpaired(tokenizer: Tokenizer, template: str, examples: list[Unpair
 def as_sample(prompt: list[int], reply: list[int]) -> Sample:
     """The prompt and a reply as an SFT sample (the reply trained), for `camelid data show-mask`."""
     return Sample(prompt + reply, [IGNORE] * len(prompt) + reply)
+
+
+def to_prompt(record, where: str) -> list[dict]:
+    """The prompt of any record RL can start from: TRL's prompt-only {"prompt"}, a preference pair, a KTO
+    example, or an instruction record (everything before its last assistant turn)."""
+    from camelid.data.instruct import to_conversation
+
+    if isinstance(record, dict) and "chosen" in record:
+        return to_pair(record, where).prompt
+    if isinstance(record, dict) and "label" in record:
+        return to_unpaired(record, where).prompt
+    if isinstance(record, dict) and "prompt" in record:
+        prompt = _prompt(record["prompt"])
+    else:
+        conversation = to_conversation(record)
+        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        prompt = conversation[:last]
+    _check_prompt(prompt)
+    return prompt
+
+
+def read_prompts(path, stats: PreferenceStats) -> list[tuple[str, list[dict]]]:
+    out = []
+    for where, record in _records(Path(path)):
+        stats.records += 1
+        try:
+            out.append((where, to_prompt(record, where)))
+        except KeyError as exc:
+            stats.skipped.add(where, f"missing field {exc.args[0]!r}")
+        except ValueError as exc:
+            stats.skipped.add(where, str(exc))
+    if not out:
+        raise CamelidError(f"{path}: no usable prompts (an empty dataset, or every record was malformed)")
+    return out

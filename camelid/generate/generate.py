@@ -46,11 +46,13 @@ def check_prompts(prompts: list[list[int]], max_seq_len: int, max_new_tokens: in
 
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                    stop_ids: set[int] = frozenset(), stats: Stats | None = None) -> Iterator[list[int | None]]:
+                    stop_ids: set[int] = frozenset(), stats: Stats | None = None, yield_stop: bool = False
+                    ) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None once that prompt has finished).
 
-    A prompt finishes at a stop id (not yielded) or at max_new_tokens; generation also ends at the model's
-    context length, so nothing is ever silently cut from the prompt.
+    A prompt finishes at a stop id (yielded only with `yield_stop`: a trainer scores the end of the reply
+    too) or at max_new_tokens; generation also ends at the model's context length, so nothing is ever
+    silently cut from the prompt.
     """
     cfg = model.cfg
     check_prompts(prompts, cfg.max_seq_len, max_new_tokens)
@@ -88,12 +90,14 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         out: list[int | None] = []
         for i, t in enumerate(nxt.tolist()):
             if done[i] or t in stop_ids:
+                out.append(t if yield_stop and not done[i] else None)
                 done[i] = True
-                out.append(None)
             else:
                 history[i].append(t)
                 out.append(t)
         if all(done):
+            if yield_stop and any(t is not None for t in out):
+                yield out
             return
         stats.generated_tokens += sum(t is not None for t in out)
         yield out

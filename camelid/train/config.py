@@ -183,6 +183,60 @@ class FinetuneConfig(RunConfig):
         return "sft" if self.method in ("full", "lora") else self.method
 
 
+@dataclass
+class RLHFConfig(RunConfig):
+    """Reinforcement learning from a reward model (camelid rlhf): the policy samples replies to prompts, the
+    reward model scores them, and the policy is tuned towards the better ones with a KL penalty to where it
+    started. GRPO (group-normalised advantages) or RLOO (leave-one-out baselines), no value model."""
+    policy: str = ""  # the model to tune (an SFT model)
+    reward_model: str = ""  # a camelid reward model (finetune method: reward) with the policy's tokenizer
+    data: str = ""  # prompts: prompt-only, preference, KTO or instruction records (their prompts are used)
+    template: str = ""  # chat template (empty: the policy's own)
+    method: str = "grpo"  # grpo | rloo
+    group_size: int = 4  # replies sampled per prompt
+    max_prompt_len: int = 256
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_beta: float = 0.04  # the KL penalty's weight (GRPO: in the loss; RLOO: in the reward)
+    lora: bool = True  # tune a LoRA adapter (the reference is the base with it off); false: all weights
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    epochs: float = 1.0  # passes over the prompts
+    out_dir: str = "out/rlhf"
+    micro_batch: int = 2  # prompts per micro-batch (each with group_size replies)
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta2: float = 0.999
+    seed: int = 42
+    log_every: int = 1
+    ckpt_every: int = 50
+    keep_last: int = 2
+
+    def validate(self, source: str = "config"):
+        checks = [(self.policy != "", "policy: the model to tune is required"),
+                  (self.reward_model != "", "reward_model: the reward model is required"),
+                  (self.data != "", "data: the prompts file is required"),
+                  (self.method in ("grpo", "rloo"), "method must be grpo or rloo"),
+                  (isinstance(self.group_size, int) and self.group_size >= 2,
+                   "group_size must be an integer >= 2 (advantages compare replies to the same prompt)"),
+                  (self.max_prompt_len > 0 and self.max_new_tokens > 0,
+                   "max_prompt_len and max_new_tokens must be > 0"),
+                  (self.temperature > 0, "temperature must be > 0 (the policy must sample)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.top_k >= 0, "top_k must be >= 0"),
+                  (self.kl_beta >= 0, "kl_beta must be >= 0"),
+                  (self.epochs > 0, "epochs must be > 0"),
+                  (not self.fsdp, "fsdp: rlhf samples replies of different lengths on each rank, which FSDP's "
+                   "collective forward cannot; use DDP (torchrun without fsdp)")]
+        _raise_failed(checks + self.run_checks(), source)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """key=value items (YAML values) set into `data`; model.dim=128 sets a nested field."""
     import yaml

@@ -161,18 +161,24 @@ def pack(items: list[Item], scores: bool = False, prompt_loss: bool = False) -> 
                   len(items) * k, rows_of(prompt_src), longs(prompt_targets), longs(prompt_item))
 
 
-def reply_logps(model, p: Packed, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(summed log-probability of every reply (n_seq,), its token count, the prompt's summed NLL per item or
-    None)."""
+def token_logps(model, p: Packed, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the log-probability of every reply token, in `p.seq` order; the prompt's NLL per item, or None)."""
     with autocast(p.tokens.device, amp_dtype):
         logits = model(p.tokens, layout=(p.positions, p.mask), logits_at=p.want)
-    token_logps = -F.cross_entropy(logits[p.rows].float(), p.targets, reduction="none")
-    sums = torch.zeros(p.n_seq, device=logits.device).index_add(0, p.seq, token_logps)
-    counts = torch.bincount(p.seq, minlength=p.n_seq).to(sums.dtype)
+    logps = -F.cross_entropy(logits[p.rows].float(), p.targets, reduction="none")
     prompt_nll = None
     if p.prompt_rows.numel():
         nll = F.cross_entropy(logits[p.prompt_rows].float(), p.prompt_targets, reduction="none")
-        prompt_nll = torch.zeros(p.n_seq // 2, device=logits.device).index_add(0, p.prompt_item, nll)
+        prompt_nll = torch.zeros(int(p.prompt_item.max()) + 1, device=logits.device).index_add(0, p.prompt_item, nll)
+    return logps, prompt_nll
+
+
+def reply_logps(model, p: Packed, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(summed log-probability of every reply (n_seq,), its token count, the prompt's summed NLL per item or
+    None)."""
+    logps, prompt_nll = token_logps(model, p, amp_dtype)
+    sums = torch.zeros(p.n_seq, device=logps.device).index_add(0, p.seq, logps)
+    counts = torch.bincount(p.seq, minlength=p.n_seq).to(sums.dtype)
     return sums, counts, prompt_nll
 
 
