@@ -356,8 +356,9 @@ def _args_data(p: argparse.ArgumentParser):
     d.add_argument("--to", required=True, choices=["alpaca", "dolly", "sharegpt", "messages"])
     d.add_argument("--from", dest="fmt", default=None, choices=["alpaca", "dolly", "sharegpt", "messages"],
                    help="the input format (default: detected per record)")
-    d = dsub.add_parser("show-mask", help="show which tokens of instruction samples the loss trains on")
-    d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
+    d = dsub.add_parser("show-mask", help="show which tokens of instruction samples (or of preference pairs' "
+                                          "chosen and rejected replies) the loss reads")
+    d.add_argument("file", help="instruction or chat data (any format `data convert` reads), or preference data")
     d.add_argument("--template", required=True, help="alpaca, vicuna, llama2, chatml, llama3, gemma or Jinja source")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json, a SentencePiece .model, or a model folder")
     d.add_argument("--max-len", type=int, default=2048, help="the training context")
@@ -415,6 +416,41 @@ def cmd_data(args):
         print(f"{split}: {r['documents']} documents, {r['tokens']} tokens -> {Path(args.out) / split}")
 
 
+def _is_preference_data(path) -> bool:
+    from pathlib import Path
+
+    from camelid.data.instruct import _records
+
+    first = next(iter(_records(Path(path))), (None, None))[1]
+    return isinstance(first, dict) and ("chosen" in first or "label" in first)
+
+
+def _show_preference_mask(args, tokenizer):
+    """Pairs: the prompt once, then what the loss reads of the chosen and of the rejected reply. KTO: the reply."""
+    from camelid.data import preference as pref
+    from camelid.data.masking import show_mask
+
+    stats = pref.PreferenceStats()
+    records = pref.read_preferences(args.file, None, stats)
+    colour = sys.stdout.isatty()
+    if records and hasattr(records[0], "desirable"):
+        examples = pref.tokenize_unpaired(tokenizer, args.template, records, args.max_len, stats)
+        for e in examples[:args.samples]:
+            label = "desirable" if e.desirable else "undesirable"
+            print(f"--- {e.where} ({label}, {len(e.prompt)} prompt + {len(e.completion)} reply tokens) ---")
+            print(show_mask(tokenizer, pref.as_sample(e.prompt, e.completion), colour))
+        kept = len(examples)
+    else:
+        pairs = pref.tokenize_pairs(tokenizer, args.template, records, args.max_len, stats)
+        for p in pairs[:args.samples]:
+            for name, reply in (("chosen", p.chosen), ("rejected", p.rejected)):
+                print(f"--- {p.where} {name} ({len(p.prompt)} prompt + {len(reply)} reply tokens) ---")
+                print(show_mask(tokenizer, pref.as_sample(p.prompt, reply), colour))
+        kept = len(pairs)
+    print(f"\n{stats.records} records -> {kept} usable within {args.max_len} tokens; {stats.skipped.total} "
+          f"skipped ({stats.too_long} too long)")
+
+
 def cmd_show_mask(args):
     from camelid.data.instruct import Skipped, load_conversations
     from camelid.data.masking import MaskStats, mask_conversation, show_mask
@@ -424,6 +460,8 @@ def cmd_show_mask(args):
         raise CamelidError("--max-len must be at least 8")
     tokenizer = _tokenizer_for(args.tokenizer)
     resolve_template(args.template)
+    if _is_preference_data(args.file):
+        return _show_preference_mask(args, tokenizer)
     skipped, stats, shown = Skipped(), MaskStats(), 0
     for where, conversation in load_conversations(args.file, skipped=skipped):
         for sample in mask_conversation(tokenizer, args.template, conversation, args.max_len, args.train_on_prompt,

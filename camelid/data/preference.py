@@ -150,11 +150,15 @@ def to_unpaired(record, where: str) -> Unpaired:
     return Unpaired(where, prompt, completion, label)
 
 
-def read_preferences(path, unpaired: bool, stats: PreferenceStats) -> list[Pair] | list[Unpaired]:
-    """Every usable record of a JSON array or JSONL file; the others are reported and counted."""
+def read_preferences(path, unpaired: bool | None, stats: PreferenceStats) -> list[Pair] | list[Unpaired]:
+    """Every usable record of a JSON array or JSONL file; the others are reported and counted. `unpaired`
+    None: as the first record is (a 'label' makes KTO data)."""
     out = []
     parse = to_unpaired if unpaired else to_pair
     for where, record in _records(Path(path)):
+        if unpaired is None:
+            unpaired = isinstance(record, dict) and "label" in record and "chosen" not in record
+            parse = to_unpaired if unpaired else to_pair
         stats.records += 1
         try:
             out.append(parse(record, where))
