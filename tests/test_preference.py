@@ -229,6 +229,12 @@ def test_pairs_that_do_not_fit_are_counted_not_truncated(pairs):
     records = read_preferences(pairs, False, stats)
     assert tokenize_pairs(tok, "alpaca", records, 40, stats) == []
     assert stats.too_long == len(records)
+    cut = tokenize_pairs(tok, "alpaca", records, 40, stats, truncate=True)  # as TRL cuts: the prompt's end,
+    assert len(cut) == len(records) and stats.truncated == len(records)  # each reply's start
+    whole = tokenize_pairs(tok, "alpaca", records, 1000, PreferenceStats())
+    for c, w in zip(cut, whole):
+        assert len(c.prompt) + max(len(c.chosen), len(c.rejected)) <= 40
+        assert w.prompt[-len(c.prompt):] == c.prompt and w.chosen[:len(c.chosen)] == c.chosen
 
 
 def test_show_mask_cli_shows_chosen_and_rejected(pairs):

@@ -58,7 +58,8 @@ class TokenizedUnpaired:
 @dataclass
 class PreferenceStats:
     records: int = 0
-    too_long: int = 0
+    too_long: int = 0  # skipped: longer than max_len
+    truncated: int = 0  # cut to fit max_len (with truncate)
     skipped: Skipped = field(default_factory=Skipped)
 
 
@@ -181,37 +182,50 @@ def reply_tokens(tokenizer: Tokenizer, template: str, prompt: list[dict], reply:
     return [t for _, tokens in runs[:-1] for t in tokens], runs[-1][1]
 
 
-def tokenize_pairs(tokenizer: Tokenizer, template: str, pairs: list[Pair], max_len: int, stats: PreferenceStats
-                   ) -> list[TokenizedPair]:
+def _fit(where: str, prompt: list[int], replies: list[list[int]], max_len: int, truncate: bool,
+         stats: PreferenceStats):
+    """The prompt and replies within max_len, or None (counted) when they are longer and not to be cut. Cut as
+    TRL cuts: the prompt keeps its last tokens (at most half of max_len), each reply its first."""
+    longest = len(prompt) + max(map(len, replies))
+    if longest <= max_len:
+        return prompt, replies
+    if not truncate:
+        stats.too_long += 1
+        stats.skipped.add(where, f"prompt and reply are {longest} tokens, more than max_len {max_len} "
+                          "(truncate: true cuts such examples to fit)", quiet=stats.too_long > 5)
+        return None
+    stats.truncated += 1
+    prompt = prompt[-(max_len - min(max(map(len, replies)), max_len // 2)):]
+    return prompt, [r[:max_len - len(prompt)] for r in replies]
+
+
+def tokenize_pairs(tokenizer: Tokenizer, template: str, pairs: list[Pair], max_len: int, stats: PreferenceStats,
+                   truncate: bool = False) -> list[TokenizedPair]:
     out = []
     for p in pairs:
         # The prompt's tokens are those of its own rendering, whatever reply follows: the same for both.
         prompt, chosen = reply_tokens(tokenizer, template, p.prompt, p.chosen)
         _, rejected = reply_tokens(tokenizer, template, p.prompt, p.rejected)
-        if rejected == chosen:
-            stats.skipped.add(p.where, "the chosen and rejected replies tokenize the same way")
+        fitted = _fit(p.where, prompt, [chosen, rejected], max_len, truncate, stats)
+        if fitted is None:
             continue
-        longest = len(prompt) + max(len(chosen), len(rejected))
-        if longest > max_len:
-            stats.too_long += 1
-            stats.skipped.add(p.where, f"prompt and reply are {longest} tokens, more than max_len {max_len}",
-                              quiet=stats.too_long > 5)
+        prompt, (chosen, rejected) = fitted
+        if rejected == chosen:
+            stats.skipped.add(p.where, "the chosen and rejected replies tokenize the same way"
+                              + (" within max_len" if truncate else ""))
             continue
         out.append(TokenizedPair(p.where, prompt, chosen, rejected))
     return out
 
 
 def tokenize_unpaired(tokenizer: Tokenizer, template: str, examples: list[Unpaired], max_len: int,
-                      stats: PreferenceStats) -> list[TokenizedUnpaired]:
+                      stats: PreferenceStats, truncate: bool = False) -> list[TokenizedUnpaired]:
     out = []
     for e in examples:
         prompt, completion = reply_tokens(tokenizer, template, e.prompt, e.completion)
-        if len(prompt) + len(completion) > max_len:
-            stats.too_long += 1
-            stats.skipped.add(e.where, f"prompt and reply are {len(prompt) + len(completion)} tokens, more than "
-                              f"max_len {max_len}", quiet=stats.too_long > 5)
-            continue
-        out.append(TokenizedUnpaired(e.where, prompt, completion, e.desirable))
+        fitted = _fit(e.where, prompt, [completion], max_len, truncate, stats)
+        if fitted is not None:
+            out.append(TokenizedUnpaired(e.where, fitted[0], fitted[1][0], e.desirable))
     return out
 
 

@@ -136,6 +136,7 @@ class FinetuneConfig(RunConfig):
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
     precompute_ref: bool = False  # DPO/IPO/KTO under LoRA: the reference's log-probabilities once, before training
+    truncate: bool = False  # preference data longer than max_len: cut to fit (as TRL does) instead of skipped
     # this recipe's defaults for shared fields (Alpaca's)
     out_dir: str = "out/finetune"
     micro_batch: int = 4

@@ -67,8 +67,9 @@ def build_items(cfg: FinetuneConfig, lm, template: str, main: bool = True) -> tu
 
     def items(records):
         if unpaired:
-            return kto_items(tokenize_unpaired(lm.tokenizer, template, records, cfg.max_len, stats), cfg.max_len)
-        return pair_items(tokenize_pairs(lm.tokenizer, template, records, cfg.max_len, stats))
+            return kto_items(tokenize_unpaired(lm.tokenizer, template, records, cfg.max_len, stats, cfg.truncate),
+                             cfg.max_len)
+        return pair_items(tokenize_pairs(lm.tokenizer, template, records, cfg.max_len, stats, cfg.truncate))
 
     train_items, val_items = items(train), items(val) if val else []
     if not train_items:
@@ -79,7 +80,7 @@ def build_items(cfg: FinetuneConfig, lm, template: str, main: bool = True) -> tu
         kind = "examples" if unpaired else "pairs"
         print(f"finetune ({cfg.method}): {stats.records} records -> {len(train_items)} training and "
               f"{len(val_items)} validation {kind}; {stats.skipped.total} skipped "
-              f"({stats.too_long} longer than max_len {cfg.max_len})")
+              f"({stats.too_long} longer than max_len {cfg.max_len}); {stats.truncated} truncated")
     return train_items, val_items
 
 
