@@ -240,3 +240,55 @@ def test_reward_model_loss_equals_trls_reward_trainer(models, tmp_path):
     loss.backward()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
     assert_same_gradients(model, rm)
+
+
+def test_grpo_loss_equals_trls(models, tmp_path):
+    """One GRPO update on sampled replies (on-policy: the ratio is one in value): TRL's GRPOTrainer loss
+    (loss_type grpo) and gradients from the same replies, rewards and reference, with camelid's advantages."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from camelid.train.config import RLHFConfig
+    from camelid.train.preference import pack, token_logps
+    from camelid.train.rlhf import group_advantages, policy_loss
+
+    prompts = [[2, 3, 4], [2, 9, 10]]  # one length: TRL left-pads prompts and transformers then shifts positions
+    replies = [[6, 7, 1], [8, 1], [11, 12, 13, 14], [15, 1], [16, 17, 18], [19]]
+    scores = torch.tensor([0.5, -1.0, 2.0, 0.1, 0.3, -0.2])
+    cfg = RLHFConfig(method="grpo", group_size=3, kl_beta=0.2)
+    policy, reference = hf(models / "policy"), hf(models / "reference")
+    args = GRPOConfig(beta=0.2, loss_type="grpo", use_bias_correction_kl=True, num_generations=3, per_device_train_batch_size=6,
+                      max_completion_length=4, **{k: v for k, v in common(tmp_path).items()
+                                                  if k != "per_device_train_batch_size"})
+    trainer = GRPOTrainer(model=policy, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args,
+                          train_dataset=datasets.Dataset.from_list([{"prompt": "t3"}] * 6),
+                          processing_class=hf_tokenizer())
+    trainer.current_gradient_accumulation_steps = 1
+    width = max(map(len, replies))
+    completion_ids = torch.tensor([r + [0] * (width - len(r)) for r in replies])
+    completion_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies])
+    prompt_ids = torch.tensor([p for p in prompts for _ in range(3)])
+    with torch.no_grad():
+        full = torch.cat([prompt_ids, completion_ids], 1)
+        logits = reference(input_ids=full, attention_mask=torch.cat([torch.ones_like(prompt_ids), completion_mask],
+                                                                    1)).logits
+        ref_hf = torch.log_softmax(logits[:, prompt_ids.shape[1] - 1:-1].float(), -1).gather(
+            -1, completion_ids[..., None])[..., 0]
+    advantages = group_advantages(cfg, scores.view(-1, 3)).view(-1)
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids), completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=advantages, ref_per_token_logps=ref_hf,
+                  num_items_in_batch=completion_mask.sum())
+    expected = trainer._compute_loss(policy, inputs)
+    expected.backward()
+
+    model = ours(models / "policy")
+    items = [Item(prompts[i // 3], [r]) for i, r in enumerate(replies)]
+    packed = pack(items)
+    with torch.no_grad():
+        ref_logps, _ = token_logps(ours(models / "reference"), packed)
+    torch.testing.assert_close(ref_logps, ref_hf[completion_mask.bool()], atol=1e-5, rtol=0)
+    logps, _ = token_logps(model, packed)
+    per_reply, _, _ = policy_loss(cfg, logps, ref_logps, packed.seq, scores)
+    loss = per_reply.mean()
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    assert_same_gradients(model, policy)

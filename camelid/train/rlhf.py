@@ -3,8 +3,8 @@ sampler, a reward model (trained with `finetune` method: reward) scores them, an
 better replies while a KL penalty keeps it near the reference it started from. No value model:
 
 - grpo (Shao et al. 2024): each prompt's group of replies is normalised, A = (r - mean) / (std + 1e-4); the loss
-  per reply is the mean over its tokens of -A * ratio + kl_beta * KL, KL the k3 estimator exp(q) - q - 1 with
-  q = log ref - log p.
+  per reply is the mean over its tokens of (-A + kl_beta * KL) * ratio, KL the k3 estimator exp(q) - q - 1 with
+  q = log ref - log p (the ratio on the KL gives its gradient the score-function term, as TRL does).
 - rloo (Ahmadian et al. 2024): the reward is r - kl_beta * sum(log p - log ref), the advantage is that minus the
   mean of the group's other replies, and the loss is -A * log p(reply).
 
@@ -85,6 +85,33 @@ def group_advantages(cfg: RLHFConfig, rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
 
 
+def policy_loss(cfg: RLHFConfig, logps: torch.Tensor, ref_logps: torch.Tensor, seq: torch.Tensor, scores: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss of every reply, its mean KL per token, its token count) from the reply tokens' log-probabilities
+    under the policy and the reference (token j belongs to reply seq[j]) and the replies' rewards, in groups of
+    group_size consecutive replies to one prompt."""
+    n = scores.numel()
+
+    def per_reply(values):
+        return torch.zeros(n, device=values.device).index_add(0, seq, values)
+
+    q = ref_logps - logps
+    kl = torch.exp(q) - q - 1  # k3: unbiased, never negative
+    counts = torch.bincount(seq, minlength=n).to(logps.dtype)
+    if cfg.method == "grpo":
+        advantages = group_advantages(cfg, scores.view(-1, cfg.group_size)).view(-1)
+        ratio = torch.exp(logps - logps.detach())
+        # the KL times the ratio too: its expectation is over the policy's own samples, so its gradient has the
+        # score-function term as well (TRL's use_bias_correction_kl, on by default)
+        per_token = -advantages[seq] * ratio + cfg.kl_beta * kl * ratio
+        loss = per_reply(per_token) / counts
+    else:
+        rewards = scores - cfg.kl_beta * per_reply((logps - ref_logps).detach())
+        advantages = group_advantages(cfg, rewards.view(-1, cfg.group_size)).view(-1)
+        loss = -advantages * per_reply(logps)
+    return loss, per_reply(kl.detach()) / counts, counts
+
+
 @torch.no_grad()
 def sample_replies(model, prompts: list[list[int]], cfg: RLHFConfig, stop_ids: set[int], seed: int
                    ) -> list[list[int]]:
@@ -134,23 +161,9 @@ def rlhf_job(cfg: RLHFConfig, wrapped, model, reference, reward: LoadedModel, pr
     def loss(batch) -> tuple[torch.Tensor, int]:
         packed, ref_logps, scores = batch
         logps, _ = token_logps(wrapped, packed, amp_dtype)
-
-        def per_reply(values):
-            return torch.zeros(packed.n_seq, device=values.device).index_add(0, packed.seq, values)
-
-        q = ref_logps - logps
-        kl = torch.exp(q) - q - 1  # k3: unbiased, never negative
-        counts = torch.bincount(packed.seq, minlength=packed.n_seq).float()
-        if cfg.method == "grpo":
-            advantages = group_advantages(cfg, scores.view(-1, cfg.group_size)).view(-1)
-            per_token = -advantages[packed.seq] * torch.exp(logps - logps.detach()) + cfg.kl_beta * kl
-            per_seq = per_reply(per_token) / counts
-        else:
-            rewards = scores - cfg.kl_beta * per_reply((logps - ref_logps).detach())
-            advantages = group_advantages(cfg, rewards.view(-1, cfg.group_size)).view(-1)
-            per_seq = -advantages * per_reply(logps)
-        metrics.add(reward=scores, kl=per_reply(kl.detach()) / counts, reply_tokens=counts)
-        return per_seq.sum() / (global_batch * cfg.group_size), int(counts.sum())
+        per_reply, kl, counts = policy_loss(cfg, logps, ref_logps, packed.seq, scores)
+        metrics.add(reward=scores, kl=kl, reply_tokens=counts)
+        return per_reply.sum() / (global_batch * cfg.group_size), int(counts.sum())
 
     def report(record: dict):
         record["epoch"] = round(record["step"] * global_batch / len(prompts), 3)
