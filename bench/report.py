@@ -94,6 +94,15 @@ def finetune(rows):
                f"{r['peft_peak_mb']:,} MB | {_x(r['memory_ratio'])} |")
 
 
+def preference(rows):
+    yield "| dtype | camelid | TRL + PEFT | speed | paired speed | camelid peak | TRL peak | memory |"
+    yield "|---|---|---|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['dtype']} | {_n(r['camelid_tok_s'])} tok/s | {_n(r['trl_tok_s'])} | {_x(r['speed_ratio'])} | "
+               f"{_x(r['paired_speed_ratio'])} | {r['camelid_peak_mb']:,} MB | {r['trl_peak_mb']:,} MB | "
+               f"{_x(r['memory_ratio'])} |")
+
+
 def eval_speed(rows):
     yield "| task | camelid | lm-eval (HF backend) | ratio | same accuracy |"
     yield "|---|---|---|---|---|"
@@ -118,7 +127,7 @@ def serve_load(rows):
 # by the "bench" field of the JSON lines
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
-          "finetune-lora": finetune, "eval_speed": eval_speed, "serve_load": serve_load}
+          "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed, "serve_load": serve_load}
 
 
 def read_results(name: str) -> list[dict]:

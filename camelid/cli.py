@@ -364,6 +364,8 @@ def _args_data(p: argparse.ArgumentParser):
     d.add_argument("--max-len", type=int, default=2048, help="the training context")
     d.add_argument("--samples", type=int, default=2, help="how many samples to print")
     d.add_argument("--train-on-prompt", action="store_true", help="train on the prompt too")
+    d.add_argument("--truncate", action="store_true",
+                   help="preference data: cut examples longer than --max-len as `truncate: true` does")
     d = dsub.add_parser("search", help="full-text search of instruction data from the terminal")
     d.add_argument("file", help="instruction or chat data (any format `data convert` reads)")
     d.add_argument("query", help='words, "a phrase", a OR b, prefix*; with --substring, any text')
@@ -434,21 +436,21 @@ def _show_preference_mask(args, tokenizer):
     records = pref.read_preferences(args.file, None, stats)
     colour = sys.stdout.isatty()
     if records and hasattr(records[0], "desirable"):
-        examples = pref.tokenize_unpaired(tokenizer, args.template, records, args.max_len, stats)
+        examples = pref.tokenize_unpaired(tokenizer, args.template, records, args.max_len, stats, args.truncate)
         for e in examples[:args.samples]:
             label = "desirable" if e.desirable else "undesirable"
             print(f"--- {e.where} ({label}, {len(e.prompt)} prompt + {len(e.completion)} reply tokens) ---")
             print(show_mask(tokenizer, pref.as_sample(e.prompt, e.completion), colour))
         kept = len(examples)
     else:
-        pairs = pref.tokenize_pairs(tokenizer, args.template, records, args.max_len, stats)
+        pairs = pref.tokenize_pairs(tokenizer, args.template, records, args.max_len, stats, args.truncate)
         for p in pairs[:args.samples]:
             for name, reply in (("chosen", p.chosen), ("rejected", p.rejected)):
                 print(f"--- {p.where} {name} ({len(p.prompt)} prompt + {len(reply)} reply tokens) ---")
                 print(show_mask(tokenizer, pref.as_sample(p.prompt, reply), colour))
         kept = len(pairs)
-    print(f"\n{stats.records} records -> {kept} usable within {args.max_len} tokens; {stats.skipped.total} "
-          f"skipped ({stats.too_long} too long)")
+    print(f"\n{stats.records} records -> {kept} usable within {args.max_len} tokens ({stats.truncated} truncated); "
+          f"{stats.skipped.total} skipped ({stats.too_long} too long)")
 
 
 def cmd_show_mask(args):

@@ -242,7 +242,7 @@ def test_show_mask_cli_shows_chosen_and_rejected(pairs):
                           "--tokenizer", str(BASE), "--samples", "1"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "chosen (" in run.stdout and "rejected (" in run.stdout
-    assert f"⟦{GOOD[0]}" in run.stdout and "8 records -> 8 usable" in run.stdout
+    assert f"⟦{GOOD[0]}" in run.stdout and "8 records -> 8 usable within" in run.stdout
 
 
 def test_finetune_cli_runs_dpo(pairs, tmp_path):

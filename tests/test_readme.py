@@ -14,7 +14,8 @@ from conftest import REPO, shared_file
 NOT_RUN = {
     "camelid serve": "a server that runs until stopped (tests/test_serve.py drives it)",
     "camelid pretrain": "minutes to hours of training (tests/test_pretrain.py trains small runs)",
-    "camelid finetune": "minutes of training (tests/test_finetune.py)",
+    "camelid finetune": "minutes of training (tests/test_finetune.py, tests/test_preference.py)",
+    "camelid rlhf": "minutes of sampling and training (tests/test_preference.py)",
     "camelid sweep": "20 trainings (tests cover sweeps on tiny runs)",
     "camelid self-instruct": "a model with a 4K context or a remote endpoint",
     "camelid answer": "models trained by the recipes above",
