@@ -131,9 +131,12 @@ def test_the_shared_prompt_row_gives_each_replys_own_log_probability():
 @pytest.mark.parametrize("method", ["dpo", "ipo", "orpo", "simpo"])
 def test_lora_preference_tuning_learns_to_prefer_the_chosen(pairs, tmp_path, method):
     out = tmp_path / method
-    folder = finetune(config(pairs, out, method=method, lora=True, lora_rank=8,
+    folder = finetune(config(pairs, out, method=method, lora=True, lora_rank=8, val_data=str(pairs), eval_every=2,
                              lora_targets=["q_proj", "v_proj", "o_proj"], beta=2.0 if method == "simpo" else 0.5))
     rows = log(out)
+    val = [r for r in rows if "val_loss" in r]  # held-out pairs (here the same ones): the loss and the rewards
+    assert len(val) == 4 and "val_ppl" not in val[-1]
+    assert val[-1]["val_reward_accuracy"] == 1.0 and val[-1]["val_reward_margin"] > 0
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[-1]["reward_margin"] > rows[0]["reward_margin"]
     assert rows[-1]["reward_accuracy"] == 1.0
@@ -146,15 +149,17 @@ def test_lora_preference_tuning_learns_to_prefer_the_chosen(pairs, tmp_path, met
 
 def test_full_dpo_stores_its_reference_and_resumes_exactly(pairs, tmp_path):
     reference = tmp_path / "reference"
-    finetune(config(pairs, reference, method="dpo", lr=1e-3))
+    finetune(config(pairs, reference, method="dpo", lr=1e-3, val_fraction=0.3, eval_every=3))
     assert (reference / "reference_logps.safetensors").exists()
+    assert (reference / "reference_logps_val.safetensors").exists()  # full fine-tuning: held-out pairs' too
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
     for ckpt in (resumed / "checkpoints").glob("*.pt"):
         ckpt.unlink()
     first = sorted(p.name for p in (reference / "checkpoints").glob("*.pt"))[0]
     shutil.copy(reference / "checkpoints" / first, resumed / "checkpoints")
-    finetune(config(pairs, resumed, method="dpo", lr=1e-3, keep_last=10), resume="auto")
+    finetune(config(pairs, resumed, method="dpo", lr=1e-3, val_fraction=0.3, eval_every=3, keep_last=10),
+             resume="auto")
     strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log(reference)]
     assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log(resumed)] == strip
     assert strip[-1]["reward_accuracy"] == 1.0

@@ -42,7 +42,8 @@ class Job:
     save: Callable[[], dict]  # what a checkpoint keeps besides the step and RNG (collective; full on rank 0)
     check: Callable[[Path, dict], None]  # raises CamelidError for a checkpoint of another run
     load: Callable[[Path, dict], None]  # restores what `save` kept
-    evaluate: Callable[[], float | None] | None = None  # the validation loss (None on ranks that do not compute it)
+    # the validation loss, or a dict of val_ fields with val_loss (None on ranks that do not compute it)
+    evaluate: Callable[[], float | dict | None] | None = None
     report: Callable[[dict], None] = lambda record: None  # adds the recipe's fields to every step's record
     extras: Callable[[int], dict] = lambda step: {}  # occasional fields of a step (a sample), logged when given
     optimizer_step: Callable[[], Any] | None = None  # optimizer.step, or a compiled version of it
@@ -178,12 +179,14 @@ def train_loop(job: Job, cfg: RunConfig, cluster: Cluster, device: torch.device,
 def _evaluate(job: Job, step: int, last: bool, cfg: RunConfig, on_eval) -> dict:
     if not job.evaluate or not (step % cfg.eval_every == 0 or last):
         return {}
-    val_loss = job.evaluate()
-    if val_loss is None:
+    result = job.evaluate()
+    if result is None:
         return {}
+    # a language-modelling loss (a perplexity means something), or a recipe's own fields with its val_loss
+    fields = result if isinstance(result, dict) else {"val_loss": result, "val_ppl": math.exp(min(result, 50))}
     if on_eval:
-        on_eval(step, val_loss)
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        on_eval(step, fields["val_loss"])
+    return fields
 
 
 def _accumulate(job: Job, batches: list, cfg: RunConfig, cluster: Cluster, scaler) -> tuple[torch.Tensor, int]:
