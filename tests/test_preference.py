@@ -256,3 +256,32 @@ def test_finetune_cli_runs_dpo(pairs, tmp_path):
                           f"out_dir={tmp_path / 'cli'}", "max_len=160"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "8 training and 0 validation pairs" in run.stdout and (tmp_path / "cli" / "model").is_dir()
+
+
+@pytest.mark.parametrize("over,fsdp", [({"method": "dpo", "lora": True}, False), ({"method": "dpo"}, True),
+                                       ({"method": "kto", "lora": True, "precompute_ref": True}, False),
+                                       ({"method": "reward", "lora": True, "quantize_base": "int4"}, True)])
+def test_two_processes_give_the_losses_and_rewards_of_one(pairs, kto_data, tmp_path, over, fsdp):
+    """torchrun over gloo, DDP or FSDP: each rank takes half of every step's micro-batches, and the step's loss,
+    gradient norm and reward statistics are those of one process."""
+    data = kto_data if over["method"] == "kto" else pairs
+    common = dict(lora_rank=4, lora_dropout=0.0, epochs=2, threads=1, lr=1e-3, quantize_group=32, **over)
+    finetune(config(data, tmp_path / "one", **common))
+    cfg = config(data, tmp_path / "two", **common)
+    args = [f"{k}={getattr(cfg, k)}" for k in ("base", "data", "template", "max_len", "epochs", "micro_batch",
+                                                "grad_accum", "lr", "out_dir", "log_every", "eval_every", "ckpt_every",
+                                                "threads", "seed", "beta", *common)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "camelid", "finetune", *args, *["--fsdp"] * fsdp], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert len(one) == len(two) >= 3
+    for a, b in zip(one, two):
+        for key in set(a) - {"tokens_per_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    ids = torch.tensor([[1, 40, 300, 22]])
+    with torch.no_grad():
+        head = {"scores": True} if over["method"] == "reward" else {}
+        torch.testing.assert_close(load_model(tmp_path / "two" / "model").model(ids, **head),
+                                   load_model(tmp_path / "one" / "model").model(ids, **head), atol=1e-4, rtol=0)
