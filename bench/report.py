@@ -127,7 +127,8 @@ def serve_load(rows):
 # by the "bench" field of the JSON lines
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
-          "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed, "serve_load": serve_load}
+          "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed,
+          "serve_load": serve_load}
 
 
 def read_results(name: str) -> list[dict]:

@@ -285,3 +285,18 @@ def test_two_processes_give_the_losses_and_rewards_of_one(pairs, kto_data, tmp_p
         head = {"scores": True} if over["method"] == "reward" else {}
         torch.testing.assert_close(load_model(tmp_path / "two" / "model").model(ids, **head),
                                    load_model(tmp_path / "one" / "model").model(ids, **head), atol=1e-4, rtol=0)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_with_a_message(pairs, tmp_path):
+    with pytest.raises(CamelidError, match=r"step 2: the loss is nan; the step was not applied"):
+        finetune(config(pairs, tmp_path / "nan", method="dpo", lr=1e20, grad_clip=0, warmup_ratio=0))
+
+
+def test_orpo_stays_finite_on_a_reply_the_model_is_sure_of():
+    from camelid.train.preference import log1mexp
+
+    x = torch.tensor([0.0, -1e-30, -1e-3, -5.0], requires_grad=True)
+    y = log1mexp(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y[2:], torch.log(1 - torch.exp(x[2:])))

@@ -136,6 +136,9 @@ def train_loop(job: Job, cfg: RunConfig, cluster: Cluster, device: torch.device,
             job.model.train()
             loss, tokens = _accumulate(job, job.micro_batches(step, local_micro), cfg, cluster, scaler)
             loss, tokens = sum_across(loss.item(), cluster, device), int(sum_across(tokens, cluster, device))
+            if not math.isfinite(loss) and scaler is None:  # fp16's scaler skips such steps itself
+                raise CamelidError(f"step {step + 1}: the loss is {loss}; the step was not applied (lower lr, or "
+                                   f"beta for a preference objective); the checkpoints in {out} are untouched")
             if scaler:
                 scaler.unscale_(job.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))

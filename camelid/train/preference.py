@@ -190,7 +190,9 @@ def reply_scores(model, p: Packed, amp_dtype=None) -> torch.Tensor:
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, without cancellation at either end (Maechler 2012)."""
+    """log(1 - exp(x)) for x < 0, without cancellation at either end (Maechler 2012). A reply the model is
+    sure of (a mean log-probability of 0.0 in float) has odds of 1e12, not infinite ones: ORPO stays finite."""
+    x = x.clamp(max=-1e-12)
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
