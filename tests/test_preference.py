@@ -300,3 +300,9 @@ def test_orpo_stays_finite_on_a_reply_the_model_is_sure_of():
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(y[2:], torch.log(1 - torch.exp(x[2:])))
+
+
+def test_a_checkpoint_of_another_objective_is_refused(pairs, tmp_path):
+    finetune(config(pairs, tmp_path / "run", method="dpo", lora=True, epochs=1))
+    with pytest.raises(CamelidError, match="a checkpoint of method dpo, not ipo"):
+        finetune(config(pairs, tmp_path / "run", method="ipo", lora=True, epochs=2), resume="auto")

@@ -187,6 +187,14 @@ def sft_job(cfg: FinetuneConfig, wrapped, model, train_rows: list[Row], val_rows
     def evaluate() -> float | None:  # under FSDP every rank runs the (collective) forward; under DDP rank 0 alone
         return evaluate_rows(model, val_rows, cfg, device, amp_dtype) if cluster.main or cfg.fsdp else None
 
+    save, check, load = trainable_state_io(cfg, wrapped, optimizer, trainable)
+    return Job(f"finetune ({cfg.method})", wrapped, optimizer, max_steps, micro_batches, loss, save, check, load,
+               evaluate=evaluate if val_rows else None, report=report, optimizer_step=optimizer_step)
+
+
+def trainable_state_io(cfg, wrapped, optimizer, trainable: dict) -> tuple:
+    """A job's (save, check, load): only what trains is kept (for LoRA, megabytes instead of the whole base),
+    and a checkpoint of another model or method is refused."""
     def save() -> dict:
         params, optimizer_state = full_trainable_state(wrapped, optimizer, trainable)
         return {"trainable": params, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)}
@@ -196,12 +204,14 @@ def sft_job(cfg: FinetuneConfig, wrapped, model, train_rows: list[Row], val_rows
         if not isinstance(saved, dict) or set(saved) != set(trainable) or any(  # an FSDP shard's shape is the
                 saved[n].shape != p.shape for n, p in trainable.items()):  # whole tensor's
             raise CamelidError(f"{path}: a checkpoint of another model or method")
+        method = (state.get("config") or {}).get("method")
+        if method is not None and method != cfg.method:
+            raise CamelidError(f"{path}: a checkpoint of method {method}, not {cfg.method}")
 
     def load(path: Path, state: dict):
         load_full_trainable_state(wrapped, optimizer, trainable, state["trainable"], state["optimizer"], str(path))
 
-    return Job(f"finetune ({cfg.method})", wrapped, optimizer, max_steps, micro_batches, loss, save, check, load,
-               evaluate=evaluate if val_rows else None, report=report, optimizer_step=optimizer_step)
+    return save, check, load
 
 
 def _unsharded(cfg: FinetuneConfig, params: dict):

@@ -36,7 +36,7 @@ from camelid.errors import CamelidError
 from camelid.files import atomic_file
 from camelid.model.lora import adapters_off
 from camelid.train.config import FinetuneConfig
-from camelid.train.distributed import Cluster, full_trainable_state, load_full_trainable_state, sum_across
+from camelid.train.distributed import Cluster, sum_across
 from camelid.train.loop import Job, autocast, autocast_dtype, make_optimizer
 
 OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto", "reward")
@@ -351,7 +351,7 @@ def preference_job(cfg: FinetuneConfig, wrapped, model, train: list[Item], val: 
                    ) -> Job:
     """The loop's job for a preference objective. The step's loss is the mean over the global batch's examples
     (plus ORPO's NLL, a mean over its tokens), whatever micro-batch or rank each landed in."""
-    from camelid.train.finetune import batch_rows, trainable_parameters
+    from camelid.train.finetune import batch_rows, trainable_parameters, trainable_state_io
 
     trainable = trainable_parameters(model)
     forward = torch.compile(wrapped, dynamic=True, mode=cfg.compile_mode) if cfg.compile else wrapped
@@ -386,20 +386,7 @@ def preference_job(cfg: FinetuneConfig, wrapped, model, train: list[Item], val: 
             return None
         return evaluate_items(cfg, model, val, val_ref, device, amp_dtype)
 
-    def save() -> dict:
-        params, optimizer_state = full_trainable_state(wrapped, optimizer, trainable)
-        return {"trainable": params, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)}
-
-    def check(path: Path, state: dict):
-        saved = state.get("trainable") if isinstance(state, dict) else None
-        if not isinstance(saved, dict) or set(saved) != set(trainable) or any(
-                saved[n].shape != p.shape for n, p in trainable.items()):
-            raise CamelidError(f"{path}: a checkpoint of another model or method")
-        if (state.get("config") or {}).get("method") != cfg.method:
-            raise CamelidError(f"{path}: a checkpoint of method {state['config'].get('method')}, not {cfg.method}")
-
-    def load(path: Path, state: dict):
-        load_full_trainable_state(wrapped, optimizer, trainable, state["trainable"], state["optimizer"], str(path))
+    save, check, load = trainable_state_io(cfg, wrapped, optimizer, trainable)
 
     return Job(f"finetune ({cfg.method}{', lora' if cfg.uses_lora else ''})", wrapped, optimizer, max_steps,
                micro_batches, loss, save, check, load, evaluate=evaluate if val else None, report=report,

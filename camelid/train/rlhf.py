@@ -14,7 +14,6 @@ frozen copy. A step is one run of the training loop, so checkpoints, resumption 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +30,7 @@ from camelid.generate.sampling import SamplingParams
 from camelid.model.lora import LoRAConfig, adapters_off, add_lora, merge_lora
 from camelid.tokenizer.chat_template import render_chat, resolve_template
 from camelid.train.config import RLHFConfig
-from camelid.train.distributed import Cluster, full_trainable_state, load_full_trainable_state, wrap
+from camelid.train.distributed import Cluster, wrap
 from camelid.train.loop import Job, autocast_dtype, in_cluster, make_optimizer, start_run, train_loop
 from camelid.train.preference import Item, Metrics, pack, reply_scores, token_logps
 
@@ -131,7 +130,7 @@ def sample_replies(model, prompts: list[list[int]], cfg: RLHFConfig, stop_ids: s
 
 def rlhf_job(cfg: RLHFConfig, wrapped, model, reference, reward: LoadedModel, prompts: list[list[int]],
              stop_ids: set[int], cluster: Cluster, device) -> Job:
-    from camelid.train.finetune import batch_rows, trainable_parameters
+    from camelid.train.finetune import batch_rows, trainable_parameters, trainable_state_io
 
     trainable = trainable_parameters(model)
     optimizer, optimizer_step = make_optimizer(model, cfg, device)
@@ -169,18 +168,7 @@ def rlhf_job(cfg: RLHFConfig, wrapped, model, reference, reward: LoadedModel, pr
         record["epoch"] = round(record["step"] * global_batch / len(prompts), 3)
         record.update(metrics.means(cluster, device))
 
-    def save() -> dict:
-        params, optimizer_state = full_trainable_state(wrapped, optimizer, trainable)
-        return {"trainable": params, "optimizer": optimizer_state, "config": dataclasses.asdict(cfg)}
-
-    def check(path: Path, state: dict):
-        saved = state.get("trainable") if isinstance(state, dict) else None
-        if not isinstance(saved, dict) or set(saved) != set(trainable) or any(
-                saved[n].shape != p.shape for n, p in trainable.items()):
-            raise CamelidError(f"{path}: a checkpoint of another model or method")
-
-    def load(path: Path, state: dict):
-        load_full_trainable_state(wrapped, optimizer, trainable, state["trainable"], state["optimizer"], str(path))
+    save, check, load = trainable_state_io(cfg, wrapped, optimizer, trainable)
 
     return Job(f"rlhf ({cfg.method})", wrapped, optimizer, max_steps, micro_batches, loss, save, check, load,
                report=report, optimizer_step=optimizer_step)
