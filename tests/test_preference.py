@@ -306,3 +306,23 @@ def test_a_checkpoint_of_another_objective_is_refused(pairs, tmp_path):
     finetune(config(pairs, tmp_path / "run", method="dpo", lora=True, epochs=1))
     with pytest.raises(CamelidError, match="a checkpoint of method dpo, not ipo"):
         finetune(config(pairs, tmp_path / "run", method="ipo", lora=True, epochs=2), resume="auto")
+
+
+def test_rlhf_resumes_exactly(pairs, tmp_path):
+    """The replies of a step are sampled with a seed of (seed, step, micro-batch): a resumed run samples and
+    learns what the uninterrupted one did."""
+    rm = finetune(config(pairs, tmp_path / "rm", method="reward", epochs=1))
+
+    def run(out, resume=None, **over):
+        return rlhf(RLHFConfig(policy=str(BASE), reward_model=str(rm), data=str(pairs), template="alpaca",
+                               group_size=2, max_new_tokens=8, max_prompt_len=120, micro_batch=2, grad_accum=1,
+                               epochs=1, lr=1e-3, out_dir=str(out), threads=2, ckpt_every=2, **over), resume)
+
+    run(tmp_path / "whole")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole", resumed)
+    for ckpt in sorted((resumed / "checkpoints").glob("*.pt"))[1:]:
+        ckpt.unlink()
+    run(resumed, "auto", keep_last=10)
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log(tmp_path / "whole")]
+    assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log(resumed)] == strip

@@ -422,7 +422,6 @@ COMPLETION = {"prompt": "Once", "max_tokens": 3, "temperature": 0}
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice: not supported"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format: not supported"),
     ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias: not supported"),
-    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs: not supported"),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities: not supported"),
     ("/v1/chat/completions", {"store": True}, "store: not supported"),
     ("/v1/completions", {"suffix": "The end."}, "suffix: not supported"),
@@ -463,3 +462,135 @@ def test_echo_returns_the_prompt_as_sent_or_as_its_tokens_read(server, lm):
     with httpx.stream("POST", f"{base}/v1/completions", json={**COMPLETION, "echo": True, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Once" + want
+
+
+def model_logprobs(lm, ids):
+    """log-softmax of the model's logits at every position of ids (1, T) -> (T, vocab)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(torch.tensor([ids])).float(), -1)[0]
+
+
+def test_completion_logprobs_are_the_models_and_add_up_to_the_text(server, lm):
+    base = server[0]
+    r = post(base, "/v1/completions", {**COMPLETION, "max_tokens": 6, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["token_logprobs"]) == 6
+    prompt = lm.tokenizer.encode("Once")
+    generated = generate(lm, ["Once"], 6, SamplingParams.greedy())[0].tokens
+    ref = model_logprobs(lm, prompt + generated[:-1])[len(prompt) - 1:]
+    for i, (t, got) in enumerate(zip(generated, lp["token_logprobs"])):
+        assert got == pytest.approx(ref[i, t].item(), abs=1e-4)
+        top = lp["top_logprobs"][i]
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(got, abs=1e-6)  # greedy: the best is chosen
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(6)]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_eval_does(server, lm):
+    """What lm-eval's local-completions asks: echo, logprobs, the prompt's own tokens' log-probabilities."""
+    from camelid.eval.loglikelihood import Request as LLRequest
+    from camelid.eval.loglikelihood import encode_pair, loglikelihoods
+
+    base = server[0]
+    context, continuation = encode_pair(lm.tokenizer, "Once upon a time", " there was a dog")
+    prompt = context + continuation
+    r = post(base, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1,
+                                       "temperature": 0})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(prompt)
+    ref = model_logprobs(lm, prompt)
+    for i in range(1, len(prompt)):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+    (ll, _), = loglikelihoods(lm, [LLRequest("Once upon a time", " there was a dog")], progress=False)
+    assert sum(lp["token_logprobs"][len(context):]) == pytest.approx(ll, abs=1e-4)
+    assert r.json()["choices"][0]["text"] == lm.tokenizer.decode(prompt)
+
+
+def test_several_prompts_get_a_choice_each(server, lm):
+    base = server[0]
+    ids = lm.tokenizer.encode("The cat")
+    r = post(base, "/v1/completions", {**COMPLETION, "prompt": ["Once", "Tom had"], "max_tokens": 4})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert [c["text"] for c in r.json()["choices"]] == [greedy(lm, "Once", 4), greedy(lm, "Tom had", 4)]
+    r = post(base, "/v1/completions", {**COMPLETION, "prompt": [ids, ids], "max_tokens": 2})
+    assert r.status_code == 200 and len({c["text"] for c in r.json()["choices"]}) == 1
+    assert r.json()["usage"]["prompt_tokens"] == 2 * len(ids)
+
+
+def test_chat_logprobs_streamed_and_whole_agree(server):
+    base = server[0]
+    body = {**CHAT, "max_tokens": 5, "logprobs": True, "top_logprobs": 2}
+    whole = post(base, "/v1/chat/completions", body).json()["choices"][0]
+    content = whole["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == whole["message"]["content"]
+    assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
+    assert all(c["logprob"] == pytest.approx(c["top_logprobs"][0]["logprob"], abs=1e-6) for c in content)
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [c for ch in chunks for c in ((ch["choices"][0].get("logprobs") or {}).get("content") or [])]
+    assert streamed == content
+    with httpx.stream("POST", f"{base}/v1/completions", json={**COMPLETION, "echo": True, "logprobs": 0,
+                                                              "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    tokens = [t for ch in chunks for t in ch["choices"][0]["logprobs"]["tokens"]]
+    offsets = [o for ch in chunks for o in ch["choices"][0]["logprobs"]["text_offset"]]
+    text = "".join(ch["choices"][0]["text"] for ch in chunks)
+    assert all(text[o:o + len(t)] == t for t, o in zip(tokens, offsets))
+
+
+@pytest.mark.parametrize("path,extra,needle", [
+    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs: needs logprobs: true"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens: 0 needs echo: true"),
+    ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, "stream one prompt per request"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt.1: the prompt is empty"),
+    ("/v1/completions", {"prompt": [[1, 2], [10 ** 6]]}, "prompt.1: token id out of the vocabulary"),
+])
+def test_bad_logprobs_and_prompt_lists_are_400s(server, path, extra, needle):
+    r = post(server[0], path, {**(CHAT if "chat" in path else COMPLETION), **extra})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_lm_eval_local_completions_scores_the_server_as_camelid_eval_does(tmp_path, monkeypatch):
+    """lm-evaluation-harness's own OpenAI client (`local-completions`: echo + logprobs) pointed at camelid serve,
+    on a --limit slice of ARC-Easy and HellaSwag: every request's log-likelihood within 1e-4 of `camelid eval`
+    on the same model, and the same accuracies."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from camelid.eval.harness import EvalSettings, evaluate
+    from camelid.formats.load import export_hf
+
+    from lm_eval_local import write_local_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    shots = {"arc_easy": 2, "hellaswag": 1}
+    d, tasks = write_local_tasks(tmp_path / "eval", {**shots, "mmlu_abstract_algebra": 0, "truthfulqa_mc1": 0,
+                                                     "truthfulqa_mc2": 0}, n_hellaswag=4)
+    lm = load_model(MODEL)
+    export_hf(lm, tmp_path / "hf")  # lm-eval counts context tokens with a transformers tokenizer
+    ours, samples = evaluate(lm, EvalSettings(list(shots), str(d), shots=shots, batch_tokens=700))
+    with running_server() as (base, _):
+        wait_ready(base)
+        args = (f"model=stories,base_url={base}/v1/completions,tokenizer={tmp_path / 'hf'},num_concurrent=1,"
+                "max_retries=1,tokenized_requests=True,max_length=512")
+        theirs = simple_evaluate(model="local-completions", model_args=args, tasks=[f"local_{t}" for t in shots],
+                                 log_samples=True, task_manager=TaskManager(include_path=str(tasks)),
+                                 num_fewshot=None)
+    for task in shots:
+        ref = sorted(theirs["samples"][f"local_{task}"], key=lambda s: s["doc_id"])
+        got = samples[task]
+        assert len(ref) == len(got) > 0
+        for r, g in zip(ref, got):
+            for (ll, greedy), resp in zip(g["resps"], r["resps"]):
+                assert float(resp[0][0]) == pytest.approx(ll, abs=1e-4), task
+                assert resp[0][1] == greedy
+        for key, value in ours["results"][task].items():
+            if key.endswith(",none") and "stderr" not in key:
+                assert theirs["results"][f"local_{task}"][key] == pytest.approx(value, abs=1e-6), (task, key)

@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from camelid.generate.sampling import INT64, MIN_TEMPERATURE
 
 MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API and vLLM allow
 
 # OpenAI's (and llama.cpp's) fields this server does not compute yet: their "off" values pass, anything else is a 400
 NOT_YET = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "top_logprobs": (None, 0),
+           "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
            "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
            "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
            "web_search_options": (None,), "store": (None, False), "suffix": (None, ""), "best_of": (None, 1),
@@ -52,7 +53,6 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: dict | None = None
-    logprobs: Union[bool, int, None] = None
 
     _not_yet = model_validator(mode="before")(_refuse_what_is_not_computed)
 
@@ -78,12 +78,6 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
         return stops
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
 
 
 class ChatMessage(BaseModel):
@@ -122,20 +116,50 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None  # each reply token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # and this many alternatives
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    # one prompt (text or token ids) or several, each answered by a choice of its own
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo scores the prompt
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # log-probabilities and this many alternatives
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and v and isinstance(v[0], str):
-            if len(v) != 1:
-                raise ValueError("one prompt per request (n=1)")
-            return v[0]
+    def _prompts(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("the prompt is empty")
         return v
+
+    @model_validator(mode="after")
+    def _nothing_to_do(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 needs echo: true (the prompt is then all there is to return)")
+        if self.stream and len(self.prompts) > 1:
+            raise ValueError("prompt: stream one prompt per request")
+        return self
+
+    @property
+    def prompts(self) -> list:
+        """Each prompt: a string or a list of token ids."""
+        v = self.prompt
+        if isinstance(v, str) or (isinstance(v, list) and isinstance(v[0], int)):
+            return [v]
+        return list(v)
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs

@@ -258,78 +258,105 @@ async def chat_completions(body: ChatRequest, http: HTTPRequest):
     except CamelidError as exc:
         raise APIError(400, str(exc), "messages", "invalid_messages") from None
     limit = body.max_completion_tokens or body.max_tokens
-    return await _respond(eng, http, body, prompt, limit, template_stops + lm.stop, chat=True)
+    return await _respond(eng, http, body, [prompt], limit, template_stops + lm.stop, chat=True)
 
 
 async def completions(body: CompletionRequest, http: HTTPRequest):
     eng = engine(http)
     _check_model(body.model, http.app.state.config)
     _check_fields(body, http)
-    if isinstance(body.prompt, list):
-        if any(not 0 <= t < eng.lm.tokenizer.vocab_size for t in body.prompt):
-            raise APIError(400, "prompt: token id out of the vocabulary", "prompt", "invalid_parameter")
-        prompt = list(body.prompt)
-    else:
-        try:
-            prompt = await asyncio.to_thread(eng.lm.tokenizer.encode, body.prompt)
-        except CamelidError as exc:
-            raise APIError(400, str(exc), "prompt", "invalid_parameter") from None
-    return await _respond(eng, http, body, prompt, body.max_tokens, list(eng.lm.stop), chat=False)
+    prompts = []
+    for i, one in enumerate(body.prompts):
+        where = "prompt" if len(body.prompts) == 1 else f"prompt.{i}"
+        if isinstance(one, list):
+            if not one or any(not 0 <= t < eng.lm.tokenizer.vocab_size for t in one):
+                raise APIError(400, f"{where}: " + ("token id out of the vocabulary" if one else "the prompt is empty"),
+                               where, "invalid_parameter")
+            prompts.append(list(one))
+        else:
+            try:
+                prompts.append(await asyncio.to_thread(eng.lm.tokenizer.encode, one))
+            except CamelidError as exc:
+                raise APIError(400, f"{where}: {exc}", where, "invalid_parameter") from None
+    return await _respond(eng, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False)
 
 
-async def _respond(eng: Engine, http: HTTPRequest, body, prompt, max_tokens, stops, chat: bool):
+async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]], max_tokens, stops, chat: bool):
     config: ServerConfig = http.app.state.config
-    ctx = eng.ctx
-    if not prompt:
-        raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
     if max_tokens is not None and max_tokens > config.max_tokens_limit:
         raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
-    room = ctx - len(prompt)
-    requested = max_tokens if max_tokens is not None else min(room, config.max_tokens_limit)
-    if room < 1 or requested > room:
-        raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
-                            f"{len(prompt)} prompt tokens and asks for {requested} more",
-                       "messages" if chat else "prompt", "context_length_exceeded")
-    params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                            repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
-                            frequency_penalty=body.frequency_penalty, seed=body.seed)
+    requests = [_request(eng, body, prompt, max_tokens, stops, chat, config) for prompt in prompts]
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    req = Request(prompt, params, requested, list(body.stop or []) + stops,
-                  emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+    queues = [asyncio.Queue() for _ in requests]
+    for req, events in zip(requests, queues):
+        req.emit = lambda kind, value, events=events: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+    submitted = []
     try:
-        eng.submit(req)
+        for req in requests:
+            eng.submit(req)
+            submitted.append(req)
     except QueueFull:
+        for req in submitted:
+            req.cancel()
         raise APIError(429, "the server is busy: too many queued requests", code="queue_full",
                        kind="rate_limit_error") from None
     except EngineStopped as exc:
         raise APIError(503, str(exc), code="engine_stopped", kind="server_error") from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     meta = dict(id=rid, created=int(time.time()), model=config.model_name)
+    first = queues[0].get() if body.stream else asyncio.gather(*(_collect(q) for q in queues))
     try:  # the first event, or for a non-streaming request the whole reply, unless the client leaves
-        reply = await _unless_gone(events.get() if body.stream else _collect(events), http)
+        replies = await _unless_gone(first, http)
     except BaseException:
-        req.cancel()
+        for req in requests:
+            req.cancel()
         raise
-    if reply is None:
-        req.cancel()
+    if replies is None:
+        for req in requests:
+            req.cancel()
         return JSONResponse({}, status_code=499)
     if body.stream:
-        if reply[0] == "error":  # failed before its first token: the status code can still say so
-            raise _generation_error(reply[1])
+        if replies[0] == "error":  # failed before its first token: the status code can still say so
+            raise _generation_error(replies[1])
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        echo = _echo(eng, body) if not chat else ""
-        return StreamingResponse(_sse(req, events, meta, chat, include_usage, reply, echo),
+        echo = _echo(eng, body, body.prompts[0]) if not chat else ""
+        return StreamingResponse(_sse(eng, requests[0], queues[0], meta, chat, include_usage, replies, echo),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    usage = _usage(req)
+    usage = {k: sum(_usage(req)[k] for req in requests) for k in ("prompt_tokens", "completion_tokens",
+                                                                  "total_tokens")}
+    tok = eng.lm.tokenizer
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None,
-                  "finish_reason": req.finish_reason}
+        reply = replies[0]
+        logprobs = _chat_logprobs(tok, requests[0].prompt, reply.tokens) if body.logprobs else None
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply.text}, "logprobs": logprobs,
+                  "finish_reason": requests[0].finish_reason}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-    reply = _echo(eng, body) + reply
-    choice = {"index": 0, "text": reply, "logprobs": None, "finish_reason": req.finish_reason}
-    return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+    choices = []
+    for i, (req, reply, sent) in enumerate(zip(requests, replies, body.prompts)):
+        echo = _echo(eng, body, sent)
+        logprobs = _completion_logprobs(tok, req.prompt, reply, echo) if body.logprobs is not None else None
+        choices.append({"index": i, "text": echo + reply.text, "logprobs": logprobs,
+                        "finish_reason": req.finish_reason})
+    return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
+
+
+def _request(eng: Engine, body, prompt: list[int], max_tokens, stops, chat: bool, config: ServerConfig) -> Request:
+    ctx = eng.ctx
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
+    room = ctx - len(prompt)
+    requested = max_tokens if max_tokens is not None else min(room, config.max_tokens_limit)
+    if room < 0 or (room < 1 and requested) or requested > room:
+        raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
+                            f"{len(prompt)} prompt tokens and asks for {requested} more",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                            repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
+                            frequency_penalty=body.frequency_penalty, seed=body.seed)
+    return Request(prompt, params, requested, list(body.stop or []) + stops, emit=lambda kind, value: None,
+                   logprobs=body.logprobs_wanted, prompt_logprobs=bool(getattr(body, "echo", False))
+                   and body.logprobs_wanted is not None)
 
 
 def _check_model(name: str, config: ServerConfig):
@@ -338,16 +365,72 @@ def _check_model(name: str, config: ServerConfig):
                        "model", "model_not_found")
 
 
-async def _collect(events: asyncio.Queue) -> str:
-    text = []
+@dataclass
+class Reply:
+    text: str = ""
+    prompt: list = field(default_factory=list)  # TokenLogprob of the prompt's tokens (echo with logprobs)
+    tokens: list = field(default_factory=list)  # TokenLogprob of the generated tokens (logprobs)
+
+
+async def _collect(events: asyncio.Queue) -> Reply:
+    text, reply = [], Reply()
     while True:
         kind, value = await events.get()
         if kind == "text":
             text.append(value)
+        elif kind == "token":
+            reply.tokens.append(value)
+        elif kind == "prompt":
+            reply.prompt = value
         elif kind == "error":
             raise _generation_error(value)
         else:
-            return "".join(text)
+            reply.text = "".join(text)
+            return reply
+
+
+class _Pieces:
+    """Each token's text as the whole is decoded, so the pieces add up to the text (a token that ends inside
+    a UTF-8 character is "", the next one has the character); an alternative is its token decoded alone."""
+
+    def __init__(self, tok, context=()):
+        self.tok, self.decoder = tok, tok.stream(list(context))
+
+    def next(self, token: int) -> str:
+        return self.decoder.push(token)
+
+    def alone(self, token: int) -> str:
+        return self.tok.decode([token])
+
+
+def _completion_logprobs(tok, prompt: list[int], reply: Reply, echo: str) -> dict:
+    """The legacy completions API's logprobs: tokens, token_logprobs, top_logprobs (a dict of alternatives per
+    token; None for the prompt's first) and text_offset, the prompt's tokens first when it is echoed."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    pieces = _Pieces(tok, () if reply.prompt else prompt)
+    offset = 0
+    for i, entry in enumerate(reply.prompt + reply.tokens):
+        if i == len(reply.prompt) and reply.prompt:
+            offset = len(echo)  # the reply's text follows the prompt as it was sent
+        text = pieces.next(entry.token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(entry.logprob)
+        out["top_logprobs"].append(None if entry.logprob is None else {pieces.alone(t): lp for t, lp in entry.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def _chat_logprobs(tok, prompt: list[int], entries: list) -> dict:
+    """The chat API's logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    pieces = _Pieces(tok, prompt)
+
+    def item(text, logprob):
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(pieces.next(e.token), e.logprob),
+                         "top_logprobs": [item(pieces.alone(t), lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
 
 
 async def _unless_gone(awaitable, http: HTTPRequest):
@@ -383,34 +466,59 @@ def _usage(req: Request) -> dict:
             "total_tokens": len(req.prompt) + len(req.tokens)}
 
 
-def _echo(eng: Engine, body) -> str:
+def _echo(eng: Engine, body, sent) -> str:
     """What a completion with `echo` puts before its text: the prompt as sent, or as its tokens read."""
     if not getattr(body, "echo", False):
         return ""
-    return body.prompt if isinstance(body.prompt, str) else eng.lm.tokenizer.decode(body.prompt)
+    return sent if isinstance(sent, str) else eng.lm.tokenizer.decode(sent)
 
 
-async def _sse(req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool, first: tuple,
-               echo: str = ""):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that goes away
-    cancels the generator here, which cancels its request in the engine."""
+async def _sse(eng: Engine, req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool,
+               first: tuple, echo: str = ""):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; each chunk carries the
+    logprobs of the tokens its text comes from. A client that goes away cancels the generator here, which
+    cancels its request in the engine."""
     obj = "chat.completion.chunk" if chat else "text_completion"
+    tok, pending = eng.lm.tokenizer, Reply()
+    offset = {"text": len(echo)}
+    context = list(req.prompt)  # what the pending tokens follow (the engine's req.tokens may be further on)
+
+    def logprobs():
+        if req.logprobs is None:
+            return None
+        if chat:
+            out = _chat_logprobs(tok, context, pending.tokens)
+        else:
+            out = _completion_logprobs(tok, context, pending, echo)
+            if not pending.prompt:
+                out["text_offset"] = [o + offset["text"] for o in out["text_offset"]]
+        context.extend(e.token for e in pending.tokens)
+        pending.tokens, pending.prompt = [], []
+        return out
 
     def chunk(delta_or_text, finish=None):
+        lp = logprobs()
         if chat:
-            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta_or_text, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish}
+            offset["text"] += len(delta_or_text)
+            choice = {"index": 0, "text": delta_or_text, "logprobs": lp, "finish_reason": finish}
         return "data: " + json.dumps({**meta, "object": obj, "choices": [choice]}, ensure_ascii=False) + "\n\n"
 
     try:
         if chat:
             yield chunk({"role": "assistant", "content": ""})
-        if echo:  # the prompt first, as a completion with echo returns it
+        if echo and not req.prompt_logprobs:  # the prompt first, as a completion with echo returns it
             yield chunk(echo)
         kind, value = first
         while True:
-            if kind == "text":
+            if kind == "prompt":  # echo with logprobs: the prompt's text and its tokens' log-probabilities
+                pending.prompt = value
+                offset["text"] = 0
+                yield chunk(echo)
+            elif kind == "token":
+                pending.tokens.append(value)
+            elif kind == "text":
                 yield chunk({"content": value} if chat else value)
             elif kind == "error":
                 err = _generation_error(value)

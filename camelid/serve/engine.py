@@ -28,6 +28,27 @@ from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
 
 
+@dataclass
+class TokenLogprob:
+    """A token and its log-probability under the model (before temperature, penalties or truncation, as the
+    OpenAI API and vLLM report them), with the most likely alternatives at its position. The first prompt
+    token has none."""
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """logits (N, vocab) at the positions that predict `tokens` (N)."""
+    if not tokens:
+        return []
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logps.gather(-1, torch.tensor(tokens, device=logps.device)[:, None])[:, 0].tolist()
+    best = logps.topk(top, dim=-1) if top else None
+    return [TokenLogprob(t, lp, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best else [])
+            for i, (t, lp) in enumerate(zip(tokens, chosen))]
+
+
 class QueueFull(Exception):
     pass
 
@@ -56,7 +77,11 @@ class Request:
     params: SamplingParams
     max_tokens: int
     stop: list[str]
-    emit: Callable[[str, object], None]  # emit("text", str) / emit("done", finish_reason) / emit("error", exc)
+    # emit("text", str) / emit("done", finish_reason) / emit("error", exc); with logprobs also
+    # emit("token", TokenLogprob) before each generated token's text, and emit("prompt", [TokenLogprob]) first
+    emit: Callable[[str, object], None]
+    logprobs: int | None = None  # each generated token's log-probability and this many alternatives; None: none
+    prompt_logprobs: bool = False  # the prompt's tokens' too (a completion with echo)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -174,14 +199,20 @@ class Engine:
         try:  # a failing request must not take the others down
             slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
             ids = torch.tensor([req.prompt], device=self.device)
-            logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=True)
+            logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=not req.prompt_logprobs)
             slot.length = len(req.prompt)
+            if req.prompt_logprobs:
+                req.emit("prompt", [TokenLogprob(req.prompt[0], None, [])]
+                         + token_logprobs(logits[0, :-1], req.prompt[1:], req.logprobs or 0))
+            if req.max_tokens == 0:  # the prompt scored, nothing generated (a completion with echo)
+                self._finish_request(req, "length")
+                return
             token = sample(logits[:, -1], req.params, [slot.history], slot.generator).item()
         except Exception as exc:
             self._fail(req, exc)
             return
         self.active.append(slot)
-        self._accept(slot, token)
+        self._accept(slot, token, logits[:, -1])
         self._retire_finished()
 
     def _step(self):
@@ -207,7 +238,7 @@ class Engine:
                 slot.finish = "error"
                 slot.error = exc
                 continue
-            self._accept(slot, token)
+            self._accept(slot, token, logits[i:i + 1])
         self._retire_finished()
 
     def _fail(self, req: Request, exc: Exception):
@@ -215,7 +246,7 @@ class Engine:
         self.metrics.requests_failed += 1
         req.emit("error", exc)
 
-    def _accept(self, slot: "_Slot", token: int):
+    def _accept(self, slot: "_Slot", token: int, logits: torch.Tensor):
         req = slot.req
         if req.cancelled:
             slot.finish = "cancelled"
@@ -227,6 +258,8 @@ class Engine:
             text, _ = slot.stops.push(slot.decoder.flush())
             slot.emit_text(text + slot.stops.flush())
             return
+        if req.logprobs is not None:
+            req.emit("token", token_logprobs(logits, [token], req.logprobs)[0])
         slot.last = token
         slot.history.append(token)
         req.tokens.append(token)
