@@ -594,3 +594,49 @@ def test_lm_eval_local_completions_scores_the_server_as_camelid_eval_does(tmp_pa
         for key, value in ours["results"][task].items():
             if key.endswith(",none") and "stderr" not in key:
                 assert theirs["results"][f"local_{task}"][key] == pytest.approx(value, abs=1e-6), (task, key)
+
+
+def test_lm_eval_local_chat_completions_generates_what_camelid_generates(tmp_path, monkeypatch):
+    """A generative task through lm-eval's `local-chat-completions` (its chat template applied, greedy, stop at
+    a newline): every generation the server returns is what camelid's own greedy decoding of the same
+    rendered messages gives."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from camelid.formats.load import export_hf
+    from camelid.tokenizer.chat_template import render_chat, resolve_template
+
+    from lm_eval_local import ARC, arc_rows, write_jsonl
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_jsonl(tmp_path / "qa.jsonl", arc_rows(ARC[:4]))
+    task = tmp_path / "tasks" / "local_qa_gen"
+    task.mkdir(parents=True)
+    files = json.dumps({"data_files": {"test": str(tmp_path / "qa.jsonl")}})
+    (task / "local_qa_gen.yaml").write_text(
+        f"task: local_qa_gen\ndataset_path: json\ndataset_kwargs: {files}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \"{{choices.text[0]}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 12\n"
+        "metric_list:\n  - metric: exact_match\n")
+    lm = load_model(MODEL)
+    lm.template = "alpaca"
+    export_hf(lm, tmp_path / "hf")
+    with running_server(load=lambda: lm) as (base, _):
+        wait_ready(base)
+        args = (f"model=stories,base_url={base}/v1/chat/completions,tokenizer={tmp_path / 'hf'},num_concurrent=1,"
+                "max_retries=1")
+        theirs = simple_evaluate(model="local-chat-completions", model_args=args, tasks=["local_qa_gen"],
+                                 log_samples=True, apply_chat_template=True,
+                                 task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    template, stops = resolve_template("alpaca")
+    samples = theirs["samples"]["local_qa_gen"]
+    assert len(samples) == 4 and any(s["resps"][0][0].strip() for s in samples)
+    for s in samples:
+        args = s["arguments"]
+        sent = args["gen_args_0"]["arg_0"] if isinstance(args, dict) else args[0][0]
+        messages = json.loads(sent[0] if isinstance(sent, (tuple, list)) else sent)
+        text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
+        ours = generate(lm, [lm.tokenizer.encode(text, bos=False)], 12, SamplingParams.greedy(),
+                        stop=["\n", *stops])[0].text
+        assert s["resps"][0][0] == ours

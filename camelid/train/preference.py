@@ -39,7 +39,6 @@ from camelid.train.config import FinetuneConfig
 from camelid.train.distributed import Cluster, sum_across
 from camelid.train.loop import Job, autocast, autocast_dtype, make_optimizer
 
-OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto", "reward")
 REFERENCED = ("dpo", "ipo", "kto")  # the others need no reference model
 
 

@@ -45,13 +45,14 @@ def prompt_ids(cfg: RLHFConfig, lm: LoadedModel, template: str, main: bool) -> l
     stats = PreferenceStats()
     prompts = read_prompts(cfg.data, stats)
     out, too_long = [], 0
+    longest = min(cfg.max_prompt_len, lm.config.max_seq_len - 1)  # a reply needs room for one token at least
     for where, prompt in prompts:
         ids = lm.tokenizer.encode(render_chat(template, prompt, lm.tokenizer.special_tokens_map,
                                               add_generation_prompt=True), bos=False)
-        if len(ids) > cfg.max_prompt_len:
+        if len(ids) > longest:
             too_long += 1
-            stats.skipped.add(where, f"the prompt is {len(ids)} tokens, more than max_prompt_len "
-                              f"{cfg.max_prompt_len}", quiet=too_long > 5)
+            stats.skipped.add(where, f"the prompt is {len(ids)} tokens, more than {longest} (max_prompt_len, "
+                              "or the model's context less one)", quiet=too_long > 5)
             continue
         out.append(ids)
     if not out:
