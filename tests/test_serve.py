@@ -210,20 +210,24 @@ def test_full_queue_answers_429():
         wait_ready(base)
         engine = app.state.camelid["engine"]
         release = threading.Event()
-        # Occupy the engine's only slot with a request whose consumer blocks, so the queue stays full.
-        engine.submit(Request([1], SamplingParams.greedy(), 2, [], emit=lambda *_: release.wait(10)))
-        with ThreadPoolExecutor(1) as pool:
-            queued = pool.submit(httpx.post, f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2},
-                                 timeout=30)
-            for _ in range(1000):  # a loaded machine can take seconds to get the first request queued
-                if engine.queue_depth == 1:
-                    break
-                time.sleep(0.02)
-            assert engine.queue_depth == 1
-            r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
-            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        # Occupy the engine's only slot with a request whose consumer blocks until released (never by a timeout:
+        # on a loaded machine a timed wait ran out, the slot freed and the queue drained before the check).
+        engine.submit(Request([1], SamplingParams.greedy(), 2, [], emit=lambda *_: release.wait()))
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(httpx.post, f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                     timeout=60)
+                for _ in range(3000):  # a loaded machine can take seconds to get the first request queued
+                    if engine.queue_depth == 1:
+                        break
+                    time.sleep(0.02)
+                assert engine.queue_depth == 1
+                r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
+                assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+                release.set()
+                assert queued.result().status_code == 200
+        finally:
             release.set()
-            assert queued.result().status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert "camelid_requests_rejected_total 1" in metrics and "camelid_queue_depth 0" in metrics
 
