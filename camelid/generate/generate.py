@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from camelid.errors import CamelidError
+from camelid.generate.constrained import Constraint, Guide, allowed_tokens
 from camelid.generate.decoding import decode_step
 from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.transformer import Transformer
@@ -46,13 +47,13 @@ def check_prompts(prompts: list[list[int]], max_seq_len: int, max_new_tokens: in
 
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                    stop_ids: set[int] = frozenset(), stats: Stats | None = None, yield_stop: bool = False
-                    ) -> Iterator[list[int | None]]:
+                    stop_ids: set[int] = frozenset(), stats: Stats | None = None, yield_stop: bool = False,
+                    guides: list | None = None) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None once that prompt has finished).
 
     A prompt finishes at a stop id (yielded only with `yield_stop`: a trainer scores the end of the reply
-    too) or at max_new_tokens; generation also ends at the model's context length, so nothing is ever
-    silently cut from the prompt.
+    too), when its guide (constrained.Guide, per prompt or None) is complete, or at max_new_tokens;
+    generation also ends at the model's context length, so nothing is ever silently cut from the prompt.
     """
     cfg = model.cfg
     check_prompts(prompts, cfg.max_seq_len, max_new_tokens)
@@ -79,8 +80,14 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     step_once = decode_step(model)
     t0 = time.perf_counter()
     logits = model(tokens, 0, kv_cache, None if pad_mask is None else pad_mask[:, :longest], last_only=True)
+    guides = guides or [None] * B
     for step in range(max_new_tokens):
-        nxt = sample(logits[:, -1], params, history, generator)
+        live = [None if done[i] else g for i, g in enumerate(guides)]
+        allowed = allowed_tokens(live, logits.shape[-1])
+        for g in live:
+            if g is not None and g.error is not None:
+                raise g.error
+        nxt = sample(logits[:, -1], params, history, generator, allowed)
         now = time.perf_counter()
         if step == 0:
             stats.prefill_seconds = now - t0
@@ -89,19 +96,21 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         t0 = now
         out: list[int | None] = []
         for i, t in enumerate(nxt.tolist()):
-            if done[i] or t in stop_ids:
-                out.append(t if yield_stop and not done[i] else None)
+            if done[i]:
+                out.append(None)
+            elif t in stop_ids:
+                out.append(t if yield_stop else None)
                 done[i] = True
             else:
                 history[i].append(t)
                 out.append(t)
-        if all(done):
-            if yield_stop and any(t is not None for t in out):
-                yield out
-            return
-        stats.generated_tokens += sum(t is not None for t in out)
-        yield out
-        if step + 1 == max_new_tokens:
+                stats.generated_tokens += 1
+                if live[i] is not None:
+                    live[i].accept(t)
+                    done[i] = live[i].done
+        if any(t is not None for t in out):
+            yield out
+        if all(done) or step + 1 == max_new_tokens:
             return
         pos = longest + step
         mask = None if pad_mask is None else pad_mask[:, :pos + 1]
@@ -145,18 +154,20 @@ class Completion:
 
 
 def stream(lm, prompt: str | list[int], max_new_tokens: int = 256, params: SamplingParams | None = None,
-           stop: list[str] | None = None, stats: Stats | None = None, completion: Completion | None = None
-           ) -> Iterator[str]:
+           stop: list[str] | None = None, stats: Stats | None = None, completion: Completion | None = None,
+           constraint: Constraint | None = None) -> Iterator[str]:
     """Text pieces as they are generated for one prompt; `completion` (if given) is filled in as it goes."""
     for _, piece in stream_batch(lm, [prompt], max_new_tokens, params, stop, stats,
-                                     [completion] if completion is not None else None):
+                                 [completion] if completion is not None else None, constraint):
         yield piece
 
 
 def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
                  stop: list[str] | None = None, stats: Stats | None = None,
-                 completions: list[Completion] | None = None) -> Iterator[tuple[int, str]]:
-    """(prompt index, text piece) pairs as a batch is decoded together."""
+                 completions: list[Completion] | None = None, constraint: Constraint | None = None
+                 ) -> Iterator[tuple[int, str]]:
+    """(prompt index, text piece) pairs as a batch is decoded together; with a `constraint` (a JSON schema or
+    a grammar) each prompt's output follows it."""
     tok = lm.tokenizer
     params = params or SamplingParams()
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -164,7 +175,9 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
     decoders = [tok.stream(p) for p in ids]
     stoppers = [StopStrings(list(stop or []) + lm.stop) for _ in prompts]
     finished = [False] * len(prompts)
-    for step_tokens in generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats):
+    guides = [Guide(constraint, tok) for _ in prompts] if constraint is not None else None
+    for step_tokens in generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats,
+                                       guides=guides):
         for i, t in enumerate(step_tokens):
             if finished[i]:
                 continue
@@ -190,7 +203,7 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
         if not finished[i]:
             text, hit = stoppers[i].push(decoders[i].flush())
             text += "" if hit else stoppers[i].flush()
-            if hit:
+            if hit or (guides is not None and guides[i].done):
                 completions[i].finish_reason = "stop"
             if text:
                 completions[i].text += text
@@ -198,8 +211,9 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
 
 
 def generate(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
-             stop: list[str] | None = None, stats: Stats | None = None) -> list[Completion]:
+             stop: list[str] | None = None, stats: Stats | None = None, constraint: Constraint | None = None
+             ) -> list[Completion]:
     completions = [Completion() for _ in prompts]
-    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions):
+    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions, constraint):
         pass
     return completions

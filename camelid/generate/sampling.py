@@ -77,11 +77,16 @@ def apply_penalties(logits: torch.Tensor, history: list[list[int]], p: SamplingP
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `logits` (B, V). NaN logits are the model's fault and raise ModelError."""
+           generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of `logits` (B, V), drawn among the `allowed` ones (B, V bool) where given: a grammar's
+    mask goes first, so truncation and temperature share out the probability of the tokens it allows. NaN
+    logits are the model's fault and raise ModelError."""
     if torch.isnan(logits).any():
         raise ModelError("the model produced NaN logits (its weights or config are broken)")
-    logits = apply_penalties(logits.float(), history, p)
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    logits = apply_penalties(logits, history, p)
     if p.temperature == 0:
         return logits.argmax(dim=-1)
     if 0 < p.top_k < logits.shape[-1]:

@@ -2,12 +2,13 @@
 strict, as OpenAI's are: `"0.5"` is not a number and `true` is not 1.
 
 Nothing a client sends is dropped without a word: a field of the OpenAI API this server does not compute yet
-(tools, response_format, logit_bias, ...) is refused with a 400 naming it whenever it asks for something, and a
+(logit_bias, audio, ...) is refused with a 400 naming it whenever it asks for something, and a
 field the API does not define is refused unless the request opts in (app.py: `X-Camelid-Unknown-Fields:
 ignore`). Fields that do not change the output (`user`, `metadata`, `service_tier`) are accepted."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,12 +19,9 @@ MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API and vLLM allow
 
 # OpenAI's (and llama.cpp's) fields this server does not compute yet: their "off" values pass, anything else is a 400
-NOT_YET = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
-           "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
-           "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
-           "web_search_options": (None,), "store": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-           "grammar": (None, ""), "json_schema": (None,)}
+NOT_YET = {"logit_bias": (None, {}), "functions": (None, []), "function_call": (None, "none", "auto"),
+           "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+           "web_search_options": (None,), "store": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
 # defined by the API, and changing nothing in the output
 NO_EFFECT = {"user", "metadata", "service_tier"}
 
@@ -34,6 +32,34 @@ def _refuse_what_is_not_computed(data):
             if key in data and data[key] not in off:
                 raise ValueError(f"{key}: not supported by this server")
     return data
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    schema_: Union[dict, bool] = Field({"type": "object"}, alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # the output always follows the schema here; strict asks for nothing more
+
+    @field_validator("schema_")
+    @classmethod
+    def _json_schema(cls, v):
+        check_json_schema(v)
+        return v
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: needed with type json_schema, and only then")
+        return self
 
 
 class _Sampling(BaseModel):
@@ -53,6 +79,26 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: dict | None = None
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None  # llama.cpp's extensions: a GBNF grammar, or a JSON schema, the output follows
+    json_schema: Union[dict, bool, None] = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema(cls, v):
+        if v is not None:
+            check_json_schema(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [name for name, on in (("response_format", self.response_format and
+                                         self.response_format.type != "text"),
+                                        ("grammar", self.grammar), ("json_schema", self.json_schema is not None))
+                 if on]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give one of response_format, grammar and json_schema")
+        return self
 
     _not_yet = model_validator(mode="before")(_refuse_what_is_not_computed)
 
@@ -80,6 +126,59 @@ class _Sampling(BaseModel):
 
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema(cls, v):
+        if v is not None:
+            check_json_schema(v)
+        return v
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def for_template(self) -> dict:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: dict
+
+    @field_validator("function")
+    @classmethod
+    def _named(cls, v):
+        if set(v) != {"name"} or not isinstance(v["name"], str):
+            raise ValueError("function: give the function's name, {\"name\": ...}")
+        return v
+
+
+def check_json_schema(schema):
+    """A schema that is not valid JSON Schema is refused with the validator's reason."""
+    import jsonschema
+
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError("a JSON schema is an object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise ValueError(f"not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}") from None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -90,10 +189,28 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # the chat template renders them
 
     def for_template(self) -> dict:
-        """The message as a chat template reads it (transformers' names), with the fields it was sent with."""
+        """The message as a chat template reads it (transformers' names), with the fields it was sent with; a
+        call's arguments as an object, as templates write them with tojson (vLLM does the same)."""
         out = {"role": self.role, "content": self.text()}
-        out.update({k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id") if getattr(self, k)})
+        out.update({k: getattr(self, k) for k in ("name", "tool_call_id") if getattr(self, k)})
+        if self.tool_calls:
+            out["tool_calls"] = [_call_for_template(c) for c in self.tool_calls]
         return out
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls(cls, v):
+        for i, call in enumerate(v or []):
+            function = call.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f"{i}: a tool call needs function.name")
+            args = function.get("arguments", "{}")
+            if isinstance(args, str):
+                try:
+                    json.loads(args)
+                except ValueError:
+                    raise ValueError(f"{i}: function.arguments is not JSON") from None
+        return v
 
     @field_validator("content")
     @classmethod
@@ -113,17 +230,56 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+def _call_for_template(call: dict) -> dict:
+    function = dict(call["function"])
+    if isinstance(function.get("arguments", "{}"), str):
+        function["arguments"] = json.loads(function.get("arguments") or "{}")
+    return {**call, "function": function}
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None  # each reply token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # and this many alternatives
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _tools_chosen(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same name")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice: needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function["name"] not in names:
+            raise ValueError(f"tool_choice: no tool is named {choice.function['name']!r}")
+        if self.active_tools and (self.response_format and self.response_format.type != "text"
+                                  or self.grammar or self.json_schema is not None):
+            raise ValueError("tools: a reply that may call a tool cannot also be held to a response format "
+                             "(tool_choice: none sends the tools without calls)")
+        return self
+
+    @property
+    def active_tools(self) -> list[Tool]:
+        """The tools the model may call (none with tool_choice none; the named one alone)."""
+        if self.tool_choice == "none" or not self.tools:
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function["name"]]
+        return list(self.tools)
+
+    @property
+    def calls_forced(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     @property
     def logprobs_wanted(self) -> int | None:

@@ -22,7 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.errors import CamelidError, ModelError
 from camelid.formats.loaded import LoadedModel
+from camelid.generate import constrained
+from camelid.generate.constrained import Constraint
 from camelid.generate.sampling import SamplingParams
+from camelid.serve import tool_calls
 from camelid.serve.api import ChatRequest, CompletionRequest
 from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
 from camelid.tokenizer.chat_template import render_chat, resolve_template
@@ -248,17 +251,99 @@ async def chat_completions(body: ChatRequest, http: HTTPRequest):
     _check_fields(body, http)
     template, template_stops = resolve_template(lm.template)
     messages = [m.for_template() for m in body.messages]
+    if not tool_calls.takes_tools(template):
+        messages = tool_calls.as_plain_turns(messages)
+    tools, extra, described = _tool_context(body, template), {}, [messages]
+    if tools is not None and tools.syntax == "generic":  # in a system message, or the first user turn's
+        described = _with_tools_described(messages, tool_calls.generic_system_prompt(tools.offered))
+    elif tools is not None:
+        extra["tools"] = tools.offered
 
     def chat_prompt():  # in a worker thread: a long prompt or a slow template must not stall the loop
-        text = render_chat(template, messages, lm.tokenizer.special_tokens_map, add_generation_prompt=True)
+        for i, listed in enumerate(described):
+            try:
+                text = render_chat(template, listed, lm.tokenizer.special_tokens_map, add_generation_prompt=True,
+                                   **extra)
+                break
+            except CamelidError:
+                if i == len(described) - 1:  # templates without a system role (Gemma) refuse the first
+                    raise
         return lm.tokenizer.encode(text, bos=False)
 
     try:
         prompt = await asyncio.to_thread(chat_prompt)
     except CamelidError as exc:
         raise APIError(400, str(exc), "messages", "invalid_messages") from None
+    constraint = _constraint(body) if tools is None or not body.calls_forced else tools.forced(lm.tokenizer)
+    await _check_constraint(constraint, lm.tokenizer)
     limit = body.max_completion_tokens or body.max_tokens
-    return await _respond(eng, http, body, [prompt], limit, template_stops + lm.stop, chat=True)
+    return await _respond(eng, http, body, [prompt], limit, template_stops + lm.stop, chat=True,
+                          constraint=constraint, tools=tools)
+
+
+@dataclass
+class _Tools:
+    """The tools a chat request lets the model call, and the syntax its template teaches for calls."""
+    syntax: str
+    offered: list[dict]
+    parallel: bool
+
+    @property
+    def names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.offered}
+
+    def forced(self, tok) -> Constraint:
+        marker = tok.token_id(tool_calls.MISTRAL_MARKER) if self.syntax == "mistral" else None
+        return constrained.lark(tool_calls.call_grammar(self.syntax, self.offered, self.parallel, marker), "tools")
+
+
+def _tool_context(body: ChatRequest, template: str) -> _Tools | None:
+    active = body.active_tools
+    if not active:
+        return None
+    syntax = tool_calls.syntax_of(template) if tool_calls.takes_tools(template) else "generic"
+    return _Tools(syntax, [t.for_template() for t in active], body.parallel_tool_calls is not False)
+
+
+def _with_tools_described(messages: list[dict], text: str) -> list[list[dict]]:
+    """The messages with the tools described in a system message, and in the first user message instead."""
+    if messages and messages[0]["role"] == "system":
+        system = [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
+    else:
+        system = [{"role": "system", "content": text}] + messages
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None or messages[0]["role"] == "system":
+        return [system]
+    user = list(messages)
+    user[first] = {**user[first], "content": text + "\n\n" + user[first]["content"]}
+    return [system, user]
+
+
+def _constraint(body) -> Constraint | None:
+    """What the request holds the output to: response_format, or llama.cpp's grammar or json_schema."""
+    fmt = body.response_format
+    try:
+        if fmt is not None and fmt.type == "json_object":
+            return constrained.json_object("response_format")
+        if fmt is not None and fmt.type == "json_schema":
+            return constrained.json_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        if body.grammar:
+            return constrained.gbnf(body.grammar, "grammar")
+        if body.json_schema is not None:
+            return constrained.json_schema(body.json_schema, "json_schema")
+    except CamelidError as exc:
+        raise APIError(400, str(exc), str(exc).split(":")[0], "invalid_parameter") from None
+    return None
+
+
+async def _check_constraint(constraint: Constraint | None, tok):
+    """A grammar or schema the library cannot compile is the request's 400, before it is queued."""
+    if constraint is None:
+        return
+    try:
+        await asyncio.to_thread(constrained.check, constraint, tok)
+    except CamelidError as exc:
+        raise APIError(400, str(exc), constraint.what, "invalid_parameter") from None
 
 
 async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -278,14 +363,20 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
                 prompts.append(await asyncio.to_thread(eng.lm.tokenizer.encode, one))
             except CamelidError as exc:
                 raise APIError(400, f"{where}: {exc}", where, "invalid_parameter") from None
-    return await _respond(eng, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False)
+    constraint = _constraint(body)
+    await _check_constraint(constraint, eng.lm.tokenizer)
+    return await _respond(eng, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False,
+                          constraint=constraint)
 
 
-async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]], max_tokens, stops, chat: bool):
+async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]], max_tokens, stops, chat: bool,
+                   constraint: Constraint | None = None, tools: _Tools | None = None):
     config: ServerConfig = http.app.state.config
     if max_tokens is not None and max_tokens > config.max_tokens_limit:
         raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
     requests = [_request(eng, body, prompt, max_tokens, stops, chat, config) for prompt in prompts]
+    for req in requests:
+        req.constraint = constraint
     loop = asyncio.get_running_loop()
     queues = [asyncio.Queue() for _ in requests]
     for req, events in zip(requests, queues):
@@ -320,7 +411,7 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
             raise _generation_error(replies[1])
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         echo = _echo(eng, body, body.prompts[0]) if not chat else ""
-        return StreamingResponse(_sse(eng, requests[0], queues[0], meta, chat, include_usage, replies, echo),
+        return StreamingResponse(_sse(eng, requests[0], queues[0], meta, chat, include_usage, replies, echo, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     usage = {k: sum(_usage(req)[k] for req in requests) for k in ("prompt_tokens", "completion_tokens",
@@ -329,8 +420,13 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
     if chat:
         reply = replies[0]
         logprobs = _chat_logprobs(tok, requests[0].prompt, reply.tokens) if body.logprobs else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": reply.text}, "logprobs": logprobs,
-                  "finish_reason": requests[0].finish_reason}
+        message, finish = {"role": "assistant", "content": reply.text}, requests[0].finish_reason
+        content, calls = tool_calls.parse(tools.syntax, reply.text, tools.names) if tools else (reply.text, [])
+        if calls:
+            message = {"role": "assistant", "content": content or None,
+                       "tool_calls": [c.as_openai() for c in calls]}
+            finish = "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
     choices = []
     for i, (req, reply, sent) in enumerate(zip(requests, replies, body.prompts)):
@@ -474,12 +570,13 @@ def _echo(eng: Engine, body, sent) -> str:
 
 
 async def _sse(eng: Engine, req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool,
-               first: tuple, echo: str = ""):
+               first: tuple, echo: str = "", tools: _Tools | None = None):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; each chunk carries the
     logprobs of the tokens its text comes from. A client that goes away cancels the generator here, which
     cancels its request in the engine."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     tok, pending = eng.lm.tokenizer, Reply()
+    calls = tool_calls.CallStream(tools.syntax, tools.names) if tools is not None else None
     offset = {"text": len(echo)}
     context = list(req.prompt)  # what the pending tokens follow (the engine's req.tokens may be further on)
 
@@ -518,6 +615,10 @@ async def _sse(eng: Engine, req: Request, events: asyncio.Queue, meta: dict, cha
                 yield chunk(echo)
             elif kind == "token":
                 pending.tokens.append(value)
+            elif kind == "text" and calls is not None:
+                content = calls.push(value)
+                if content:
+                    yield chunk({"content": content})
             elif kind == "text":
                 yield chunk({"content": value} if chat else value)
             elif kind == "error":
@@ -526,7 +627,18 @@ async def _sse(eng: Engine, req: Request, events: asyncio.Queue, meta: dict, cha
                                             ensure_ascii=False) + "\n\n"
                 break
             else:
-                yield chunk({} if chat else "", req.finish_reason)
+                finish = req.finish_reason
+                if calls is not None:
+                    content, found = calls.finish()
+                    if content:
+                        yield chunk({"content": content})
+                    for i, call in enumerate(found):  # the call's name first, then its arguments, as OpenAI does
+                        head = call.as_openai(i)
+                        head["function"] = {"name": call.name, "arguments": ""}
+                        yield chunk({"tool_calls": [head]})
+                        yield chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})
+                    finish = "tool_calls" if found else finish
+                yield chunk({} if chat else "", finish)
                 break
             kind, value = await events.get()
         if include_usage:

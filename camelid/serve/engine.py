@@ -22,6 +22,7 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.formats.loaded import LoadedModel
+from camelid.generate.constrained import Constraint, Guide, allowed_tokens, allowed_tokens_soon
 from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
 from camelid.generate.sampling import SamplingParams, make_generator, sample
@@ -82,6 +83,7 @@ class Request:
     emit: Callable[[str, object], None]
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives; None: none
     prompt_logprobs: bool = False  # the prompt's tokens' too (a completion with echo)
+    constraint: Constraint | None = None  # a JSON schema or grammar the output follows
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -117,6 +119,7 @@ class Engine:
         self.ctx = lm.config.max_seq_len
         self.cache = _allocate_cache(self.model, max_batch, self.ctx)
         self.decode = decode_step(self.model)  # the served model's weights stay as they are
+        self.vocab_width = lm.config.vocab_size  # the logits' width, for grammar masks
         self.device = self.model.device
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []
@@ -198,6 +201,8 @@ class Engine:
         row = len(self.active)
         try:  # a failing request must not take the others down
             slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
+            if req.constraint is not None:
+                slot.guide = Guide(req.constraint, self.tok)
             ids = torch.tensor([req.prompt], device=self.device)
             logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=not req.prompt_logprobs)
             slot.length = len(req.prompt)
@@ -207,7 +212,10 @@ class Engine:
             if req.max_tokens == 0:  # the prompt scored, nothing generated (a completion with echo)
                 self._finish_request(req, "length")
                 return
-            token = sample(logits[:, -1], req.params, [slot.history], slot.generator).item()
+            allowed = allowed_tokens([slot.guide], logits.shape[-1])
+            if slot.guide is not None and slot.guide.error:
+                raise slot.guide.error
+            token = sample(logits[:, -1], req.params, [slot.history], slot.generator, allowed).item()
         except Exception as exc:
             self._fail(req, exc)
             return
@@ -221,6 +229,9 @@ class Engine:
         # one request alone: a plain position, which the C decode step takes
         starts = self.active[0].length if n == 1 else torch.tensor([s.length for s in self.active],
                                                                     device=self.device)
+        guides = [s.guide for s in self.active]
+        # the grammars' masks depend only on the tokens taken so far: computed while the forward runs
+        masks = allowed_tokens_soon(guides, self.vocab_width) if any(guides) else None
         try:
             logits = self.decode(tokens, starts, self.cache.rows(0, n), None)[:, -1]
         except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
@@ -228,12 +239,18 @@ class Engine:
                 self._fail(slot.req, exc)
             self.active.clear()
             return
+        finally:
+            allowed, mask_error = _result(masks)
         self.metrics.decode_steps += 1
         self.metrics.batch_size_sum += n
         for i, slot in enumerate(self.active):
             slot.length += 1
+            if slot.guide is not None and (mask_error or slot.guide.error):
+                slot.finish, slot.error = "error", mask_error or slot.guide.error
+                continue
             try:
-                token = sample(logits[i:i + 1], slot.req.params, [slot.history], slot.generator).item()
+                row = None if allowed is None else allowed[i:i + 1]
+                token = sample(logits[i:i + 1], slot.req.params, [slot.history], slot.generator, row).item()
             except Exception as exc:
                 slot.finish = "error"
                 slot.error = exc
@@ -258,6 +275,12 @@ class Engine:
             text, _ = slot.stops.push(slot.decoder.flush())
             slot.emit_text(text + slot.stops.flush())
             return
+        if slot.guide is not None:
+            try:
+                slot.guide.accept(token)
+            except CamelidError as exc:
+                slot.finish, slot.error = "error", exc
+                return
         if req.logprobs is not None:
             req.emit("token", token_logprobs(logits, [token], req.logprobs)[0])
         slot.last = token
@@ -268,8 +291,9 @@ class Engine:
         slot.emit_text(text)
         if hit:
             slot.finish = "stop"
-        elif len(req.tokens) >= req.max_tokens or slot.length >= self.ctx:
-            slot.finish = "length"
+        elif (slot.guide is not None and slot.guide.done) or len(req.tokens) >= req.max_tokens \
+                or slot.length >= self.ctx:
+            slot.finish = "stop" if slot.guide is not None and slot.guide.done else "length"
             text, hit = slot.stops.push(slot.decoder.flush())
             slot.emit_text(text if hit else text + slot.stops.flush())
 
@@ -303,6 +327,16 @@ class Engine:
         req.emit("done", reason)
 
 
+def _result(future):
+    """(the masks, None) or (None, the exception) of a mask computation (None: there was none)."""
+    if future is None:
+        return None, None
+    try:
+        return future.result(), None
+    except Exception as exc:
+        return None, exc
+
+
 class _Slot:
     def __init__(self, req: Request, tok, generator):
         self.req = req
@@ -314,6 +348,7 @@ class _Slot:
         self.last = 0
         self.finish: str | None = None
         self.error: Exception | None = None
+        self.guide: Guide | None = None
 
     def emit_text(self, text: str):
         if text:

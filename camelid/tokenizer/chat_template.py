@@ -218,12 +218,12 @@ def render_chat(template: str, messages: list[dict], special_tokens: dict, add_g
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise CamelidError(f"messages[{i}]: each message needs a 'role' and a 'content'")
     source, _ = resolve_template(template)
-    context = {"bos_token": "", "eos_token": "", **special_tokens, **kwargs}
+    # tools: OpenAI-style function definitions, as transformers' apply_chat_template passes them
+    context = {"bos_token": "", "eos_token": "", "tools": None, "documents": None, **special_tokens, **kwargs}
     compiled = compile_template(source)
     _deadline.at = time.monotonic() + RENDER_SECONDS
     try:
-        return compiled.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **context)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
     except jinja2.TemplateError as exc:
         raise CamelidError(f"chat template: {exc}") from None
     except Exception as exc:  # the template's own code failed (a TypeError, deep recursion...) on this input
