@@ -124,11 +124,28 @@ def serve_load(rows):
                    f"{r['errors']} |")
 
 
+def constrained(rows):
+    yield "| library | mask per token | compile | correct | time / llguidance's |"
+    yield "|---|---|---|---|---|"
+    for r in rows:
+        base = r["llguidance"]["mask_us_per_token"]
+        for name in ("llguidance", "xgrammar", "outlines_core"):
+            m = r[name]
+            if "mask_us_per_token" not in m:
+                yield f"| {name} | {m.get('error', 'not run')} | | | |"
+                continue
+            yield (f"| {name} | {m['mask_us_per_token']:.1f} µs | {m['compile_ms']:.0f} ms | "
+                   f"{'yes' if m['correct'] else 'no'} | {_x(m['mask_us_per_token'] / base)} |")
+        c = r["camelid"]
+        yield (f"| camelid generate, end to end | {c['constrained_ms_per_token']:.3f} ms/token with the schema, "
+               f"{c['plain_ms_per_token']:.3f} without | | | {c['overhead_ms_per_token']:+.3f} ms/token |")
+
+
 # by the "bench" field of the JSON lines
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
           "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed,
-          "serve_load": serve_load}
+          "serve_load": serve_load, "constrained-json-schema": constrained}
 
 
 def read_results(name: str) -> list[dict]:

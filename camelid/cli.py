@@ -216,16 +216,21 @@ def _args_generate(p: argparse.ArgumentParser):
                    help="a prompt longer than the context: error (default) or keep its end")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     p.add_argument("--stats", action="store_true", help="print prompt and decode tokens/s to stderr")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--json-schema", metavar="SCHEMA", help="the output is JSON valid under this schema "
+                                                              "(a .json file, or the schema itself)")
+    held.add_argument("--grammar", metavar="FILE", help="the output follows this GBNF grammar (llama.cpp's form)")
     _sampling_args(p)
 
 
 def cmd_generate(args):
-    from camelid.generate.oneshot import read_prompts, run_generate
+    from camelid.generate.oneshot import read_constraint, read_prompts, run_generate
 
     prompts = read_prompts(args.prompt, args.file)
+    constraint = read_constraint(args.json_schema, args.grammar)
     lm = _load(args)
     run_generate(lm, prompts, _params(args), args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
-                 bos=not args.no_bos, show_stats=args.stats)
+                 bos=not args.no_bos, show_stats=args.stats, constraint=constraint)
 
 
 def _args_chat(p: argparse.ArgumentParser):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.files import read_text
 from camelid.formats.loaded import LoadedModel
+from camelid.generate import constrained
+from camelid.generate.constrained import Constraint
 from camelid.generate.generate import Stats, generate, stream
 from camelid.generate.sampling import SamplingParams
 
@@ -38,20 +41,38 @@ def prompt_ids(lm: LoadedModel, text: str, max_new_tokens: int, truncate: str = 
     return ids
 
 
+def read_constraint(json_schema: str | None, grammar: str | None) -> Constraint | None:
+    """--json-schema (a file or the schema's text) or --grammar (a GBNF file)."""
+    if json_schema is not None:
+        path = Path(json_schema)
+        text = read_text(path) if not json_schema.lstrip().startswith(("{", "true", "false")) else json_schema
+        where = str(path) if text is not json_schema else "--json-schema"
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise CamelidError(f"{where}: not JSON: {exc}") from None
+        return constrained.json_schema(schema, where)
+    if grammar is not None:
+        return constrained.gbnf(read_text(Path(grammar)), grammar)
+    return None
+
+
 def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, max_new_tokens: int,
                  stop: list[str], truncate: str = "error", bos: bool = True, show_stats: bool = False,
-                 out=None):
+                 out=None, constraint: Constraint | None = None):
     out = out or sys.stdout
     ids = [prompt_ids(lm, p, max_new_tokens, truncate, bos) for p in prompts]
     stats = Stats()
+    if constraint is not None:
+        constrained.check(constraint, lm.tokenizer)
     if len(ids) == 1:
         out.write(prompts[0])
-        for piece in stream(lm, ids[0], max_new_tokens, params, stop, stats):
+        for piece in stream(lm, ids[0], max_new_tokens, params, stop, stats, constraint=constraint):
             out.write(piece)
             out.flush()
         out.write("\n")
     else:
-        for prompt, c in zip(prompts, generate(lm, ids, max_new_tokens, params, stop, stats)):
+        for prompt, c in zip(prompts, generate(lm, ids, max_new_tokens, params, stop, stats, constraint)):
             out.write(prompt + c.text + "\n")
     if show_stats:
         print(f"prompt: {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.1f} tokens/s; "

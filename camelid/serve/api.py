@@ -13,6 +13,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from camelid.generate.constrained import check_json_schema
 from camelid.generate.sampling import INT64, MIN_TEMPERATURE
 
 MAX_STOP_STRINGS = 4
@@ -164,19 +165,6 @@ class NamedToolChoice(BaseModel):
         if set(v) != {"name"} or not isinstance(v["name"], str):
             raise ValueError("function: give the function's name, {\"name\": ...}")
         return v
-
-
-def check_json_schema(schema):
-    """A schema that is not valid JSON Schema is refused with the validator's reason."""
-    import jsonschema
-
-    if not isinstance(schema, (dict, bool)):
-        raise ValueError("a JSON schema is an object")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path)
-        raise ValueError(f"not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}") from None
 
 
 class ChatMessage(BaseModel):
