@@ -650,3 +650,33 @@ def test_lm_eval_local_chat_completions_generates_what_camelid_generates(tmp_pat
         ours = generate(lm, [lm.tokenizer.encode(text, bos=False)], 12, SamplingParams.greedy(),
                         stop=["\n", *stops])[0].text
         assert s["resps"][0][0] == ours
+
+
+def test_n_choices_share_one_prefill_and_seed_per_choice(server, lm):
+    base, app = server
+    model = app.state.camelid["engine"].model
+    prefills = []
+    hook = model.register_forward_pre_hook(lambda _m, args: prefills.append(args[0].shape[1]) if
+                                           args[0].shape[1] > 1 else None)
+    try:
+        body = {**COMPLETION, "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 3}
+        r = post(base, "/v1/completions", body)
+    finally:
+        hook.remove()
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2] and len(prefills) == 1
+    alone = [post(base, "/v1/completions", {**body, "n": 1, "seed": 11 + i}).json()["choices"][0]["text"]
+             for i in range(3)]
+    assert texts == alone and len(set(texts)) > 1  # choice i is the request seeded seed + i, from a copied cache
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == len(lm.tokenizer.encode("Once"))
+    chat = post(base, "/v1/chat/completions", {**CHAT, "n": 2, "temperature": 0}).json()
+    assert len(chat["choices"]) == 2 and chat["choices"][0]["message"] == chat["choices"][1]["message"]
+    two = post(base, "/v1/completions", {**COMPLETION, "prompt": ["Once", "The cat"], "n": 2}).json()["choices"]
+    assert [c["text"] for c in two] == [greedy(lm, "Once", 3)] * 2 + [greedy(lm, "The cat", 3)] * 2
+    for bad, needle in (({"n": 2, "stream": True}, "n: stream one choice"), ({"n": 500}, "n: Input should be")):
+        r = post(base, "/v1/completions", {**COMPLETION, **bad})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    r = post(base, "/v1/completions", {**COMPLETION, "n": 100})
+    assert r.status_code == 400 and "n: at most" in r.json()["error"]["message"]

@@ -77,7 +77,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
     seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=128)  # choices per prompt, as OpenAI allows
     stream: bool = False
     stream_options: dict | None = None
     response_format: ResponseFormat | None = None
@@ -90,6 +90,12 @@ class _Sampling(BaseModel):
         if v is not None:
             check_json_schema(v)
         return v
+
+    @model_validator(mode="after")
+    def _streams_one_choice(self):
+        if self.stream and self.n > 1:
+            raise ValueError("n: stream one choice per request (n: 1)")
+        return self
 
     @model_validator(mode="after")
     def _one_constraint(self):

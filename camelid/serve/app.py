@@ -374,7 +374,15 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
     config: ServerConfig = http.app.state.config
     if max_tokens is not None and max_tokens > config.max_tokens_limit:
         raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
-    requests = [_request(eng, body, prompt, max_tokens, stops, chat, config) for prompt in prompts]
+    if body.n > eng.max_batch:
+        raise APIError(400, f"n: at most {eng.max_batch} (the server's --max-batch)", "n", "invalid_parameter")
+    # each prompt's n choices: prefilled once (the first carries the others as copies), seeds seed, seed+1, ...
+    requests, leaders = [], []
+    for prompt in prompts:
+        group = [_request(eng, body, prompt, max_tokens, stops, chat, config, choice) for choice in range(body.n)]
+        group[0].copies = group[1:]
+        requests += group
+        leaders.append(group[0])
     for req in requests:
         req.constraint = constraint
     loop = asyncio.get_running_loop()
@@ -383,9 +391,9 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
         req.emit = lambda kind, value, events=events: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
     submitted = []
     try:
-        for req in requests:
+        for req in leaders:
             eng.submit(req)
-            submitted.append(req)
+            submitted += [req] + req.copies
     except QueueFull:
         for req in submitted:
             req.cancel()
@@ -418,26 +426,40 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
                                                                   "total_tokens")}
     tok = eng.lm.tokenizer
     if chat:
-        reply = replies[0]
-        logprobs = _chat_logprobs(tok, requests[0].prompt, reply.tokens) if body.logprobs else None
-        message, finish = {"role": "assistant", "content": reply.text}, requests[0].finish_reason
-        content, calls = tool_calls.parse(tools.syntax, reply.text, tools.names) if tools else (reply.text, [])
-        if calls:
-            message = {"role": "assistant", "content": content or None,
-                       "tool_calls": [c.as_openai() for c in calls]}
-            finish = "tool_calls"
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+        choices = [_chat_choice(i, tok, req, reply, body, tools) for i, (req, reply) in
+                   enumerate(zip(requests, replies))]
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": _shared_prompt(usage, body)}
     choices = []
-    for i, (req, reply, sent) in enumerate(zip(requests, replies, body.prompts)):
+    sent_prompts = [p for p in body.prompts for _ in range(body.n)]
+    for i, (req, reply, sent) in enumerate(zip(requests, replies, sent_prompts)):
         echo = _echo(eng, body, sent)
         logprobs = _completion_logprobs(tok, req.prompt, reply, echo) if body.logprobs is not None else None
         choices.append({"index": i, "text": echo + reply.text, "logprobs": logprobs,
                         "finish_reason": req.finish_reason})
-    return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
+    return {**meta, "object": "text_completion", "choices": choices, "usage": _shared_prompt(usage, body)}
 
 
-def _request(eng: Engine, body, prompt: list[int], max_tokens, stops, chat: bool, config: ServerConfig) -> Request:
+def _shared_prompt(usage: dict, body) -> dict:
+    """A prompt prefilled once for its n choices counts once, as OpenAI counts it."""
+    if body.n == 1:
+        return usage
+    prompt = usage["prompt_tokens"] // body.n
+    return {"prompt_tokens": prompt, "completion_tokens": usage["completion_tokens"],
+            "total_tokens": prompt + usage["completion_tokens"]}
+
+
+def _chat_choice(index: int, tok, req: Request, reply: "Reply", body, tools: _Tools | None) -> dict:
+    logprobs = _chat_logprobs(tok, req.prompt, reply.tokens) if body.logprobs else None
+    message, finish = {"role": "assistant", "content": reply.text}, req.finish_reason
+    content, calls = tool_calls.parse(tools.syntax, reply.text, tools.names) if tools else (reply.text, [])
+    if calls:
+        message = {"role": "assistant", "content": content or None, "tool_calls": [c.as_openai() for c in calls]}
+        finish = "tool_calls"
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _request(eng: Engine, body, prompt: list[int], max_tokens, stops, chat: bool, config: ServerConfig,
+             choice: int = 0) -> Request:
     ctx = eng.ctx
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
@@ -449,10 +471,17 @@ def _request(eng: Engine, body, prompt: list[int], max_tokens, stops, chat: bool
                        "messages" if chat else "prompt", "context_length_exceeded")
     params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                             repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
-                            frequency_penalty=body.frequency_penalty, seed=body.seed)
+                            frequency_penalty=body.frequency_penalty, seed=_choice_seed(body.seed, choice))
     return Request(prompt, params, requested, list(body.stop or []) + stops, emit=lambda kind, value: None,
                    logprobs=body.logprobs_wanted, prompt_logprobs=bool(getattr(body, "echo", False))
                    and body.logprobs_wanted is not None)
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i (kept a signed 64-bit integer)."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def _check_model(name: str, config: ServerConfig):

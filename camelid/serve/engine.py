@@ -84,6 +84,8 @@ class Request:
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives; None: none
     prompt_logprobs: bool = False  # the prompt's tokens' too (a completion with echo)
     constraint: Constraint | None = None  # a JSON schema or grammar the output follows
+    # the other choices of an n > 1 request: the same prompt, prefilled once into this request's row and copied
+    copies: list["Request"] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -139,7 +141,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 self.metrics.requests_rejected += 1
                 raise QueueFull()
-            self.metrics.requests_total += 1
+            self.metrics.requests_total += 1 + len(request.copies)
             self.metrics.prompt_tokens += len(request.prompt)
             self.waiting.append(request)
             self._wake.notify()
@@ -186,42 +188,63 @@ class Engine:
                         self._wake.wait()
                     if self._stop:
                         return
-                    joining = []
-                    while self.waiting and len(self.active) + len(joining) < self.max_batch:
+                    joining, rows = [], len(self.active)
+                    while self.waiting and rows + 1 + len(self.waiting[0].copies) <= self.max_batch:
                         joining.append(self.waiting.popleft())
+                        rows += 1 + len(joining[-1].copies)
                 for req in joining:
                     self._admit(req)
                 if self.active:
                     self._step()
 
     def _admit(self, req: Request):
-        if req.cancelled:
-            self._finish_request(req, "cancelled")
+        group = [req] + req.copies
+        if req.cancelled and all(r.cancelled for r in req.copies):
+            for r in group:
+                self._finish_request(r, "cancelled")
             return
         row = len(self.active)
         try:  # a failing request must not take the others down
-            slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
-            if req.constraint is not None:
-                slot.guide = Guide(req.constraint, self.tok)
             ids = torch.tensor([req.prompt], device=self.device)
             logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=not req.prompt_logprobs)
-            slot.length = len(req.prompt)
+            scored = None
             if req.prompt_logprobs:
-                req.emit("prompt", [TokenLogprob(req.prompt[0], None, [])]
-                         + token_logprobs(logits[0, :-1], req.prompt[1:], req.logprobs or 0))
+                scored = [TokenLogprob(req.prompt[0], None, [])] + token_logprobs(logits[0, :-1], req.prompt[1:],
+                                                                                  req.logprobs or 0)
+        except Exception as exc:
+            for r in group:
+                self._fail(r, exc)
+            return
+        for member in group:
+            if len(self.active) != row:  # a copy's row (the next free one) starts as the prefilled one
+                self.cache.move_row(row, len(self.active), len(req.prompt))
+            self._start(member, logits[:, -1], scored)
+        self._retire_finished()
+
+    def _start(self, req: Request, logits: torch.Tensor, scored: list | None):
+        """A request whose prompt is in the next row of the cache: its first token, from the prompt's logits."""
+        if req.cancelled:
+            self._finish_request(req, "cancelled")
+            return
+        try:
+            slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
+            slot.length = len(req.prompt)
+            if req.constraint is not None:
+                slot.guide = Guide(req.constraint, self.tok)
+            if scored is not None:
+                req.emit("prompt", scored)
             if req.max_tokens == 0:  # the prompt scored, nothing generated (a completion with echo)
                 self._finish_request(req, "length")
                 return
             allowed = allowed_tokens([slot.guide], logits.shape[-1])
             if slot.guide is not None and slot.guide.error:
                 raise slot.guide.error
-            token = sample(logits[:, -1], req.params, [slot.history], slot.generator, allowed).item()
+            token = sample(logits, req.params, [slot.history], slot.generator, allowed).item()
         except Exception as exc:
             self._fail(req, exc)
             return
         self.active.append(slot)
-        self._accept(slot, token, logits[:, -1])
-        self._retire_finished()
+        self._accept(slot, token, logits)
 
     def _step(self):
         n = len(self.active)
