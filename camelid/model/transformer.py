@@ -372,7 +372,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_cache: KVCache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False,
                 segment_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                layout: tuple[torch.Tensor, torch.Tensor] | None = None, scores: bool = False) -> torch.Tensor:
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None, scores: bool = False,
+                hidden: bool = False) -> torch.Tensor:
         """Logits (fp32) for `tokens` (B, T) placed at cache positions start..start+T-1.
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
@@ -386,6 +387,7 @@ class Transformer(nn.Module):
         logits_at (B, T) bool returns logits (N, vocab) for those positions only: fine-tuning needs none for
         the prompt and padding, and the output layer is a large share of a small model's work and memory.
         scores returns the score head's scalar (fp32) instead of logits: (B, T), or (N,) with logits_at.
+        hidden returns the final hidden states (B, T, dim, fp32, after the last norm) instead of logits.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -423,6 +425,8 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if cfg.embed_proj_dim:
             x = linear(x, self.embed_proj_out)
+        if hidden:
+            return x.float()
         if scores:  # the head may be fp32 over a bf16 base: it is trained, the base is not
             return linear(x.to(self.score.weight.dtype), self.score).float().squeeze(-1)
         logits = linear(x, self.output).float()

@@ -313,3 +313,32 @@ class CompletionRequest(_Sampling):
     @property
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str = ""
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    pooling: Literal["mean", "last", "cls"] = "mean"  # extensions (vLLM's names)
+    normalize: bool = True
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("no input to embed")
+        return v
+
+    @property
+    def inputs(self) -> list:
+        v = self.input
+        if isinstance(v, str) or isinstance(v[0], int):
+            return [v]
+        return list(v)
+
+    def unknown_fields(self) -> list[str]:
+        return list(self.model_extra or {})

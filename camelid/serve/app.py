@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +26,10 @@ from camelid.errors import CamelidError, ModelError
 from camelid.formats.loaded import LoadedModel
 from camelid.generate import constrained
 from camelid.generate.constrained import Constraint
+from camelid.generate.embed import embed
 from camelid.generate.sampling import SamplingParams
 from camelid.serve import tool_calls
-from camelid.serve.api import ChatRequest, CompletionRequest
+from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest
 from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
 from camelid.tokenizer.chat_template import render_chat, resolve_template
 
@@ -152,6 +155,7 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
     app.add_api_route("/metrics", metrics, methods=["GET"], **api)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], **api)
     app.add_api_route("/v1/completions", completions, methods=["POST"], **api)
+    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"], **api)
     return app
 
 
@@ -367,6 +371,48 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
     await _check_constraint(constraint, eng.lm.tokenizer)
     return await _respond(eng, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False,
                           constraint=constraint)
+
+
+async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
+    """Pooled final hidden states. They run beside the engine's decode steps, under a lock of their own: the
+    model's weights are only read, and an embedding batch needs no KV cache."""
+    eng = engine(http)
+    config: ServerConfig = http.app.state.config
+    _check_model(body.model, config)
+    _check_fields(body, http)
+    if body.dimensions is not None and body.dimensions != eng.lm.config.dim:
+        raise APIError(400, f"dimensions: this model's embeddings have {eng.lm.config.dim}", "dimensions",
+                       "invalid_parameter")
+    tok, ctx = eng.lm.tokenizer, eng.lm.config.max_seq_len
+    several = isinstance(body.input, list) and not isinstance(body.input[0], int)
+    inputs = []
+    for i, one in enumerate(body.inputs):
+        where = f"input.{i}" if several else "input"
+        try:
+            ids = list(one) if isinstance(one, list) else await asyncio.to_thread(tok.encode, one)
+        except CamelidError as exc:
+            raise APIError(400, f"{where}: {exc}", where, "invalid_parameter") from None
+        problem = ("the text is empty" if one == "" else "the text has no tokens" if not ids else
+                   "token id out of the vocabulary" if any(not 0 <= t < tok.vocab_size for t in ids) else
+                   f"{len(ids)} tokens, more than the model's context of {ctx}" if len(ids) > ctx else None)
+        if problem:
+            raise APIError(400, f"{where}: {problem}", where, "invalid_parameter")
+        inputs.append(ids)
+    vectors = await asyncio.to_thread(_embed_locked, eng, inputs, body.pooling, body.normalize)
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+             if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+    n = sum(map(len, inputs))
+    return {"object": "list", "data": data, "model": config.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+_EMBED_LOCK = threading.Lock()
+
+
+def _embed_locked(eng: Engine, inputs, pooling, normalize):
+    with _EMBED_LOCK, torch.inference_mode():
+        return embed(eng.model, inputs, pooling, normalize).cpu()
 
 
 async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]], max_tokens, stops, chat: bool,
