@@ -13,8 +13,11 @@ from camelid.formats import hf as hf_format
 from camelid.formats.load import build_model
 from camelid.generate.embed import embed
 
+import test_serve
 from conftest import make_hf_model
 from test_serve import post
+
+server, lm = test_serve.server, test_serve.lm  # the serve tests' fixtures: one server for the module
 
 IDS = [[1, 5, 9, 20, 3], [7, 8], [4, 4, 4, 4, 4, 4, 4], [11]]
 
@@ -77,20 +80,3 @@ def test_embeddings_bad_input(server, body, needle):
     assert r.status_code in (400, 404) and needle in r.json()["error"]["message"], r.text
     assert httpx.get(f"{server[0]}/health").status_code == 200
 
-
-@pytest.fixture(scope="module")
-def server():
-    from test_serve import running_server, wait_ready
-
-    with running_server() as (base, app):
-        wait_ready(base)
-        yield base, app
-
-
-@pytest.fixture(scope="module")
-def lm():
-    from camelid.formats.load import load_model
-
-    from test_serve import MODEL
-
-    return load_model(MODEL)

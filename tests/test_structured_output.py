@@ -24,10 +24,12 @@ from camelid.model.transformer import Transformer
 from camelid.serve import tool_calls
 from camelid.tokenizer.tokenizer import HFBackend, Tokenizer
 
+import test_serve
 from conftest import REPO, SHARED
 from test_serve import post, running_server, wait_ready
 
 MODEL = REPO / "models" / "stories260K"
+server = test_serve.server  # the serve tests' fixture: one server for the module
 TEMPLATES = REPO / ".cache" / "llama.cpp" / "models" / "templates"
 GPT2 = SHARED / "tokenizers" / "gpt2_tokenizer.json"
 
@@ -102,13 +104,6 @@ def test_bad_schemas_and_grammars_are_refused_by_name(stories):
 
 
 # ---------------------------------------------------------------- the server
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as (base, app):
-        wait_ready(base)
-        yield base, app
 
 
 def chat(base, **body):

@@ -35,6 +35,12 @@ def _refuse_what_is_not_computed(data):
     return data
 
 
+def _optional_schema(v):
+    if v is not None:
+        check_json_schema(v)
+    return v
+
+
 class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -84,12 +90,7 @@ class _Sampling(BaseModel):
     grammar: str | None = None  # llama.cpp's extensions: a GBNF grammar, or a JSON schema, the output follows
     json_schema: Union[dict, bool, None] = None
 
-    @field_validator("json_schema")
-    @classmethod
-    def _json_schema(cls, v):
-        if v is not None:
-            check_json_schema(v)
-        return v
+    _json_schema = field_validator("json_schema")(classmethod(lambda cls, v: _optional_schema(v)))
 
     @model_validator(mode="after")
     def _streams_one_choice(self):
@@ -141,12 +142,7 @@ class FunctionDefinition(BaseModel):
     parameters: dict | None = None
     strict: bool | None = None
 
-    @field_validator("parameters")
-    @classmethod
-    def _json_schema(cls, v):
-        if v is not None:
-            check_json_schema(v)
-        return v
+    _json_schema = field_validator("parameters")(classmethod(lambda cls, v: _optional_schema(v)))
 
 
 class Tool(BaseModel):
