@@ -29,7 +29,9 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on gpu)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT layout) applied on top of MODEL")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="a LoRA adapter folder (PEFT layout), merged into MODEL; `serve` also takes NAME=DIR "
+                        "(repeatable): an adapter kept apart, which a request picks by its `model` name")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-compile", action="store_true",
                    help="do not compile the CPU decode kernel (first use compiles for a few seconds)")
@@ -89,12 +91,16 @@ def _load(args, decoding: bool = True):
     _check_threads(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    merged = [a for a in args.adapter if "=" not in a]
+    if len(merged) > 1 or len(merged) < len(args.adapter):
+        raise CamelidError("--adapter: one adapter folder is merged into the model (camelid serve also serves "
+                           "NAME=DIR adapters per request)")
     lm = require_policy(load_model(args.model, args.device, args.dtype, args.tokenizer), args.model)
-    if args.adapter:
+    if merged:
         from camelid.formats.peft import load_adapter
         from camelid.model.lora import merge_lora
 
-        merge_lora(load_adapter(lm.model, args.adapter))  # merged: decoding then costs what the base costs
+        merge_lora(load_adapter(lm.model, merged[0]))  # merged: decoding then costs what the base costs
     if decoding:
         prepare_for_decoding(lm.model, compile=not args.no_compile)
     return lm
@@ -266,29 +272,72 @@ def _args_serve(p: argparse.ArgumentParser):
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("more_models", nargs="*", metavar="MODEL",
+                   help="more models to serve, each MODEL or NAME=MODEL (MODEL may also be a folder of models); "
+                        "a request's `model` picks one, the first is the default")
+    p.add_argument("--max-models", type=int, default=0,
+                   help="models loaded at once; past it the least recently used idle one is unloaded (default: all)")
+    p.add_argument("--max-model-memory", type=float, default=0,
+                   help="GB of weights and KV caches the loaded models may hold (default: no limit)")
+
+
+def _served_models(args) -> list[tuple[str, str]]:
+    """(name, path) of every model to serve: MODEL, NAME=MODEL, or a folder holding models."""
+    from camelid.formats.load import is_model
+
+    out = []
+    for i, given in enumerate([args.model] + args.more_models):
+        name, _, path = given.rpartition("=") if "=" in given and not Path(given).exists() else ("", "", given)
+        if not Path(path).exists():
+            raise CamelidError(f"{path}: no such file or directory")
+        if Path(path).is_dir() and not is_model(path):
+            inside = sorted(p for p in Path(path).iterdir() if is_model(p))
+            if not inside:
+                raise CamelidError(f"{path}: neither a model nor a folder of models camelid can open")
+            out += [(p.name.removesuffix(".gguf").removesuffix(".bin"), str(p)) for p in inside]
+            continue
+        default = args.name if i == 0 and args.name else Path(path).name.removesuffix(".bin").removesuffix(".gguf")
+        out.append((name or default, path))
+    return out
 
 
 def cmd_serve(args):
     import threading
+    from functools import partial
 
     import uvicorn
 
     from camelid.serve.app import ServerConfig, create_app
     from camelid.serve.listen import KEEP_ALIVE_SECONDS, HeaderTimeoutH11, allowed_hosts, listening_socket
+    from camelid.serve.models import Served
 
     for name in ("max_batch", "max_queue", "max_tokens_limit"):
         if getattr(args, name) < 1:
             raise CamelidError(f"--{name.replace('_', '-')} must be >= 1")
-    if not Path(args.model).exists():  # fail now, not later in the background loader
-        raise CamelidError(f"{args.model}: no such file or directory")
+    if args.max_models < 0 or args.max_model_memory < 0:
+        raise CamelidError("--max-models and --max-model-memory must be >= 0")
+    models = _served_models(args)  # fail now, not later in the background loader
+    served_adapters = []
+    for given in args.adapter:
+        if "=" in given:
+            adapter_name, _, folder = given.partition("=")
+            if not adapter_name or not Path(folder).is_dir():
+                raise CamelidError(f"--adapter {given}: give NAME=DIR, DIR an adapter folder")
+            served_adapters.append((adapter_name, folder))
     _check_threads(args)
     api_key = _api_key(args)
     sock = listening_socket(args.host, args.port)
-    name = args.name or Path(args.model).name.removesuffix(".bin")
+    name = models[0][0]
     config = ServerConfig(model_name=name, api_key=api_key, cors_origins=args.cors_origin, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                          allowed_hosts=allowed_hosts(args.host, args.allowed_host))
-    app = create_app(lambda: _load(args), config)
+                          allowed_hosts=allowed_hosts(args.host, args.allowed_host), max_models=args.max_models,
+                          max_model_bytes=int(args.max_model_memory * 1e9))
+    merged = [a for a in args.adapter if "=" not in a]
+    served = []
+    for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model
+        one = argparse.Namespace(**{**vars(args), "model": path, "adapter": merged if i == 0 else []})
+        served.append(Served(model_name, partial(_load, one), served_adapters if i == 0 else []))
+    app = create_app(served, config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11,
                                            timeout_keep_alive=KEEP_ALIVE_SECONDS))
     state = app.state.camelid
@@ -299,10 +348,12 @@ def cmd_serve(args):
             server.should_exit = True
 
     threading.Thread(target=stop_if_load_fails, daemon=True).start()
-    print(f"camelid serve: {name} on http://{args.host}:{args.port}/ (API at /v1)", file=sys.stderr)
+    others = [n for n, _ in models[1:]] + [n for n, _ in served_adapters]
+    print(f"camelid serve: {name}{' (and ' + ', '.join(others) + ')' if others else ''} on "
+          f"http://{args.host}:{args.port}/ (API at /v1)", file=sys.stderr)
     server.run(sockets=[sock])
     if state["error"] is not None:
-        raise CamelidError(f"{args.model}: {state['error']}")
+        raise CamelidError(f"{models[0][1]}: {state['error']}")
 
 
 def _api_key(args) -> str | None:

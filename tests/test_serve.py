@@ -134,7 +134,7 @@ def test_concurrent_requests_are_batched_and_exact(server, lm):
     ('{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
     ('{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     ('{"prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
-    ('{"prompt": "x", "n": 3}', 400, "n"),
+    ('{"prompt": "x", "n": 0}', 400, "n"),
     ('{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     ('{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
     ('{"prompt": ' + json.dumps("Once upon a time " * 200) + '}', 400, "maximum context length"),

@@ -159,6 +159,12 @@ class _Format:
     config: Callable[[Path], ModelConfig]  # the config alone, without the weights
 
 
+def is_model(path: str | Path) -> bool:
+    """Whether camelid can open `path` as a model (a folder of models is not one)."""
+    path = Path(path)
+    return path.exists() and any(fmt.recognises(path) for fmt in FORMATS)
+
+
 def _format_of(path: Path) -> _Format:
     if not path.exists():
         raise CamelidError(f"{path}: no such file or directory")

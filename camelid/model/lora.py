@@ -9,6 +9,7 @@ store q/k/v (Bloom, GPT-NeoX, Falcon, MPT, Phi-3, GPT-2, StarCoder) or gate/up (
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -165,3 +166,76 @@ def merge_lora(model):
         setattr(model.get_submodule(parent), attr, base)
     model.lora_config = None
     return model
+
+
+# ---------------------------------------------------------------- several adapters, one per batch row
+
+
+_ROWS = threading.local()  # each thread's choice: the engine's decode steps and an embedding batch never mix
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen layer and several adapters' updates, applied per batch row: row b takes adapter
+    `adapter_rows(...)[b]` (0: none). Adapters of different ranks are zero-padded to the largest, which changes
+    nothing; each update is pre-scaled. Serving keeps the adapters apart, so one batch decodes for many."""
+
+    def __init__(self, base: nn.Module, updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                 slices: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.base, self.slices = base, slices
+        rank = max((a.shape[0] for u in updates for a, _ in u.values()), default=1)
+        device = next(iter((*base.parameters(), *base.buffers()))).device
+        for name, (lo, hi) in slices.items():
+            a = torch.zeros(len(updates) + 1, rank, base.in_features, device=device)
+            b = torch.zeros(len(updates) + 1, hi - lo, rank, device=device)
+            for k, update in enumerate(updates, 1):
+                if name in update:
+                    ua, ub = update[name]
+                    a[k, :ua.shape[0]], b[k, :, :ub.shape[1]] = ua, ub
+            self.register_buffer(f"a_{name}", a)
+            self.register_buffer(f"b_{name}", b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = getattr(_ROWS, "ids", None)
+        if rows is None or not bool((rows > 0).any()):
+            return y
+        for name, (lo, hi) in self.slices.items():
+            a, b = getattr(self, f"a_{name}")[rows], getattr(self, f"b_{name}")[rows]  # (B, r, in), (B, out, r)
+            delta = torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)).to(y.dtype)
+            y = y + (delta if hi - lo == y.shape[-1] else F.pad(delta, (lo, y.shape[-1] - hi)))
+        return y
+
+
+@contextmanager
+def adapter_rows(ids: torch.Tensor | list[int]):
+    """For the forwards this thread runs inside the block, batch row b applies adapter ids[b] (0: the base)."""
+    before = getattr(_ROWS, "ids", None)
+    _ROWS.ids = torch.as_tensor(ids, dtype=torch.long)
+    try:
+        yield
+    finally:
+        _ROWS.ids = before
+
+
+def take_adapter(model) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]]:
+    """The model's LoRA adapter as data, {layer path: {target: (A, B scaled, rows)}}, the plain layers put back."""
+    out = {}
+    for path, layer in lora_layers(model).items():
+        out[path] = {name: (layer.lora_A[name].detach().float(), (layer.lora_B[name] * layer.scaling).detach().float(),
+                            rows) for name, rows in layer.slices.items()}
+        parent, attr = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, layer.base)
+    model.lora_config = None
+    return out
+
+
+def add_adapters(model, adapters: list[dict]) -> None:
+    """Give `model` several adapters (each as `take_adapter` returns it), chosen per batch row with
+    `adapter_rows`: the k-th of the list is id k + 1."""
+    for path in sorted({p for adapter in adapters for p in adapter}):
+        slices = {name: rows for adapter in adapters for name, (_, _, rows) in adapter.get(path, {}).items()}
+        updates = [{name: (a, b) for name, (a, b, _) in adapter.get(path, {}).items()} for adapter in adapters]
+        parent_path, attr = path.rsplit(".", 1)
+        parent = model.get_submodule(parent_path)
+        setattr(parent, attr, MultiLoRALinear(getattr(parent, attr), updates, slices))

@@ -28,9 +28,11 @@ from camelid.generate import constrained
 from camelid.generate.constrained import Constraint
 from camelid.generate.embed import embed
 from camelid.generate.sampling import SamplingParams
+from camelid.model.lora import adapter_rows
 from camelid.serve import tool_calls
 from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest
 from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
+from camelid.serve.models import ModelPool, ModelsBusy, Served, UnknownModel
 from camelid.tokenizer.chat_template import render_chat, resolve_template
 
 STATIC = Path(__file__).parent / "static"
@@ -45,6 +47,8 @@ class ServerConfig:
     max_queue: int = 64
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
+    max_models: int = 0  # models loaded at once (0: all of them); the least recently used idle one is unloaded
+    max_model_bytes: int = 0  # or past this many bytes of weights and KV caches (0: no limit)
     # Host header values answered (DNS rebinding: a web page must not reach a local server by a name it
     # controls); "*" answers any. Ports are not compared.
     allowed_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
@@ -115,15 +119,22 @@ class HostCheck:
         return await self.app(scope, receive, send)
 
 
-def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI:
-    """The app loads its model in the background (`load`), answering /health with 503 until it is ready."""
-    state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event()}
+def create_app(load: Callable[[], LoadedModel] | list[Served], config: ServerConfig) -> FastAPI:
+    """The app serves one model (`load`, named config.model_name) or several (a list of Served; the first is
+    the default). The first loads in the background, /health answering 503 until it is ready; the others load
+    on their first request."""
+    served = load if isinstance(load, list) else [Served(config.model_name, load)]
+    pool = ModelPool(served, lambda lm: Engine(lm, config.max_batch, config.max_queue), config.max_models,
+                     config.max_model_bytes)
+    state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event(),
+             "pool": pool}
 
     def _load():
         try:
-            state["engine"] = Engine(load(), config.max_batch, config.max_queue)
+            first, state["engine"], _ = pool.checkout(pool.default)
+            pool.checkin(first)
         except BaseException as exc:  # reported by /health, never a crash; `camelid serve` then exits
-            state["error"] = str(exc) or type(exc).__name__
+            state["error"] = pool.models[pool.default].error or str(exc) or type(exc).__name__
         finally:
             state["loaded"].set()
 
@@ -131,8 +142,7 @@ def create_app(load: Callable[[], LoadedModel], config: ServerConfig) -> FastAPI
     async def lifespan(_app):
         threading.Thread(target=_load, name="camelid-load", daemon=True).start()
         yield
-        if state["engine"] is not None:
-            state["engine"].shutdown()
+        pool.shutdown()
 
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.camelid = state  # the engine, for tests and embedding applications
@@ -201,17 +211,43 @@ def authorize(request: HTTPRequest):
                        kind="authentication_error")
 
 
-def engine(request: HTTPRequest) -> Engine:
-    state = request.app.state.camelid
-    eng = state["engine"]
-    if eng is None:
+@dataclass
+class Using:
+    """The model a request runs on: its engine, the adapter its rows apply (0: none), the name it asked for."""
+    engine: Engine
+    adapter: int
+    name: str
+
+
+@contextlib.asynccontextmanager
+async def _model_for(http: HTTPRequest, name: str):
+    """The engine of the model a request names ("" or absent: the first), loaded first if it must be, and kept
+    from being unloaded until the request is in its engine."""
+    state = http.app.state.camelid
+    pool: ModelPool = state["pool"]
+    try:
+        served, adapter = pool.resolve(name)
+    except UnknownModel:
+        listed = ", ".join(repr(n) for n, _ in pool.names())
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {listed}", "model",
+                       "model_not_found") from None
+    if served.name == pool.default and state["engine"] is None:
         raise APIError(503, "the model is still loading" if state["error"] is None
                        else f"the model failed to load: {state['error']}", code="model_not_ready",
                        kind="server_error")
-    if not eng.alive:
-        raise APIError(503, eng.failure or "the generation engine has stopped", code="engine_stopped",
-                       kind="server_error")
-    return eng
+    try:
+        served, eng, adapter = await asyncio.to_thread(pool.checkout, name)
+    except ModelsBusy as exc:
+        raise APIError(503, str(exc), "model", "models_busy", kind="server_error") from None
+    except CamelidError as exc:
+        raise APIError(503, str(exc), "model", "model_not_ready", kind="server_error") from None
+    try:
+        if not eng.alive:
+            raise APIError(503, eng.failure or "the generation engine has stopped", code="engine_stopped",
+                           kind="server_error")
+        yield Using(eng, adapter, name or pool.default)
+    finally:
+        pool.checkin(served)
 
 
 async def health(request: HTTPRequest):
@@ -228,8 +264,14 @@ async def page():
 
 
 async def models(request: HTTPRequest):
-    name, started = request.app.state.config.model_name, request.app.state.camelid["started"]
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "camelid"}]}
+    state = request.app.state.camelid
+    pool: ModelPool = state["pool"]
+    data = []
+    for name, parent in pool.names():
+        served = pool.models[parent or name]
+        data.append({"id": name, "object": "model", "created": state["started"], "owned_by": "camelid",
+                     "parent": parent, "loaded": served.engine is not None})
+    return {"object": "list", "data": data}
 
 
 async def metrics(request: HTTPRequest):
@@ -249,10 +291,14 @@ def _check_fields(body, http: HTTPRequest):
 
 
 async def chat_completions(body: ChatRequest, http: HTTPRequest):
-    eng = engine(http)
-    lm = eng.lm
-    _check_model(body.model, http.app.state.config)
     _check_fields(body, http)
+    async with _model_for(http, body.model) as use:
+        return await _chat(body, http, use)
+
+
+async def _chat(body: ChatRequest, http: HTTPRequest, use: Using):
+    eng = use.engine
+    lm = eng.lm
     template, template_stops = resolve_template(lm.template)
     messages = [m.for_template() for m in body.messages]
     if not tool_calls.takes_tools(template):
@@ -281,7 +327,7 @@ async def chat_completions(body: ChatRequest, http: HTTPRequest):
     constraint = _constraint(body) if tools is None or not body.calls_forced else tools.forced(lm.tokenizer)
     await _check_constraint(constraint, lm.tokenizer)
     limit = body.max_completion_tokens or body.max_tokens
-    return await _respond(eng, http, body, [prompt], limit, template_stops + lm.stop, chat=True,
+    return await _respond(use, http, body, [prompt], limit, template_stops + lm.stop, chat=True,
                           constraint=constraint, tools=tools)
 
 
@@ -351,9 +397,13 @@ async def _check_constraint(constraint: Constraint | None, tok):
 
 
 async def completions(body: CompletionRequest, http: HTTPRequest):
-    eng = engine(http)
-    _check_model(body.model, http.app.state.config)
     _check_fields(body, http)
+    async with _model_for(http, body.model) as use:
+        return await _complete(body, http, use)
+
+
+async def _complete(body: CompletionRequest, http: HTTPRequest, use: Using):
+    eng = use.engine
     prompts = []
     for i, one in enumerate(body.prompts):
         where = "prompt" if len(body.prompts) == 1 else f"prompt.{i}"
@@ -369,17 +419,20 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
                 raise APIError(400, f"{where}: {exc}", where, "invalid_parameter") from None
     constraint = _constraint(body)
     await _check_constraint(constraint, eng.lm.tokenizer)
-    return await _respond(eng, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False,
+    return await _respond(use, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False,
                           constraint=constraint)
 
 
 async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
-    """Pooled final hidden states. They run beside the engine's decode steps, under a lock of their own: the
-    model's weights are only read, and an embedding batch needs no KV cache."""
-    eng = engine(http)
-    config: ServerConfig = http.app.state.config
-    _check_model(body.model, config)
     _check_fields(body, http)
+    async with _model_for(http, body.model) as use:
+        return await _embeddings(body, use)
+
+
+async def _embeddings(body: EmbeddingRequest, use: Using):
+    """Pooled final hidden states. They run beside the engine's decode steps, under a lock of their own: the
+    model's weights are only read, and an embedding batch needs no KV cache (a served adapter applies)."""
+    eng = use.engine
     if body.dimensions is not None and body.dimensions != eng.lm.config.dim:
         raise APIError(400, f"dimensions: this model's embeddings have {eng.lm.config.dim}", "dimensions",
                        "invalid_parameter")
@@ -398,26 +451,28 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
         if problem:
             raise APIError(400, f"{where}: {problem}", where, "invalid_parameter")
         inputs.append(ids)
-    vectors = await asyncio.to_thread(_embed_locked, eng, inputs, body.pooling, body.normalize)
+    vectors = await asyncio.to_thread(_embed_locked, eng, inputs, body.pooling, body.normalize, use.adapter)
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
              if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
     n = sum(map(len, inputs))
-    return {"object": "list", "data": data, "model": config.model_name,
+    return {"object": "list", "data": data, "model": use.name,
             "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
 _EMBED_LOCK = threading.Lock()
 
 
-def _embed_locked(eng: Engine, inputs, pooling, normalize):
-    with _EMBED_LOCK, torch.inference_mode():
+def _embed_locked(eng: Engine, inputs, pooling, normalize, adapter: int):
+    rows = adapter_rows([adapter] * len(inputs)) if eng.adapters else contextlib.nullcontext()
+    with _EMBED_LOCK, torch.inference_mode(), rows:
         return embed(eng.model, inputs, pooling, normalize).cpu()
 
 
-async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]], max_tokens, stops, chat: bool,
+async def _respond(use: Using, http: HTTPRequest, body, prompts: list[list[int]], max_tokens, stops, chat: bool,
                    constraint: Constraint | None = None, tools: _Tools | None = None):
     config: ServerConfig = http.app.state.config
+    eng = use.engine
     if max_tokens is not None and max_tokens > config.max_tokens_limit:
         raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
     if body.n > eng.max_batch:
@@ -430,7 +485,7 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
         requests += group
         leaders.append(group[0])
     for req in requests:
-        req.constraint = constraint
+        req.constraint, req.adapter = constraint, use.adapter
     loop = asyncio.get_running_loop()
     queues = [asyncio.Queue() for _ in requests]
     for req, events in zip(requests, queues):
@@ -448,7 +503,7 @@ async def _respond(eng: Engine, http: HTTPRequest, body, prompts: list[list[int]
     except EngineStopped as exc:
         raise APIError(503, str(exc), code="engine_stopped", kind="server_error") from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    meta = dict(id=rid, created=int(time.time()), model=config.model_name)
+    meta = dict(id=rid, created=int(time.time()), model=use.name)
     first = queues[0].get() if body.stream else asyncio.gather(*(_collect(q) for q in queues))
     try:  # the first event, or for a non-streaming request the whole reply, unless the client leaves
         replies = await _unless_gone(first, http)
@@ -528,12 +583,6 @@ def _choice_seed(seed: int | None, choice: int) -> int | None:
     if seed is None or choice == 0:
         return seed
     return (seed + choice + (1 << 63)) % (1 << 64) - (1 << 63)
-
-
-def _check_model(name: str, config: ServerConfig):
-    if name and name != config.model_name:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
-                       "model", "model_not_found")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from camelid.generate.constrained import Constraint, Guide, allowed_tokens, allo
 from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
 from camelid.generate.sampling import SamplingParams, make_generator, sample
+from camelid.model.lora import MultiLoRALinear, adapter_rows
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
 
 
@@ -86,6 +87,7 @@ class Request:
     constraint: Constraint | None = None  # a JSON schema or grammar the output follows
     # the other choices of an n > 1 request: the same prompt, prefilled once into this request's row and copied
     copies: list["Request"] = field(default_factory=list)
+    adapter: int = 0  # the LoRA adapter its rows apply (model/lora.py's adapter_rows; 0: the base alone)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -120,7 +122,9 @@ class Engine:
         self.max_queue = max_queue
         self.ctx = lm.config.max_seq_len
         self.cache = _allocate_cache(self.model, max_batch, self.ctx)
-        self.decode = decode_step(self.model)  # the served model's weights stay as they are
+        # served adapters apply per row, which only the model's own forward does (not the fused C step)
+        self.adapters = any(isinstance(m, MultiLoRALinear) for m in self.model.modules())
+        self.decode = self.model if self.adapters else decode_step(self.model)  # the weights stay as they are
         self.vocab_width = lm.config.vocab_size  # the logits' width, for grammar masks
         self.device = self.model.device
         self.waiting: collections.deque[Request] = collections.deque()
@@ -206,7 +210,8 @@ class Engine:
         row = len(self.active)
         try:  # a failing request must not take the others down
             ids = torch.tensor([req.prompt], device=self.device)
-            logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=not req.prompt_logprobs)
+            with self._rows([req.adapter]):
+                logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=not req.prompt_logprobs)
             scored = None
             if req.prompt_logprobs:
                 scored = [TokenLogprob(req.prompt[0], None, [])] + token_logprobs(logits[0, :-1], req.prompt[1:],
@@ -256,7 +261,8 @@ class Engine:
         # the grammars' masks depend only on the tokens taken so far: computed while the forward runs
         masks = allowed_tokens_soon(guides, self.vocab_width) if any(guides) else None
         try:
-            logits = self.decode(tokens, starts, self.cache.rows(0, n), None)[:, -1]
+            with self._rows([s.req.adapter for s in self.active]):
+                logits = self.decode(tokens, starts, self.cache.rows(0, n), None)[:, -1]
         except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
             for slot in self.active:
                 self._fail(slot.req, exc)
@@ -280,6 +286,9 @@ class Engine:
                 continue
             self._accept(slot, token, logits[i:i + 1])
         self._retire_finished()
+
+    def _rows(self, adapters: list[int]):
+        return adapter_rows(adapters) if self.adapters else contextlib.nullcontext()
 
     def _fail(self, req: Request, exc: Exception):
         req.finish_reason = "error"
