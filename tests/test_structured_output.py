@@ -22,6 +22,7 @@ from camelid.generate.sampling import SamplingParams
 from camelid.model.config import ModelConfig
 from camelid.model.transformer import Transformer
 from camelid.serve import tool_calls
+from camelid.tokenizer import tool_turns
 from camelid.tokenizer.tokenizer import HFBackend, Tokenizer
 
 import test_serve
@@ -284,7 +285,7 @@ SYNTAXES = {"Qwen-Qwen2.5-7B-Instruct.jinja": "hermes", "NousResearch-Hermes-3-L
 @pytest.mark.parametrize("name", sorted(SYNTAXES))
 def test_each_template_gets_its_syntax_and_renders_tools_and_calls(name, gpt2_model):
     source = template(name)
-    syntax = tool_calls.syntax_of(source) if tool_calls.takes_tools(source) else "generic"
+    syntax = tool_turns.syntax_of(source) if tool_turns.takes_tools(source) else "generic"
     assert syntax == SYNTAXES[name]
     lm = LoadedModel(gpt2_model.model, gpt2_model.tokenizer, template=source)
     with running_server(lambda: lm) as (base, _):

@@ -1,8 +1,11 @@
 """Instruction and chat datasets: Alpaca, Dolly, ShareGPT and OpenAI `messages`, read into one shape.
 
-A sample is a conversation: a list of {"role": "system"|"user"|"assistant", "content": str}; an Alpaca user
-turn may also carry "input", which the Alpaca template renders in its own section. Malformed records are
-reported with their file and line and skipped, never dropped silently."""
+A sample is a conversation: a list of {"role": "system"|"user"|"assistant"|"tool", "content": str}; an Alpaca
+user turn may also carry "input", which the Alpaca template renders in its own section. Tool use (ShareGPT's
+`function_call` and `observation` turns, OpenAI's assistant `tool_calls` and `tool` messages) becomes
+assistant messages with `tool_calls` and tool messages, and a record's `tools` ride on its first message
+(`conversation[0]["tools"]`, which masking hands to the template). Malformed records are reported with their
+file and line and skipped, never dropped silently."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from camelid.files import atomic_file, parse_json
 
 FORMATS = ("alpaca", "dolly", "sharegpt", "messages")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
-                   "assistant": "assistant", "system": "system"}
+                   "assistant": "assistant", "system": "system", "function_call": "assistant", "observation": "tool"}
 
 
 @dataclass
@@ -107,35 +110,99 @@ def to_conversation(record, fmt: str | None = None) -> list[dict]:
             raise ValueError("'conversations' is not a list")
         conversation = []
         for i, t in enumerate(turns):
-            role = _SHAREGPT_ROLES.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+            kind = str(t.get("from", "")).lower() if isinstance(t, dict) else ""
+            role = _SHAREGPT_ROLES.get(kind)
             if role is None:
-                raise ValueError(f"conversations[{i}] has no known 'from' (human, gpt or system)")
-            conversation.append({"role": role, "content": _text(t.get("value"), f"conversations[{i}].value")})
+                raise ValueError(f"conversations[{i}] has no known 'from' (human, gpt, system, function_call "
+                                 "or observation)")
+            text = _text(t.get("value"), f"conversations[{i}].value")
+            conversation.append(_tool_call(text, f"conversations[{i}]") if kind == "function_call"
+                                else {"role": role, "content": text})
     elif fmt == "messages":
         turns = record["messages"]
         if not isinstance(turns, list):
             raise ValueError("'messages' is not a list")
         conversation = []
         for i, m in enumerate(turns):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"messages[{i}] has no role system, user or assistant")
-            conversation.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"messages[{i}] has no role system, user, assistant or tool")
+            message = {"role": m["role"], "content": _text(m.get("content") or "", f"messages[{i}].content")}
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                message["tool_calls"] = _calls(m["tool_calls"], f"messages[{i}].tool_calls")
+            conversation.append(message)
     else:
         raise ValueError("not Alpaca (instruction, output), Dolly (instruction, response), ShareGPT "
                          "(conversations) or messages")
+    tools = _tools(record["tools"]) if fmt in ("sharegpt", "messages") and record.get("tools") else []
+    if tools:
+        conversation[0]["tools"] = tools
     check_conversation(conversation)
     return conversation
 
 
+def _tool_call(text: str, where: str) -> dict:
+    """A function_call turn's JSON ({"name", "arguments"}) as an assistant message's tool call."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{where}: a function call that is not JSON") from None
+    return {"role": "assistant", "content": "", "tool_calls": _calls([call], where)}
+
+
+def _calls(calls, where: str) -> list[dict]:
+    """Tool calls as chat templates read them: {"type": "function", "function": {"name", "arguments": {...}}}."""
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: tool calls are a list")
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        args = function.get("arguments", {}) if isinstance(function, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not isinstance(args, dict):
+            raise ValueError(f"{where}: a tool call needs a name and an object of arguments")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": args},
+                    **({"id": call["id"]} if isinstance(call.get("id"), str) else {})})
+    return out
+
+
+def _tools(tools) -> list[dict]:
+    """A record's tools (a list, or the JSON text of one; bare functions or {"type": "function", ...}) in the
+    OpenAI shape templates are given."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise ValueError("'tools' is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("'tools' is not a list of functions")
+    out = []
+    for t in tools:
+        function = t.get("function", t)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError("'tools': a function without a name")
+        out.append({"type": "function", "function": function})
+    return out
+
+
 def check_conversation(conversation: list[dict]):
-    roles = [m["role"] for m in conversation if m["role"] != "system"]
-    if not roles or "assistant" not in roles:
+    turns = [m["role"] for m in conversation if m["role"] != "system"]
+    if "assistant" not in turns:
         raise ValueError("no assistant turn to learn from")
+    for i, m in enumerate(conversation):
+        if m["role"] == "tool" and (i == 0 or conversation[i - 1]["role"] not in ("assistant", "tool")
+                                    or not any(c.get("tool_calls") for c in conversation[:i])):
+            raise ValueError(f"turn {i}: a tool's result must follow a call")
+    # tool results (one per call, several after parallel calls) stand where a user turn would
+    roles = ["user" if r == "tool" else r for i, r in enumerate(turns) if not (r == "tool" and turns[i - 1] == "tool")]
     if roles[0] != "user" or any(a == b for a, b in zip(roles, roles[1:])):
         raise ValueError("turns must alternate user, assistant, user, ...")
     if any(m["role"] == "system" for m in conversation[1:]):
         raise ValueError("a system message may only come first")
-    if not any(m["content"].strip() for m in conversation if m["role"] == "assistant"):
+    if not any(m["content"].strip() or m.get("tool_calls") for m in conversation if m["role"] == "assistant"):
         raise ValueError("the assistant turns are empty")
 
 

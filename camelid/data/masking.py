@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from camelid.errors import CamelidError
 from camelid.tokenizer.chat_template import render_chat
 from camelid.tokenizer.tokenizer import Tokenizer
+from camelid.tokenizer.tool_turns import render_first, tool_chat
 
 IGNORE = -100  # the label PyTorch's cross_entropy skips
 
@@ -42,8 +43,19 @@ class MaskStats:
 def turn_tokens(tokenizer: Tokenizer, template: str, conversation: list[dict], train_on_prompt: bool = False,
                 stats: MaskStats | None = None) -> list[tuple[bool, list[int]]]:
     """(trained, tokens) for each run of messages that are all trained or all masked. The generation prompt
-    that follows a user turn ("ASSISTANT:") belongs to the masked run before the reply."""
+    that follows a user turn ("ASSISTANT:") belongs to the masked run before the reply. Tools (on the first
+    message) are rendered as `camelid serve` renders them for this template; an assistant's calls are trained,
+    the tools' results are not."""
     specials = tokenizer.special_tokens_map
+    tools = conversation[0].get("tools") if conversation else None
+    if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation):
+        conversation = [{k: v for k, v in m.items() if k != "tools"} for m in conversation]
+
+        def render(messages, add_generation_prompt):
+            return render_first(template, tool_chat(template, messages, tools), specials, add_generation_prompt)
+    else:
+        def render(messages, add_generation_prompt):
+            return render_chat(template, messages, specials, add_generation_prompt=add_generation_prompt)
 
     def trained(k):
         return train_on_prompt or conversation[k]["role"] == "assistant"
@@ -55,7 +67,7 @@ def turn_tokens(tokenizer: Tokenizer, template: str, conversation: list[dict], t
     out = []
     for k in cuts:
         cue = k < len(conversation) and conversation[k]["role"] == "assistant"
-        new_text = render_chat(template, conversation[:k], specials, add_generation_prompt=cue)
+        new_text = render(conversation[:k], cue)
         if not new_text.startswith(text):
             raise CamelidError("chat template: rendering a conversation changes its earlier turns; "
                                "it cannot be used for training")
@@ -100,9 +112,16 @@ def _split(tokenizer, template, conversation, max_len, train_on_prompt, stats) -
     """Vicuna's split: pieces of whole user/assistant exchanges (each keeping the system prompt) that fit."""
     system = conversation[:1] if conversation[0]["role"] == "system" else []
     rest = conversation[len(system):]
-    exchanges = [rest[i:i + 2] for i in range(0, len(rest), 2)]
+    tools = {"tools": conversation[0]["tools"]} if "tools" in conversation[0] else {}
+    # an exchange: a user turn and what answers it (calls and their results included), up to the next user turn
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"] + [len(rest)]
+    exchanges = [rest[a:b] for a, b in zip(starts, starts[1:])]
+
     def piece_sample(messages):
-        return _pack(turn_tokens(tokenizer, template, system + messages, train_on_prompt, stats), max_len)
+        messages = system + messages
+        if tools and "tools" not in messages[0]:  # every piece is rendered with the record's tools
+            messages = [{**messages[0], **tools}] + messages[1:]
+        return _pack(turn_tokens(tokenizer, template, messages, train_on_prompt, stats), max_len)
 
     samples, piece = [], []
     for exchange in exchanges:

@@ -33,7 +33,8 @@ from camelid.serve import tool_calls
 from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest
 from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
 from camelid.serve.models import ModelPool, ModelsBusy, Served, UnknownModel
-from camelid.tokenizer.chat_template import render_chat, resolve_template
+from camelid.tokenizer.chat_template import resolve_template
+from camelid.tokenizer.tool_turns import render_first, syntax_of, takes_tools, tool_chat
 
 STATIC = Path(__file__).parent / "static"
 
@@ -301,24 +302,11 @@ async def _chat(body: ChatRequest, http: HTTPRequest, use: Using):
     lm = eng.lm
     template, template_stops = resolve_template(lm.template)
     messages = [m.for_template() for m in body.messages]
-    if not tool_calls.takes_tools(template):
-        messages = tool_calls.as_plain_turns(messages)
-    tools, extra, described = _tool_context(body, template), {}, [messages]
-    if tools is not None and tools.syntax == "generic":  # in a system message, or the first user turn's
-        described = _with_tools_described(messages, tool_calls.generic_system_prompt(tools.offered))
-    elif tools is not None:
-        extra["tools"] = tools.offered
+    tools = _tool_context(body, template)
+    candidates = tool_chat(template, messages, tools.offered if tools else None)
 
     def chat_prompt():  # in a worker thread: a long prompt or a slow template must not stall the loop
-        for i, listed in enumerate(described):
-            try:
-                text = render_chat(template, listed, lm.tokenizer.special_tokens_map, add_generation_prompt=True,
-                                   **extra)
-                break
-            except CamelidError:
-                if i == len(described) - 1:  # templates without a system role (Gemma) refuse the first
-                    raise
-        return lm.tokenizer.encode(text, bos=False)
+        return lm.tokenizer.encode(render_first(template, candidates, lm.tokenizer.special_tokens_map), bos=False)
 
     try:
         prompt = await asyncio.to_thread(chat_prompt)
@@ -351,22 +339,8 @@ def _tool_context(body: ChatRequest, template: str) -> _Tools | None:
     active = body.active_tools
     if not active:
         return None
-    syntax = tool_calls.syntax_of(template) if tool_calls.takes_tools(template) else "generic"
+    syntax = syntax_of(template) if takes_tools(template) else "generic"
     return _Tools(syntax, [t.for_template() for t in active], body.parallel_tool_calls is not False)
-
-
-def _with_tools_described(messages: list[dict], text: str) -> list[list[dict]]:
-    """The messages with the tools described in a system message, and in the first user message instead."""
-    if messages and messages[0]["role"] == "system":
-        system = [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
-    else:
-        system = [{"role": "system", "content": text}] + messages
-    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-    if first is None or messages[0]["role"] == "system":
-        return [system]
-    user = list(messages)
-    user[first] = {**user[first], "content": text + "\n\n" + user[first]["content"]}
-    return [system, user]
 
 
 def _constraint(body) -> Constraint | None:

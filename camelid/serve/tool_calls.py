@@ -1,13 +1,6 @@
-"""Tool calls in a model's own syntax: which syntax a chat template teaches, the grammar that makes a model call
-a tool (tool_choice `required` or a named function), and the parse of a reply into OpenAI's `tool_calls`.
-
-The syntaxes, as the models' templates and vLLM's parsers have them:
-- hermes (Hermes 2/3, Qwen2.5, Qwen3): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, repeated
-- llama3 (Llama 3.1-3.3): a JSON object `{"name": ..., "parameters": {...}}`, several joined by `;`
-- mistral: `[TOOL_CALLS]` and a JSON list of `{"name": ..., "arguments": {...}}`
-- generic (a template that knows nothing of tools): the tools are described in a system message and the model
-  answers `{"tool_calls": [{"name": ..., "arguments": {...}}]}`.
-"""
+"""Tool calls in a model's own syntax (tokenizer/tool_turns.py lists them and renders them into prompts): the
+grammar that makes a model call a tool (tool_choice `required` or a named function), and the parse of a reply
+into OpenAI's `tool_calls`, as vLLM's parsers read them."""
 
 from __future__ import annotations
 
@@ -18,8 +11,7 @@ import string
 from dataclasses import dataclass
 
 from camelid.generate.constrained import JSON_OPTIONS
-
-MISTRAL_MARKER = "[TOOL_CALLS]"
+from camelid.tokenizer.tool_turns import MISTRAL_MARKER
 
 
 @dataclass
@@ -31,51 +23,6 @@ class ToolCall:
     def as_openai(self, index: int | None = None) -> dict:
         out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return out if index is None else {"index": index, **out}
-
-
-def syntax_of(template: str) -> str:
-    """The tool-call syntax a chat template's source teaches its model."""
-    if "<tool_call>" in template:
-        return "hermes"
-    if MISTRAL_MARKER in template:
-        return "mistral"
-    if "<|start_header_id|>" in template and "tools" in template:
-        return "llama3"
-    return "generic"
-
-
-def takes_tools(template: str) -> bool:
-    """Whether the template renders a `tools` list itself (else the tools go in as a system message)."""
-    return re.search(r"\btools\b", template) is not None
-
-
-def generic_system_prompt(tools: list[dict]) -> str:
-    listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-    return ("You can call these functions:\n" + listing + "\n\nTo call functions, answer with JSON only: "
-            '{"tool_calls": [{"name": <function name>, "arguments": <an object of its arguments>}]}. '
-            "Otherwise answer in plain text.")
-
-
-def as_plain_turns(messages: list[dict]) -> list[dict]:
-    """A history with tool calls and tool results, for a template that knows neither: an assistant's calls
-    become its text in the generic syntax, and the results that follow them one user turn."""
-    out = []
-    for m in messages:
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": c["function"].get("arguments", {})}
-                     for c in m["tool_calls"]]
-            text = json.dumps({"tool_calls": calls}, ensure_ascii=False)
-            out.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + text})
-        elif m["role"] == "tool":
-            result = json.dumps({"tool_result": {"tool_call_id": m.get("tool_call_id"), "content": m["content"]}},
-                                ensure_ascii=False)
-            if out and out[-1].get("tool_results"):
-                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + result}
-            else:
-                out.append({"role": "user", "content": result, "tool_results": True})
-        else:
-            out.append(m)
-    return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
 
 
 def call_id(syntax: str) -> str:
