@@ -675,8 +675,22 @@ def test_n_choices_share_one_prefill_and_seed_per_choice(server, lm):
     assert len(chat["choices"]) == 2 and chat["choices"][0]["message"] == chat["choices"][1]["message"]
     two = post(base, "/v1/completions", {**COMPLETION, "prompt": ["Once", "The cat"], "n": 2}).json()["choices"]
     assert [c["text"] for c in two] == [greedy(lm, "Once", 3)] * 2 + [greedy(lm, "The cat", 3)] * 2
-    for bad, needle in (({"n": 2, "stream": True}, "n: stream one choice"), ({"n": 500}, "n: Input should be")):
-        r = post(base, "/v1/completions", {**COMPLETION, **bad})
-        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    r = post(base, "/v1/completions", {**COMPLETION, "n": 500})
+    assert r.status_code == 400 and "n: Input should be" in r.json()["error"]["message"], r.text
+    for path, body in (("/v1/completions", {"max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 3}),
+                       ("/v1/chat/completions", {**CHAT, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 3})):
+        body = {**(COMPLETION if "chat" not in path else {}), **body}
+        whole = post(base, path, body).json()
+        streamed = {}
+        with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True,
+                                                         "stream_options": {"include_usage": True}}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        for c in chunks[:-1]:  # the choices' chunks interleave, each with its index
+            (choice,) = c["choices"]
+            piece = choice["delta"].get("content") or "" if "delta" in choice else choice["text"]
+            streamed[choice["index"]] = streamed.get(choice["index"], "") + piece
+        texts = [c["message"]["content"] if "message" in c else c["text"] for c in whole["choices"]]
+        assert [streamed[i] for i in range(3)] == texts
+        assert chunks[-1]["usage"] == whole["usage"]
     r = post(base, "/v1/completions", {**COMPLETION, "n": 100})
     assert r.status_code == 400 and "n: at most" in r.json()["error"]["message"]

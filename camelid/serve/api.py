@@ -93,12 +93,6 @@ class _Sampling(BaseModel):
     _json_schema = field_validator("json_schema")(classmethod(lambda cls, v: _optional_schema(v)))
 
     @model_validator(mode="after")
-    def _streams_one_choice(self):
-        if self.stream and self.n > 1:
-            raise ValueError("n: stream one choice per request (n: 1)")
-        return self
-
-    @model_validator(mode="after")
     def _one_constraint(self):
         given = [name for name, on in (("response_format", self.response_format and
                                          self.response_format.type != "text"),

@@ -462,8 +462,11 @@ async def _respond(use: Using, http: HTTPRequest, body, prompts: list[list[int]]
         req.constraint, req.adapter = constraint, use.adapter
     loop = asyncio.get_running_loop()
     queues = [asyncio.Queue() for _ in requests]
-    for req, events in zip(requests, queues):
-        req.emit = lambda kind, value, events=events: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+    for i, (req, events) in enumerate(zip(requests, queues)):
+        if body.stream:  # one stream for every choice: each event says whose it is
+            events = queues[0]
+        req.emit = lambda kind, value, events=events, i=i: loop.call_soon_threadsafe(
+            events.put_nowait, (i, kind, value) if body.stream else (kind, value))
     submitted = []
     try:
         for req in leaders:
@@ -490,11 +493,14 @@ async def _respond(use: Using, http: HTTPRequest, body, prompts: list[list[int]]
             req.cancel()
         return JSONResponse({}, status_code=499)
     if body.stream:
-        if replies[0] == "error":  # failed before its first token: the status code can still say so
-            raise _generation_error(replies[1])
+        if replies[1] == "error":  # failed before its first token: the status code can still say so
+            for req in requests:
+                req.cancel()
+            raise _generation_error(replies[2])
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         echo = _echo(eng, body, body.prompts[0]) if not chat else ""
-        return StreamingResponse(_sse(eng, requests[0], queues[0], meta, chat, include_usage, replies, echo, tools),
+        return StreamingResponse(_sse(eng, requests, queues[0], meta, chat, include_usage, replies, echo, tools,
+                                      shared_prompt=body.n > 1),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     usage = {k: sum(_usage(req)[k] for req in requests) for k in ("prompt_tokens", "completion_tokens",
@@ -667,84 +673,110 @@ def _echo(eng: Engine, body, sent) -> str:
     return sent if isinstance(sent, str) else eng.lm.tokenizer.decode(sent)
 
 
-async def _sse(eng: Engine, req: Request, events: asyncio.Queue, meta: dict, chat: bool, include_usage: bool,
-               first: tuple, echo: str = "", tools: _Tools | None = None):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; each chunk carries the
-    logprobs of the tokens its text comes from. A client that goes away cancels the generator here, which
-    cancels its request in the engine."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    tok, pending = eng.lm.tokenizer, Reply()
-    calls = tool_calls.CallStream(tools.syntax, tools.names) if tools is not None else None
-    offset = {"text": len(echo)}
-    context = list(req.prompt)  # what the pending tokens follow (the engine's req.tokens may be further on)
+class _ChoiceStream:
+    """One choice of a streamed reply: its engine events become OpenAI chunks, each carrying the logprobs of
+    the tokens its text comes from, tool calls held back and sent as tool_calls deltas."""
 
-    def logprobs():
-        if req.logprobs is None:
+    def __init__(self, eng: Engine, req: Request, index: int, meta: dict, chat: bool, echo: str,
+                 tools: _Tools | None):
+        self.req, self.index, self.meta, self.chat, self.echo = req, index, meta, chat, echo
+        self.obj = "chat.completion.chunk" if chat else "text_completion"
+        self.tok, self.pending = eng.lm.tokenizer, Reply()
+        self.calls = tool_calls.CallStream(tools.syntax, tools.names) if tools is not None else None
+        self.offset = len(echo)
+        self.context = list(req.prompt)  # what the pending tokens follow (the engine's req.tokens may be further)
+
+    def _logprobs(self):
+        if self.req.logprobs is None:
             return None
-        if chat:
-            out = _chat_logprobs(tok, context, pending.tokens)
+        if self.chat:
+            out = _chat_logprobs(self.tok, self.context, self.pending.tokens)
         else:
-            out = _completion_logprobs(tok, context, pending, echo)
-            if not pending.prompt:
-                out["text_offset"] = [o + offset["text"] for o in out["text_offset"]]
-        context.extend(e.token for e in pending.tokens)
-        pending.tokens, pending.prompt = [], []
+            out = _completion_logprobs(self.tok, self.context, self.pending, self.echo)
+            if not self.pending.prompt:
+                out["text_offset"] = [o + self.offset for o in out["text_offset"]]
+        self.context.extend(e.token for e in self.pending.tokens)
+        self.pending.tokens, self.pending.prompt = [], []
         return out
 
-    def chunk(delta_or_text, finish=None):
-        lp = logprobs()
-        if chat:
-            choice = {"index": 0, "delta": delta_or_text, "logprobs": lp, "finish_reason": finish}
+    def chunk(self, delta_or_text, finish=None) -> str:
+        choice = {"index": self.index, "logprobs": self._logprobs(), "finish_reason": finish}
+        if self.chat:
+            choice["delta"] = delta_or_text
         else:
-            offset["text"] += len(delta_or_text)
-            choice = {"index": 0, "text": delta_or_text, "logprobs": lp, "finish_reason": finish}
-        return "data: " + json.dumps({**meta, "object": obj, "choices": [choice]}, ensure_ascii=False) + "\n\n"
+            self.offset += len(delta_or_text)
+            choice["text"] = delta_or_text
+        return "data: " + json.dumps({**self.meta, "object": self.obj, "choices": [choice]}, ensure_ascii=False) + \
+            "\n\n"
 
+    def start(self) -> list[str]:
+        out = [self.chunk({"role": "assistant", "content": ""})] if self.chat else []
+        if self.echo and not self.req.prompt_logprobs:  # the prompt first, as a completion with echo returns it
+            out.append(self.chunk(self.echo))
+        return out
+
+    def handle(self, kind: str, value) -> list[str]:
+        """The chunks an event makes (an "error" or "done" event ends the choice)."""
+        if kind == "prompt":  # echo with logprobs: the prompt's text and its tokens' log-probabilities
+            self.pending.prompt, self.offset = value, 0
+            return [self.chunk(self.echo)]
+        if kind == "token":
+            self.pending.tokens.append(value)
+            return []
+        if kind == "text":
+            content = self.calls.push(value) if self.calls is not None else value
+            return [self.chunk({"content": content} if self.chat else content)] if content else []
+        if kind == "error":
+            err = _generation_error(value)
+            return ["data: " + json.dumps({"error": {"message": err.message, "type": err.kind, "code": err.code}},
+                                          ensure_ascii=False) + "\n\n"]
+        out, finish = [], self.req.finish_reason
+        if self.calls is not None:
+            content, found = self.calls.finish()
+            if content:
+                out.append(self.chunk({"content": content}))
+            for i, call in enumerate(found):  # the call's name first, then its arguments, as OpenAI does
+                head = call.as_openai(i)
+                head["function"] = {"name": call.name, "arguments": ""}
+                out += [self.chunk({"tool_calls": [head]}),
+                        self.chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})]
+            finish = "tool_calls" if found else finish
+        return out + [self.chunk({} if self.chat else "", finish)]
+
+
+async def _sse(eng: Engine, requests: list[Request], events: asyncio.Queue, meta: dict, chat: bool,
+               include_usage: bool, first: tuple, echo: str = "", tools: _Tools | None = None, shared_prompt=False):
+    """Server-sent events in OpenAI's chunk format, the choices' chunks as they come (each with its index),
+    ending with `data: [DONE]`. A client that goes away cancels the generator here, which cancels its
+    requests in the engine; an error ends the stream."""
+    streams = [_ChoiceStream(eng, req, i, meta, chat, echo, tools) for i, req in enumerate(requests)]
+    live = set(range(len(streams)))
     try:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        if echo and not req.prompt_logprobs:  # the prompt first, as a completion with echo returns it
-            yield chunk(echo)
-        kind, value = first
+        for stream in streams:
+            for line in stream.start():
+                yield line
+        index, kind, value = first
         while True:
-            if kind == "prompt":  # echo with logprobs: the prompt's text and its tokens' log-probabilities
-                pending.prompt = value
-                offset["text"] = 0
-                yield chunk(echo)
-            elif kind == "token":
-                pending.tokens.append(value)
-            elif kind == "text" and calls is not None:
-                content = calls.push(value)
-                if content:
-                    yield chunk({"content": content})
-            elif kind == "text":
-                yield chunk({"content": value} if chat else value)
-            elif kind == "error":
-                err = _generation_error(value)
-                yield "data: " + json.dumps({"error": {"message": err.message, "type": err.kind, "code": err.code}},
-                                            ensure_ascii=False) + "\n\n"
+            for line in streams[index].handle(kind, value):
+                yield line
+            if kind == "error":
                 break
-            else:
-                finish = req.finish_reason
-                if calls is not None:
-                    content, found = calls.finish()
-                    if content:
-                        yield chunk({"content": content})
-                    for i, call in enumerate(found):  # the call's name first, then its arguments, as OpenAI does
-                        head = call.as_openai(i)
-                        head["function"] = {"name": call.name, "arguments": ""}
-                        yield chunk({"tool_calls": [head]})
-                        yield chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})
-                    finish = "tool_calls" if found else finish
-                yield chunk({} if chat else "", finish)
-                break
-            kind, value = await events.get()
-        if include_usage:
-            yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": _usage(req)}) + "\n\n"
+            if kind == "done":
+                live.discard(index)
+                if not live:
+                    break
+            index, kind, value = await events.get()
+        if include_usage and kind != "error":
+            usage = {k: sum(_usage(r)[k] for r in requests) for k in ("prompt_tokens", "completion_tokens")}
+            if shared_prompt:
+                usage["prompt_tokens"] = len(requests[0].prompt)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield "data: " + json.dumps({**meta, "object": streams[0].obj, "choices": [], "usage": usage}) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        if req.finish_reason is None:
-            req.cancel()
+        for req in requests:
+            if req.finish_reason is None:
+                req.cancel()
 
 
 def prometheus_text(eng: Engine | None) -> str:
