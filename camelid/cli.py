@@ -279,6 +279,9 @@ def _args_serve(p: argparse.ArgumentParser):
                    help="models loaded at once; past it the least recently used idle one is unloaded (default: all)")
     p.add_argument("--max-model-memory", type=float, default=0,
                    help="GB of weights and KV caches the loaded models may hold (default: no limit)")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="let API clients load and unload LoRA adapters from this machine's folders "
+                        "(/v1/load_lora_adapter, vLLM's API)")
 
 
 def _served_models(args) -> list[tuple[str, str]]:
@@ -331,7 +334,8 @@ def cmd_serve(args):
     config = ServerConfig(model_name=name, api_key=api_key, cors_origins=args.cors_origin, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                           allowed_hosts=allowed_hosts(args.host, args.allowed_host), max_models=args.max_models,
-                          max_model_bytes=int(args.max_model_memory * 1e9))
+                          max_model_bytes=int(args.max_model_memory * 1e9),
+                          allow_adapter_loading=args.allow_adapter_loading)
     merged = [a for a in args.adapter if "=" not in a]
     served = []
     for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model

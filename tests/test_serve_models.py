@@ -192,3 +192,46 @@ def test_serve_reads_names_paths_and_folders_of_models(tmp_path):
                         (str(tmp_path / "nowhere"), "no such file")):
         with pytest.raises(CamelidError, match=needle):
             _served_models(argparse.Namespace(model=bad, more_models=[], name=None))
+
+
+def test_adapters_load_and_unload_at_run_time(adapters, tmp_path):
+    server, thread, base, app = serve([Served("stories", lambda: load_model(MODEL))], allow_adapter_loading=True)
+    try:
+        wait_ready(base)
+        plain = complete(base, "stories", PROMPTS[0])
+        r = post(base, "/v1/load_lora_adapter", {"lora_name": "one", "lora_path": str(adapters[0])})
+        assert r.status_code == 200, r.text
+        merged = load_model(MODEL)
+        merge_lora(load_adapter(merged.model, adapters[0]))
+        assert complete(base, "one", PROMPTS[0]) == greedy(merged, PROMPTS[0]) != plain
+        assert complete(base, "stories", PROMPTS[0]) == plain
+        lm = load_model(MODEL)  # an adapter whose matrices fit another base
+        add_lora(lm.model, LoRAConfig(rank=4, targets=["q_proj"]))
+        foreign = tmp_path / "foreign"
+        save_adapter(lm.model, foreign)
+        config = foreign / "adapter_model.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        tensors = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in load_file(str(config)).items()}
+        save_file(tensors, str(config))
+        for body, status, needle in (
+                ({"lora_name": "one", "lora_path": str(adapters[1])}, 400, "already served"),
+                ({"lora_name": "bad", "lora_path": str(tmp_path / "none")}, 400, "no such adapter folder"),
+                ({"lora_name": "bad", "lora_path": str(tmp_path)}, 400, "not a PEFT adapter folder"),
+                ({"lora_name": "bad", "lora_path": str(foreign)}, 400, "different base model")):
+            r = post(base, "/v1/load_lora_adapter", body)
+            assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+        assert complete(base, "one", PROMPTS[0]) == greedy(merged, PROMPTS[0])  # the failed loads left nothing
+        assert complete(base, "stories", PROMPTS[0]) == plain
+        assert post(base, "/v1/unload_lora_adapter", {"lora_name": "one"}).status_code == 200
+        assert post(base, "/v1/completions", {"model": "one", "prompt": "x"}).status_code == 404
+        assert post(base, "/v1/unload_lora_adapter", {"lora_name": "one"}).status_code == 404
+    finally:
+        stop(server, thread)
+    server, thread, base, app = serve([Served("stories", lambda: load_model(MODEL))])
+    try:
+        wait_ready(base)
+        r = post(base, "/v1/load_lora_adapter", {"lora_name": "one", "lora_path": str(adapters[0])})
+        assert r.status_code == 403 and "--allow-adapter-loading" in r.json()["error"]["message"]
+    finally:
+        stop(server, thread)

@@ -195,6 +195,14 @@ class MultiLoRALinear(nn.Module):
             self.register_buffer(f"a_{name}", a)
             self.register_buffer(f"b_{name}", b)
 
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = getattr(_ROWS, "ids", None)
@@ -230,9 +238,14 @@ def take_adapter(model) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor,
     return out
 
 
-def add_adapters(model, adapters: list[dict]) -> None:
-    """Give `model` several adapters (each as `take_adapter` returns it), chosen per batch row with
-    `adapter_rows`: the k-th of the list is id k + 1."""
+def set_adapters(model, adapters: list[dict | None]) -> None:
+    """Give `model` these adapters (each as `take_adapter` returns it; None for a freed place, so the others
+    keep their ids), chosen per batch row with `adapter_rows`: the k-th of the list is id k + 1. Adapters it
+    had before are replaced."""
+    for path, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]:
+        parent, attr = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, layer.base)
+    adapters = [a or {} for a in adapters]
     for path in sorted({p for adapter in adapters for p in adapter}):
         slices = {name: rows for adapter in adapters for name, (_, _, rows) in adapter.get(path, {}).items()}
         updates = [{name: (a, b) for name, (a, b, _) in adapter.get(path, {}).items()} for adapter in adapters]

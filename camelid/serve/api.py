@@ -332,3 +332,16 @@ class EmbeddingRequest(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         return list(self.model_extra or {})
+
+
+class LoadAdapterRequest(BaseModel):  # vLLM's names
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str

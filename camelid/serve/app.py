@@ -30,9 +30,9 @@ from camelid.generate.embed import embed
 from camelid.generate.sampling import SamplingParams
 from camelid.model.lora import adapter_rows
 from camelid.serve import tool_calls
-from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest
+from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest, LoadAdapterRequest, UnloadAdapterRequest
 from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
-from camelid.serve.models import ModelPool, ModelsBusy, Served, UnknownModel
+from camelid.serve.models import AdapterBusy, ModelPool, ModelsBusy, Served, UnknownModel
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.tool_turns import render_first, syntax_of, takes_tools, tool_chat
 
@@ -50,6 +50,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_models: int = 0  # models loaded at once (0: all of them); the least recently used idle one is unloaded
     max_model_bytes: int = 0  # or past this many bytes of weights and KV caches (0: no limit)
+    allow_adapter_loading: bool = False  # /v1/load_lora_adapter: requests may load adapters from this machine
     # Host header values answered (DNS rebinding: a web page must not reach a local server by a name it
     # controls); "*" answers any. Ports are not compared.
     allowed_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
@@ -167,6 +168,8 @@ def create_app(load: Callable[[], LoadedModel] | list[Served], config: ServerCon
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], **api)
     app.add_api_route("/v1/completions", completions, methods=["POST"], **api)
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"], **api)
+    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"], **api)
+    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"], **api)
     return app
 
 
@@ -395,6 +398,41 @@ async def _complete(body: CompletionRequest, http: HTTPRequest, use: Using):
     await _check_constraint(constraint, eng.lm.tokenizer)
     return await _respond(use, http, body, prompts, body.max_tokens, list(eng.lm.stop), chat=False,
                           constraint=constraint)
+
+
+def _adapter_loading(http: HTTPRequest) -> ModelPool:
+    if not http.app.state.config.allow_adapter_loading:
+        raise APIError(403, "adapters are loaded at start-up here (camelid serve --allow-adapter-loading lets "
+                            "requests load them)", code="adapter_loading_disabled", kind="permission_error")
+    state = http.app.state.camelid
+    if state["engine"] is None:
+        raise APIError(503, "the model is still loading", code="model_not_ready", kind="server_error")
+    return state["pool"]
+
+
+async def load_lora_adapter(body: LoadAdapterRequest, http: HTTPRequest):
+    """vLLM's runtime adapter loading: a PEFT adapter of the first model, served from now on as `lora_name`."""
+    pool = _adapter_loading(http)
+    if not Path(body.lora_path).is_dir():
+        raise APIError(400, f"lora_path: {body.lora_path}: no such adapter folder", "lora_path", "invalid_parameter")
+    try:
+        await asyncio.to_thread(pool.add_adapter, body.lora_name, body.lora_path)
+    except CamelidError as exc:
+        param = "lora_name" if str(exc).startswith("lora_name") else "lora_path"
+        raise APIError(400, str(exc), param, "invalid_parameter") from None
+    return {"object": "model", "id": body.lora_name, "parent": pool.default}
+
+
+async def unload_lora_adapter(body: UnloadAdapterRequest, http: HTTPRequest):
+    pool = _adapter_loading(http)
+    try:
+        await asyncio.to_thread(pool.remove_adapter, body.lora_name)
+    except UnknownModel:
+        raise APIError(404, f"lora_name: no adapter {body.lora_name!r} is served", "lora_name",
+                       "model_not_found") from None
+    except AdapterBusy as exc:
+        raise APIError(409, str(exc), "lora_name", "adapter_busy") from None
+    return {"object": "model", "id": body.lora_name, "deleted": True}
 
 
 async def embeddings(body: EmbeddingRequest, http: HTTPRequest):

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -133,6 +134,7 @@ class Engine:
         self.failure: str | None = None  # why the engine stopped, if it did
         self._wake = threading.Condition()
         self._stop = False
+        self._calls: list[tuple[Callable[[], object], Future]] = []  # run by the engine's thread between steps
         self._thread = threading.Thread(target=self._run, name="camelid-engine", daemon=True)
         self._thread.start()
 
@@ -149,6 +151,24 @@ class Engine:
             self.metrics.prompt_tokens += len(request.prompt)
             self.waiting.append(request)
             self._wake.notify()
+
+    def between_steps(self, fn: Callable[[], object]) -> Future:
+        """Run fn in the engine's thread between two steps (no forward runs meanwhile): its result, or its
+        exception, comes back through the future."""
+        future: Future = Future()
+        with self._wake:
+            if not self.alive:
+                raise EngineStopped(self.failure or "the engine has stopped")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def use_adapters(self):
+        """The model now has served adapters (engine thread only): rows apply them, so decode by its forward."""
+        self.adapters, self.decode = True, self.model
+
+    def uses_adapter(self, adapter: int) -> bool:
+        return any(s.req.adapter == adapter for s in self.active) or any(r.adapter == adapter for r in self.waiting)
 
     @property
     def queue_depth(self) -> int:
@@ -167,6 +187,9 @@ class Engine:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        for _, future in self._calls:
+            future.set_exception(EngineStopped("the engine has stopped"))
+        self._calls = []
 
     # ------------------------------------------------------------ the loop
 
@@ -180,6 +203,9 @@ class Engine:
                 pending = [s.req for s in self.active] + list(self.waiting)
                 self.active.clear()
                 self.waiting.clear()
+                calls, self._calls = self._calls, []
+            for _, future in calls:
+                future.set_exception(EngineStopped(self.failure))
             for req in pending:
                 with contextlib.suppress(Exception):
                     req.emit("error", RuntimeError(self.failure))
@@ -188,10 +214,18 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stop and not self.waiting and not self.active:
+                    while not self._stop and not self.waiting and not self.active and not self._calls:
                         self._wake.wait()
                     if self._stop:
                         return
+                    calls, self._calls = self._calls, []
+                for fn, future in calls:
+                    try:
+                        with torch.inference_mode(False):  # e.g. a new adapter's weights: ordinary tensors
+                            future.set_result(fn())
+                    except Exception as exc:  # the caller's error, reported to it
+                        future.set_exception(exc)
+                with self._wake:
                     joining, rows = [], len(self.active)
                     while self.waiting and rows + 1 + len(self.waiting[0].copies) <= self.max_batch:
                         joining.append(self.waiting.popleft())

@@ -14,6 +14,8 @@ from typing import Callable
 
 from camelid.errors import CamelidError
 from camelid.formats.loaded import LoadedModel
+from camelid.formats.peft import load_adapter
+from camelid.model.lora import set_adapters, take_adapter
 from camelid.serve.engine import Engine
 
 
@@ -25,12 +27,17 @@ class UnknownModel(KeyError):
     pass
 
 
+class AdapterBusy(CamelidError):
+    pass
+
+
 @dataclass
 class Served:
     name: str
     load: Callable[[], LoadedModel]
     adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, folder), served unmerged
     engine: Engine | None = None
+    updates: list = field(default_factory=list)  # the adapters' matrices, id k + 1 at k (None: a freed id)
     error: str | None = None
     last_used: float = 0.0
     pins: int = 0  # requests between choosing this engine and submitting to it
@@ -106,12 +113,48 @@ class ModelPool:
     def _with_adapters(self, served: Served) -> LoadedModel:
         lm = served.load()
         if served.adapters:
-            from camelid.formats.peft import load_adapter
-            from camelid.model.lora import add_adapters, take_adapter
-
-            taken = [take_adapter(load_adapter(lm.model, folder)) for _, folder in served.adapters]
-            add_adapters(lm.model, taken)
+            served.updates = [take_adapter(load_adapter(lm.model, folder)) for _, folder in served.adapters]
+            set_adapters(lm.model, served.updates)
         return lm
+
+    def add_adapter(self, name: str, folder: str) -> None:
+        """Serve another adapter of the first model from now on (between two of its engine's steps)."""
+        if name in self.models or name in self.adapter_of:
+            raise CamelidError(f"lora_name: a model named {name!r} is already served")
+        served, eng, _ = self.checkout(self.default)
+        try:
+            def load():  # in the engine's thread: no forward runs while its layers change
+                try:
+                    updates = take_adapter(load_adapter(eng.model, folder))
+                except BaseException:
+                    take_adapter(eng.model)  # an adapter that did not fit leaves no layer of it behind
+                    raise
+                served.updates.append(updates)
+                set_adapters(eng.model, served.updates)
+                eng.use_adapters()
+
+            eng.between_steps(load).result()
+            served.adapters.append((name, folder))
+            self.adapter_of[name] = (served.name, len(served.updates))
+        finally:
+            self.checkin(served)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter; its id is freed, the others keep theirs. Refused while requests use it."""
+        if name not in self.adapter_of:
+            raise UnknownModel(name)
+        base, adapter = self.adapter_of[name]
+        served = self.models[base]
+        if served.engine is not None:
+            def free():
+                if served.engine.uses_adapter(adapter):
+                    raise AdapterBusy(f"lora_name: requests for {name!r} are running; try again when they end")
+                served.updates[adapter - 1] = None
+                set_adapters(served.engine.model, served.updates)
+
+            served.engine.between_steps(free).result()
+        del self.adapter_of[name]
+        served.adapters = [(n, f) for n, f in served.adapters if n != name]
 
     def _unload_until(self, enough: Callable[[], bool], keep: Served, required: bool = True):
         while not enough():
