@@ -342,3 +342,23 @@ def test_call_stream_sends_content_and_holds_back_calls(syntax):
         whole_content, whole_calls = tool_calls.parse(syntax, text, {"get_time"})
         assert [c.name for c in found] == [c.name for c in whole_calls]
         assert (sent + rest).strip() == whole_content.strip()
+
+
+@pytest.mark.parametrize("syntax", ["hermes", "llama3", "mistral", "generic"])
+def test_forced_calls_follow_parameters_with_their_own_defs(syntax, stories):
+    """Pydantic writes nested models as $defs with #/$defs references: they resolve inside the call grammar."""
+    params = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+              "additionalProperties": False, "$defs": {
+                  "Place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                             "unit": {"$ref": "#/$defs/Unit"}},
+                            "required": ["city", "unit"], "additionalProperties": False},
+                  "Unit": {"enum": ["c", "f"]}}}
+    tools = [{"type": "function", "function": {"name": "w", "parameters": params}}, TIME]
+    rule = constrained.lark(tool_calls.call_grammar(syntax, tools, parallel=False), "tools")
+    for seed in range(3):
+        out = generate(stories, ["x"], 300, SamplingParams(temperature=1.0, seed=seed), constraint=rule)[0]
+        assert out.finish_reason == "stop", out.text
+        _, calls = tool_calls.parse(syntax, out.text, {"w", "get_time"})
+        assert len(calls) == 1, out.text
+        schema = params if calls[0].name == "w" else TIME["function"]["parameters"]
+        jsonschema.validate(json.loads(calls[0].arguments), schema)

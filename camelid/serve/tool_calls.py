@@ -34,29 +34,52 @@ def call_id(syntax: str) -> str:
 # ---------------------------------------------------------------- making the model call a tool
 
 
-def _schema(schema: dict) -> str:
-    return json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+def _schema(schema: dict, defs: dict) -> str:
+    return json.dumps({**schema, **({"$defs": defs} if defs else {}), "x-guidance": JSON_OPTIONS},
+                      ensure_ascii=False)
+
+
+def _hoisted(tools: list[dict]) -> tuple[list[dict], dict]:
+    """Each tool's parameters with its own `$defs` (or `definitions`, as Pydantic writes them) moved to the
+    call schema's root under the tool's name, and every `#/$defs/...` reference in it rewritten to match:
+    inside the call schema a reference resolves from that root, not from the parameters."""
+    params, defs = [], {}
+    for t in tools:
+        name = t["function"]["name"]
+        schema = _prefixed(t["function"].get("parameters") or {"type": "object"}, name)
+        defs.update({f"{name}.{k}": v for k, v in {**schema.pop("definitions", {}), **schema.pop("$defs", {})}.items()})
+        params.append(schema)
+    return params, defs
+
+
+def _prefixed(node, name: str):
+    if isinstance(node, list):
+        return [_prefixed(v, name) for v in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: re.sub(r"^#/(?:\$defs|definitions)/", f"#/$defs/{name}.", v) if k == "$ref" and isinstance(v, str)
+            else _prefixed(v, name) for k, v in node.items()}
 
 
 def call_grammar(syntax: str, tools: list[dict], parallel: bool, mistral_marker_id: int | None = None) -> str:
     """A Lark grammar (llguidance's, with inline %json) for replies that are only calls of `tools`, each with
     arguments valid under its parameters' schema: one call, or with `parallel` one or more."""
     key = "parameters" if syntax == "llama3" else "arguments"
-    one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                                        key: t["function"].get("parameters") or {"type": "object"}},
-                      "required": ["name", key], "additionalProperties": False} for t in tools]}
+    params, defs = _hoisted(tools)
+    one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["function"]["name"]}, key: p},
+                      "required": ["name", key], "additionalProperties": False} for t, p in zip(tools, params)]}
     if syntax in ("hermes", "llama3"):
-        call = f'"<tool_call>\\n" %json {_schema(one)} "\\n</tool_call>"' if syntax == "hermes" \
-            else f"%json {_schema(one)}"
+        call = f'"<tool_call>\\n" %json {_schema(one, defs)} "\\n</tool_call>"' if syntax == "hermes" \
+            else f"%json {_schema(one, defs)}"
         more = (' ("\\n" call)*' if syntax == "hermes" else ' ("; " call)*') if parallel else ""
         return f"start: call{more}\ncall: {call}\n"
     calls = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
     if syntax == "mistral":
         marker = f"<[{mistral_marker_id}]> " if mistral_marker_id is not None else f'"{MISTRAL_MARKER}" '
-        return f"start: {marker}%json {_schema(calls)}\n"
+        return f"start: {marker}%json {_schema(calls, defs)}\n"
     wrapper = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
                "additionalProperties": False}
-    return f"start: %json {_schema(wrapper)}\n"
+    return f"start: %json {_schema(wrapper, defs)}\n"
 
 
 # ---------------------------------------------------------------- reading the reply
