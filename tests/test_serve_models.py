@@ -235,3 +235,26 @@ def test_adapters_load_and_unload_at_run_time(adapters, tmp_path):
         assert r.status_code == 403 and "--allow-adapter-loading" in r.json()["error"]["message"]
     finally:
         stop(server, thread)
+
+
+def test_an_adapter_in_use_is_not_unloaded(adapters):
+    import time
+
+    from camelid.serve.engine import Request
+
+    served = [Served("stories", lambda: load_model(MODEL), [("one", str(adapters[0]))])]
+    server, thread, base, app = serve(served, allow_adapter_loading=True)
+    try:
+        wait_ready(base)
+        engine = app.state.camelid["engine"]
+        # a request of adapter 1 whose consumer is slow (20 ms an event), so it is mid-decode for seconds
+        engine.submit(Request([1], SamplingParams.greedy(), 400, [], emit=lambda *_: time.sleep(0.02), adapter=1))
+        for _ in range(3000):
+            if engine.running == 1:
+                break
+            time.sleep(0.01)
+        r = post(base, "/v1/unload_lora_adapter", {"lora_name": "one"})
+        assert r.status_code == 409 and "running" in r.json()["error"]["message"], r.text
+        assert "one" in {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]}
+    finally:
+        stop(server, thread)
