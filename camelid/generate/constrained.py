@@ -78,17 +78,15 @@ def lark(text: str, where: str) -> Constraint:
     return Constraint(llguidance.LLMatcher.grammar_from_lark(text), where)
 
 
-_VOCABULARIES: dict[int, tuple[Tokenizer, llguidance.LLTokenizer]] = {}
-
-
 def vocabulary(tok: Tokenizer) -> llguidance.LLTokenizer:
-    """llguidance's view of the tokenizer (each token's bytes), built once per tokenizer (~1 s for 150K tokens)."""
-    held = _VOCABULARIES.get(id(tok))
+    """llguidance's view of the tokenizer (each token's bytes), built once per tokenizer (~1 s for 150K tokens)
+    and kept on it, so it goes when the tokenizer's model is unloaded."""
+    held = tok.__dict__.get("_llguidance")
     if held is None:
         if not tok.eos_ids:
             raise CamelidError("constrained output needs a model with an end-of-sequence token")
-        held = _VOCABULARIES[id(tok)] = (tok, _llg_tokenizer(tok))  # the tokenizer is kept, so its id stays its own
-    return held[1]
+        held = tok.__dict__["_llguidance"] = _llg_tokenizer(tok)
+    return held
 
 
 def _llg_tokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:

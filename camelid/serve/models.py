@@ -166,8 +166,11 @@ class ModelPool:
                 logging.getLogger("camelid.serve").warning("over --max-model-memory: every other model is busy")
                 return
             victim = idle[0]
-            victim.engine.shutdown()
-            victim.engine = None
+            with victim.lock:  # a request may be choosing it right now: then it is not idle any more
+                if not victim.idle:
+                    continue
+                victim.engine.shutdown()
+                victim.engine = None
             gc.collect()
 
     def shutdown(self):
