@@ -111,6 +111,35 @@ def _check_threads(args):
         raise CamelidError(f"--threads {args.threads}: must be at least 1")
 
 
+def _speculation_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("speculative decoding (the same text, greedy or sampled, in fewer passes)")
+    drafter = g.add_mutually_exclusive_group()
+    drafter.add_argument("--lookup", nargs="?", type=int, const=3, default=None, metavar="N",
+                         help="draft the tokens that followed the last occurrence of the text's last N tokens "
+                              "(prompt lookup; N defaults to 3): pays when the reply repeats its input")
+    drafter.add_argument("--draft", default=None, metavar="MODEL", help="a smaller model with the same tokenizer "
+                                                                        "drafts the tokens")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (default 4)")
+
+
+def _speculation(args, lm, params):
+    from camelid.generate.speculative import DraftModel, PromptLookup, Speculation
+
+    if args.draft_tokens < 1:
+        raise CamelidError("--draft-tokens must be at least 1")
+    if args.lookup is not None:
+        if args.lookup < 1:
+            raise CamelidError("--lookup N: N must be at least 1")
+        return Speculation(PromptLookup(args.lookup), args.draft_tokens)
+    if args.draft:
+        from camelid.formats.load import load_model
+        from camelid.formats.loaded import require_policy
+
+        draft = require_policy(load_model(args.draft, args.device, args.dtype), args.draft)
+        return Speculation(DraftModel(draft.model, lm.config.vocab_size, params, params.seed), args.draft_tokens)
+    return None
+
+
 def _params(args):
     from camelid.generate.sampling import SamplingParams
 
@@ -227,6 +256,7 @@ def _args_generate(p: argparse.ArgumentParser):
                                                               "(a .json file, or the schema itself)")
     held.add_argument("--grammar", metavar="FILE", help="the output follows this GBNF grammar (llama.cpp's form)")
     _sampling_args(p)
+    _speculation_args(p)
 
 
 def cmd_generate(args):
@@ -234,9 +264,14 @@ def cmd_generate(args):
 
     prompts = read_prompts(args.prompt, args.file)
     constraint = read_constraint(args.json_schema, args.grammar)
+    if (args.lookup is not None or args.draft) and (constraint is not None or len(prompts) > 1):
+        raise CamelidError("speculative decoding (--lookup, --draft) takes one prompt and no --json-schema or "
+                           "--grammar")
     lm = _load(args)
-    run_generate(lm, prompts, _params(args), args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
-                 bos=not args.no_bos, show_stats=args.stats, constraint=constraint)
+    params = _params(args)
+    run_generate(lm, prompts, params, args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
+                 bos=not args.no_bos, show_stats=args.stats, constraint=constraint,
+                 speculation=_speculation(args, lm, params))
 
 
 def _args_chat(p: argparse.ArgumentParser):
@@ -245,6 +280,7 @@ def _args_chat(p: argparse.ArgumentParser):
     p.add_argument("--template", default=None, help="override the model's chat template: a built-in name (alpaca, "
                                                     "vicuna, llama2, chatml, llama3, gemma, raw) or a Jinja file")
     _sampling_args(p)
+    _speculation_args(p)
 
 
 def cmd_chat(args):
@@ -252,7 +288,8 @@ def cmd_chat(args):
 
     params = _params(args)
     lm = _load(args)
-    chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template))
+    chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template),
+              speculation=_speculation(args, lm, params))
 
 
 def _args_serve(p: argparse.ArgumentParser):

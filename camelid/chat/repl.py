@@ -30,7 +30,8 @@ def chat_prompt(lm: LoadedModel, messages: list[dict], template: str, max_new_to
 
 
 def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512, system: str | None = None,
-              template: str | None = None, read: Callable[[str], str] = input, out: TextIO | None = None):
+              template: str | None = None, read: Callable[[str], str] = input, out: TextIO | None = None,
+              speculation=None):
     out = out or sys.stdout
     template = template or lm.template
     _, template_stops = resolve_template(template)
@@ -71,7 +72,8 @@ def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512
             out.write(f"(the oldest {dropped} messages no longer fit the context and were left out)\n")
         stats, completion = Stats(), Completion()
         try:
-            for piece in stream(lm, ids, max_new_tokens, params, template_stops, stats, completion):
+            for piece in stream(lm, ids, max_new_tokens, params, template_stops, stats, completion,
+                                speculation=speculation):
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:

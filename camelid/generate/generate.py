@@ -155,17 +155,18 @@ class Completion:
 
 def stream(lm, prompt: str | list[int], max_new_tokens: int = 256, params: SamplingParams | None = None,
            stop: list[str] | None = None, stats: Stats | None = None, completion: Completion | None = None,
-           constraint: Constraint | None = None) -> Iterator[str]:
-    """Text pieces as they are generated for one prompt; `completion` (if given) is filled in as it goes."""
+           constraint: Constraint | None = None, speculation=None) -> Iterator[str]:
+    """Text pieces as they are generated for one prompt; `completion` (if given) is filled in as it goes;
+    with a `speculation` (generate/speculative.py) tokens are drafted and verified several at a time."""
     for _, piece in stream_batch(lm, [prompt], max_new_tokens, params, stop, stats,
-                                 [completion] if completion is not None else None, constraint):
+                                 [completion] if completion is not None else None, constraint, speculation):
         yield piece
 
 
 def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
                  stop: list[str] | None = None, stats: Stats | None = None,
-                 completions: list[Completion] | None = None, constraint: Constraint | None = None
-                 ) -> Iterator[tuple[int, str]]:
+                 completions: list[Completion] | None = None, constraint: Constraint | None = None,
+                 speculation=None) -> Iterator[tuple[int, str]]:
     """(prompt index, text piece) pairs as a batch is decoded together; with a `constraint` (a JSON schema or
     a grammar) each prompt's output follows it."""
     tok = lm.tokenizer
@@ -176,8 +177,16 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
     stoppers = [StopStrings(list(stop or []) + lm.stop) for _ in prompts]
     finished = [False] * len(prompts)
     guides = [Guide(constraint, tok) for _ in prompts] if constraint is not None else None
-    for step_tokens in generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats,
-                                       guides=guides):
+    if speculation is not None:
+        from camelid.generate.speculative import speculative_tokens
+
+        if len(ids) != 1 or constraint is not None:
+            raise CamelidError("speculative decoding takes one prompt and no grammar")
+        steps = speculative_tokens(lm.model, ids[0], max_new_tokens, params, speculation.drafter,
+                                   speculation.draft_tokens, set(tok.eos_ids), stats, speculation.stats)
+    else:
+        steps = generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats, guides=guides)
+    for step_tokens in steps:
         for i, t in enumerate(step_tokens):
             if finished[i]:
                 continue
@@ -211,9 +220,9 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
 
 
 def generate(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
-             stop: list[str] | None = None, stats: Stats | None = None, constraint: Constraint | None = None
-             ) -> list[Completion]:
+             stop: list[str] | None = None, stats: Stats | None = None, constraint: Constraint | None = None,
+             speculation=None) -> list[Completion]:
     completions = [Completion() for _ in prompts]
-    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions, constraint):
+    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions, constraint, speculation):
         pass
     return completions

@@ -59,7 +59,7 @@ def read_constraint(json_schema: str | None, grammar: str | None) -> Constraint 
 
 def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, max_new_tokens: int,
                  stop: list[str], truncate: str = "error", bos: bool = True, show_stats: bool = False,
-                 out=None, constraint: Constraint | None = None):
+                 out=None, constraint: Constraint | None = None, speculation=None):
     out = out or sys.stdout
     ids = [prompt_ids(lm, p, max_new_tokens, truncate, bos) for p in prompts]
     stats = Stats()
@@ -67,7 +67,8 @@ def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, ma
         constrained.check(constraint, lm.tokenizer)
     if len(ids) == 1:
         out.write(prompts[0])
-        for piece in stream(lm, ids[0], max_new_tokens, params, stop, stats, constraint=constraint):
+        for piece in stream(lm, ids[0], max_new_tokens, params, stop, stats, constraint=constraint,
+                            speculation=speculation):
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -78,3 +79,7 @@ def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, ma
         print(f"prompt: {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.1f} tokens/s; "
               f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s",
               file=sys.stderr)
+        if speculation is not None:
+            s = speculation.stats
+            print(f"speculative: {s.accepted} of {s.drafted} drafted tokens accepted "
+                  f"({s.acceptance_rate:.0%}) in {s.rounds} passes of the model", file=sys.stderr)

@@ -81,6 +81,24 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
     """One token per row of `logits` (B, V), drawn among the `allowed` ones (B, V bool) where given: a grammar's
     mask goes first, so truncation and temperature share out the probability of the tokens it allows. NaN
     logits are the model's fault and raise ModelError."""
+    logits = processed_logits(logits, p, history, allowed)
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(_probabilities(logits, p), 1, generator=generator).squeeze(-1)
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams, history: list[list[int]]) -> torch.Tensor:
+    """(B, V) the probabilities `sample` draws from (one-hot at the argmax when greedy): what speculative
+    decoding must keep the output distributed as."""
+    logits = processed_logits(logits, p, history)
+    if p.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return _probabilities(logits, p)
+
+
+def processed_logits(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
+                     allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits after the mask, the penalties and truncation (top-k, top-p, min-p), before temperature."""
     if torch.isnan(logits).any():
         raise ModelError("the model produced NaN logits (its weights or config are broken)")
     logits = logits.float()
@@ -88,7 +106,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     logits = apply_penalties(logits, history, p)
     if p.temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits
     if 0 < p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -102,9 +120,12 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[list[int]],
     if p.min_p > 0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def _probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     # Shifted so the best token is 0: a tiny temperature sends the others to -inf, never the best to inf.
-    probs = ((logits - logits.max(dim=-1, keepdim=True).values) / p.temperature).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return ((logits - logits.max(dim=-1, keepdim=True).values) / p.temperature).softmax(dim=-1)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
