@@ -141,11 +141,19 @@ def constrained(rows):
                f"{c['plain_ms_per_token']:.3f} without | | | {c['overhead_ms_per_token']:+.3f} ms/token |")
 
 
+def speculative(rows):
+    yield "| case | plain | speculative | ratio | drafts accepted | tokens per pass |"
+    yield "|---|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['case']} | {_n(r['plain_tok_s'])} tok/s | {_n(r['speculative_tok_s'])} tok/s | "
+               f"{_x(r['ratio'])} | {r['acceptance']:.0%} | {r['tokens_per_pass']:.2f} |")
+
+
 # by the "bench" field of the JSON lines
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
           "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed,
-          "serve_load": serve_load, "constrained-json-schema": constrained}
+          "serve_load": serve_load, "constrained-json-schema": constrained, "speculative": speculative}
 
 
 def read_results(name: str) -> list[dict]:
