@@ -43,9 +43,9 @@ def first_layers(model, n: int):
     return draft
 
 
-def timed(run) -> tuple[list[int], float]:
+def timed(run, *args, **kwargs) -> tuple[list[int], float]:
     t0 = time.perf_counter()
-    tokens = [t[0] for t in run()]
+    tokens = [t[0] for t in run(*args, **kwargs)]
     return tokens, time.perf_counter() - t0
 
 
@@ -75,11 +75,11 @@ def main():
         "draft-sampled": (SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1), "draft")}
     for name, (params, kind) in cases.items():
         for _ in range(2):  # the first run compiles the CPU kernel for each row count it meets
-            plain, plain_s = timed(lambda: generate_tokens(model, [prompt], args.new_tokens, params))
+            plain, plain_s = timed(generate_tokens, model, [prompt], args.new_tokens, params)
             stats = SpeculationStats()
             drafter = PromptLookup(3) if kind == "lookup" else DraftModel(draft, model.cfg.vocab_size, params, 2)
-            fast, fast_s = timed(lambda: speculative_tokens(model, prompt, args.new_tokens, params, drafter,
-                                                            args.draft_tokens, speculation=stats))
+            fast, fast_s = timed(speculative_tokens, model, prompt, args.new_tokens, params, drafter,
+                                 args.draft_tokens, speculation=stats)
         if params.temperature == 0:
             assert fast == plain, f"{name}: speculative greedy output differs from plain greedy"
         print(json.dumps({"bench": "speculative", "case": name, "threads": args.threads,
