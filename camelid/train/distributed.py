@@ -51,9 +51,13 @@ def close_cluster(cluster: Cluster, finished: bool = False):
     """After a run that finished, every rank waits for the others first: a rank that tore its process group
     down while rank 0 still wrote the model could hang in gloo's teardown."""
     if cluster.world > 1 and dist.is_initialized():
-        if finished:
-            dist.barrier()
+        work = dist.barrier(async_op=True) if finished else None
+        if work is not None:
+            work.wait()
         dist.destroy_process_group()
+        # The barrier's work is let go only now, by this thread: when gloo's thread dropped it last it needed
+        # the GIL, which this thread held while tearing the group down (a deadlock seen on a loaded machine).
+        del work
 
 
 def wrap(model: torch.nn.Module, cluster: Cluster, fsdp: bool, device: torch.device) -> torch.nn.Module:
