@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from camelid.model import ggml_kernel
-from camelid.model.kv_cache import KVCache
+from camelid.model.kv_cache import PagedRows
 from camelid.model.quant import GGMLLinear
 from camelid.model.transformer import linear
 
@@ -30,7 +30,7 @@ class DecodePlan:
     dims: ggml_kernel.LlamaDims
     head: ggml_kernel.LlamaHead | None  # the final norm and output layer, where the C step runs them too
     keep: list  # tensors the pointers above point into that the model does not hold ((1 + w) norm weights)
-    cache: tuple = (None, None, None)  # (the last KVCache seen, its k pointers, its v pointers)
+    cache: tuple = (None, None, None)  # (the last cache seen, its k pointers, its v pointers)
 
 
 def _shaped_for_it(model) -> bool:
@@ -133,30 +133,53 @@ def _head(model, weight) -> ggml_kernel.LlamaHead | None:
     return ggml_kernel.LlamaHead(scale, model.output.blocks.data_ptr(), kind, model.output.out_features)
 
 
-def _cache_pointers(plan: DecodePlan, kv_cache: KVCache):
-    if plan.cache[0] is not kv_cache:
-        pointers = [(ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts)) for ts in (kv_cache.k, kv_cache.v)]
-        plan.cache = (kv_cache, *pointers)
+def _cache_pointers(plan: DecodePlan, owner, tensors: tuple[list, list]):
+    """The ctypes arrays of the layers' k and v pointers, kept while the same cache is used."""
+    if plan.cache[0] is not owner:
+        pointers = [(ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts)) for ts in tensors]
+        plan.cache = (owner, *pointers)
     return plan.cache[1], plan.cache[2]
 
 
-def decode_step(plan: DecodePlan, model, tokens: torch.Tensor, start: int, kv_cache: KVCache) -> torch.Tensor | None:
-    """Logits (1, 1, vocab) for one token (1, 1) at cache position `start`, what the model's forward returns
-    for it, or None where the C step does not apply to this call."""
-    if (tokens.shape != (1, 1) or model.training or torch.is_grad_enabled() or start >= kv_cache.max_len
-            or not all(t.shape[0] == 1 and t.dtype == torch.float32 and t.is_contiguous()
-                       for t in kv_cache.k + kv_cache.v)):
+def _layout(kv_cache) -> tuple | None:
+    """(k tensors, v tensors, ggml_kernel.KVLayout, what keeps its block table alive) of a one-row fp32 cache:
+    a contiguous (1, H, L, D) KVCache is one block of L positions; a paged row is its blocks of the pool's
+    (n_blocks, block_size, H, D)."""
+    if isinstance(kv_cache, PagedRows):
+        pool = kv_cache.cache
+        if kv_cache.tables.shape[0] != 1 or pool.kv_type != "f32" or pool.k[0].device.type != "cpu":
+            return None
+        _, bs, H, D = pool.k[0].shape
+        blocks = kv_cache.tables[0].to(torch.int32).contiguous()
+        return pool, (pool.k, pool.v), ggml_kernel.KVLayout(bs, bs * H * D, H * D, D, blocks.data_ptr()), blocks
+    if not all(t.shape[0] == 1 and t.dtype == torch.float32 and t.is_contiguous() for t in kv_cache.k + kv_cache.v):
         return None
+    _, _, L, D = kv_cache.k[0].shape
+    return kv_cache, (kv_cache.k, kv_cache.v), ggml_kernel.KVLayout(L, 0, D, L * D, _ZERO.data_ptr()), None
+
+
+_ZERO = torch.zeros(1, dtype=torch.int32)
+
+
+def decode_step(plan: DecodePlan, model, tokens: torch.Tensor, start: int, kv_cache) -> torch.Tensor | None:
+    """Logits (1, 1, vocab) for one token (1, 1) at cache position `start` of a KVCache or a paged row, what
+    the model's forward returns for it, or None where the C step does not apply to this call."""
+    if tokens.shape != (1, 1) or model.training or torch.is_grad_enabled() or start >= kv_cache.max_len:
+        return None
+    found = _layout(kv_cache)
+    if found is None:
+        return None
+    owner, tensors, layout, _keep = found
     plan.dims.max_len = kv_cache.max_len
-    k_ptrs, v_ptrs = _cache_pointers(plan, kv_cache)
+    k_ptrs, v_ptrs = _cache_pointers(plan, owner, tensors)
     cos, sin = _rotary(model.inv_freq, start)
     cos_local, sin_local = _rotary(model.inv_freq_local, start) if model.cfg.rope_local_theta else (cos, sin)
     x = model.tok_embeddings(tokens).reshape(-1).clone()
     if model.cfg.embed_scale:
         x = x * torch.tensor(model.cfg.dim ** 0.5, dtype=x.dtype)
     logits = None if plan.head is None else torch.empty(plan.head.n_vocab)
-    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, start, cos, sin, cos_local,
-                                    sin_local, plan.head, logits):
+    if not ggml_kernel.llama_decode(plan.layers, plan.dims, x, k_ptrs, v_ptrs, layout, start, cos, sin,
+                                    cos_local, sin_local, plan.head, logits):
         return None
     if logits is None:
         logits = linear(model.norm(x.view(1, 1, -1)), model.output).float()

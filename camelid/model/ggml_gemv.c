@@ -835,14 +835,28 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-// One query head over positions first..last of its KV head's cache rows.
-static void attend(const float *q, const float *kc, const float *vc, int64_t first, int64_t last, int64_t d,
-                   float scale, float softcap, float *scores, float *out) {
+// Where a layer's cache keeps position p of KV head g: blocks[p / block_size] * block_stride + (p % block_size) *
+// pos_stride + g * head_stride floats from its start. A paged cache's row is its blocks of the pool; a
+// contiguous (n_kv_heads, max_len, head_dim) cache is one block of max_len positions.
+typedef struct {
+    int64_t block_size, block_stride, pos_stride, head_stride;
+    const int32_t *blocks;
+} kv_layout;
+
+static inline int64_t kv_at(const kv_layout *kv, int64_t p, int64_t g) {
+    return kv->blocks[p / kv->block_size] * kv->block_stride + (p % kv->block_size) * kv->pos_stride +
+           g * kv->head_stride;
+}
+
+// One query head over positions first..last of its KV head g's cache rows.
+static void attend(const float *q, const float *kc, const float *vc, const kv_layout *kv, int64_t g, int64_t first,
+                   int64_t last, int64_t d, float scale, float softcap, float *scores, float *out) {
     float top = -INFINITY;
     for (int64_t s = first; s <= last; s++) {
+        const float *k = kc + kv_at(kv, s, g);
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; i++) dot += q[i] * kc[s * d + i];
+        for (int64_t i = 0; i < d; i++) dot += q[i] * k[i];
         float v = dot * scale;
         if (softcap != 0.0f) v = tanhf(v / softcap) * softcap;
         scores[s] = v;
@@ -852,9 +866,9 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t fir
     for (int64_t s = first; s <= last; s++) total += scores[s] = expf(scores[s] - top);
     memset(out, 0, sizeof(float) * d);
     for (int64_t s = first; s <= last; s++) {
-        const float w = scores[s] / total;
+        const float w = scores[s] / total, *v = vc + kv_at(kv, s, g);
 #pragma omp simd
-        for (int64_t i = 0; i < d; i++) out[i] += w * vc[s * d + i];
+        for (int64_t i = 0; i < d; i++) out[i] += w * v[i];
     }
 }
 
@@ -907,12 +921,13 @@ typedef struct {
 } llama_head;
 
 // x (dim) is the token's embedding in, the last block's output out. k_cache[l] / v_cache[l] are layer l's
-// (n_kv_heads, max_len, head_dim) caches; the step writes position `pos` and attends over 0..pos (or the
-// layer's window). cos/sin (head_dim) are the position's rotary factors, cos_local/sin_local those of the
+// caches, laid out as `kv` says, holding max_len positions; the step writes position `pos` and attends over
+// 0..pos (or the layer's window). cos/sin (head_dim) are the position's rotary factors, cos_local/sin_local those of the
 // blocks with local tables. With a head, logits (n_vocab) are written too, in the same parallel region.
 // Returns 0, or -1 for what it does not take.
 int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_dims *d, float *x,
-                      float *const *k_cache, float *const *v_cache, int64_t pos, const float *cos,
+                      float *const *k_cache, float *const *v_cache, const kv_layout *kv, int64_t pos,
+                      const float *cos,
                       const float *sin, const float *cos_local, const float *sin_local, const llama_head *head,
                       float *logits, int threads) {
     const int64_t dim = d->dim, hd = d->head_dim, nh = d->n_heads, nkv = d->n_kv_heads;
@@ -969,18 +984,18 @@ int ggml_llama_decode(const llama_layer *layers, int64_t n_layers, const llama_d
             if (L->qkv_bias)
                 for (int64_t i = 0; i < hd; i++) v[i] += L->qkv_bias[j * hd + i];
             if (j >= nh + nkv) {
-                memcpy(vc + ((j - nh - nkv) * d->max_len + pos) * hd, v, sizeof(float) * hd);
+                memcpy(vc + kv_at(kv, pos, j - nh - nkv), v, sizeof(float) * hd);
                 continue;
             }
             if (L->q_norm) rmsnorm(v, j < nh ? L->q_norm : L->k_norm, hd, d->norm_eps, v);
             rotate(v, c, s, hd);
-            if (j >= nh) memcpy(kc + ((j - nh) * d->max_len + pos) * hd, v, sizeof(float) * hd);
+            if (j >= nh) memcpy(kc + kv_at(kv, pos, j - nh), v, sizeof(float) * hd);
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < nh; j++) {
             const int64_t g = j / group;
-            attend(qkv + j * hd, kc + g * d->max_len * hd, vc + g * d->max_len * hd, first, pos, hd, scale,
-                   d->attn_softcap, scores + j * n, att + j * hd);
+            attend(qkv + j * hd, kc, vc, kv, g, first, pos, hd, scale, d->attn_softcap, scores + j * n,
+                   att + j * hd);
         }
 #pragma omp single
         prepare(L->wo_type, att, q_size, 1, &p);

@@ -92,7 +92,8 @@ def _build() -> ctypes.CDLL | None:
                                     ctypes.c_int]
     lib.ggml_llama_decode.restype = ctypes.c_int
     lib.ggml_llama_decode.argtypes = [ctypes.POINTER(LlamaLayer), ctypes.c_int64, ctypes.POINTER(LlamaDims),
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.POINTER(KVLayout), ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.POINTER(LlamaHead), ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -168,22 +169,30 @@ class LlamaDims(ctypes.Structure):
                [("gelu", ctypes.c_int32)]
 
 
+class KVLayout(ctypes.Structure):
+    """Where a layer's cache keeps each position (ggml_gemv.c's kv_layout): a paged row's blocks, or one block."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("block_size", "block_stride", "pos_stride", "head_stride")] + \
+               [("blocks", ctypes.c_void_p)]
+
+
 class LlamaHead(ctypes.Structure):
     """The final norm and output layer for `llama_decode` (ggml_gemv.c's llama_head)."""
     _fields_ = [("norm", ctypes.c_void_p), ("w", ctypes.c_void_p), ("type", ctypes.c_int32),
                 ("n_vocab", ctypes.c_int64)]
 
 
-def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, pos: int, cos: torch.Tensor,
+def llama_decode(layers, dims: LlamaDims, x: torch.Tensor, k_cache, v_cache, layout: KVLayout, pos: int,
+                 cos: torch.Tensor,
                  sin: torch.Tensor, cos_local: torch.Tensor, sin_local: torch.Tensor, head: LlamaHead | None = None,
                  logits: torch.Tensor | None = None) -> bool:
     """Runs every block of one decode step on x (dim,) fp32 in place (see ggml_llama_decode), and with a head
     writes the logits (n_vocab,) fp32 too; False when the kernel does not take the call and x is untouched.
-    k_cache/v_cache are ctypes arrays of the layers' (n_kv_heads, max_len, head_dim) fp32 cache pointers."""
+    k_cache/v_cache are ctypes arrays of the layers' fp32 cache pointers, laid out as `layout` says."""
     lib = library()
     if lib is None:
         return False
-    return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache, pos,
+    return lib.ggml_llama_decode(layers, len(layers), ctypes.byref(dims), x.data_ptr(), k_cache, v_cache,
+                                 ctypes.byref(layout), pos,
                                  cos.data_ptr(), sin.data_ptr(), cos_local.data_ptr(), sin_local.data_ptr(),
                                  None if head is None else ctypes.byref(head),
                                  None if logits is None else logits.data_ptr(), torch.get_num_threads()) == 0

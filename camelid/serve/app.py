@@ -31,7 +31,7 @@ from camelid.generate.sampling import SamplingParams
 from camelid.model.lora import adapter_rows
 from camelid.serve import tool_calls
 from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest, LoadAdapterRequest, UnloadAdapterRequest
-from camelid.serve.engine import Engine, EngineStopped, QueueFull, Request
+from camelid.serve.engine import Engine, EngineStopped, KVBudget, QueueFull, Request
 from camelid.serve.models import AdapterBusy, ModelPool, ModelsBusy, Served, UnknownModel
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.tool_turns import render_first, syntax_of, takes_tools, tool_chat
@@ -44,8 +44,12 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
-    max_batch: int = 8
+    max_batch: int = 8  # --parallel: requests decoded together
     max_queue: int = 64
+    ctx_size: int | None = None  # one request's most tokens (None: the model's context)
+    kv: KVBudget = field(default_factory=KVBudget)
+    prefill_chunk: int = 256
+    prefix_cache: bool = True
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
     max_models: int = 0  # models loaded at once (0: all of them); the least recently used idle one is unloaded
@@ -126,7 +130,8 @@ def create_app(load: Callable[[], LoadedModel] | list[Served], config: ServerCon
     the default). The first loads in the background, /health answering 503 until it is ready; the others load
     on their first request."""
     served = load if isinstance(load, list) else [Served(config.model_name, load)]
-    pool = ModelPool(served, lambda lm: Engine(lm, config.max_batch, config.max_queue), config.max_models,
+    pool = ModelPool(served, lambda lm: Engine(lm, config.max_batch, config.max_queue, config.kv, config.ctx_size,
+                                               config.prefill_chunk, config.prefix_cache), config.max_models,
                      config.max_model_bytes)
     state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event(),
              "pool": pool}
@@ -582,12 +587,12 @@ def _request(eng: Engine, body, prompt: list[int], max_tokens, stops, chat: bool
     ctx = eng.ctx
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt", "invalid_parameter")
-    room = ctx - len(prompt)
-    requested = max_tokens if max_tokens is not None else min(room, config.max_tokens_limit)
-    if room < 0 or (room < 1 and requested) or requested > room:
-        raise APIError(400, f"this model's maximum context length is {ctx} tokens; the request has "
-                            f"{len(prompt)} prompt tokens and asks for {requested} more",
-                       "messages" if chat else "prompt", "context_length_exceeded")
+    # without max_tokens a reply may fill the context, or what the KV cache could hold for this request alone
+    room = min(ctx, eng.pool.n_blocks * eng.pool.block_size) - len(prompt)
+    requested = max_tokens if max_tokens is not None else max(0, min(room, config.max_tokens_limit))
+    problem = eng.fits(len(prompt), requested)
+    if problem:
+        raise APIError(400, problem, "messages" if chat else "prompt", "context_length_exceeded")
     params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                             repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
                             frequency_penalty=body.frequency_penalty, seed=_choice_seed(body.seed, choice))
@@ -834,6 +839,22 @@ def prometheus_text(eng: Engine | None) -> str:
         ("camelid_decode_steps_total", "counter", "Batched decode steps.", m and m.decode_steps),
         ("camelid_decode_batch_size_sum", "counter", "Sum of batch sizes over decode steps.",
          m and m.batch_size_sum),
+        ("camelid_prefill_chunks_total", "counter", "Prompt chunks prefilled.", m and m.prefill_chunks),
+        ("camelid_prefilled_tokens_total", "counter", "Prompt tokens computed (not found in the prefix cache).",
+         m and m.prefilled_tokens),
+        ("camelid_kv_blocks", "gauge", "Blocks in the KV cache pool.", eng and eng.pool.n_blocks),
+        ("camelid_kv_block_tokens", "gauge", "Tokens per KV block.", eng and eng.pool.block_size),
+        ("camelid_kv_blocks_used", "gauge", "KV blocks held by running requests.", eng and eng.pool.used),
+        ("camelid_kv_blocks_cached", "gauge", "Idle KV blocks kept for their prefix.", eng and eng.pool.cached),
+        ("camelid_kv_blocks_reserved", "gauge", "KV blocks promised to running requests, not yet taken.",
+         eng and eng.pool.reserved),
+        ("camelid_kv_cache_bytes", "gauge", "Bytes of the KV cache pool.", eng and eng.cache.nbytes),
+        ("camelid_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+         eng and eng.pool.stats.prefix_queries),
+        ("camelid_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+         eng and eng.pool.stats.prefix_hits),
+        ("camelid_kv_evictions_total", "counter", "Cached KV blocks reused for other requests.",
+         eng and eng.pool.stats.evictions),
     ]
     out = []
     for name, kind, help_text, value in rows:

@@ -1,8 +1,12 @@
 """Continuous batching: concurrent requests decoded together, one token each per forward pass.
 
-A request joins between steps (its prompt is prefilled into a free row of the shared KV cache) and leaves
-as soon as it finishes or is cancelled. Active requests always occupy rows 0..n-1, so a decode step works
-on a view of the cache, never a copy: when one finishes, the last row moves into its place.
+Keys and values live in one paged pool (model/kv_cache.py) shared by every request, sized by a memory
+budget; generate/kv_blocks.py says which blocks are whose and which prefixes the pool already holds, so a
+request that begins as an earlier one did (a system prompt, the earlier turns of a chat) prefills only the
+rest. A request joins when a batch row is free and the pool can promise the blocks its prompt and reply may
+need; until then it waits in the queue. Its prompt is prefilled in chunks between the running requests'
+decode steps, so a long prompt never stalls the streams already running for its whole length. It leaves as
+soon as it finishes or is cancelled, and its blocks go back to the pool.
 The engine runs in its own thread; events reach each request through a callback. A failure while serving
 one request fails that request (emit("error", exc)) and the engine goes on with the others; a fault the
 engine cannot recover from ends every request and marks it not `alive`, which /health reports.
@@ -28,6 +32,8 @@ from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
 from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.lora import MultiLoRALinear, adapter_rows
+from camelid.generate.kv_blocks import BlockPool, Sequence
+from camelid.model.kv_cache import PagedKVCache, kv_value_bytes
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
 
 
@@ -60,18 +66,44 @@ class EngineStopped(Exception):
     pass
 
 
-def _allocate_cache(model, max_batch: int, ctx: int):
-    """The KV cache for every slot at the full context; one that cannot fit is a one-line error up front
-    (zeroed pages are given lazily, so a too-large CPU cache would otherwise be found by the OOM killer)."""
-    size = kv_cache_bytes(model.cfg, ctx, torch.empty((), dtype=model.dtype).element_size(), max_batch)
-    problem = (f"the KV cache for {max_batch} requests at the model's context of {ctx} tokens needs "
-               f"{human_bytes(size)}")
+class TooLong(CamelidError):
+    """A request whose prompt and reply cannot fit the KV budget even alone."""
+
+
+KV_TYPE_OF = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+@dataclass
+class KVBudget:
+    """How much KV cache the engine keeps: `tokens` positions in blocks of `block_size` (None: --parallel
+    slots at the context size; `memory` bytes instead, where given), stored as `kv_type` (None: the model's
+    dtype)."""
+    memory: int | None = None
+    tokens: int | None = None
+    kv_type: str | None = None
+    block_size: int = 16
+
+
+def _allocate_pool(model, budget: KVBudget, slots: int, ctx: int) -> PagedKVCache:
+    """The paged KV pool, checked against the machine: blocks are only touched on a CPU as they are written,
+    but a budget the machine cannot hold would be found by the OOM killer once the pool fills."""
+    cfg = model.cfg
+    kv_type = budget.kv_type or KV_TYPE_OF[model.dtype]
+    per_token = kv_cache_bytes(cfg, 1, kv_value_bytes(kv_type))
+    tokens = budget.memory // per_token if budget.memory else budget.tokens or slots * ctx
+    n_blocks = max(1, tokens // budget.block_size)
+    size = n_blocks * budget.block_size * per_token
+    problem = f"a KV cache of {n_blocks * budget.block_size} tokens ({kv_type}) needs {human_bytes(size)}"
     if model.device.type == "cpu" and size > machine_memory()[1]:
-        raise CamelidError(f"{problem}, more than this machine's free memory (lower --max-batch)")
+        raise CamelidError(f"{problem}, more than this machine's free memory (lower --kv-memory, --ctx-size or "
+                           f"--parallel, or use --kv-type q8_0)")
     try:
-        return model.new_kv_cache(max_batch, ctx)
+        return PagedKVCache(cfg.n_layers, n_blocks, budget.block_size, cfg.n_kv_heads, cfg.head_dim, model.dtype,
+                            model.device, kv_type)
     except (RuntimeError, MemoryError):
-        raise CamelidError(f"{problem}, more than the device can allocate (lower --max-batch)") from None
+        raise CamelidError(f"{problem}, more than the device can allocate (lower --kv-memory)") from None
+    except ValueError as exc:
+        raise CamelidError(f"--kv-type {kv_type}: {exc}") from None
 
 
 @dataclass
@@ -112,23 +144,30 @@ class Metrics:
     ttft_seconds_sum: float = 0.0
     batch_size_sum: int = 0
     decode_steps: int = 0
+    prefill_chunks: int = 0
+    prefilled_tokens: int = 0  # prompt tokens computed (those found in the prefix cache are not)
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, lm: LoadedModel, max_batch: int = 8, max_queue: int = 64, kv: KVBudget | None = None,
+                 ctx_size: int | None = None, prefill_chunk: int = 256, prefix_cache: bool = True):
         self.lm = lm
         self.model = lm.model
         self.tok = lm.tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.ctx = lm.config.max_seq_len
-        self.cache = _allocate_cache(self.model, max_batch, self.ctx)
+        self.ctx = min(ctx_size or lm.config.max_seq_len, lm.config.max_seq_len)  # one request's most tokens
+        self.cache = _allocate_pool(self.model, kv or KVBudget(), max_batch, self.ctx)
+        self.pool = BlockPool(self.cache.n_blocks, self.cache.block_size)
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled between two decode steps of running requests
+        self.prefix_cache = prefix_cache
         # served adapters apply per row, which only the model's own forward does (not the fused C step)
         self.adapters = any(isinstance(m, MultiLoRALinear) for m in self.model.modules())
         self.decode = self.model if self.adapters else decode_step(self.model)  # the weights stay as they are
         self.vocab_width = lm.config.vocab_size  # the logits' width, for grammar masks
         self.device = self.model.device
         self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.active: list[_Slot] = []
         self.metrics = Metrics()
         self.failure: str | None = None  # why the engine stopped, if it did
@@ -140,7 +179,21 @@ class Engine:
 
     # ------------------------------------------------------------ public, thread-safe
 
+    def fits(self, prompt: int, max_tokens: int) -> str | None:
+        """Why a request of `prompt` tokens asking for `max_tokens` more can never run here (None: it can)."""
+        total = prompt + max_tokens
+        asks = f"the request has {prompt} prompt tokens and asks for {max_tokens} more"
+        if total > self.ctx:
+            return f"this model's maximum context length is {self.ctx} tokens; {asks}"
+        if self.pool.blocks_for(total) > self.pool.n_blocks:
+            return (f"the server's KV cache holds {self.pool.n_blocks * self.pool.block_size} tokens "
+                    f"(--kv-memory); {asks}")
+        return None
+
     def submit(self, request: Request):
+        problem = self.fits(len(request.prompt), request.max_tokens)
+        if problem:
+            raise TooLong(problem)
         with self._wake:
             if not self.alive:
                 raise EngineStopped(self.failure or "the engine has stopped")
@@ -168,7 +221,8 @@ class Engine:
         self.adapters, self.decode = True, self.model
 
     def uses_adapter(self, adapter: int) -> bool:
-        return any(s.req.adapter == adapter for s in self.active) or any(r.adapter == adapter for r in self.waiting)
+        return (any(s.req.adapter == adapter for s in self.active) or any(r.adapter == adapter for r in self.waiting)
+                or any(p.req.adapter == adapter for p in self.prefilling))
 
     @property
     def queue_depth(self) -> int:
@@ -176,7 +230,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.active)
+        return len(self.active) + sum(1 + len(p.req.copies) for p in self.prefilling)
 
     @property
     def alive(self) -> bool:
@@ -200,8 +254,10 @@ class Engine:
             self.failure = f"the generation engine stopped: {type(exc).__name__}: {exc}"
             logging.getLogger("camelid.serve").exception(self.failure)
             with self._wake:
-                pending = [s.req for s in self.active] + list(self.waiting)
+                pending = ([s.req for s in self.active] + [r for p in self.prefilling for r in p.group]
+                           + list(self.waiting))
                 self.active.clear()
+                self.prefilling.clear()
                 self.waiting.clear()
                 calls, self._calls = self._calls, []
             for _, future in calls:
@@ -214,7 +270,8 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stop and not self.waiting and not self.active and not self._calls:
+                    while (not self._stop and not self.waiting and not self.active and not self.prefilling
+                           and not self._calls):
                         self._wake.wait()
                     if self._stop:
                         return
@@ -225,54 +282,103 @@ class Engine:
                             future.set_result(fn())
                     except Exception as exc:  # the caller's error, reported to it
                         future.set_exception(exc)
-                with self._wake:
-                    joining, rows = [], len(self.active)
-                    while self.waiting and rows + 1 + len(self.waiting[0].copies) <= self.max_batch:
-                        joining.append(self.waiting.popleft())
-                        rows += 1 + len(joining[-1].copies)
-                for req in joining:
-                    self._admit(req)
+                self._join_waiting()
                 if self.active:
                     self._step()
+                self._prefill(self.prefill_chunk if self.active else None)
 
-    def _admit(self, req: Request):
-        group = [req] + req.copies
-        if req.cancelled and all(r.cancelled for r in req.copies):
-            for r in group:
-                self._finish_request(r, "cancelled")
-            return
-        row = len(self.active)
-        try:  # a failing request must not take the others down
-            ids = torch.tensor([req.prompt], device=self.device)
-            with self._rows([req.adapter]):
-                logits = self.model(ids, 0, self.cache.rows(row, row + 1), last_only=not req.prompt_logprobs)
-            scored = None
-            if req.prompt_logprobs:
-                scored = [TokenLogprob(req.prompt[0], None, [])] + token_logprobs(logits[0, :-1], req.prompt[1:],
-                                                                                  req.logprobs or 0)
-        except Exception as exc:
-            for r in group:
-                self._fail(r, exc)
-            return
-        for member in group:
-            if len(self.active) != row:  # a copy's row (the next free one) starts as the prefilled one
-                self.cache.move_row(row, len(self.active), len(req.prompt))
-            self._start(member, logits[:, -1], scored)
+    def _join_waiting(self):
+        """Waiting requests join, in order, while a row is free and the pool can promise their blocks."""
+        with self._wake:
+            while self.waiting:
+                req = self.waiting[0]
+                group = [req] + req.copies
+                if self.running + len(group) > self.max_batch:
+                    return
+                if all(r.cancelled for r in group):
+                    self.waiting.popleft()
+                    for r in group:
+                        self._finish_request(r, "cancelled")
+                    continue
+                # a prompt to be scored needs every position's logits: nothing of it may come from the cache
+                reuse = self.prefix_cache and not req.prompt_logprobs
+                longest = len(req.prompt) + req.max_tokens
+                seqs = self.pool.admit(req.prompt, longest, req.adapter, reuse, copies=len(req.copies))
+                if seqs is None:
+                    return  # the pool is full until a running request finishes
+                self.waiting.popleft()
+                self.prefilling.append(_Prefill(req, seqs, done=seqs[0].cached))
+
+    def _prefill(self, budget: int | None):
+        """Prefill waiting prompts, at most `budget` tokens (None: all of them, nothing else is running)."""
+        while self.prefilling and (budget is None or budget > 0):
+            job = self.prefilling[0]
+            req = job.req
+            if all(r.cancelled for r in job.group):
+                self.prefilling.popleft()
+                self._release(job.seqs)
+                for r in job.group:
+                    self._finish_request(r, "cancelled")
+                continue
+            n = len(req.prompt) - job.done if budget is None else min(budget, len(req.prompt) - job.done)
+            try:  # a failing request must not take the others down
+                logits = self._prefill_chunk(job, n)
+            except Exception as exc:
+                self.prefilling.popleft()
+                self._release(job.seqs)
+                for r in job.group:
+                    self._fail(r, exc)
+                continue
+            if budget is not None:
+                budget -= n
+            if job.done == len(req.prompt):
+                self.prefilling.popleft()
+                self._start_group(job, logits)
+
+    def _prefill_chunk(self, job: "_Prefill", n: int) -> torch.Tensor:
+        req, seq, start = job.req, job.seqs[0], job.done
+        table = torch.tensor([self.pool.grow(seq, start + n)], device=self.device)
+        ids = torch.tensor([req.prompt[start:start + n]], device=self.device)
+        with self._rows([req.adapter]):
+            logits = self.model(ids, start, self.cache.rows(table), last_only=not req.prompt_logprobs)
+        job.done += n
+        self.metrics.prefill_chunks += 1
+        self.metrics.prefilled_tokens += n
+        if req.prompt_logprobs:
+            job.logits.append(logits[0])
+        return logits[:, -1]
+
+    def _start_group(self, job: "_Prefill", logits: torch.Tensor):
+        req, seq = job.req, job.seqs[0]
+        self.pool.commit(seq, req.prompt)  # requests arriving from now on find this prompt's blocks
+        scored = None
+        if req.prompt_logprobs:
+            every = torch.cat(job.logits)
+            scored = [TokenLogprob(req.prompt[0], None, [])] + token_logprobs(every[:-1], req.prompt[1:],
+                                                                              req.logprobs or 0)
+        for member, member_seq in zip(job.group, job.seqs):
+            if member_seq is not seq:  # a copy: shares the prompt's full blocks, its partial one copied
+                partial = self.pool.fork(seq, member_seq, len(req.prompt))
+                if partial is not None:
+                    self.cache.copy_block(partial, member_seq.blocks[-1])
+            self._start(member, member_seq, logits, scored)
         self._retire_finished()
 
-    def _start(self, req: Request, logits: torch.Tensor, scored: list | None):
-        """A request whose prompt is in the next row of the cache: its first token, from the prompt's logits."""
+    def _start(self, req: Request, seq: Sequence, logits: torch.Tensor, scored: list | None):
+        """A request whose prompt is in its blocks: its first token, from the prompt's logits."""
         if req.cancelled:
+            self._release([seq])
             self._finish_request(req, "cancelled")
             return
         try:
-            slot = _Slot(req, self.tok, make_generator(req.params.seed, self.device))
+            slot = _Slot(req, seq, self.tok, make_generator(req.params.seed, self.device))
             slot.length = len(req.prompt)
             if req.constraint is not None:
                 slot.guide = Guide(req.constraint, self.tok)
             if scored is not None:
                 req.emit("prompt", scored)
             if req.max_tokens == 0:  # the prompt scored, nothing generated (a completion with echo)
+                self._release([seq])
                 self._finish_request(req, "length")
                 return
             allowed = allowed_tokens([slot.guide], logits.shape[-1])
@@ -280,6 +386,7 @@ class Engine:
                 raise slot.guide.error
             token = sample(logits, req.params, [slot.history], slot.generator, allowed).item()
         except Exception as exc:
+            self._release([seq])
             self._fail(req, exc)
             return
         self.active.append(slot)
@@ -291,14 +398,18 @@ class Engine:
         # one request alone: a plain position, which the C decode step takes
         starts = self.active[0].length if n == 1 else torch.tensor([s.length for s in self.active],
                                                                     device=self.device)
+        tables = [self.pool.grow(s.seq, s.length + 1) for s in self.active]
+        width = max(map(len, tables))
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)  # 0: masked
         guides = [s.guide for s in self.active]
         # the grammars' masks depend only on the tokens taken so far: computed while the forward runs
         masks = allowed_tokens_soon(guides, self.vocab_width) if any(guides) else None
         try:
             with self._rows([s.req.adapter for s in self.active]):
-                logits = self.decode(tokens, starts, self.cache.rows(0, n), None)[:, -1]
+                logits = self.decode(tokens, starts, self.cache.rows(tables), None)[:, -1]
         except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
             for slot in self.active:
+                self._release([slot.seq])
                 self._fail(slot.req, exc)
             self.active.clear()
             return
@@ -323,6 +434,10 @@ class Engine:
 
     def _rows(self, adapters: list[int]):
         return adapter_rows(adapters) if self.adapters else contextlib.nullcontext()
+
+    def _release(self, seqs: list[Sequence]):
+        for seq in seqs:
+            self.pool.release(seq)
 
     def _fail(self, req: Request, exc: Exception):
         req.finish_reason = "error"
@@ -364,21 +479,19 @@ class Engine:
             slot.emit_text(text if hit else text + slot.stops.flush())
 
     def _retire_finished(self):
-        i = 0
-        while i < len(self.active):
-            slot = self.active[i]
+        still = []
+        for slot in self.active:
             if slot.finish is None:
-                i += 1
+                still.append(slot)
                 continue
-            last = len(self.active) - 1
-            if i != last:  # keep active rows a prefix of the cache
-                self.cache.move_row(last, i, self.active[last].length)
-                self.active[i] = self.active[last]
-            self.active.pop()
+            if slot.finish != "error":  # what it computed is kept for requests that begin the same way
+                self.pool.commit(slot.seq, slot.history[:slot.length])
+            self._release([slot.seq])
             if slot.finish == "error":
                 self._fail(slot.req, slot.error)
             else:
                 self._finish_request(slot.req, slot.finish)
+        self.active = still
 
     def _finish_request(self, req: Request, reason: str):
         req.finish_reason = reason
@@ -403,9 +516,23 @@ def _result(future):
         return None, exc
 
 
+@dataclass
+class _Prefill:
+    """A request whose prompt is being prefilled, `done` tokens of it so far (its n > 1 copies with it)."""
+    req: Request
+    seqs: list[Sequence]  # the request's, then each copy's
+    done: int
+    logits: list = field(default_factory=list)  # every chunk's, where the prompt is scored
+
+    @property
+    def group(self) -> list[Request]:
+        return [self.req] + self.req.copies
+
+
 class _Slot:
-    def __init__(self, req: Request, tok, generator):
+    def __init__(self, req: Request, seq: Sequence, tok, generator):
         self.req = req
+        self.seq = seq
         self.history = list(req.prompt)
         self.decoder = tok.stream(req.prompt)
         self.stops = StopStrings(req.stop)

@@ -182,5 +182,5 @@ def engine_bytes(engine: Engine | None) -> int:
     """What a loaded model holds: its weights and buffers, and its KV cache."""
     if engine is None:
         return 0
-    tensors = [*engine.model.parameters(), *engine.model.buffers(), *engine.cache.k, *engine.cache.v]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    tensors = [*engine.model.parameters(), *engine.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) + engine.cache.nbytes
