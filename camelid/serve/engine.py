@@ -30,10 +30,10 @@ from camelid.formats.loaded import LoadedModel
 from camelid.generate.constrained import Constraint, Guide, allowed_tokens, allowed_tokens_soon
 from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
-from camelid.generate.sampling import SamplingParams, make_generator, sample
-from camelid.model.lora import MultiLoRALinear, adapter_rows
 from camelid.generate.kv_blocks import BlockPool, Sequence
+from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.kv_cache import PagedKVCache, kv_value_bytes
+from camelid.model.lora import MultiLoRALinear, adapter_rows
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
 
 
