@@ -251,6 +251,8 @@ def _args_generate(p: argparse.ArgumentParser):
                    help="a prompt longer than the context: error (default) or keep its end")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     p.add_argument("--stats", action="store_true", help="print prompt and decode tokens/s to stderr")
+    _kv_type_arg(p, "(given: the prompts run one after another through a paged KV cache stored so, which "
+                    "computes a prefix they share once; default: batched, in the model's dtype)")
     held = p.add_mutually_exclusive_group()
     held.add_argument("--json-schema", metavar="SCHEMA", help="the output is JSON valid under this schema "
                                                               "(a .json file, or the schema itself)")
@@ -271,7 +273,7 @@ def cmd_generate(args):
     params = _params(args)
     run_generate(lm, prompts, params, args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
                  bos=not args.no_bos, show_stats=args.stats, constraint=constraint,
-                 speculation=_speculation(args, lm, params))
+                 speculation=_speculation(args, lm, params), kv_type=args.kv_type)
 
 
 def _args_chat(p: argparse.ArgumentParser):
@@ -281,6 +283,7 @@ def _args_chat(p: argparse.ArgumentParser):
                                                     "vicuna, llama2, chatml, llama3, gemma, raw) or a Jinja file")
     _sampling_args(p)
     _speculation_args(p)
+    _kv_type_arg(p, "(default: the model's dtype)")
 
 
 def cmd_chat(args):
@@ -289,7 +292,7 @@ def cmd_chat(args):
     params = _params(args)
     lm = _load(args)
     chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template),
-              speculation=_speculation(args, lm, params))
+              speculation=_speculation(args, lm, params), kv_type=args.kv_type)
 
 
 def _args_serve(p: argparse.ArgumentParser):
@@ -306,8 +309,12 @@ def _args_serve(p: argparse.ArgumentParser):
                    help="also answer requests whose Host header is this name (repeatable; '*' for any). By "
                         "default only the bound address, and localhost for a loopback one, are answered")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--parallel", "-np", "--max-batch", dest="max_batch", type=int, default=8,
+                   help="requests decoded together (llama-server's -np)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    _kv_args(p)
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps of running requests (default 256)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("more_models", nargs="*", metavar="MODEL",
                    help="more models to serve, each MODEL or NAME=MODEL (MODEL may also be a folder of models); "
@@ -319,6 +326,48 @@ def _args_serve(p: argparse.ArgumentParser):
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="let API clients load and unload LoRA adapters from this machine's folders "
                         "(/v1/load_lora_adapter, vLLM's API)")
+
+
+def _kv_args(p: argparse.ArgumentParser):
+    p.add_argument("--ctx-size", "-c", type=int, default=None,
+                   help="most tokens of one request, prompt and reply (default: the model's context)")
+    p.add_argument("--kv-memory", default=None,
+                   help="memory of the KV cache shared by all requests, e.g. 2GiB or 512MB (default: --parallel "
+                        "requests at --ctx-size); blocks are taken as tokens arrive")
+    _kv_type_arg(p, "(default: the model's dtype)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt (by default blocks of earlier prompts are reused)")
+
+
+def _kv_type_arg(p: argparse.ArgumentParser, default: str):
+    p.add_argument("--kv-type", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                   help=f"how keys and values are stored {default}; f16/bf16 take half of f32's memory, q8_0 "
+                        f"(llama.cpp's 8-bit blocks) about a quarter of f32's, half of f16's")
+
+
+def _kv_budget(args):
+    from camelid.serve.engine import KVBudget
+
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise CamelidError("--ctx-size must be >= 1")
+    return KVBudget(memory=None if args.kv_memory is None else parse_bytes(args.kv_memory, "--kv-memory"),
+                    kv_type=args.kv_type)
+
+
+UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1e9,
+         "gb": 1e9, "gib": 1 << 30}
+
+
+def parse_bytes(text: str, name: str) -> int:
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * UNITS[unit]
+    except (ValueError, KeyError):
+        raise CamelidError(f"{name} {text}: give a size such as 2GiB, 512MB or 1e9") from None
+    if value <= 0:
+        raise CamelidError(f"{name} {text}: must be more than 0")
+    return int(value)
 
 
 def _served_models(args) -> list[tuple[str, str]]:
@@ -351,7 +400,7 @@ def cmd_serve(args):
     from camelid.serve.listen import KEEP_ALIVE_SECONDS, HeaderTimeoutH11, allowed_hosts, listening_socket
     from camelid.serve.models import Served
 
-    for name in ("max_batch", "max_queue", "max_tokens_limit"):
+    for name in ("max_batch", "max_queue", "max_tokens_limit", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise CamelidError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_models < 0 or args.max_model_memory < 0:
@@ -372,7 +421,9 @@ def cmd_serve(args):
                           max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                           allowed_hosts=allowed_hosts(args.host, args.allowed_host), max_models=args.max_models,
                           max_model_bytes=int(args.max_model_memory * 1e9),
-                          allow_adapter_loading=args.allow_adapter_loading)
+                          allow_adapter_loading=args.allow_adapter_loading, ctx_size=args.ctx_size,
+                          kv=_kv_budget(args), prefill_chunk=args.prefill_chunk,
+                          prefix_cache=not args.no_prefix_cache)
     merged = [a for a in args.adapter if "=" not in a]
     served = []
     for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model

@@ -26,6 +26,7 @@ from camelid.formats.load import build_model, load_model, plain_state_dict, save
 from camelid.formats.loaded import LoadedModel
 from camelid.generate.decoding import decode_step
 from camelid.model import fused_decode, ggml_kernel
+from camelid.model.kv_cache import PagedKVCache
 from camelid.model.config import ModelConfig
 from camelid.model.kernels import use_gemv_kernel
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
@@ -79,9 +80,15 @@ def assert_agree(ours: np.ndarray, ref: np.ndarray, exact: np.ndarray | None = N
     np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
-def decode_logits(model: Transformer, tokens: list[int], step=None) -> np.ndarray:
-    """Token by token through the KV cache, by the step generation chooses for the model (or by `step`)."""
+def decode_logits(model: Transformer, tokens: list[int], step=None, paged: bool = False) -> np.ndarray:
+    """Token by token through the KV cache, by the step generation chooses for the model (or by `step`);
+    `paged`: through a paged cache's blocks, scattered in its pool, as the server and KV sessions hold them."""
     cache = model.new_kv_cache(1, len(tokens))
+    if paged:
+        cfg, size = model.cfg, 4
+        pool = PagedKVCache(cfg.n_layers, 2 * len(tokens) // size + 2, size, cfg.n_kv_heads, cfg.head_dim,
+                            model.dtype, model.device)
+        cache = pool.rows(torch.randperm(pool.n_blocks)[None, :-(-len(tokens) // size)])
     step = step or decode_step(model)
     with torch.inference_mode():
         return torch.cat([step(torch.tensor([[t]]), i, cache, None)[0] for i, t in enumerate(tokens)]).numpy()
@@ -150,6 +157,8 @@ def test_files_llama_cpp_quantized_run_with_its_logits(trained_tiny, ftype, kern
     op_by_op = decode_logits(lm.model, tokens, step=lm.model)  # the same steps through the model's forward
     # the same math: equal but where an activation's int8 rounding flips on a last-bit difference
     np.testing.assert_allclose(decoded, op_by_op, atol=0.02)
+    # the C step over a paged row's scattered blocks computes what it computes over one contiguous row
+    np.testing.assert_array_equal(decode_logits(lm.model, tokens, paged=True), decoded)
     kinds = {type(m) for m in lm.model.modules()}
     if kernels == "c-kernel" and ftype != "F16":  # Q4_0/Q8_0/Q4_1/Q4_K/Q6_K blocks, 5-bit types as Q8_0
         assert GGMLLinear in kinds and Int8Linear not in kinds and Int4Linear not in kinds

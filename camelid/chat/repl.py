@@ -7,7 +7,7 @@ from typing import Callable, TextIO
 
 from camelid.errors import CamelidError
 from camelid.formats.loaded import LoadedModel
-from camelid.generate.generate import Completion, Stats, stream
+from camelid.generate.generate import Completion, KVSession, Stats, stream
 from camelid.generate.sampling import SamplingParams
 from camelid.tokenizer.chat_template import render_chat, resolve_template
 
@@ -31,8 +31,12 @@ def chat_prompt(lm: LoadedModel, messages: list[dict], template: str, max_new_to
 
 def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512, system: str | None = None,
               template: str | None = None, read: Callable[[str], str] = input, out: TextIO | None = None,
-              speculation=None):
+              speculation=None, kv_type: str | None = None):
+    """Each turn re-renders the conversation, as the template defines it; the turns before it are found in
+    the KV session's prefix cache, so only the new ones are prefilled (not with speculative decoding, which
+    keeps its own caches)."""
     out = out or sys.stdout
+    session = KVSession(lm.model, kv_type=kv_type) if speculation is None else None
     template = template or lm.template
     _, template_stops = resolve_template(template)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -73,7 +77,7 @@ def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512
         stats, completion = Stats(), Completion()
         try:
             for piece in stream(lm, ids, max_new_tokens, params, template_stops, stats, completion,
-                                speculation=speculation):
+                                speculation=speculation, session=session):
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
@@ -83,4 +87,5 @@ def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512
             out.write(f"error: {exc}\n")
             continue
         messages.append({"role": "assistant", "content": completion.text.strip()})
-        out.write(f"\n[{stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s]\n")
+        reused = f", {stats.cached_tokens} of {stats.prompt_tokens} prompt tokens cached" if session else ""
+        out.write(f"\n[{stats.generated_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s{reused}]\n")

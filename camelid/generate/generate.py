@@ -11,7 +11,9 @@ import torch
 from camelid.errors import CamelidError
 from camelid.generate.constrained import Constraint, Guide, allowed_tokens
 from camelid.generate.decoding import decode_step
+from camelid.generate.kv_blocks import BlockPool, Sequence
 from camelid.generate.sampling import SamplingParams, make_generator, sample
+from camelid.model.kv_cache import PagedKVCache
 from camelid.model.transformer import Transformer
 
 
@@ -19,6 +21,7 @@ from camelid.model.transformer import Transformer
 class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values a KVSession already held
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -31,6 +34,42 @@ class Stats:
         # The first generated token comes from the prefill pass.
         n = self.generated_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+
+class KVSession:
+    """A paged KV cache kept from one call to the next (a chat's turns, a program's prompts): a prompt that
+    begins as an earlier one did, in whole blocks, prefills only the rest (see generate/kv_blocks.py). It
+    holds `tokens` positions (default: one sequence at the model's context), stored as `kv_type` (default: the
+    model's dtype); on a CPU its memory is taken as blocks are first written."""
+
+    def __init__(self, model: Transformer, tokens: int | None = None, kv_type: str | None = None,
+                 block_size: int = 16):
+        cfg = model.cfg
+        kv_type = kv_type or {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
+        n_blocks = -(-(tokens or cfg.max_seq_len) // block_size)
+        try:
+            self.cache = PagedKVCache(cfg.n_layers, n_blocks, block_size, cfg.n_kv_heads, cfg.head_dim, model.dtype,
+                                      model.device, kv_type)
+        except ValueError as exc:
+            raise CamelidError(f"--kv-type {kv_type}: {exc}") from None
+        self.pool = BlockPool(n_blocks, block_size)
+        self.model = model
+
+    def open(self, prompt: list[int], longest: int, adapter: int = 0) -> Sequence:
+        seqs = self.pool.admit(prompt, longest, adapter)
+        if seqs is None:
+            raise CamelidError(f"the KV session holds {self.pool.n_blocks * self.pool.block_size} tokens; "
+                               f"{longest} are needed")
+        return seqs[0]
+
+    def rows(self, seq: Sequence, length: int):
+        """seq's blocks, enough for `length` tokens, as the cache a forward uses."""
+        return self.cache.rows(torch.tensor([self.pool.grow(seq, length)], device=self.model.device))
+
+    def close(self, seq: Sequence, tokens: list[int]):
+        """seq is done; `tokens` are those its blocks hold, kept for later prompts."""
+        self.pool.commit(seq, tokens)
+        self.pool.release(seq)
 
 
 def check_prompts(prompts: list[list[int]], max_seq_len: int, max_new_tokens: int):
@@ -48,12 +87,14 @@ def check_prompts(prompts: list[list[int]], max_seq_len: int, max_new_tokens: in
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                     stop_ids: set[int] = frozenset(), stats: Stats | None = None, yield_stop: bool = False,
-                    guides: list | None = None) -> Iterator[list[int | None]]:
+                    guides: list | None = None, session: KVSession | None = None) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None once that prompt has finished).
 
     A prompt finishes at a stop id (yielded only with `yield_stop`: a trainer scores the end of the reply
     too), when its guide (constrained.Guide, per prompt or None) is complete, or at max_new_tokens;
     generation also ends at the model's context length, so nothing is ever silently cut from the prompt.
+    With a `session` (one prompt) the keys and values go into its paged cache, a cached prefix is reused, and
+    what was computed stays there for the next call.
     """
     cfg = model.cfg
     check_prompts(prompts, cfg.max_seq_len, max_new_tokens)
@@ -70,16 +111,39 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         tokens[i, longest - len(p):] = torch.tensor(p, device=device)
         if pad_mask is not None:
             pad_mask[i, longest - len(p):longest] = True
-    kv_cache = model.new_kv_cache(B, total)
-    generator = make_generator(params.seed, device)
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens += sum(len(p) for p in prompts)  # a Stats may gather several calls
+    if session is None:
+        kv_cache = model.new_kv_cache(B, total)
+        yield from _decode(model, tokens, pad_mask, prompts, max_new_tokens, params, stop_ids, stats, yield_stop,
+                           guides, lambda _: kv_cache)
+        return
+    if B != 1:
+        raise CamelidError("a KV session takes one prompt at a time")
+    seq = session.open(prompts[0], total)
+    stats.cached_tokens += seq.cached
+    fed: list[int] = []  # the tokens whose keys and values are in seq's blocks
+    try:
+        yield from _decode(model, tokens, None, prompts, max_new_tokens, params, stop_ids, stats, yield_stop, guides,
+                           lambda length: session.rows(seq, length), seq.cached, fed)
+    finally:
+        session.close(seq, fed)
+
+
+def _decode(model, tokens, pad_mask, prompts, max_new_tokens, params, stop_ids, stats, yield_stop, guides,
+            cache_for, cached: int = 0, fed: list[int] | None = None):
+    """generate_tokens' loop over the cache cache_for(length) gives for `length` positions; the first `cached`
+    positions of the (one) prompt are in it already. `fed` collects the tokens the cache holds."""
+    B, longest = tokens.shape
+    generator = make_generator(params.seed, model.device)
     history = [list(p) for p in prompts]
     done = [False] * B
-    stats = stats if stats is not None else Stats()
-    stats.prompt_tokens = sum(len(p) for p in prompts)
-
     step_once = decode_step(model)
     t0 = time.perf_counter()
-    logits = model(tokens, 0, kv_cache, None if pad_mask is None else pad_mask[:, :longest], last_only=True)
+    mask = None if pad_mask is None else pad_mask[:, :longest]
+    logits = model(tokens[:, cached:], cached, cache_for(longest), mask, last_only=True)
+    if fed is not None:
+        fed.extend(prompts[0])
     guides = guides or [None] * B
     for step in range(max_new_tokens):
         live = [None if done[i] else g for i, g in enumerate(guides)]
@@ -90,7 +154,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         nxt = sample(logits[:, -1], params, history, generator, allowed)
         now = time.perf_counter()
         if step == 0:
-            stats.prefill_seconds = now - t0
+            stats.prefill_seconds += now - t0
         else:
             stats.decode_seconds += now - t0
         t0 = now
@@ -115,7 +179,9 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
         pos = longest + step
         mask = None if pad_mask is None else pad_mask[:, :pos + 1]
         t0 = time.perf_counter()
-        logits = step_once(nxt.view(B, 1), pos, kv_cache, mask)
+        logits = step_once(nxt.view(B, 1), pos, cache_for(pos + 1), mask)
+        if fed is not None:
+            fed.append(int(nxt[0]))
 
 
 class StopStrings:
@@ -155,18 +221,20 @@ class Completion:
 
 def stream(lm, prompt: str | list[int], max_new_tokens: int = 256, params: SamplingParams | None = None,
            stop: list[str] | None = None, stats: Stats | None = None, completion: Completion | None = None,
-           constraint: Constraint | None = None, speculation=None) -> Iterator[str]:
+           constraint: Constraint | None = None, speculation=None, session: KVSession | None = None) -> Iterator[str]:
     """Text pieces as they are generated for one prompt; `completion` (if given) is filled in as it goes;
-    with a `speculation` (generate/speculative.py) tokens are drafted and verified several at a time."""
+    with a `speculation` (generate/speculative.py) tokens are drafted and verified several at a time; with a
+    `session` a prefix an earlier call computed is reused."""
     for _, piece in stream_batch(lm, [prompt], max_new_tokens, params, stop, stats,
-                                 [completion] if completion is not None else None, constraint, speculation):
+                                 [completion] if completion is not None else None, constraint, speculation,
+                                 session):
         yield piece
 
 
 def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
                  stop: list[str] | None = None, stats: Stats | None = None,
                  completions: list[Completion] | None = None, constraint: Constraint | None = None,
-                 speculation=None) -> Iterator[tuple[int, str]]:
+                 speculation=None, session: KVSession | None = None) -> Iterator[tuple[int, str]]:
     """(prompt index, text piece) pairs as a batch is decoded together; with a `constraint` (a JSON schema or
     a grammar) each prompt's output follows it."""
     tok = lm.tokenizer
@@ -185,7 +253,8 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
         steps = speculative_tokens(lm.model, ids[0], max_new_tokens, params, speculation.drafter,
                                    speculation.draft_tokens, set(tok.eos_ids), stats, speculation.stats)
     else:
-        steps = generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats, guides=guides)
+        steps = generate_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats, guides=guides,
+                                session=session)
     for step_tokens in steps:
         for i, t in enumerate(step_tokens):
             if finished[i]:
@@ -221,8 +290,9 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
 
 def generate(lm, prompts: list, max_new_tokens: int = 256, params: SamplingParams | None = None,
              stop: list[str] | None = None, stats: Stats | None = None, constraint: Constraint | None = None,
-             speculation=None) -> list[Completion]:
+             speculation=None, session: KVSession | None = None) -> list[Completion]:
     completions = [Completion() for _ in prompts]
-    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions, constraint, speculation):
+    for _ in stream_batch(lm, prompts, max_new_tokens, params, stop, stats, completions, constraint, speculation,
+                          session):
         pass
     return completions

@@ -11,7 +11,7 @@ from camelid.files import read_text
 from camelid.formats.loaded import LoadedModel
 from camelid.generate import constrained
 from camelid.generate.constrained import Constraint
-from camelid.generate.generate import Stats, generate, stream
+from camelid.generate.generate import KVSession, Stats, generate, stream
 from camelid.generate.sampling import SamplingParams
 
 
@@ -59,19 +59,23 @@ def read_constraint(json_schema: str | None, grammar: str | None) -> Constraint 
 
 def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, max_new_tokens: int,
                  stop: list[str], truncate: str = "error", bos: bool = True, show_stats: bool = False,
-                 out=None, constraint: Constraint | None = None, speculation=None):
+                 out=None, constraint: Constraint | None = None, speculation=None, kv_type: str | None = None):
+    """With `kv_type` the prompts run one after another through a paged KV session stored that way (a
+    prefix they share is computed once); otherwise several prompts are decoded as one batch."""
     out = out or sys.stdout
     ids = [prompt_ids(lm, p, max_new_tokens, truncate, bos) for p in prompts]
     stats = Stats()
     if constraint is not None:
         constrained.check(constraint, lm.tokenizer)
-    if len(ids) == 1:
-        out.write(prompts[0])
-        for piece in stream(lm, ids[0], max_new_tokens, params, stop, stats, constraint=constraint,
-                            speculation=speculation):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
+    session = KVSession(lm.model, kv_type=kv_type) if kv_type else None
+    if len(ids) == 1 or session is not None:
+        for prompt, one in zip(prompts, ids):
+            out.write(prompt)
+            for piece in stream(lm, one, max_new_tokens, params, stop, stats, constraint=constraint,
+                                speculation=speculation, session=session):
+                out.write(piece)
+                out.flush()
+            out.write("\n")
     else:
         for prompt, c in zip(prompts, generate(lm, ids, max_new_tokens, params, stop, stats, constraint)):
             out.write(prompt + c.text + "\n")

@@ -493,7 +493,7 @@ async def _respond(use: Using, http: HTTPRequest, body, prompts: list[list[int]]
     if max_tokens is not None and max_tokens > config.max_tokens_limit:
         raise APIError(400, f"max_tokens: at most {config.max_tokens_limit}", "max_tokens", "invalid_parameter")
     if body.n > eng.max_batch:
-        raise APIError(400, f"n: at most {eng.max_batch} (the server's --max-batch)", "n", "invalid_parameter")
+        raise APIError(400, f"n: at most {eng.max_batch} (the server's --parallel)", "n", "invalid_parameter")
     # each prompt's n choices: prefilled once (the first carries the others as copies), seeds seed, seed+1, ...
     requests, leaders = [], []
     for prompt in prompts:
