@@ -140,6 +140,16 @@ def _speculation(args, lm, params):
     return None
 
 
+def _serve_lookup(args):
+    from camelid.generate.speculative import PromptLookup
+
+    if args.draft_tokens < 1:
+        raise CamelidError("--draft-tokens must be at least 1")
+    if args.lookup is not None and args.lookup < 1:
+        raise CamelidError("--lookup N: N must be at least 1")
+    return None if args.lookup is None else PromptLookup(args.lookup)
+
+
 def _params(args):
     from camelid.generate.sampling import SamplingParams
 
@@ -315,6 +325,11 @@ def _args_serve(p: argparse.ArgumentParser):
     _kv_args(p)
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled between two decode steps of running requests (default 256)")
+    g = p.add_argument_group("speculative decoding (each request's own text, greedy or sampled, in fewer passes)")
+    g.add_argument("--lookup", nargs="?", type=int, const=3, default=None, metavar="N",
+                   help="draft each request's next tokens by prompt lookup on its last N tokens (default 3), "
+                        "verified for the whole batch in one pass: pays when replies repeat their input")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (default 4)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("more_models", nargs="*", metavar="MODEL",
                    help="more models to serve, each MODEL or NAME=MODEL (MODEL may also be a folder of models); "
@@ -423,7 +438,8 @@ def cmd_serve(args):
                           max_model_bytes=int(args.max_model_memory * 1e9),
                           allow_adapter_loading=args.allow_adapter_loading, ctx_size=args.ctx_size,
                           kv=_kv_budget(args), prefill_chunk=args.prefill_chunk,
-                          prefix_cache=not args.no_prefix_cache)
+                          prefix_cache=not args.no_prefix_cache, lookup=_serve_lookup(args),
+                          draft_tokens=args.draft_tokens)
     merged = [a for a in args.adapter if "=" not in a]
     served = []
     for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model

@@ -132,7 +132,7 @@ def speculative_tokens(model, prompt: list[int], max_new_tokens: int, params: Sa
         draft, qs = drafter.propose(tokens, k) if k > 0 else ([], [])
         ids = torch.tensor([[tokens[-1]] + draft], device=device)
         logits = model(ids, len(tokens) - 1, cache)[0]  # row i: the distribution after draft[:i]
-        new = _verify(logits, draft, qs, params, tokens, generator)
+        new = verify(logits, draft, qs, params, tokens, generator)
         speculation.rounds += 1
         speculation.drafted += len(draft)
         speculation.accepted += len(new) - 1
@@ -153,7 +153,7 @@ def speculative_tokens(model, prompt: list[int], max_new_tokens: int, params: Sa
                 return
 
 
-def _verify(logits: torch.Tensor, draft: list[int], qs: list, params: SamplingParams, tokens: list[int],
+def verify(logits: torch.Tensor, draft: list[int], qs: list, params: SamplingParams, tokens: list[int],
             generator) -> list[int]:
     """The accepted run of `draft` and one token of the model's own: the correction where it rejects a
     draft token, or the next token when it accepts them all."""

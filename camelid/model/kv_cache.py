@@ -13,13 +13,14 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
-        """Write new keys/values at `start` (an int, or one position per row for a single new token)
-        and return the cache up to the furthest written position."""
+        """Write new keys/values at `start` (an int, or a (B,) tensor: each row's own first position) and
+        return the cache up to the furthest written position."""
         if isinstance(start, torch.Tensor):
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows, :, start] = k[:, :, 0]
-            self.v[layer][rows, :, start] = v[:, :, 0]
-            end = int(start.max()) + 1
+            positions = start.view(-1, 1) + torch.arange(k.shape[2], device=k.device)
+            rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
+            self.k[layer][rows, :, positions] = k.transpose(1, 2)
+            self.v[layer][rows, :, positions] = v.transpose(1, 2)
+            end = int(positions.max()) + 1
         else:
             end = start + k.shape[2]
             self.k[layer][:, :, start:end] = k
@@ -119,11 +120,11 @@ class PagedRows:
         self.max_len = tables.shape[1] * cache.block_size
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
-        """As KVCache.update: write at `start` (an int for every row, or one position per row for a single
-        new token) and return every row's cache up to the furthest written position."""
+        """As KVCache.update: write at `start` (an int for every row, or a (B,) tensor of each row's first
+        position) and return every row's cache up to the furthest written position."""
         B, H, T, D = k.shape
         if isinstance(start, torch.Tensor):
-            positions = start.view(B, 1)
+            positions = start.view(B, 1) + torch.arange(T, device=k.device)
         else:
             positions = torch.arange(start, start + T, device=k.device).expand(B, T)
         bs = self.cache.block_size

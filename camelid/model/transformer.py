@@ -378,8 +378,8 @@ class Transformer(nn.Module):
 
         pad_mask (B, start+T), True for real tokens, marks left padding in a batch of unequal prompts;
         positions then count real tokens only, so a padded row computes what it would alone.
-        `start` may instead be a (B,) tensor with each row's own position, for one new token per row
-        (continuous batching, where every request in the batch is at a different length).
+        `start` may instead be a (B,) tensor with each row's own first position (continuous batching, where
+        every request in the batch is at a different length: one new token per row, or several to verify).
         segment_ids (B, T) packs several samples in a row (training, from position 0): a token attends only
         to earlier tokens of its own segment, and positions restart at each segment.
         layout = (positions (B, T), mask (B, 1, T, T) bool) is any other arrangement a caller builds from
@@ -478,9 +478,10 @@ class Transformer(nn.Module):
         return x
 
     def _positions_and_mask(self, B, T, start, pad_mask, device):
-        if isinstance(start, torch.Tensor):
-            keys = torch.arange(int(start.max()) + 1, device=device)
-            return start.view(B, 1), (keys <= start.view(B, 1)).view(B, 1, 1, -1)
+        if isinstance(start, torch.Tensor):  # each row's own positions: T new tokens from its start
+            positions = start.view(B, 1) + torch.arange(T, device=device)
+            keys = torch.arange(int(positions.max()) + 1, device=device)
+            return positions, (keys <= positions.unsqueeze(-1)).unsqueeze(1)
         steps = torch.arange(start, start + T, device=device)
         if pad_mask is None:
             positions = steps.unsqueeze(0).expand(B, T)

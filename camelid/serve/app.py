@@ -50,6 +50,8 @@ class ServerConfig:
     kv: KVBudget = field(default_factory=KVBudget)
     prefill_chunk: int = 256
     prefix_cache: bool = True
+    lookup: object = None  # a speculative.PromptLookup: requests draft and verify several tokens a pass
+    draft_tokens: int = 4
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
     max_models: int = 0  # models loaded at once (0: all of them); the least recently used idle one is unloaded
@@ -131,7 +133,8 @@ def create_app(load: Callable[[], LoadedModel] | list[Served], config: ServerCon
     on their first request."""
     served = load if isinstance(load, list) else [Served(config.model_name, load)]
     pool = ModelPool(served, lambda lm: Engine(lm, config.max_batch, config.max_queue, config.kv, config.ctx_size,
-                                               config.prefill_chunk, config.prefix_cache), config.max_models,
+                                               config.prefill_chunk, config.prefix_cache, config.lookup,
+                                               config.draft_tokens), config.max_models,
                      config.max_model_bytes)
     state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event(),
              "pool": pool}
@@ -855,6 +858,12 @@ def prometheus_text(eng: Engine | None) -> str:
          eng and eng.pool.stats.prefix_hits),
         ("camelid_kv_evictions_total", "counter", "Cached KV blocks reused for other requests.",
          eng and eng.pool.stats.evictions),
+        ("camelid_speculative_rounds_total", "counter", "Drafts verified (one per row and pass).",
+         m and m.speculative_rounds),
+        ("camelid_speculative_drafted_tokens_total", "counter", "Tokens drafted by prompt lookup.",
+         m and m.speculative_drafted),
+        ("camelid_speculative_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
+         m and m.speculative_accepted),
     ]
     out = []
     for name, kind, help_text, value in rows:

@@ -32,6 +32,7 @@ from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
 from camelid.generate.kv_blocks import BlockPool, Sequence
 from camelid.generate.sampling import SamplingParams, make_generator, sample
+from camelid.generate.speculative import PromptLookup, verify
 from camelid.model.kv_cache import PagedKVCache, kv_value_bytes
 from camelid.model.lora import MultiLoRALinear, adapter_rows
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
@@ -97,9 +98,9 @@ def _allocate_pool(model, budget: KVBudget, slots: int, ctx: int) -> PagedKVCach
     if model.device.type == "cpu" and size > machine_memory()[1]:
         raise CamelidError(f"{problem}, more than this machine's free memory (lower --kv-memory, --ctx-size or "
                            f"--parallel, or use --kv-type q8_0)")
-    try:
-        return PagedKVCache(cfg.n_layers, n_blocks, budget.block_size, cfg.n_kv_heads, cfg.head_dim, model.dtype,
-                            model.device, kv_type)
+    try:  # one block more, never given to a sequence: where a batch's padding positions write
+        return PagedKVCache(cfg.n_layers, n_blocks + 1, budget.block_size, cfg.n_kv_heads, cfg.head_dim,
+                            model.dtype, model.device, kv_type)
     except (RuntimeError, MemoryError):
         raise CamelidError(f"{problem}, more than the device can allocate (lower --kv-memory)") from None
     except ValueError as exc:
@@ -146,11 +147,15 @@ class Metrics:
     decode_steps: int = 0
     prefill_chunks: int = 0
     prefilled_tokens: int = 0  # prompt tokens computed (those found in the prefix cache are not)
+    speculative_rounds: int = 0  # rows' verifications of a draft
+    speculative_drafted: int = 0
+    speculative_accepted: int = 0
 
 
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 8, max_queue: int = 64, kv: KVBudget | None = None,
-                 ctx_size: int | None = None, prefill_chunk: int = 256, prefix_cache: bool = True):
+                 ctx_size: int | None = None, prefill_chunk: int = 256, prefix_cache: bool = True,
+                 lookup: PromptLookup | None = None, draft_tokens: int = 4):
         self.lm = lm
         self.model = lm.model
         self.tok = lm.tokenizer
@@ -158,9 +163,11 @@ class Engine:
         self.max_queue = max_queue
         self.ctx = min(ctx_size or lm.config.max_seq_len, lm.config.max_seq_len)  # one request's most tokens
         self.cache = _allocate_pool(self.model, kv or KVBudget(), max_batch, self.ctx)
-        self.pool = BlockPool(self.cache.n_blocks, self.cache.block_size)
+        self.pool = BlockPool(self.cache.n_blocks - 1, self.cache.block_size)
+        self.scratch = self.cache.n_blocks - 1
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled between two decode steps of running requests
         self.prefix_cache = prefix_cache
+        self.lookup, self.draft_tokens = lookup, draft_tokens  # speculative decoding by prompt lookup
         # served adapters apply per row, which only the model's own forward does (not the fused C step)
         self.adapters = any(isinstance(m, MultiLoRALinear) for m in self.model.modules())
         self.decode = self.model if self.adapters else decode_step(self.model)  # the weights stay as they are
@@ -398,10 +405,11 @@ class Engine:
         # one request alone: a plain position, which the C decode step takes
         starts = self.active[0].length if n == 1 else torch.tensor([s.length for s in self.active],
                                                                     device=self.device)
-        tables = [self.pool.grow(s.seq, s.length + 1) for s in self.active]
-        width = max(map(len, tables))
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)  # 0: masked
         guides = [s.guide for s in self.active]
+        drafts = self._drafts() if self.lookup is not None and not any(guides) else None
+        if drafts is not None and any(drafts):
+            return self._verify_step(drafts)
+        tables = self._tables([s.length + 1 for s in self.active], [s.length + 1 for s in self.active])
         # the grammars' masks depend only on the tokens taken so far: computed while the forward runs
         masks = allowed_tokens_soon(guides, self.vocab_width) if any(guides) else None
         try:
@@ -430,6 +438,60 @@ class Engine:
                 slot.error = exc
                 continue
             self._accept(slot, token, logits[i:i + 1])
+        self._retire_finished()
+
+    def _tables(self, lengths: list[int], width: list[int]) -> torch.Tensor:
+        """The active rows' block tables, grown to `lengths` tokens and padded with the scratch block to
+        cover `width` positions (past a row's own tokens: masked for reading, harmless for writing)."""
+        bs = self.pool.block_size
+        tables = [self.pool.grow(s.seq, n) for s, n in zip(self.active, lengths)]
+        most = max(max(-(-w // bs) for w in width), max(map(len, tables)))
+        return torch.tensor([t + [self.scratch] * (most - len(t)) for t in tables], device=self.device)
+
+    def _drafts(self) -> list[list[int]]:
+        """Each row's prompt-lookup draft, no longer than its reply and the context leave room for."""
+        out = []
+        for s in self.active:
+            room = min(self.draft_tokens, s.req.max_tokens - len(s.req.tokens) - 1, self.ctx - s.length - 2)
+            out.append(self.lookup.propose(s.history, room)[0] if room > 0 else [])
+        return out
+
+    def _verify_step(self, drafts: list[list[int]]):
+        """Every row's last token and its draft in one forward (rows padded to the longest draft); each row
+        keeps the drafted tokens the model agrees with and one of its own (speculative.py's verify)."""
+        width = 1 + max(map(len, drafts))
+        tokens = torch.tensor([[s.last] + d + [0] * (width - 1 - len(d)) for s, d in zip(self.active, drafts)],
+                              device=self.device)
+        starts = torch.tensor([s.length for s in self.active], device=self.device)
+        tables = self._tables([s.length + 1 + len(d) for s, d in zip(self.active, drafts)],
+                              [s.length + width for s in self.active])
+        try:
+            with self._rows([s.req.adapter for s in self.active]):
+                logits = self.model(tokens, starts, self.cache.rows(tables))
+        except Exception as exc:
+            for slot in self.active:
+                self._release([slot.seq])
+                self._fail(slot.req, exc)
+            self.active.clear()
+            return
+        m = self.metrics
+        m.decode_steps += 1
+        m.batch_size_sum += len(self.active)
+        for i, (slot, draft) in enumerate(zip(self.active, drafts)):
+            try:
+                new = verify(logits[i, :1 + len(draft)], draft, [None] * len(draft), slot.req.params,
+                             slot.history, slot.generator)
+            except Exception as exc:
+                slot.finish, slot.error = "error", exc
+                continue
+            m.speculative_rounds += 1 if draft else 0
+            m.speculative_drafted += len(draft)
+            m.speculative_accepted += len(new) - 1
+            for j, token in enumerate(new):
+                slot.length += 1
+                self._accept(slot, token, logits[i, j:j + 1])
+                if slot.finish is not None:
+                    break
         self._retire_finished()
 
     def _rows(self, adapters: list[int]):
