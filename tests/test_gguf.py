@@ -26,9 +26,9 @@ from camelid.formats.load import build_model, load_model, plain_state_dict, save
 from camelid.formats.loaded import LoadedModel
 from camelid.generate.decoding import decode_step
 from camelid.model import fused_decode, ggml_kernel
-from camelid.model.kv_cache import PagedKVCache
 from camelid.model.config import ModelConfig
 from camelid.model.kernels import use_gemv_kernel
+from camelid.model.kv_cache import PagedKVCache
 from camelid.model.quant import GGMLEmbedding, GGMLLinear, Int4Linear, Int8Linear
 from camelid.model.transformer import Transformer
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer

@@ -219,7 +219,7 @@ def test_speculation_with_sampling_draws_from_the_models_distribution(lm):
             done, reqs = threading.Semaphore(0), []
             for i in range(8):
                 reqs.append(Request(prompt, SamplingParams(temperature=1.0, seed=batch * 8 + i), 3, [],
-                                    emit=lambda kind, _: done.release() if kind == "done" else None))
+                                    emit=lambda kind, _, done=done: done.release() if kind == "done" else None))
                 engine.submit(reqs[-1])
             for _ in reqs:
                 assert done.acquire(timeout=60)
