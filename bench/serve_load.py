@@ -63,7 +63,7 @@ def build_llama_server() -> Path:
 
 def build_gguf() -> Path:
     """A TinyLlama-1.1B-shaped model with random weights as Q4_0 GGUF (cached)."""
-    path = CACHE / "tinyllama-random" / "tinyllama-random-q4_0.gguf"
+    path = CACHE / "tinyllama-random" / "tinyllama-random-Q4_0.gguf"
     if path.exists():
         return path
     import torch
