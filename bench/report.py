@@ -113,15 +113,56 @@ def eval_speed(rows):
 
 
 def serve_load(rows):
-    yield "| clients | requests/s | generated tok/s | p50 latency | p95 latency | p50 first token | errors |"
-    yield "|---|---|---|---|---|---|---|"
+    yield ("| scenario | clients | camelid tok/s | llama-server tok/s | ratio | first token p95 (camelid / "
+           "llama-server) | token gap p95 | peak RSS | errors |")
+    yield "|---|---|---|---|---|---|---|---|---|"
     for r in rows:
         if r.get("summary"):
-            yield f"| 8 vs 1 | | {_x(r['ratio_8_vs_1'])} | | | | {r['errors']} |"
-        else:
-            yield (f"| {r['clients']} | {r['requests_per_s']:.2f} | {_n(r['generated_tokens_per_s'])} | "
-                   f"{r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | {r['ttft_p50_s']:.2f} s | "
-                   f"{r['errors']} |")
+            continue
+        yield (f"| {r['scenario']} | {r['clients']} | {_n(r['camelid_tokens_per_s'])} | "
+               f"{_n(r['llama_server_tokens_per_s'])} | {_x(r['tokens_per_s_ratio'])} | "
+               f"{r['camelid_ttft_p95_s']:.2f} s / {r['llama_server_ttft_p95_s']:.2f} s | "
+               f"{r['camelid_gap_p95_s'] * 1000:.0f} ms / {r['llama_server_gap_p95_s'] * 1000:.0f} ms | "
+               f"{r['camelid_peak_rss_mb']:,} / {r['llama_server_peak_rss_mb']:,} MB | "
+               f"{r['camelid_errors']} / {r['llama_server_errors']} |")
+    for r in rows:
+        if r.get("scenario") == "shared_prefix":
+            yield (f"| shared prefix, cache off | {r['clients']} | {_n(r['camelid_no_cache_tokens_per_s'])} | "
+                   f"{_n(r['llama_server_no_cache_tokens_per_s'])} | | "
+                   f"{r['camelid_no_cache_ttft_p95_s']:.2f} s / {r['llama_server_no_cache_ttft_p95_s']:.2f} s | "
+                   f"| | {r['camelid_no_cache_errors']} / {r['llama_server_no_cache_errors']} |")
+
+
+def serve_kv(rows):
+    yield "| case | camelid's way | the other way | ratio |"
+    yield "|---|---|---|---|"
+    for r in rows:
+        if r["case"] == "chunked_prefill":
+            yield (f"| p95 token gap of 4 streams while a {r['prompt_tokens']:,}-token prompt arrives "
+                   f"(chunks of {r['chunk']} / one piece) | {r['p95_gap_chunked_s'] * 1000:.0f} ms | "
+                   f"{r['p95_gap_whole_s'] * 1000:.0f} ms | {_x(r['ratio'])} |")
+            yield (f"| its time to first token (chunks / one piece) | {r['ttft_chunked_s']:.2f} s | "
+                   f"{r['ttft_whole_s']:.2f} s | |")
+        elif r["case"] == "prefix_reuse":
+            yield (f"| first token after a shared {r['system_tokens']:,}-token prompt (prefix cache / none) | "
+                   f"{r['ttft_reuse_s']:.2f} s | {r['ttft_no_reuse_s']:.2f} s | {_x(r['ratio'])} |")
+        elif r["case"] == "kv_memory":
+            yield (f"| KV memory held at peak / preallocated for every slot | {r['peak_held_mb']:,} MB | "
+                   f"{r['preallocated_mb']:,} MB | {_x(r['ratio'])} |")
+        elif r["case"] == "kv_types":
+            yield (f"| perplexity with {r['kv_type']} KV / f32 ({r['scored_tokens']:,} tokens), memory "
+                   f"{_x(r['memory_ratio'])} | {r['ppl']:.4f} | {r['ppl_f32']:.4f} | "
+                   f"{r['ppl_change_pct']:+.3f}% |")
+
+
+def serve_soak(rows):
+    yield "| minutes | clients | requests | by status | 5xx | RSS early / end | pool at the end |"
+    yield "|---|---|---|---|---|---|---|"
+    for r in rows:
+        status = ", ".join(f"{k}: {v}" for k, v in r["by_status"].items())
+        yield (f"| {r['minutes']:g} | {r['clients']} | {r['requests']:,} | {status} | {r['5xx']} | "
+               f"{r['rss_early_mb']} / {r['rss_end_mb']} MB ({_x(r['rss_ratio'])}) | "
+               f"{r['kv_blocks_used_end']:.0f} used, {r['kv_blocks_reserved_end']:.0f} reserved |")
 
 
 def constrained(rows):
@@ -153,7 +194,8 @@ def speculative(rows):
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
           "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed,
-          "serve_load": serve_load, "constrained-json-schema": constrained, "speculative": speculative}
+          "serve_load": serve_load, "constrained-json-schema": constrained, "speculative": speculative,
+          "serve_kv": serve_kv, "serve_soak": serve_soak}
 
 
 def read_results(name: str) -> list[dict]:

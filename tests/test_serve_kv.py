@@ -235,3 +235,24 @@ def test_speculation_with_sampling_draws_from_the_models_distribution(lm):
     else:
         expected = [e * sum(counts) / sum(expected) for e in expected]
     assert scipy_stats.chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_a_cancelled_first_choice_leaves_the_other_choices_whole(lm):
+    tok = lm.tokenizer
+    prompt = tok.encode(SYSTEM)
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2)]
+    expected = generate(lm, [prompt], 20, params[1])[0].tokens
+    engine = Engine(lm, max_batch=4, kv=KVBudget(block_size=8))
+    try:
+        done = threading.Semaphore(0)
+        group = [Request(prompt, p, 20, [], emit=lambda kind, _: done.release() if kind == "done" else None)
+                 for p in params]
+        group[0].copies = group[1:]
+        group[0].cancel()  # before its prompt is in: the copy still runs from the shared blocks
+        engine.submit(group[0])
+        for _ in group:
+            assert done.acquire(timeout=60)
+        assert group[0].finish_reason == "cancelled" and group[1].tokens == expected
+        wait_idle(engine)
+    finally:
+        engine.shutdown()

@@ -363,11 +363,11 @@ class Engine:
             every = torch.cat(job.logits)
             scored = [TokenLogprob(req.prompt[0], None, [])] + token_logprobs(every[:-1], req.prompt[1:],
                                                                               req.logprobs or 0)
-        for member, member_seq in zip(job.group, job.seqs):
-            if member_seq is not seq:  # a copy: shares the prompt's full blocks, its partial one copied
-                partial = self.pool.fork(seq, member_seq, len(req.prompt))
-                if partial is not None:
-                    self.cache.copy_block(partial, member_seq.blocks[-1])
+        for copy in job.seqs[1:]:  # the copies share the prompt's full blocks, its partial one copied
+            partial = self.pool.fork(seq, copy, len(req.prompt))
+            if partial is not None:
+                self.cache.copy_block(partial, copy.blocks[-1])
+        for member, member_seq in zip(job.group, job.seqs):  # (a cancelled one gives its blocks back here)
             self._start(member, member_seq, logits, scored)
         self._retire_finished()
 
