@@ -140,6 +140,15 @@ def _speculation(args, lm, params):
     return None
 
 
+def _load_draft(args):
+    from camelid.formats.load import load_model
+    from camelid.formats.loaded import require_policy
+    from camelid.generate.decoding import prepare_for_decoding
+
+    draft = require_policy(load_model(args.draft, args.device, args.dtype), args.draft)
+    return prepare_for_decoding(draft.model, compile=not args.no_compile)
+
+
 def _serve_lookup(args):
     from camelid.generate.speculative import PromptLookup
 
@@ -326,9 +335,13 @@ def _args_serve(p: argparse.ArgumentParser):
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled between two decode steps of running requests (default 256)")
     g = p.add_argument_group("speculative decoding (each request's own text, greedy or sampled, in fewer passes)")
-    g.add_argument("--lookup", nargs="?", type=int, const=3, default=None, metavar="N",
-                   help="draft each request's next tokens by prompt lookup on its last N tokens (default 3), "
-                        "verified for the whole batch in one pass: pays when replies repeat their input")
+    drafter = g.add_mutually_exclusive_group()
+    drafter.add_argument("--lookup", nargs="?", type=int, const=3, default=None, metavar="N",
+                         help="draft each request's next tokens by prompt lookup on its last N tokens (default 3), "
+                              "verified for the whole batch in one pass: pays when replies repeat their input")
+    drafter.add_argument("--draft", default=None, metavar="MODEL",
+                         help="a smaller model with the same tokenizer drafts the first model's tokens, every "
+                              "row's draft verified in one pass")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (default 4)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("more_models", nargs="*", metavar="MODEL",
@@ -444,7 +457,8 @@ def cmd_serve(args):
     served = []
     for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model
         one = argparse.Namespace(**{**vars(args), "model": path, "adapter": merged if i == 0 else []})
-        served.append(Served(model_name, partial(_load, one), served_adapters if i == 0 else []))
+        served.append(Served(model_name, partial(_load, one), served_adapters if i == 0 else [],
+                             partial(_load_draft, args) if i == 0 and args.draft else None))
     app = create_app(served, config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11,
                                            timeout_keep_alive=KEEP_ALIVE_SECONDS))

@@ -373,7 +373,8 @@ def test_resume_finds_the_newest_intact_checkpoint_and_clears_leftovers(tmp_path
 
 @pytest.mark.parametrize("defect,needle", [
     (lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 64), "corrupt or truncated"),
-    (_model_key("max_seq_len", 2**32 - 1), "the KV cache for 8 requests at the model's context of 4294967295"),
+    (_model_key("max_seq_len", 2**32 - 1), "a KV cache of 34359738352 tokens (f32) needs 40.0 TiB, more than this "
+                                           "machine's free memory (lower --kv-memory"),
 ], ids=["corrupt-weights", "huge-context"])
 def test_real_process_for_a_model_that_fails_to_load_exits(defect, needle, tmp_path):
     """`serve` with a model that cannot load stops with the loader's message instead of serving 503s."""

@@ -191,7 +191,66 @@ def test_speculation_in_the_batch_gives_each_request_its_plain_greedy_text(lm):
         engine.shutdown()
 
 
-def test_speculation_with_sampling_draws_from_the_models_distribution(lm):
+def _noisy_copy(model, scale: float):
+    """The model with noise on every weight: a draft that agrees with it often, not always."""
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return other
+
+
+@pytest.mark.parametrize("draft", ["same-model", "noisy", "random"])
+def test_a_draft_model_in_the_batch_gives_each_request_its_plain_greedy_text(lm, draft):
+    """A smaller model drafts for every row (its own paged cache under the rows' block tables); one forward
+    verifies the batch. Greedy text is plain decoding's, row by row, also when the prompts' blocks come from
+    the prefix cache and the draft's keys and values for them must be recomputed."""
+    import torch
+
+    from camelid.model.config import ModelConfig
+    from camelid.model.transformer import Transformer
+
+    tok = lm.tokenizer
+    prompts = [tok.encode(SYSTEM + " " + SYSTEM), tok.encode("Tom had a big dog"), tok.encode(SYSTEM)]
+    expected = [generate(lm, [p], 40, SamplingParams.greedy())[0].tokens for p in prompts]
+    if draft == "random":
+        torch.manual_seed(5)
+        model = Transformer(ModelConfig(**{**lm.model.cfg.__dict__, "n_layers": 1})).eval()
+    else:
+        model = _noisy_copy(lm.model, 0.0 if draft == "same-model" else 0.05)
+    engine = Engine(lm, max_batch=4, kv=KVBudget(block_size=8), draft=model, draft_tokens=4)
+    try:
+        got = run(engine, prompts, 40)
+        assert [r.tokens for r in got] == expected
+        again = run(engine, prompts[::-1], 40)  # their blocks are cached now
+        assert [r.tokens for r in again] == expected[::-1]
+        m = engine.metrics
+        assert m.speculative_rounds > 0 and m.speculative_accepted <= m.speculative_drafted
+        if draft == "same-model":  # it proposes what the model would: every draft is accepted
+            assert m.speculative_accepted == m.speculative_drafted
+            assert m.decode_steps < sum(len(r.tokens) for r in got + again) // 2
+        wait_idle(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(lm):
+    from camelid.errors import CamelidError
+    from camelid.model.config import ModelConfig
+    from camelid.model.transformer import Transformer
+
+    other = Transformer(ModelConfig(**{**lm.model.cfg.__dict__, "n_layers": 1, "vocab_size": 100})).eval()
+    with pytest.raises(CamelidError, match="same tokenizer"):
+        Engine(lm, max_batch=2, draft=other)
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft-model"])
+def test_speculation_with_sampling_draws_from_the_models_distribution(lm, drafter):
     """At temperature 1 the first two tokens after a repetitive prompt (the second one drafted and verified),
     over many seeds, are distributed as the sampler's own p(t1) p(t2 | t1) (top-k, top-p and min-p as plain
     sampling applies them): chi-square over the likeliest pairs."""
@@ -212,7 +271,10 @@ def test_speculation_with_sampling_draws_from_the_models_distribution(lm):
             for t2 in second.topk(3).indices.tolist():
                 if first[t1] * second[t2] > 0:  # the sampler's truncation leaves fewer than three
                     cells[(t1, t2)] = float(first[t1] * second[t2])
-    engine = Engine(lm, max_batch=8, lookup=PromptLookup(2), draft_tokens=3)
+    if drafter == "lookup":
+        engine = Engine(lm, max_batch=8, lookup=PromptLookup(2), draft_tokens=3)
+    else:  # a draft that disagrees often enough for rejections to matter
+        engine = Engine(lm, max_batch=8, draft=_noisy_copy(lm.model, 0.1), draft_tokens=3)
     pairs = []
     try:
         for batch in range(100):
@@ -224,7 +286,8 @@ def test_speculation_with_sampling_draws_from_the_models_distribution(lm):
             for _ in reqs:
                 assert done.acquire(timeout=60)
             pairs += [tuple(r.tokens[:2]) for r in reqs]
-        assert engine.metrics.speculative_accepted > 0
+        m = engine.metrics
+        assert 0 < m.speculative_accepted and (drafter == "lookup" or m.speculative_accepted < m.speculative_drafted)
     finally:
         engine.shutdown()
     counts = [sum(p == c for p in pairs) for c in cells]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -58,21 +61,21 @@ class PagedKVCache:
 
     Blocks are token-major, (n_blocks, block_size, n_kv_heads, head_dim), so writing a token is one row and
     reading a sequence is one gather. kv_type "q8_0" stores int8 values with one fp16 scale per 32 (llama.cpp's
-    Q8_0 block), "f16"/"bf16" halve fp32's memory; reads come back in the compute dtype. The pool is
-    torch.empty: on a CPU its pages are only taken as blocks are first written."""
+    Q8_0 block), "f16"/"bf16" halve fp32's memory; reads come back in the compute dtype. On a CPU the pool's
+    pages are only taken as blocks are first written (_lazy_zeros)."""
 
     def __init__(self, n_layers, n_blocks, block_size, n_kv_heads, head_dim, dtype, device, kv_type: str = "f32"):
         if kv_type == "q8_0" and head_dim % Q8_BLOCK:
             raise ValueError(f"q8_0 KV needs a head size divisible by {Q8_BLOCK}, not {head_dim}")
         shape = (n_blocks, block_size, n_kv_heads, head_dim)
         store = _STORED[kv_type]
-        self.k = [torch.empty(shape, dtype=store, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty(shape, dtype=store, device=device) for _ in range(n_layers)]
+        self.k = [_lazy_zeros(shape, store, device) for _ in range(n_layers)]
+        self.v = [_lazy_zeros(shape, store, device) for _ in range(n_layers)]
         self.k_scale = self.v_scale = None
         if kv_type == "q8_0":
             scale_shape = shape[:-1] + (head_dim // Q8_BLOCK,)
-            self.k_scale = [torch.empty(scale_shape, dtype=torch.float16, device=device) for _ in range(n_layers)]
-            self.v_scale = [torch.empty(scale_shape, dtype=torch.float16, device=device) for _ in range(n_layers)]
+            self.k_scale = [_lazy_zeros(scale_shape, torch.float16, device) for _ in range(n_layers)]
+            self.v_scale = [_lazy_zeros(scale_shape, torch.float16, device) for _ in range(n_layers)]
         self.n_blocks, self.block_size, self.kv_type, self.dtype = n_blocks, block_size, kv_type, dtype
 
     @property
@@ -110,6 +113,15 @@ class PagedKVCache:
                 x = dequantize_q8_0(x, scales[layer][blocks], dtype)
             out.append(x.flatten(1, 2)[:, :length].transpose(1, 2).to(dtype))
         return out[0], out[1]
+
+
+def _lazy_zeros(shape, dtype, device) -> torch.Tensor:
+    """Zeros, never leftover memory: a batch reads past a row's own positions (masked, but 0 x a stale NaN is
+    NaN). On a CPU they come from an anonymous mapping, whose pages cost nothing until first written."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
 
 
 class PagedRows:

@@ -132,10 +132,10 @@ def create_app(load: Callable[[], LoadedModel] | list[Served], config: ServerCon
     the default). The first loads in the background, /health answering 503 until it is ready; the others load
     on their first request."""
     served = load if isinstance(load, list) else [Served(config.model_name, load)]
-    pool = ModelPool(served, lambda lm: Engine(lm, config.max_batch, config.max_queue, config.kv, config.ctx_size,
-                                               config.prefill_chunk, config.prefix_cache, config.lookup,
-                                               config.draft_tokens), config.max_models,
-                     config.max_model_bytes)
+    pool = ModelPool(served, lambda lm, draft: Engine(lm, config.max_batch, config.max_queue, config.kv,
+                                                      config.ctx_size, config.prefill_chunk, config.prefix_cache,
+                                                      config.lookup, config.draft_tokens, draft),
+                     config.max_models, config.max_model_bytes)
     state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event(),
              "pool": pool}
 
@@ -860,7 +860,7 @@ def prometheus_text(eng: Engine | None) -> str:
          eng and eng.pool.stats.evictions),
         ("camelid_speculative_rounds_total", "counter", "Drafts verified (one per row and pass).",
          m and m.speculative_rounds),
-        ("camelid_speculative_drafted_tokens_total", "counter", "Tokens drafted by prompt lookup.",
+        ("camelid_speculative_drafted_tokens_total", "counter", "Tokens drafted (prompt lookup or the draft model).",
          m and m.speculative_drafted),
         ("camelid_speculative_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
          m and m.speculative_accepted),

@@ -31,7 +31,7 @@ from camelid.generate.constrained import Constraint, Guide, allowed_tokens, allo
 from camelid.generate.decoding import decode_step
 from camelid.generate.generate import StopStrings
 from camelid.generate.kv_blocks import BlockPool, Sequence
-from camelid.generate.sampling import SamplingParams, make_generator, sample
+from camelid.generate.sampling import SamplingParams, distribution, make_generator, sample
 from camelid.generate.speculative import PromptLookup, verify
 from camelid.model.kv_cache import PagedKVCache, kv_value_bytes
 from camelid.model.lora import MultiLoRALinear, adapter_rows
@@ -155,7 +155,7 @@ class Metrics:
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 8, max_queue: int = 64, kv: KVBudget | None = None,
                  ctx_size: int | None = None, prefill_chunk: int = 256, prefix_cache: bool = True,
-                 lookup: PromptLookup | None = None, draft_tokens: int = 4):
+                 lookup: PromptLookup | None = None, draft_tokens: int = 4, draft=None):
         self.lm = lm
         self.model = lm.model
         self.tok = lm.tokenizer
@@ -167,7 +167,17 @@ class Engine:
         self.scratch = self.cache.n_blocks - 1
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled between two decode steps of running requests
         self.prefix_cache = prefix_cache
-        self.lookup, self.draft_tokens = lookup, draft_tokens  # speculative decoding by prompt lookup
+        # speculative decoding: prompt lookup, or a smaller model with the same vocabulary (`draft`), whose
+        # keys and values go into a pool of its own under the same block tables
+        self.lookup, self.draft_tokens, self.draft, self.draft_cache = lookup, draft_tokens, draft, None
+        if draft is not None:
+            if draft.cfg.vocab_size != lm.config.vocab_size:
+                raise CamelidError(f"--draft: its vocabulary has {draft.cfg.vocab_size} tokens, the model's "
+                                   f"{lm.config.vocab_size} (a draft model needs the same tokenizer)")
+            d = draft.cfg
+            self.draft_cache = PagedKVCache(d.n_layers, self.cache.n_blocks, self.cache.block_size, d.n_kv_heads,
+                                            d.head_dim, draft.dtype, draft.device, KV_TYPE_OF[draft.dtype])
+            self.draft_step = decode_step(draft)
         # served adapters apply per row, which only the model's own forward does (not the fused C step)
         self.adapters = any(isinstance(m, MultiLoRALinear) for m in self.model.modules())
         self.decode = self.model if self.adapters else decode_step(self.model)  # the weights stay as they are
@@ -348,6 +358,12 @@ class Engine:
         ids = torch.tensor([req.prompt[start:start + n]], device=self.device)
         with self._rows([req.adapter]):
             logits = self.model(ids, start, self.cache.rows(table), last_only=not req.prompt_logprobs)
+        # the draft reads the whole prompt (a cached prefix's blocks need not hold the draft's keys and values),
+        # as far as its own context goes: past it, the request is not drafted
+        if self.draft is not None and start + n <= self.draft.cfg.max_seq_len:
+            seen = torch.tensor([req.prompt[job.drafted:start + n]], device=self.device)
+            self.draft(seen, job.drafted, self.draft_cache.rows(table), last_only=True)
+            job.drafted = start + n
         job.done += n
         self.metrics.prefill_chunks += 1
         self.metrics.prefilled_tokens += n
@@ -366,12 +382,13 @@ class Engine:
         for copy in job.seqs[1:]:  # the copies share the prompt's full blocks, its partial one copied
             partial = self.pool.fork(seq, copy, len(req.prompt))
             if partial is not None:
-                self.cache.copy_block(partial, copy.blocks[-1])
+                for cache in (self.cache, self.draft_cache) if self.draft is not None else (self.cache,):
+                    cache.copy_block(partial, copy.blocks[-1])
         for member, member_seq in zip(job.group, job.seqs):  # (a cancelled one gives its blocks back here)
-            self._start(member, member_seq, logits, scored)
+            self._start(member, member_seq, logits, scored, job.drafted)
         self._retire_finished()
 
-    def _start(self, req: Request, seq: Sequence, logits: torch.Tensor, scored: list | None):
+    def _start(self, req: Request, seq: Sequence, logits: torch.Tensor, scored: list | None, job_drafted: int):
         """A request whose prompt is in its blocks: its first token, from the prompt's logits."""
         if req.cancelled:
             self._release([seq])
@@ -379,7 +396,7 @@ class Engine:
             return
         try:
             slot = _Slot(req, seq, self.tok, make_generator(req.params.seed, self.device))
-            slot.length = len(req.prompt)
+            slot.length, slot.drafted = len(req.prompt), job_drafted
             if req.constraint is not None:
                 slot.guide = Guide(req.constraint, self.tok)
             if scored is not None:
@@ -406,9 +423,17 @@ class Engine:
         starts = self.active[0].length if n == 1 else torch.tensor([s.length for s in self.active],
                                                                     device=self.device)
         guides = [s.guide for s in self.active]
-        drafts = self._drafts() if self.lookup is not None and not any(guides) else None
+        drafts, qs = None, None
+        if self.lookup is not None and not any(guides):
+            drafts = self._drafts()
+        elif self.draft is not None and not any(guides):
+            try:
+                drafts, qs = self._model_drafts()
+            except Exception as exc:  # the draft's forward failed: its cache, and so every row, is in doubt
+                self._fail_all(exc)
+                return
         if drafts is not None and any(drafts):
-            return self._verify_step(drafts)
+            return self._verify_step(drafts, qs)
         tables = self._tables([s.length + 1 for s in self.active], [s.length + 1 for s in self.active])
         # the grammars' masks depend only on the tokens taken so far: computed while the forward runs
         masks = allowed_tokens_soon(guides, self.vocab_width) if any(guides) else None
@@ -416,10 +441,7 @@ class Engine:
             with self._rows([s.req.adapter for s in self.active]):
                 logits = self.decode(tokens, starts, self.cache.rows(tables), None)[:, -1]
         except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
-            for slot in self.active:
-                self._release([slot.seq])
-                self._fail(slot.req, exc)
-            self.active.clear()
+            self._fail_all(exc)
             return
         finally:
             allowed, mask_error = _result(masks)
@@ -440,11 +462,12 @@ class Engine:
             self._accept(slot, token, logits[i:i + 1])
         self._retire_finished()
 
-    def _tables(self, lengths: list[int], width: list[int]) -> torch.Tensor:
-        """The active rows' block tables, grown to `lengths` tokens and padded with the scratch block to
-        cover `width` positions (past a row's own tokens: masked for reading, harmless for writing)."""
+    def _tables(self, lengths: list[int], width: list[int], slots: list["_Slot"] | None = None) -> torch.Tensor:
+        """The block tables of the active rows (or of `slots`), grown to `lengths` tokens and padded with the
+        scratch block to cover `width` positions (past a row's own tokens: masked for reading, harmless for
+        writing)."""
         bs = self.pool.block_size
-        tables = [self.pool.grow(s.seq, n) for s, n in zip(self.active, lengths)]
+        tables = [self.pool.grow(s.seq, n) for s, n in zip(self.active if slots is None else slots, lengths)]
         most = max(max(-(-w // bs) for w in width), max(map(len, tables)))
         return torch.tensor([t + [self.scratch] * (most - len(t)) for t in tables], device=self.device)
 
@@ -456,7 +479,47 @@ class Engine:
             out.append(self.lookup.propose(s.history, room)[0] if room > 0 else [])
         return out
 
-    def _verify_step(self, drafts: list[list[int]]):
+    def _model_drafts(self) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """Every row's draft by the draft model, batched: one pass over what each row's draft cache has not
+        seen yet (the last accepted tokens), then a token a pass; with the distributions drawn from."""
+        limit = self.draft.cfg.max_seq_len
+        rooms = [max(0, min(self.draft_tokens, s.req.max_tokens - len(s.req.tokens) - 1, self.ctx - s.length - 2,
+                            limit - s.length - 1)) if s.drafted > 0 else 0 for s in self.active]
+        drafts, qs = [[] for _ in rooms], [[] for _ in rooms]
+        rows = [i for i, r in enumerate(rooms) if r]
+        if not rows:
+            return drafts, qs
+        slots, k = [self.active[i] for i in rows], max(rooms)
+        feed = [s.history[s.drafted:] for s in slots]  # ends with the row's last token
+        width = max(map(len, feed))
+        tables = self._tables([s.length + 1 + rooms[i] for i, s in zip(rows, slots)],
+                              [max(s.drafted + width, s.length + k) for s in slots], slots)
+        cache = self.draft_cache.rows(tables)
+        tokens = torch.tensor([f + [0] * (width - len(f)) for f in feed], device=self.device)
+        starts = torch.tensor([s.drafted for s in slots], device=self.device)
+        logits = self.draft(tokens, starts, cache)
+        logits = logits[torch.arange(len(feed)), torch.tensor([len(f) - 1 for f in feed])]
+        for j in range(k):
+            for b, (i, s) in enumerate(zip(rows, slots)):
+                if j < rooms[i]:
+                    q = distribution(logits[b:b + 1], s.req.params, [s.history + drafts[i]])[0]
+                    token = int(q.argmax()) if s.req.params.temperature == 0 else \
+                        int(torch.multinomial(q, 1, generator=s.generator))
+                    drafts[i].append(token)
+                    qs[i].append(q)
+            if j + 1 < k:
+                last = torch.tensor([[drafts[i][-1]] for i in rows], device=self.device)
+                at = torch.tensor([s.length + 1 + j for s in slots], device=self.device)
+                logits = self.draft_step(last, at if len(rows) > 1 else int(at[0]), cache, None)[:, -1]
+        return drafts, qs
+
+    def _fail_all(self, exc: Exception):
+        for slot in self.active:
+            self._release([slot.seq])
+            self._fail(slot.req, exc)
+        self.active.clear()
+
+    def _verify_step(self, drafts: list[list[int]], qs: list[list[torch.Tensor]] | None = None):
         """Every row's last token and its draft in one forward (rows padded to the longest draft); each row
         keeps the drafted tokens the model agrees with and one of its own (speculative.py's verify)."""
         width = 1 + max(map(len, drafts))
@@ -469,24 +532,23 @@ class Engine:
             with self._rows([s.req.adapter for s in self.active]):
                 logits = self.model(tokens, starts, self.cache.rows(tables))
         except Exception as exc:
-            for slot in self.active:
-                self._release([slot.seq])
-                self._fail(slot.req, exc)
-            self.active.clear()
+            self._fail_all(exc)
             return
         m = self.metrics
         m.decode_steps += 1
         m.batch_size_sum += len(self.active)
         for i, (slot, draft) in enumerate(zip(self.active, drafts)):
             try:
-                new = verify(logits[i, :1 + len(draft)], draft, [None] * len(draft), slot.req.params,
-                             slot.history, slot.generator)
+                new = verify(logits[i, :1 + len(draft)], draft, qs[i] if qs else [None] * len(draft),
+                             slot.req.params, slot.history, slot.generator)
             except Exception as exc:
                 slot.finish, slot.error = "error", exc
                 continue
             m.speculative_rounds += 1 if draft else 0
             m.speculative_drafted += len(draft)
             m.speculative_accepted += len(new) - 1
+            if draft and qs:  # the draft's cache holds the row's last token and its drafts but the last, as
+                slot.drafted = slot.length + 1 + min(len(new) - 1, len(draft) - 1)  # far as they stand
             for j, token in enumerate(new):
                 slot.length += 1
                 self._accept(slot, token, logits[i, j:j + 1])
@@ -585,6 +647,7 @@ class _Prefill:
     seqs: list[Sequence]  # the request's, then each copy's
     done: int
     logits: list = field(default_factory=list)  # every chunk's, where the prompt is scored
+    drafted: int = 0  # prompt tokens the draft model has seen
 
     @property
     def group(self) -> list[Request]:
@@ -600,6 +663,7 @@ class _Slot:
         self.stops = StopStrings(req.stop)
         self.generator = generator
         self.length = 0  # tokens in this row of the cache
+        self.drafted = 0  # of them, those the draft model's cache holds too
         self.last = 0
         self.finish: str | None = None
         self.error: Exception | None = None

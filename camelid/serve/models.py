@@ -36,6 +36,7 @@ class Served:
     name: str
     load: Callable[[], LoadedModel]
     adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, folder), served unmerged
+    draft: Callable[[], object] | None = None  # loads the smaller model that drafts its requests' tokens
     engine: Engine | None = None
     updates: list = field(default_factory=list)  # the adapters' matrices, id k + 1 at k (None: a freed id)
     error: str | None = None
@@ -50,7 +51,7 @@ class Served:
 
 
 class ModelPool:
-    def __init__(self, models: list[Served], make_engine: Callable[[LoadedModel], Engine], max_models: int = 0,
+    def __init__(self, models: list[Served], make_engine: Callable[[LoadedModel, object], Engine], max_models: int = 0,
                  max_bytes: int = 0):
         names = [m.name for m in models] + [a for m in models for a, _ in m.adapters]
         dupes = {n for n in names if names.count(n) > 1}
@@ -101,7 +102,8 @@ class ModelPool:
         with self._lock:
             self._unload_until(lambda: len(self.loaded()) < self.max_models, keep=served)
         try:
-            served.engine, served.error = self.make_engine(self._with_adapters(served)), None
+            lm = self._with_adapters(served)
+            served.engine, served.error = self.make_engine(lm, served.draft() if served.draft else None), None
         except Exception as exc:  # the request's error (and /health's, for the first model); never a crash
             served.error = str(exc) or type(exc).__name__
             raise CamelidError(f"the model {served.name!r} failed to load: {served.error}") from None
