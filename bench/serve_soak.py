@@ -5,8 +5,9 @@ requests wait for blocks, and runs --clients (16) client threads for --minutes (
 random: a prompt of 1 to ~400 tokens (sometimes sharing a long prefix), max_tokens 1 to 200, streaming or
 not, n of 1 or 2, a client that disconnects after a few chunks or a few hundred milliseconds, and now and
 then a request with a mistake in it (which must be a 4xx). Prints one JSON line: requests by status, 5xx
-count, disconnects, the server's RSS a quarter of the way in and at the end, and the pool at the end (blocks
-used and reserved must be back at 0). Goal: zero 5xx, memory flat (end RSS within 10% of the early one).
+count, disconnects, the server's RSS a quarter of the way in and at the end, the pool at the end (blocks used
+and reserved must be back at 0) and the tracebacks in the server's log. Goal: zero 5xx, memory flat (end RSS
+within 10% of the early one), nothing logged.
 
     python bench/serve_soak.py [--minutes 10] [--clients 16] [--model models/stories260K]
 """
@@ -22,6 +23,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -86,10 +88,15 @@ def main():
     args = ap.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile("a+")  # a file (appended to), never a pipe nobody reads: a full one blocks the server
     server = subprocess.Popen([sys.executable, "-m", "camelid.cli", "serve", args.model, "--port", str(port),
                                "--parallel", "8", "--max-queue", "256", "--kv-memory", args.kv_memory,
                                "--threads", "2"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=log)
+    def log_text() -> str:
+        log.seek(0)
+        return log.read()
+
     try:
         for _ in range(600):
             try:
@@ -117,9 +124,17 @@ def main():
         early = rss(server.pid)
         for t in threads:
             t.join()
-        time.sleep(2)  # the last disconnects' cancellations reach the engine
-        metrics = httpx.get(f"{base}/metrics").text
-        gauge = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(camelid_\w+) ([\d.e+-]+)$", metrics, re.M)}
+        stopped, gauge, slowest = time.time(), {}, 0.0
+        while time.time() - stopped < 300:  # the server drains what the clients left behind
+            t0 = time.time()
+            metrics = httpx.get(f"{base}/metrics", timeout=300).text
+            slowest = max(slowest, time.time() - t0)
+            gauge = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(camelid_\w+) ([\d.e+-]+)$", metrics,
+                                                                        re.M)}
+            if gauge["camelid_running_requests"] == 0 and gauge["camelid_queue_depth"] == 0:
+                break
+            time.sleep(0.5)
+        drained = time.time() - stopped
         late = rss(server.pid)
         fives = sum(v for k, v in tally.items() if isinstance(k, int) and k >= 500)
         print(json.dumps({"bench": "serve_soak", "minutes": args.minutes, "clients": args.clients,
@@ -130,12 +145,14 @@ def main():
                           "kv_blocks_reserved_end": gauge["camelid_kv_blocks_reserved"],
                           "running_end": gauge["camelid_running_requests"],
                           "engine_failed_requests": gauge["camelid_requests_failed_total"],
-                          "goal": "0 5xx, rss_ratio <= 1.1, pool back at 0"}), flush=True)
+                          "drain_s": round(drained, 1), "slowest_metrics_s": round(slowest, 2),
+                          "server_log_tracebacks": log_text().count("Traceback"),
+                          "goal": "0 5xx, rss_ratio <= 1.1, pool back at 0, no traceback logged"}), flush=True)
     finally:
         server.terminate()
-        _, err = server.communicate(timeout=30)
-        if "Traceback" in (err or ""):
-            print(err[-4000:], file=sys.stderr)
+        server.wait(timeout=30)
+        if "Traceback" in log_text():
+            print(log_text()[-4000:], file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -689,6 +689,9 @@ async def _unless_gone(awaitable, http: HTTPRequest):
         gone.cancel()
         if not task.done():
             task.cancel()
+            # how a reply given up on ends (cancelled; gather's future reports that as its error) is nobody's
+            # to hear: unretrieved, asyncio would log it with a traceback for every client that leaves
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return task.result() if task.done() else None
 
 
