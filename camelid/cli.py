@@ -87,6 +87,7 @@ def _load(args, decoding: bool = True):
     from camelid.formats.load import load_model
     from camelid.formats.loaded import require_policy
     from camelid.generate.decoding import prepare_for_decoding
+    from camelid.tokenizer.chat_template import resolve_template
 
     _check_threads(args)
     if getattr(args, "threads", None):
@@ -96,6 +97,11 @@ def _load(args, decoding: bool = True):
         raise CamelidError("--adapter: one adapter folder is merged into the model (camelid serve also serves "
                            "NAME=DIR adapters per request)")
     lm = require_policy(load_model(args.model, args.device, args.dtype, args.tokenizer), args.model)
+    if getattr(args, "template", None):
+        lm.template = _template(args.template)
+        resolve_template(lm.template)  # an unknown name fails here, not at the first request
+    elif lm.template_note:
+        print(f"camelid: {lm.template_note}", file=sys.stderr)
     if merged:
         from camelid.formats.peft import load_adapter
         from camelid.model.lora import merge_lora
@@ -299,7 +305,8 @@ def _args_chat(p: argparse.ArgumentParser):
     _model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--template", default=None, help="override the model's chat template: a built-in name (alpaca, "
-                                                    "vicuna, llama2, chatml, llama3, gemma, raw) or a Jinja file")
+                                                    "vicuna, llama2, chatml, llama3, gemma, raw), one of FastChat's "
+                                                    "(vicuna_v1.1, one_shot, koala_v1, ...) or a Jinja file")
     _sampling_args(p)
     _speculation_args(p)
     _kv_type_arg(p, "(default: the model's dtype)")
@@ -343,6 +350,10 @@ def _args_serve(p: argparse.ArgumentParser):
                          help="a smaller model with the same tokenizer drafts the first model's tokens, every "
                               "row's draft verified in one pass")
     g.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per pass (default 4)")
+    p.add_argument("--template", default=None,
+                   help="the first model's chat template: a built-in name (alpaca, vicuna, llama2, chatml, llama3, "
+                        "gemma, raw), one of FastChat's (vicuna_v1.1, one_shot, koala_v1, dolly_v2, ...) or a Jinja "
+                        "file (default: the model's own, else FastChat's for its name)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("more_models", nargs="*", metavar="MODEL",
                    help="more models to serve, each MODEL or NAME=MODEL (MODEL may also be a folder of models); "
@@ -456,7 +467,8 @@ def cmd_serve(args):
     merged = [a for a in args.adapter if "=" not in a]
     served = []
     for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model
-        one = argparse.Namespace(**{**vars(args), "model": path, "adapter": merged if i == 0 else []})
+        one = argparse.Namespace(**{**vars(args), "model": path, "adapter": merged if i == 0 else [],
+                                    "template": args.template if i == 0 else None})
         served.append(Served(model_name, partial(_load, one), served_adapters if i == 0 else [],
                              partial(_load_draft, args) if i == 0 and args.draft else None))
     app = create_app(served, config)

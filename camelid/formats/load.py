@@ -32,6 +32,7 @@ from camelid.model.quant import (
 )
 from camelid.model.transformer import Transformer, rope_tables
 from camelid.tokenizer.chat_template import resolve_template
+from camelid.tokenizer.fastchat_formats import template_for_model
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
@@ -225,15 +226,22 @@ def _load_hf(folder: Path, device, dtype, quantize=None, _tokenizer_path=None) -
     model = build_model(cfg, sd, str(folder), device, dtype)
     del sd
     tok = load_hf_tokenizer(folder, hf_config)
-    return LoadedModel(model, tok, *_template(tok, cfg), str(folder))
+    template, stop, note = _template(tok, cfg, folder)
+    return LoadedModel(model, tok, template, stop, str(folder), template_note=note)
 
 
-def _template(tok, cfg: ModelConfig) -> tuple[str, list[str]]:
-    """The model's own chat template, or else its family's with the family's stop strings."""
+def _template(tok, cfg: ModelConfig, path: Path) -> tuple[str, list[str], str]:
+    """The model's own chat template; or else the FastChat format its name or path calls for, as FastChat's
+    model adapters match them (the seed-era chat models shipped none), with a note saying so; or else its
+    family's, with the family's stop strings."""
     if tok.chat_template:
-        return tok.chat_template, []
+        return tok.chat_template, [], ""
+    fastchat = template_for_model(str(path))
+    if fastchat is not None:
+        return fastchat, [], (f"{path.name} has no chat template: using FastChat's {fastchat!r}, matched by its "
+                              "name (--template to choose another)")
     fam = family(cfg.arch)
-    return fam.template, list(fam.stop)
+    return fam.template, list(fam.stop), ""
 
 
 def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
@@ -246,7 +254,8 @@ def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -
     model = build_model(cfg, sd, str(path), device, dtype, quantize)
     del sd
     prepare_layers(model, packed)
-    return LoadedModel(model, tok, *_template(tok, cfg), str(path))
+    template, stop, note = _template(tok, cfg, path)
+    return LoadedModel(model, tok, template, stop, str(path), template_note=note)
 
 
 def _load_llama2c(path: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:

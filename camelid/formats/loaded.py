@@ -18,6 +18,7 @@ class LoadedModel:
     stop: list[str] = field(default_factory=list)  # stop strings besides the tokenizer's EOS ids
     source: str = ""
     quantization: dict | None = None  # how the weights were quantized (camelid quantize), if they were
+    template_note: str = ""  # how the template was chosen, where the model brought none
 
     @property
     def config(self) -> ModelConfig:

@@ -1,7 +1,7 @@
 """Chat templates: Jinja rendered exactly as transformers' `apply_chat_template`, plus the classic formats.
 
 The built-in formats are Jinja too, so one renderer serves a model's own `chat_template` and the formats
-that predate it (Alpaca, Vicuna v1.1, Llama-2 chat, ChatML).
+that predate it (Alpaca, Vicuna v1.1, Llama-2 chat, ChatML, and FastChat's, from fastchat_formats.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from camelid.errors import CamelidError
+from camelid.tokenizer.fastchat_formats import ALIASES, FORMATS, fastchat_template
 
 _ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                     "Write a response that appropriately completes the request.")
@@ -204,11 +205,17 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def resolve_template(name_or_source: str) -> tuple[str, list[str]]:
-    """A built-in name gives its template and stop strings; anything else is taken as Jinja source."""
+    """A built-in name gives its template and stop strings, and so does one of FastChat's formats (by its
+    FastChat name, or as `fastchat:NAME` where camelid has a built-in of the same name); anything else is taken
+    as Jinja source."""
     if name_or_source in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[name_or_source]
+    fastchat = name_or_source.removeprefix("fastchat:")
+    if fastchat in FORMATS or fastchat in ALIASES:
+        return fastchat_template(fastchat)
     if "{" not in name_or_source:
-        raise CamelidError(f"unknown chat template {name_or_source!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
+        raise CamelidError(f"unknown chat template {name_or_source!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}; "
+                           f"FastChat's: {', '.join([*FORMATS, *ALIASES])}")
     return name_or_source, []
 
 
