@@ -156,13 +156,14 @@ def serve_kv(rows):
 
 
 def serve_soak(rows):
-    yield "| minutes | clients | requests | by status | 5xx | RSS early / end | pool at the end |"
-    yield "|---|---|---|---|---|---|---|"
+    yield "| minutes | clients | requests | by status | 5xx | RSS early / end | pool at the end | tracebacks logged |"
+    yield "|---|---|---|---|---|---|---|---|"
     for r in rows:
         status = ", ".join(f"{k}: {v}" for k, v in r["by_status"].items())
         yield (f"| {r['minutes']:g} | {r['clients']} | {r['requests']:,} | {status} | {r['5xx']} | "
                f"{r['rss_early_mb']} / {r['rss_end_mb']} MB ({_x(r['rss_ratio'])}) | "
-               f"{r['kv_blocks_used_end']:.0f} used, {r['kv_blocks_reserved_end']:.0f} reserved |")
+               f"{r['kv_blocks_used_end']:.0f} used, {r['kv_blocks_reserved_end']:.0f} reserved | "
+               f"{r['server_log_tracebacks']} |")
 
 
 def constrained(rows):
