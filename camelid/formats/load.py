@@ -16,7 +16,7 @@ import torch
 from camelid.errors import CamelidError
 from camelid.families import family
 from camelid.files import output_folder, read_json
-from camelid.formats import gguf, hf, llama2c
+from camelid.formats import gguf, hf, llama2c, meta
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.loaded import LoadedModel
 from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
@@ -36,7 +36,14 @@ from camelid.tokenizer.fastchat_formats import template_for_model
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
-from camelid.tokenizer.tokenizer import PieceBackend, load_hf_tokenizer, piece_tokenizer
+from camelid.tokenizer.tokenizer import (
+    PieceBackend,
+    SentencePieceBackend,
+    Tokenizer,
+    load_hf_tokenizer,
+    load_sentencepiece,
+    piece_tokenizer,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMAT_VERSION = 1
@@ -258,6 +265,20 @@ def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -
     return LoadedModel(model, tok, template, stop, str(path), template_note=note)
 
 
+def _load_meta(folder: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:
+    """Meta's consolidated.*.pth + params.json (formats/meta.py), through the Hugging Face path."""
+    sp = load_sentencepiece(Path(tokenizer_path) if tokenizer_path else meta.find_tokenizer(folder))
+    cfg = meta.config_from_params(folder, sp.get_piece_size())
+    sd = hf.state_dict_from_hf(meta.MetaTensors(folder, cfg), cfg, str(folder),
+                               tensor_converter(cfg, str(folder), device, dtype, quantize))
+    model = build_model(cfg, sd, str(folder), device, dtype)
+    del sd
+    tok = Tokenizer(SentencePieceBackend(sp), sp.bos_id(), [sp.eos_id()], True, None,
+                    {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id())})
+    template, stop, note = _template(tok, cfg, folder)
+    return LoadedModel(model, tok, template, stop, str(folder), template_note=note)
+
+
 def _load_llama2c(path: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:
     cfg, sd = llama2c.read_llama2c(path)
     model = build_model(cfg, sd, str(path), device, dtype, quantize)
@@ -347,6 +368,8 @@ FORMATS = [
             lambda p: ModelConfig.from_dict(read_native_meta(p)["model"], str(p / "camelid.json"))),
     _Format("a Hugging Face folder with config.json", lambda p: p.is_dir() and (p / "config.json").exists(),
             _load_hf, lambda p: hf.config_from_hf(hf.read_hf_config(p), str(p / "config.json"))),
+    _Format("Meta's params.json and consolidated.*.pth", meta.is_meta_folder, _load_meta,
+            lambda p: meta.config_from_params(p, load_sentencepiece(meta.find_tokenizer(p)).get_piece_size())),
     _Format("a GGUF file", lambda p: p.is_file() and _is_gguf(p), _load_gguf,
             lambda p: gguf.config_from_gguf(read_gguf(p))),
     _Format("a llama2.c .bin checkpoint", lambda p: p.is_file() and p.suffix == ".bin", _load_llama2c,
