@@ -245,6 +245,20 @@ def cmd_convert(args):
     print(f"wrote {args.dest}")
 
 
+def _args_apply_delta(p: argparse.ArgumentParser):
+    p.add_argument("base", help="the base model: a Hugging Face folder, or Meta's params.json + consolidated.*.pth")
+    p.add_argument("delta", help="the delta weights (a Hugging Face folder, e.g. lmsys/vicuna-7b-delta-v1.1)")
+    p.add_argument("out", help="output folder: the fine-tuned model as a Hugging Face folder")
+    _force_arg(p)
+
+
+def cmd_apply_delta(args):
+    from camelid.formats.delta import apply_delta
+
+    n = apply_delta(args.base, args.delta, args.out, args.force)
+    print(f"wrote {args.out} ({n} tensors)")
+
+
 def _args_export(p: argparse.ArgumentParser):
     p.add_argument("source", help="any model camelid opens")
     p.add_argument("dest", help="output folder: NAME-QUANT.gguf, README.md and an Ollama Modelfile go there")
@@ -1043,6 +1057,8 @@ COMMANDS = {
              "tune a policy online against a reward model (GRPO or RLOO)"),
     "self-instruct": (_args_self_instruct, cmd_self_instruct,
                       "generate Alpaca-style instruction data with a model (Self-Instruct)"),
+    "apply-delta": (_args_apply_delta, cmd_apply_delta,
+                    "a fine-tuned model from its base and published delta weights (Vicuna v0/v1.1)"),
     "merge": (_args_merge, cmd_merge,
               "fold a LoRA adapter (PEFT layout) into its base model"),
     "quantize": (_args_quantize, cmd_quantize,
