@@ -9,7 +9,8 @@ Weights map onto camelid's layers as directly as the kernels allow (docs/gguf-an
 - Elsewhere Q4_0, Q4_1 and Q4_K become int4 groups of 32, exactly (`_weight_int4pack_mm_for_cpu`).
 - The other types (Q5_0, Q5_1, Q5_K, Q2_K, Q3_K, the other i-quants, TQ1_0, TQ2_0, MXFP4) are decoded by gguf's
   own dequantization and re-quantized to Q8_0 blocks for the C kernel, or where it does not run, to int8
-  per output channel (`_weight_int8pack_mm`): within a fraction of the file's own rounding.
+  per output channel (`_weight_int8pack_mm`), which is coarser where the file's block scales vary along a row
+  (docs/gguf-and-kernels.md gives the measured error).
 - A fused camelid layer (QKV, gate+up) whose parts have different types takes Q8_0 (or int8).
 - A quantized token embedding stays in the file's blocks; rows are dequantized as they are looked up.
 
