@@ -90,12 +90,13 @@ def trained_models() -> tuple[Path, Path]:
     return out["target"], out["draft"]
 
 
-def run_case(name, model, draft, prompt, params, kind, args):
+def run_case(name, model, draft, prompt, params, kind, args, new_tokens=None):
+    new_tokens = new_tokens or args.new_tokens
     for _ in range(2):  # the first run compiles the CPU kernel for each row count it meets
-        plain, plain_s = timed(generate_tokens, model, [prompt], args.new_tokens, params)
+        plain, plain_s = timed(generate_tokens, model, [prompt], new_tokens, params)
         stats = SpeculationStats()
         drafter = PromptLookup(3) if kind == "lookup" else DraftModel(draft, model.cfg.vocab_size, params, 2)
-        fast, fast_s = timed(speculative_tokens, model, prompt, args.new_tokens, params, drafter,
+        fast, fast_s = timed(speculative_tokens, model, prompt, new_tokens, params, drafter,
                              args.draft_tokens, speculation=stats)
     if params.temperature == 0:
         assert fast == plain, f"{name}: speculative greedy output differs from plain greedy"
@@ -119,13 +120,14 @@ def trained_cases(args):
     lm = load_model(target_dir)
     model, draft = prepare_for_decoding(lm.model), prepare_for_decoding(load_model(draft_dir).model)
     text = SHAKESPEARE.read_text(encoding="utf-8")
-    passage = text[200_000:200_600]
+    passage = text[200_000:200_280]
     repeat = lm.tokenizer.encode(passage + "\n\n" + passage.split("\n")[0])
     start = lm.tokenizer.encode(passage)
     for name, prompt, params, kind in (("trained-lookup-repeat", repeat, GREEDY, "lookup"),
                                        ("trained-draft-greedy", start, GREEDY, "draft"),
                                        ("trained-draft-sampled", start, SAMPLED, "draft")):
-        run_case(name, model, draft, prompt, params, kind, args)
+        room = model.cfg.max_seq_len - len(prompt) - args.draft_tokens - 1  # the models' context is 256
+        run_case(name, model, draft, prompt, params, kind, args, min(args.new_tokens, room))
 
 
 def random_cases(args):

@@ -27,6 +27,9 @@ NOT_RUN = {
     "camelid chat out/alpaca-demo/model": "the model `camelid finetune` writes",
     "camelid chat tinyllama": "a downloaded GGUF file",
     "camelid export out/my-model": "your own model",
+    "camelid apply-delta ~/llama/7B": "Meta's LLaMA weights and LMSYS's delta (tests/test_meta_weights.py applies "
+                                      "deltas to tiny models, against FastChat's own apply_delta)",
+    "camelid chat out/vicuna-7b": "the model apply-delta writes",
     "camelid merge out/base": "an adapter `camelid finetune` writes (tests/test_lora.py merges them)",
     "camelid eval MODEL --suite leaderboard-v1": "ARC's files, which ../shared does not hold",
     "camelid leaderboard results/": "the results of the leaderboard suite",
