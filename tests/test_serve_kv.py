@@ -38,6 +38,21 @@ def run(engine: Engine, prompts: list[list[int]], max_tokens: int, params=None, 
     return requests
 
 
+def run_choices(engine: Engine, prompt: list[int], params: list, cancel_first: bool = False) -> list[Request]:
+    """One request of 20 tokens with a choice for each sampling setting (n > 1: the others are its copies); the
+    first cancelled before its prompt is in, if asked (the copies still run from the shared blocks)."""
+    done = threading.Semaphore(0)
+    group = [Request(prompt, p, 20, [], emit=lambda kind, _: done.release() if kind == "done" else None)
+             for p in params]
+    group[0].copies = group[1:]
+    if cancel_first:
+        group[0].cancel()
+    engine.submit(group[0])
+    for _ in group:
+        assert done.acquire(timeout=60)
+    return group
+
+
 def wait_idle(engine: Engine):
     for _ in range(500):
         if engine.running == 0 and engine.pool.used == 0:
@@ -123,13 +138,7 @@ def test_n_choices_share_the_prompts_blocks(lm):
     expected = [generate(lm, [prompt], 20, p)[0].tokens for p in params]
     engine = Engine(lm, max_batch=4, kv=KVBudget(block_size=8))
     try:
-        done = threading.Semaphore(0)
-        group = [Request(prompt, p, 20, [], emit=lambda kind, _: done.release() if kind == "done" else None)
-                 for p in params]
-        group[0].copies = group[1:]
-        engine.submit(group[0])
-        for _ in group:
-            assert done.acquire(timeout=60)
+        group = run_choices(engine, prompt, params)
         assert [r.tokens for r in group] == expected
         assert engine.metrics.prefilled_tokens == len(prompt)  # prefilled once for the three
         wait_idle(engine)
@@ -307,14 +316,7 @@ def test_a_cancelled_first_choice_leaves_the_other_choices_whole(lm):
     expected = generate(lm, [prompt], 20, params[1])[0].tokens
     engine = Engine(lm, max_batch=4, kv=KVBudget(block_size=8))
     try:
-        done = threading.Semaphore(0)
-        group = [Request(prompt, p, 20, [], emit=lambda kind, _: done.release() if kind == "done" else None)
-                 for p in params]
-        group[0].copies = group[1:]
-        group[0].cancel()  # before its prompt is in: the copy still runs from the shared blocks
-        engine.submit(group[0])
-        for _ in group:
-            assert done.acquire(timeout=60)
+        group = run_choices(engine, prompt, params, cancel_first=True)
         assert group[0].finish_reason == "cancelled" and group[1].tokens == expected
         wait_idle(engine)
     finally:
