@@ -54,6 +54,13 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[:len(tokens)])
 
 
+# camelid's error from the exactly decoded weights, at most this many times llama.cpp's. With the C kernel its
+# rounding is llama.cpp's (int8 activations in blocks of 32); without it (an AVX2 CPU) activations are rounded
+# to bf16 for PyTorch's int4/int8 kernels and Q8_0 and K-quant weights to int8 per output channel, which
+# measures up to 3.3x llama.cpp's error on these tiny models (docs/gguf-and-kernels.md)
+SLACK = 1.25 if ggml_kernel.available() else 4.0
+
+
 def assert_agree(ours: np.ndarray, ref: np.ndarray, exact: np.ndarray | None = None):
     """Correlation at least 0.999 and the same top token wherever llama.cpp's own top two are not a near-tie
     (llama.cpp rounds activations to 8 bits for quantized matmuls, which flips near-ties either way). The
@@ -67,10 +74,10 @@ def assert_agree(ours: np.ndarray, ref: np.ndarray, exact: np.ndarray | None = N
     top2 = np.take_along_axis(ref, order, axis=-1)
     gap = top2[:, 1] - top2[:, 0]
     clear = gap > max(0.05, 0.02 * ref.std())
-    assert clear.sum() >= 0.5 * len(ref)
+    assert clear.sum() >= 0.4 * len(ref)  # enough rows to compare: these small models are briefly trained
     if exact is not None:
         ours_err, ref_err = np.abs(ours - exact).max(), np.abs(ref - exact).max()
-        assert ours_err <= 1.25 * ref_err + 1e-3, (ours_err, ref_err)
+        assert ours_err <= SLACK * ref_err + 1e-3, (ours_err, ref_err)
         # a row where the engines pick different tokens whose llama.cpp logits differ by less than the two
         # engines' rounding moved those logits from the exact ones is a near-tie as well
         picks = np.stack([ref.argmax(-1), ours.argmax(-1)], axis=-1)
@@ -261,7 +268,7 @@ def test_files_of_every_i_quant_run_as_llama_cpp_runs_them(trained_tiny, ggml_ty
     # with the C kernel these blocks become Q8_0 blocks; without it, int8 with one scale per output channel,
     # whose rounding is coarser where the blocks' own scales vary along a row (random blocks: MXFP4 3.1x,
     # IQ4_NL 2.1x llama.cpp's error), as docs/gguf-and-kernels.md says
-    assert ours_err <= (1.25 if ggml_kernel.available() else 3.5) * ref_err + 1e-3, (ours_err, ref_err)
+    assert ours_err <= (SLACK if ggml_kernel.available() else 3.5) * ref_err + 1e-3, (ours_err, ref_err)
 
 
 @pytest.mark.parametrize("ggml_type,split,rows,k", KERNEL_CASES)
@@ -438,7 +445,7 @@ def family(request, tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp(request.param)
     stories = load_model(REPO / "models" / "stories260K")
     fields = dict(FAMILIES[request.param])
-    steps = fields.pop("train_steps", 60)
+    steps = fields.pop("train_steps", 100)
     cfg = ModelConfig(**{**dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, ffn_dim=1024, max_seq_len=128),
                          **fields})
     model = _trained(cfg, stories, shakespeare, steps=steps)
