@@ -1,6 +1,8 @@
 """The paged KV cache and its block pool: through it every family computes what transformers computes, a
 prefix is reused only where it is the same, and the pool never promises what it does not have."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,28 @@ def test_smaller_kv_types_stay_close_and_store_what_they_say(kv_type, tmp_path):
     assert cache.k[0].dtype == {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.int8}[kv_type]
     f32 = _pool_for(model).nbytes
     assert cache.nbytes == {"f16": f32 // 2, "bf16": f32 // 2, "q8_0": f32 * 34 // 128}[kv_type]
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads this process's RSS from /proc")
+def test_the_pool_is_zeros_and_takes_memory_only_where_written():
+    """A batch reads past a row's own positions (masked), so the pool must hold no stale NaN; and its pages are
+    only taken as blocks are written, however large the budget."""
+    stale = torch.full((64 << 20,), float("nan"))  # freed memory a new pool could be handed
+    del stale
+    before = _rss()
+    pool = PagedKVCache(4, 4096, 16, 8, 64, torch.float32, "cpu")  # 4 layers, k and v, 4096 blocks: 1 GiB
+    pool.k[0][:8] = 1.0
+    assert pool.nbytes == 1 << 30 and _rss() - before < 64 << 20
+    # (a read maps pages too, as RSS counts them: a few blocks of each tensor, not all)
+    assert all(not t[8:64].any() and not t[-64:].any() for t in pool.k[1:] + pool.v + [pool.k[0][8:]])
+    assert float(pool.k[0][:8].sum()) == 8 * 16 * 8 * 64
 
 
 def test_a_head_size_q8_0_cannot_block_is_refused():
