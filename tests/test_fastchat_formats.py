@@ -108,3 +108,13 @@ def test_loading_a_model_without_a_template_says_which_format_it_took(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<1>", "eos_token": "<2>"}))
     lm = load_model(folder)
     assert lm.template == "vicuna_v1.1" and "FastChat's 'vicuna_v1.1'" in lm.template_note
+
+
+def test_an_unknown_template_on_the_command_line_is_a_clear_error(capsys):
+    from camelid.cli import main
+
+    from conftest import REPO
+
+    assert main(["chat", str(REPO / "models" / "stories260K"), "--template", "vicuna_v9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("camelid: error: unknown chat template 'vicuna_v9'") and "vicuna_v1.1" in err

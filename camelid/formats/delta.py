@@ -23,7 +23,6 @@ from camelid.errors import CamelidError
 from camelid.files import output_folder
 from camelid.formats import meta
 from camelid.formats.tensors import load_tensor_files, release_pages, save_safetensors
-from camelid.tokenizer.tokenizer import load_sentencepiece
 
 SHARD_BYTES = 2 << 30
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved, recomputed by every loader
@@ -32,9 +31,9 @@ _VOCAB = ("embed_tokens.weight", "lm_head.weight")
 
 
 def _tensors(path: Path, role: str) -> Mapping[str, torch.Tensor]:
-    if meta.is_meta_folder(path):
-        sp = load_sentencepiece(meta.find_tokenizer(path))
-        return meta.MetaTensors(path, meta.config_from_params(path, sp.get_piece_size()))
+    """The base's tensors (a Hugging Face folder or Meta's) or the delta's (a Hugging Face folder), by name."""
+    if role == "base" and meta.is_meta_folder(path):
+        return meta.MetaTensors(path, meta.open_params(path)[0])
     if path.is_dir() and (path / "config.json").exists():
         return load_tensor_files(path)
     raise CamelidError(f"{path}: the {role} must be a Hugging Face folder" +

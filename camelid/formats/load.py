@@ -41,7 +41,6 @@ from camelid.tokenizer.tokenizer import (
     SentencePieceBackend,
     Tokenizer,
     load_hf_tokenizer,
-    load_sentencepiece,
     piece_tokenizer,
 )
 
@@ -267,8 +266,7 @@ def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -
 
 def _load_meta(folder: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:
     """Meta's consolidated.*.pth + params.json (formats/meta.py), through the Hugging Face path."""
-    sp = load_sentencepiece(Path(tokenizer_path) if tokenizer_path else meta.find_tokenizer(folder))
-    cfg = meta.config_from_params(folder, sp.get_piece_size())
+    cfg, sp = meta.open_params(folder, tokenizer_path)
     sd = hf.state_dict_from_hf(meta.MetaTensors(folder, cfg), cfg, str(folder),
                                tensor_converter(cfg, str(folder), device, dtype, quantize))
     model = build_model(cfg, sd, str(folder), device, dtype)
@@ -369,7 +367,7 @@ FORMATS = [
     _Format("a Hugging Face folder with config.json", lambda p: p.is_dir() and (p / "config.json").exists(),
             _load_hf, lambda p: hf.config_from_hf(hf.read_hf_config(p), str(p / "config.json"))),
     _Format("Meta's params.json and consolidated.*.pth", meta.is_meta_folder, _load_meta,
-            lambda p: meta.config_from_params(p, load_sentencepiece(meta.find_tokenizer(p)).get_piece_size())),
+            lambda p: meta.open_params(p)[0]),
     _Format("a GGUF file", lambda p: p.is_file() and _is_gguf(p), _load_gguf,
             lambda p: gguf.config_from_gguf(read_gguf(p))),
     _Format("a llama2.c .bin checkpoint", lambda p: p.is_file() and p.suffix == ".bin", _load_llama2c,

@@ -21,6 +21,7 @@ from camelid.errors import CamelidError
 from camelid.files import read_json
 from camelid.formats.tensors import load_pickle_weights
 from camelid.model.config import ModelConfig
+from camelid.tokenizer.tokenizer import load_sentencepiece
 
 # Meta's name (after "layers.N.") -> (Hugging Face's, the dimension its ranks split; None: every rank has it whole)
 _LAYER = {
@@ -44,6 +45,12 @@ def find_tokenizer(folder: Path) -> Path:
             return place
     raise CamelidError(f"{folder}: no tokenizer.model in it or in {folder.parent} (Meta's download puts it beside "
                        "the model folders; give --tokenizer)")
+
+
+def open_params(folder: Path, tokenizer_path: str | Path | None = None):
+    """(the ModelConfig, the SentencePiece tokenizer) of a Meta folder: the tokenizer says the vocabulary."""
+    sp = load_sentencepiece(Path(tokenizer_path) if tokenizer_path else find_tokenizer(folder))
+    return config_from_params(folder, sp.get_piece_size()), sp
 
 
 def config_from_params(folder: Path, vocab_size: int | None = None) -> ModelConfig:

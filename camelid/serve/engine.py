@@ -382,7 +382,7 @@ class Engine:
         for copy in job.seqs[1:]:  # the copies share the prompt's full blocks, its partial one copied
             partial = self.pool.fork(seq, copy, len(req.prompt))
             if partial is not None:
-                for cache in (self.cache, self.draft_cache) if self.draft is not None else (self.cache,):
+                for cache in filter(None, (self.cache, self.draft_cache)):
                     cache.copy_block(partial, copy.blocks[-1])
         for member, member_seq in zip(job.group, job.seqs):  # (a cancelled one gives its blocks back here)
             self._start(member, member_seq, logits, scored, job.drafted)
