@@ -24,11 +24,15 @@ def _sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+TOKENIZER_HELP = ("a llama2.c checkpoint's tokenizer.bin; or, for a Hugging Face folder, a tokenizer (tokenizer.json, "
+                  "a SentencePiece .model or a folder) in place of its own")
+
+
 def _model_args(p: argparse.ArgumentParser):
     p.add_argument("model", help="camelid folder, Hugging Face folder, or llama2.c .bin")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on gpu)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--adapter", action="append", default=[],
                    help="a LoRA adapter folder (PEFT layout), merged into MODEL; `serve` also takes NAME=DIR "
                         "(repeatable): an adapter kept apart, which a request picks by its `model` name")
@@ -224,7 +228,7 @@ def _args_convert(p: argparse.ArgumentParser):
     p.add_argument("--template", default=None, help="chat template to store: alpaca, vicuna, llama2, chatml, "
                                                     "llama3, gemma, raw, or a Jinja file")
     p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the written weights")
     _force_arg(p)
 
@@ -266,7 +270,7 @@ def _args_export(p: argparse.ArgumentParser):
     p.add_argument("--quant", default="f16", help="f32, f16, q8_0, q4_0 or q4_k_m")
     p.add_argument("--name", default=None, help="file and model name (default: the source's name)")
     p.add_argument("--template", default=None, help="chat template to store (default: the model's own)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.bin for a llama2.c checkpoint")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     _force_arg(p, "replace a GGUF file of the same name and quantization")
 
 

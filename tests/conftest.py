@@ -99,6 +99,15 @@ def tiny_hf_configs():
         "mpt-clipped": tf.MptConfig(d_model=96, n_layers=2, n_heads=6, max_seq_len=64,
                                     attn_config={"clip_qkv": 0.8, "softmax_scale": 0.3},
                                     **common),
+        # GLM-4-9B's shape: half of each head rotated in pairs, q/k/v biases, grouped queries; GLM-4-0414's adds
+        # post norms; the head_dim of both is not dim / heads
+        "glm": tf.GlmConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=24, max_position_embeddings=64, pad_token_id=None,
+                            **common),
+        "glm4": tf.Glm4Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=16, max_position_embeddings=64, pad_token_id=None,
+                              rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                               "partial_rotary_factor": 0.75}, **common),
         "opt-350m-style": tf.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
                                        max_position_embeddings=64, word_embed_proj_dim=32,
                                        do_layer_norm_before=False, **common),

@@ -21,12 +21,17 @@ from conftest import REPO, SHARED, tiny_hf_configs
 
 CONVERTER = REPO / ".cache" / "llama.cpp" / "convert_hf_to_gguf.py"
 SPM = {"llama", "mixtral", "gemma", "gemma2", "gemma3", "phi3"}  # SentencePiece vocabularies; the rest GPT-2's
-FAMILIES = ["llama", "mixtral", "gemma", "gemma2", "gemma3", "phi3", "qwen3", "qwen3_moe", "starcoder", "bloom"]
+FAMILIES = ["llama", "mixtral", "gemma", "gemma2", "gemma3", "phi3", "qwen3", "qwen3_moe", "starcoder", "bloom", "glm",
+            "glm4"]
+GLM_SPECIALS = ["<|user|>", "<|assistant|>", "<|system|>"]  # the converter marks <|user|> the end of a turn
 IDS = [5, 17, 3, 44, 90, 12, 7, 61, 33, 2, 80, 9, 250, 301, 77, 480]
 # Where the tiny configs set what a GGUF file cannot say, values llama.cpp's graphs compute as transformers does:
 # Gemma 2's score scale comes from its size there, Gemma 3 slides in five blocks of six with unscaled RoPE
 # (its released configuration), and llama.cpp turns Phi-3's sliding window off.
-OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=16), "phi3": dict(sliding_window=None)}
+# Its chatglm writer takes a head as dim / heads, the RoPE base as 10000 x THUDM's rope_ratio and the norms' epsilon
+# from THUDM's layernorm_epsilon (1e-5 when absent), whatever a transformers GLM config says.
+OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=16), "phi3": dict(sliding_window=None),
+             "glm": dict(head_dim=16, rms_norm_eps=1e-5)}
 
 
 def _config(name: str):
@@ -50,7 +55,7 @@ def converted(request, tmp_path_factory):
         pytest.skip(f"{CONVERTER} not found (make test unpacks llama.cpp's converter)")
     name, folder = request.param, tmp_path_factory.mktemp(request.param)
     cfg = _config(name)
-    cfg.vocab_size = 512 if name in SPM else 50257
+    cfg.vocab_size = 512 if name in SPM else 50257 + len(GLM_SPECIALS)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -60,8 +65,10 @@ def converted(request, tmp_path_factory):
     if name in SPM:
         shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", folder / "hf" / "tokenizer.model")
     else:
-        tf.PreTrainedTokenizerFast(tokenizer_file=str(SHARED / "tokenizers" / "gpt2_tokenizer.json")).save_pretrained(
-            folder / "hf")
+        tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(SHARED / "tokenizers" / "gpt2_tokenizer.json"))
+        if name.startswith("glm"):
+            tok.add_special_tokens({"additional_special_tokens": GLM_SPECIALS})
+        tok.save_pretrained(folder / "hf")
     f32 = folder / "model-F32.gguf"
     run = subprocess.run([sys.executable, str(CONVERTER), str(folder / "hf"), "--outfile", str(f32), "--outtype",
                           "f32"], capture_output=True, text=True, timeout=600)

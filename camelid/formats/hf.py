@@ -47,13 +47,15 @@ def _dynamic_context(fields: dict) -> dict:
 _HF_INTS = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
             "num_key_value_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim",
             "ffn_hidden_size", "max_position_embeddings", "n_positions", "rotary_dim", "word_embed_proj_dim",
-            "sliding_window", "sliding_window_pattern", "max_window_layers", "original_max_position_embeddings")
+            "sliding_window", "sliding_window_pattern", "max_window_layers", "original_max_position_embeddings",
+            "num_layers", "padded_vocab_size", "kv_channels", "seq_length", "multi_query_group_num")
 _HF_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct",
               "partial_rotary_factor", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-              "rope_local_base_freq")
+              "rope_local_base_freq", "layernorm_epsilon", "rope_ratio")
 _HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "bias", "use_parallel_residual", "parallel_attn",
              "multi_query", "new_decoder_architecture", "do_layer_norm_before", "enable_bias", "use_sliding_window",
-             "use_bidirectional_attention")
+             "use_bidirectional_attention", "multi_query_attention", "add_qkv_bias", "add_bias_linear", "rmsnorm",
+             "post_layer_norm")
 _HF_STRS = ("hidden_act", "hidden_activation", "activation_function", "activation")
 
 
@@ -77,7 +79,8 @@ def _check_hf_types(hf: dict, source: str):
 
 # Buffers some checkpoints carry (causal masks, RoPE tables) that are recomputed, never loaded.
 _IGNORED_BUFFERS = {("attn", "bias"), ("attn", "masked_bias"), ("attention", "bias"), ("attention", "masked_bias"),
-                    ("rotary_emb", "inv_freq")}
+                    ("rotary_emb", "inv_freq"),
+                    ("rotary_pos_emb", "inv_freq")}
 
 
 def _full_name(key: str, layout) -> str:

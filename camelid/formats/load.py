@@ -41,6 +41,7 @@ from camelid.tokenizer.tokenizer import (
     SentencePieceBackend,
     Tokenizer,
     load_hf_tokenizer,
+    load_tokenizer_file,
     piece_tokenizer,
 )
 
@@ -222,7 +223,7 @@ def _load_native(folder: Path, device, dtype, quantize=None, _tokenizer_path=Non
     return LoadedModel(model, tok, chat["template"], list(chat["stop"]), str(folder), meta.get("quantization"))
 
 
-def _load_hf(folder: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
+def _load_hf(folder: Path, device, dtype, quantize=None, tokenizer_path=None) -> LoadedModel:
     hf_config = hf.read_hf_config(folder)
     cfg = hf.config_from_hf(hf_config, str(folder / "config.json"))
     # converted (and quantized) as they are renamed and q/k/v or gate/up fused: no float copy of the whole
@@ -231,7 +232,11 @@ def _load_hf(folder: Path, device, dtype, quantize=None, _tokenizer_path=None) -
                                tensor_converter(cfg, str(folder), device, dtype, quantize))
     model = build_model(cfg, sd, str(folder), device, dtype)
     del sd
-    tok = load_hf_tokenizer(folder, hf_config)
+    if tokenizer_path is None:
+        tok = load_hf_tokenizer(folder, hf_config)
+    else:  # one the folder's own cannot give (a tokenizer written as the model's Python code)
+        path = Path(tokenizer_path)
+        tok = load_hf_tokenizer(path, hf_config) if path.is_dir() else load_tokenizer_file(path)
     template, stop, note = _template(tok, cfg, folder)
     return LoadedModel(model, tok, template, stop, str(folder), template_note=note)
 

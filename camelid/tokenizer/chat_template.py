@@ -107,6 +107,14 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, list[str]]] = {
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
         ["<end_of_turn>"],
     ),
+    # GLM-4's turns, as llama.cpp's built-in chatglm4 writes them: no end-of-turn token, a reply ends where the model
+    # starts the next turn
+    "chatglm4": (
+        "[gMASK]<sop>"
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
+        ["<|user|>", "<|observation|>", "<|endoftext|>"],
+    ),
     # Base models: the conversation is plain text continued by the model.
     "raw": ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}", []),
 }

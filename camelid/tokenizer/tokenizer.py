@@ -201,6 +201,11 @@ def _as_list(value) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
+# Tokenizers a folder defines in its own code (trust_remote_code): read as a plain tokenizer.model they would
+# lose their special tokens, so they are refused by name.
+_REMOTE_CODE_TOKENIZERS = {"ChatGLMTokenizer": "a SentencePiece model", "ChatGLM4Tokenizer": "a tiktoken BPE"}
+
+
 def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokenizer:
     """The tokenizer of a Hugging Face model folder: tokenizer.json, else tokenizer.model."""
     folder = Path(folder)
@@ -213,6 +218,10 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
             backend = HFBackend(HFTokenizer.from_file(str(folder / "tokenizer.json")))
         except Exception as exc:
             raise CamelidError(f"{folder / 'tokenizer.json'}: cannot be read: {str(exc).splitlines()[0]}") from None
+    elif tcfg.get("tokenizer_class") in _REMOTE_CODE_TOKENIZERS:
+        raise CamelidError(f"{folder / 'tokenizer_config.json'}: {tcfg['tokenizer_class']} is the model's own Python "
+                           f"code (special tokens appended to {_REMOTE_CODE_TOKENIZERS[tcfg['tokenizer_class']]}), "
+                           f"which camelid does not run: give --tokenizer a tokenizer.json for this model")
     elif (folder / "tokenizer.model").exists():
         backend = SentencePieceBackend(load_sentencepiece(folder / "tokenizer.model"))
     else:
