@@ -31,27 +31,28 @@ $(DEV_STAMP): $(STAMP)
 	touch $@
 
 # llama.cpp's own reference files, from the llama-cpp-python source distribution the tests compare against:
-# the vocabularies with their tokenizer test vectors, its Hugging Face to GGUF converter (with its gguf-py) and
-# the models' chat templates it tests its tool-call parsers with.
+# the vocabularies with their tokenizer test vectors, its Hugging Face to GGUF converter (with its gguf-py), its
+# converter of 2023's GGML/GGJT files and the models' chat templates it tests its tool-call parsers with.
 # Without a network the tests that need them skip.
 LLAMA_CPP_REF := .cache/llama.cpp
 LLAMA_CPP_SRC := llama_cpp_python-0.3.36/vendor/llama.cpp
-$(LLAMA_CPP_REF)/.done-with-templates: | $(PY)
+$(LLAMA_CPP_REF)/.done-with-ggml-converter: | $(PY)
 	@mkdir -p $(LLAMA_CPP_REF)/sdist
 	@if $(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(LLAMA_CPP_REF)/sdist; then \
 		tar xzf $(LLAMA_CPP_REF)/sdist/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_CPP_REF) --strip-components 3 \
 			--wildcards '$(LLAMA_CPP_SRC)/models/ggml-vocab-*' '$(LLAMA_CPP_SRC)/convert_hf_to_gguf.py' \
+			'$(LLAMA_CPP_SRC)/convert_llama_ggml_to_gguf.py' \
 			'$(LLAMA_CPP_SRC)/conversion/*' '$(LLAMA_CPP_SRC)/gguf-py/*' '$(LLAMA_CPP_SRC)/models/templates/*' && \
 		rm -rf $(LLAMA_CPP_REF)/sdist && touch $@; \
 	else echo "llama.cpp's reference files could not be downloaded: the tests that need them will be skipped"; fi
 
 install: $(STAMP)
-install-dev: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-templates
+install-dev: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-ggml-converter
 
 run: $(STAMP)
 	$(VENV)/bin/camelid generate $(MODEL) --temperature 0 --max-new-tokens 200 ""
 
-test: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-templates
+test: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-ggml-converter
 	$(VENV)/bin/ruff check camelid tests bench
 	$(VENV)/bin/python -m pytest
 

@@ -101,6 +101,8 @@ def _load(args, decoding: bool = True):
         raise CamelidError("--adapter: one adapter folder is merged into the model (camelid serve also serves "
                            "NAME=DIR adapters per request)")
     lm = require_policy(load_model(args.model, args.device, args.dtype, args.tokenizer), args.model)
+    if lm.load_note:
+        print(f"camelid: {lm.load_note}", file=sys.stderr)
     if getattr(args, "template", None):
         lm.template = _template(args.template)
         resolve_template(lm.template)  # an unknown name fails here, not at the first request
@@ -222,9 +224,11 @@ def _template(value: str | None) -> str | None:
 
 
 def _args_convert(p: argparse.ArgumentParser):
-    p.add_argument("source", help="camelid folder, Hugging Face folder, or llama2.c .bin")
-    p.add_argument("dest", help="output folder")
-    p.add_argument("--to", default="camelid", choices=["camelid", "hf"])
+    p.add_argument("source", help="camelid folder, Hugging Face folder, GGUF, llama.cpp's 2023 .bin, or llama2.c .bin")
+    p.add_argument("dest", help="output folder (a .gguf file with --to gguf)")
+    p.add_argument("--to", default="camelid", choices=["camelid", "hf", "gguf"],
+                   help="gguf: a GGML/GGMF/GGJT .bin rewritten as GGUF, its blocks as they are (as llama.cpp's "
+                        "convert_llama_ggml_to_gguf.py does); `camelid export` writes GGUF from any model")
     p.add_argument("--template", default=None, help="chat template to store: alpaca, vicuna, llama2, chatml, "
                                                     "llama3, gemma, raw, or a Jinja file")
     p.add_argument("--stop", action="append", default=None, help="stop string to store (repeatable)")
@@ -237,6 +241,8 @@ def cmd_convert(args):
     from camelid.files import check_output_folder
     from camelid.formats.load import export_hf, load_model, save_native
 
+    if args.to == "gguf":
+        return _convert_legacy_ggml(args)
     check_output_folder(args.dest, args.force)  # before the model loads, not after
     template = _template(args.template)
     lm = load_model(args.source, "cpu", args.dtype, args.tokenizer)
@@ -246,6 +252,21 @@ def cmd_convert(args):
         export_hf(lm, args.dest, args.force)
     else:
         save_native(lm, args.dest, template, args.stop, args.force)
+    print(f"wrote {args.dest}")
+
+
+def _convert_legacy_ggml(args):
+    from camelid.formats import ggml_legacy
+
+    if not ggml_legacy.is_legacy_ggml(Path(args.source)):
+        raise CamelidError(f"{args.source}: --to gguf rewrites llama.cpp's GGML/GGMF/GGJT .bin files; "
+                           f"`camelid export --gguf` writes any other model as GGUF")
+    if Path(args.dest).exists() and not args.force:
+        raise CamelidError(f"{args.dest} exists (--force to replace it)")
+    gf, note = ggml_legacy.read_legacy_ggml(args.source)
+    if note:
+        print(f"camelid: {note}", file=sys.stderr)
+    ggml_legacy.write_gguf(gf, Path(args.dest))
     print(f"wrote {args.dest}")
 
 

@@ -41,10 +41,11 @@ FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q4_K
           "IQ4_NL": 25, "IQ4_XS": 30, "IQ3_S": 26, "TQ2_0": 37}  # the i-quants llama-quantize makes without an imatrix
 
 
-def llama_quantize(src: Path, dst: Path, ftype: str):
+def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.nthread = 2
+    params.pure = pure  # every weight in ftype's type (else the output layer gets a finer one)
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 

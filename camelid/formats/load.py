@@ -16,7 +16,7 @@ import torch
 from camelid.errors import CamelidError
 from camelid.families import family
 from camelid.files import output_folder, read_json
-from camelid.formats import gguf, hf, llama2c, meta
+from camelid.formats import ggml_legacy, gguf, hf, llama2c, meta
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.loaded import LoadedModel
 from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
@@ -256,7 +256,19 @@ def _template(tok, cfg: ModelConfig, path: Path) -> tuple[str, list[str], str]:
 
 
 def _load_gguf(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
-    gf = read_gguf(path)
+    return _load_gguf_file(read_gguf(path), device, dtype, quantize)
+
+
+def _load_legacy_ggml(path: Path, device, dtype, quantize=None, _tokenizer_path=None) -> LoadedModel:
+    """llama.cpp's 2023 files, read as the GGUF file its converter makes of them (formats/ggml_legacy.py)."""
+    gf, note = ggml_legacy.read_legacy_ggml(path)
+    lm = _load_gguf_file(gf, device, dtype, quantize)
+    lm.load_note = note
+    return lm
+
+
+def _load_gguf_file(gf, device, dtype, quantize=None) -> LoadedModel:
+    path = gf.path
     cfg = gguf.config_from_gguf(gf)
     tok = gguf_tokenizer(gf.metadata, str(path))
     if tok.vocab_size > cfg.vocab_size:
@@ -375,6 +387,8 @@ FORMATS = [
             lambda p: meta.open_params(p)[0]),
     _Format("a GGUF file", lambda p: p.is_file() and _is_gguf(p), _load_gguf,
             lambda p: gguf.config_from_gguf(read_gguf(p))),
+    _Format("llama.cpp's GGML/GGMF/GGJT .bin (2023)", lambda p: p.is_file() and ggml_legacy.is_legacy_ggml(p),
+            _load_legacy_ggml, lambda p: gguf.config_from_gguf(ggml_legacy.read_legacy_ggml(p)[0])),
     _Format("a llama2.c .bin checkpoint", lambda p: p.is_file() and p.suffix == ".bin", _load_llama2c,
             lambda p: llama2c.read_llama2c(p)[0]),
 ]

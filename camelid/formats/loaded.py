@@ -19,6 +19,7 @@ class LoadedModel:
     source: str = ""
     quantization: dict | None = None  # how the weights were quantized (camelid quantize), if they were
     template_note: str = ""  # how the template was chosen, where the model brought none
+    load_note: str = ""  # what reading the file changed, where anything did (an old file's blocks)
 
     @property
     def config(self) -> ModelConfig:
