@@ -46,13 +46,28 @@ $(LLAMA_CPP_REF)/.done-with-ggml-converter: | $(PY)
 		rm -rf $(LLAMA_CPP_REF)/sdist && touch $@; \
 	else echo "llama.cpp's reference files could not be downloaded: the tests that need them will be skipped"; fi
 
+# The reference quantizers' own code for GPTQ and AWQ checkpoints (AutoGPTQ 0.7.1's GPTQ and QuantLinear packing,
+# AutoAWQ 0.2.9's GEMM packing): their packages pull CUDA builds of torch, so the tests import just these
+# PyTorch-only files from the downloaded distributions. Without a network the tests that need them skip.
+QUANT_REF := .cache/quant-ref
+$(QUANT_REF)/.done: | $(PY)
+	@mkdir -p $(QUANT_REF)/dl
+	@if $(PIP) download -q --no-deps auto-gptq==0.7.1 autoawq==0.2.9 -d $(QUANT_REF)/dl; then \
+		$(PY) -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall(sys.argv[2], [n for n in \
+			z.namelist() if n.startswith(('auto_gptq/quantization/', 'auto_gptq/nn_modules/qlinear/qlinear_cuda'))])" \
+			$(QUANT_REF)/dl/auto_gptq-0.7.1-*.whl $(QUANT_REF) && \
+		tar xzf $(QUANT_REF)/dl/autoawq-0.2.9.tar.gz -C $(QUANT_REF) --strip-components 1 \
+			autoawq-0.2.9/awq/utils/packing_utils.py autoawq-0.2.9/awq/modules/linear/gemm.py && \
+		rm -rf $(QUANT_REF)/dl && touch $@; \
+	else echo "AutoGPTQ and AutoAWQ could not be downloaded: the tests that need them will be skipped"; fi
+
 install: $(STAMP)
-install-dev: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-ggml-converter
+install-dev: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-ggml-converter $(QUANT_REF)/.done
 
 run: $(STAMP)
 	$(VENV)/bin/camelid generate $(MODEL) --temperature 0 --max-new-tokens 200 ""
 
-test: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-ggml-converter
+test: $(DEV_STAMP) $(LLAMA_CPP_REF)/.done-with-ggml-converter $(QUANT_REF)/.done
 	$(VENV)/bin/ruff check camelid tests bench
 	$(VENV)/bin/python -m pytest
 

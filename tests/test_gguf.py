@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from camelid.cli import main
 from camelid.errors import CamelidError
 from camelid.formats.gguf_blocks import dequantize, int4_groups, quantize, quantize_q8_0
 from camelid.formats.gguf_export import export_gguf
@@ -570,7 +571,7 @@ def _patched(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
     return dst
 
 
-def test_bad_gguf_files_are_one_line_errors(trained_tiny, tmp_path):
+def test_bad_gguf_files_are_one_line_errors(trained_tiny, tmp_path, capsys):
     root, f32, _ = trained_tiny
     data = f32.read_bytes()
     cases = {
@@ -583,10 +584,11 @@ def test_bad_gguf_files_are_one_line_errors(trained_tiny, tmp_path):
     for name, (content, message) in cases.items():
         path = tmp_path / f"{name.replace(' ', '_')}.gguf"
         path.write_bytes(content)
-        r = _camelid("generate", path, "--max-new-tokens", "2", "hi")
-        assert r.returncode == 1, name
-        assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
-            (name, r.stderr)
+        assert main(["generate", str(path), "--max-new-tokens", "2", "hi"]) == 1, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (name, err)
+    r = _camelid("generate", tmp_path / "truncated.gguf", "--max-new-tokens", "2", "hi")  # as a shell sees it
+    assert r.returncode == 1 and "points outside the file" in r.stderr and "Traceback" not in r.stderr
 
     # a tensor type camelid does not read (Q1_0 = 41, which gguf cannot decode either): named with the tensor
     info = data.index(b"blk.0.attn_q.weight")

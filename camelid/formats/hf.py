@@ -17,6 +17,7 @@ from camelid.families.spec import group_qkv, ungroup_qkv
 from camelid.files import read_json, write_text
 from camelid.formats.tensors import load_tensor_files, release_pages, save_safetensors
 from camelid.model.config import ModelConfig
+from camelid.model.quant import unpack_int4
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -111,6 +112,7 @@ def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str, convert=None)
             continue
         if full in remaining:
             sd[ours] = take(full)
+            _take_scales(sd, take, remaining, full, ours)
     groups = layout.qkv_groups(cfg)
     layer_names = layout.all_layer_names(cfg)
     fusions = layout.fusions(cfg)
@@ -121,9 +123,10 @@ def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str, convert=None)
                 t = take(base + theirs)
                 if layout.transposed and t.dim() == 2:
                     t = t.t()
-                if ours.startswith("attn.wqkv") and groups:
-                    t = ungroup_qkv(t, groups, cfg)
-                sd[f"layers.{i}.{ours}"] = t
+                regroup = (lambda x: ungroup_qkv(x, groups, cfg)) if ours.startswith("attn.wqkv") and groups \
+                    else None
+                sd[f"layers.{i}.{ours}"] = regroup(t) if regroup else t
+                _take_scales(sd, take, remaining, base + theirs, f"layers.{i}.{ours}", regroup, layout.transposed)
         _fuse(sd, take, remaining, i, base, fusions)
     if remaining:
         raise CamelidError(f"{source}: unexpected tensor {next(iter(remaining))!r} for {fam.name}")
@@ -144,15 +147,40 @@ class _Converted(dict):
             self.update(self.convert(key, value))
 
 
+def _take_scales(sd, take, remaining, theirs: str, ours: str, regroup=None, transposed: bool = False):
+    """An int4 weight's scales and zeros (a GPTQ or AWQ checkpoint's, formats/gptq_awq.py) go with it:
+    (groups, out, 2), the output rows on the second axis."""
+    if not theirs.endswith(".weight") or theirs[:-6] + "scales_zeros" not in remaining:
+        return
+    if transposed:
+        raise CamelidError(f"{theirs}: a quantized checkpoint of a family with transposed weights is not supported")
+    sz = take(theirs[:-6] + "scales_zeros")
+    sd[ours[:-6] + "scales_zeros"] = regroup(sz.transpose(0, 1)).transpose(0, 1).contiguous() if regroup else sz
+
+
 def _fuse(sd, take, remaining, i, base, fusions: dict[str, tuple[str, ...]]):
     for ours, parts in fusions.items():
-        for p in ("weight", "bias"):
+        scales = [f"{base}{part}.scales_zeros" for part in parts]
+        if any(n in remaining for n in scales) and not all(n in remaining for n in scales):
+            for part in parts:  # fused into one layer: all int4 or all float, so the int4 parts go float
+                if f"{base}{part}.scales_zeros" in remaining:
+                    remaining[f"{base}{part}.weight"] = _int4_weight(take(f"{base}{part}.weight"),
+                                                                     take(f"{base}{part}.scales_zeros"))
+        for p in ("weight", "bias", "scales_zeros"):
             names = [f"{base}{part}.{p}" for part in parts]
             if all(n in remaining for n in names):
                 tensors = [take(n) for n in names]
-                sd[f"layers.{i}.{ours}.{p}"] = torch.cat(tensors)
+                sd[f"layers.{i}.{ours}.{p}"] = torch.cat(tensors, dim=1 if p == "scales_zeros" else 0)
                 for t in tensors:  # copied: a memory-mapped part's pages can go
                     release_pages(t)
+
+
+def _int4_weight(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """An int4 layer's float weight: (q - 8) * scale + zero per group (model/quant.py's layout)."""
+    q = unpack_int4(packed).float()
+    scales, zeros = scales_zeros.float().permute(2, 1, 0)  # (N, groups) each
+    g = q.reshape(q.shape[0], scales.shape[1], -1)
+    return ((g - 8) * scales[..., None] + zeros[..., None]).reshape(q.shape)
 
 
 def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:

@@ -16,7 +16,7 @@ import torch
 from camelid.errors import CamelidError
 from camelid.families import family
 from camelid.files import output_folder, read_json
-from camelid.formats import ggml_legacy, gguf, hf, llama2c, meta
+from camelid.formats import ggml_legacy, gguf, gptq_awq, hf, llama2c, meta
 from camelid.formats.gguf_file import read_gguf
 from camelid.formats.loaded import LoadedModel
 from camelid.formats.tensors import load_safetensors, load_tensor_files, release_pages, save_safetensors
@@ -228,17 +228,21 @@ def _load_hf(folder: Path, device, dtype, quantize=None, tokenizer_path=None) ->
     cfg = hf.config_from_hf(hf_config, str(folder / "config.json"))
     # converted (and quantized) as they are renamed and q/k/v or gate/up fused: no float copy of the whole
     # model; build_model then finds them in place
-    sd = hf.state_dict_from_hf(load_tensor_files(folder), cfg, str(folder),
-                               tensor_converter(cfg, str(folder), device, dtype, quantize))
+    tensors = load_tensor_files(folder)
+    quantized = gptq_awq.quant_format(folder, hf_config, tensors)
+    load_note = ""
+    if quantized is not None:
+        tensors, load_note = gptq_awq.dequantized_state_dict(tensors, quantized, str(folder))
+    sd = hf.state_dict_from_hf(tensors, cfg, str(folder), tensor_converter(cfg, str(folder), device, dtype, quantize))
     model = build_model(cfg, sd, str(folder), device, dtype)
-    del sd
+    del sd, tensors
     if tokenizer_path is None:
         tok = load_hf_tokenizer(folder, hf_config)
     else:  # one the folder's own cannot give (a tokenizer written as the model's Python code)
         path = Path(tokenizer_path)
         tok = load_hf_tokenizer(path, hf_config) if path.is_dir() else load_tokenizer_file(path)
     template, stop, note = _template(tok, cfg, folder)
-    return LoadedModel(model, tok, template, stop, str(folder), template_note=note)
+    return LoadedModel(model, tok, template, stop, str(folder), template_note=note, load_note=load_note)
 
 
 def _template(tok, cfg: ModelConfig, path: Path) -> tuple[str, list[str], str]:

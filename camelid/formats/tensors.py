@@ -99,6 +99,14 @@ def load_tensor_files(folder: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
         return load_pickle_weights(folder / "pytorch_model.bin")
+    # GPTQ tools name their one file after the quantization (gptq_model-4bit-128g.safetensors, llama-7b-4bit.pt)
+    for pattern, loader in (("*.safetensors", load_safetensors), ("*.pt", load_pickle_weights)):
+        found = sorted(folder.glob(pattern))
+        if len(found) == 1:
+            return loader(found[0])
+        if len(found) > 1:
+            raise CamelidError(f"{folder}: several {pattern} files and no shard index to say which make the model "
+                               f"({', '.join(p.name for p in found[:3])})")
     raise CamelidError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index")
 
 
