@@ -1003,10 +1003,13 @@ def cmd_judge(args):
 
 def _args_quantize(p: argparse.ArgumentParser):
     _model_args(p)
-    p.add_argument("out", help="output camelid folder")
+    p.add_argument("out", help="output folder (camelid's, or with --format gptq a Hugging Face one)")
     p.add_argument("--mode", default="int4", choices=["int8", "int4"])
     p.add_argument("--group-size", type=int, default=32, help="int4: inputs sharing a scale (32, 64, 128, 256)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (int4)")
+    p.add_argument("--format", default="camelid", choices=["camelid", "gptq"], dest="layout",
+                   help="gptq: a Hugging Face folder in GPTQModel's layout, which transformers, vLLM and TGI load "
+                        "(with --method gptq)")
     p.add_argument("--output-mode", default=None, choices=["int8", "int4", "float"],
                    help="the output layer (default int8: llama.cpp's 4-bit files keep it at 6 bits too)")
     p.add_argument("--calibration", nargs="+", default=None, help="GPTQ: text or JSONL files to calibrate on")
@@ -1024,13 +1027,15 @@ def cmd_quantize(args):
     if args.samples < 1 or args.seq_len < 2:
         raise CamelidError("--samples must be at least 1 and --seq-len at least 2")
     check_output_folder(args.out, args.force)
-    if args.method == "rtn" and not args.adapter and not read_config(args.model).tie_embeddings:
+    if args.method == "rtn" and args.layout == "camelid" and not args.adapter \
+            and not read_config(args.model).tie_embeddings:
         info = quantize_while_loading(args.model, args.out, args.mode, args.group_size, args.output_mode,
                                       args.tokenizer, force=args.force)
     else:  # GPTQ measures the float model's layers; an adapter is merged into the float weights first
         info = quantize_folder(_load(args, decoding=False), args.out, mode=args.mode, group=args.group_size,
                                method=args.method, calibration=args.calibration, samples=args.samples,
-                               seq_len=args.seq_len, seed=args.seed, output=args.output_mode, force=args.force)
+                               seq_len=args.seq_len, seed=args.seed, output=args.output_mode, force=args.force,
+                               layout=args.layout)
     layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from camelid.errors import CamelidError
-from camelid.formats.load import load_model, save_native
+from camelid.formats.load import export_gptq, load_model, save_native
 from camelid.formats.loaded import LoadedModel
 from camelid.model.quant import (
     INT4_GROUPS,
@@ -37,9 +37,10 @@ def calibration_batches(lm: LoadedModel, files: list[str], samples: int, seq_len
 
 
 def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", calibration: list[str] | None = None,
-             samples: int = 128, seq_len: int = 512, seed: int = 0, output: str | None = None) -> dict:
+             samples: int = 128, seq_len: int = 512, seed: int = 0, output: str | None = None,
+             integer_zeros: bool = False) -> dict:
     """Quantizes `lm` in place; returns the description stored in the folder's camelid.json. `output` is the
-    output layer's mode (default int8: see `output_mode`)."""
+    output layer's mode (default int8: see `output_mode`); `integer_zeros`: GPTQ checkpoints' zero points."""
     _check_not_quantized(lm)
     output = _checked_options(mode, group, output)
     if method == "gptq":
@@ -51,7 +52,7 @@ def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", c
 
         seq_len = min(seq_len, lm.config.max_seq_len)
         batches = calibration_batches(lm, calibration, samples, seq_len, seed)
-        counts = gptq_quantize_model(lm.model.float(), batches, group, output=output)
+        counts = gptq_quantize_model(lm.model.float(), batches, group, output=output, integer_zeros=integer_zeros)
     elif method == "rtn":
         counts = quantize_model(lm.model, mode, group, output)
     else:
@@ -64,7 +65,17 @@ def quantize(lm: LoadedModel, mode: str, group: int = 32, method: str = "rtn", c
     return lm.quantization
 
 
-def quantize_folder(lm: LoadedModel, out: str | Path, force: bool = False, **options) -> dict:
+def quantize_folder(lm: LoadedModel, out: str | Path, force: bool = False, layout: str = "camelid",
+                    **options) -> dict:
+    """Quantize and write a camelid folder, or (`layout` gptq) a Hugging Face folder in GPTQModel's layout."""
+    if layout == "gptq":
+        if options.get("method") != "gptq" or options.get("mode") != "int4" or \
+                options.get("output") not in (None, "float"):
+            raise CamelidError("--format gptq writes GPTQ's 4-bit layers: use --method gptq --mode int4 (the "
+                               "output layer stays float)")
+        info = quantize(lm, **{**options, "output": "float"}, integer_zeros=True)
+        export_gptq(lm, out, options.get("group", 32), force)
+        return info
     info = quantize(lm, **options)
     save_native(lm, out, force=force)
     return info

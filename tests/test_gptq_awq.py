@@ -98,12 +98,13 @@ def _quantized_folder(ref, folder, make_layer, config: dict | None, filename: st
     model.config.save_pretrained(folder)
     if config is not None:
         (folder / "quantize_config.json").write_text(json.dumps(config))
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"<{i}>": i for i in range(96)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<0>")),
-                            bos_token="<1>", eos_token="<2>").save_pretrained(folder)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<1>", eos_token="<2>").save_pretrained(folder)
     return model
 
 
@@ -208,3 +209,55 @@ def test_bad_gptq_checkpoints_are_named(ref, tmp_path):
     save_file(tensors, tmp_path / "m" / "model.safetensors")
     with pytest.raises(CamelidError, match=r"model.layers.0.self_attn.q_proj.'qzeros' is missing"):
         load_model(tmp_path / "m")
+
+
+def test_camelid_gptq_writes_gptqmodels_layout(ref, tmp_path):
+    """`quantize --method gptq --format gptq`: GPTQ's zero points and fp16 scales, q/k/v and gate/up split back
+    into transformers' modules; AutoGPTQ's QuantLinear loads each layer and computes camelid's weights, and
+    transformers' LLaMA with those layers gives camelid's logits."""
+    from safetensors.torch import load_file
+
+    from camelid.cli import main
+    from camelid.quantize import quantize_folder
+
+    _quantized_folder(ref, tmp_path / "float", lambda lin: lin, None, "model.safetensors")
+    words = torch.randint(3, 96, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp_path / "calib.txt").write_text(" ".join(f"<{w}>" for w in words))
+    out = tmp_path / "gptq"
+    assert main(["quantize", str(tmp_path / "float"), str(out), "--format", "gptq"]) == 1  # RTN has no such layout
+    quantized = load_model(tmp_path / "float")
+    quantize_folder(quantized, out, layout="gptq", mode="int4", method="gptq", group=32,
+                    calibration=[str(tmp_path / "calib.txt")], samples=16, seq_len=48)
+    made = plain_state_dict(quantized)  # the layers as camelid's GPTQ made them, before they were written
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"], config["checkpoint_format"]) == \
+        ("gptq", 4, 32, "gptq")
+    tensors = load_file(out / "model.safetensors")
+    assert "model.layers.0.self_attn.k_proj.qweight" in tensors and "model.layers.0.self_attn.k_proj.weight" \
+        not in tensors and tensors["lm_head.weight"].dtype == torch.float16
+
+    reference = _tiny_llama()
+    for i, block in enumerate(reference.model.layers):
+        for name in PROJ:
+            parent, attr = name.split(".")
+            owner = getattr(block, parent)
+            linear = getattr(owner, attr)
+            layer = ref.QuantLinear(4, 32, linear.in_features, linear.out_features, False)
+            layer.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items()
+                                   if k.startswith(f"model.layers.{i}.{name}.")})
+            setattr(owner, attr, layer)
+    reference.load_state_dict({k: v for k, v in tensors.items() if k.endswith(("norm.weight", "embed_tokens.weight",
+                                                                                 "lm_head.weight"))}, strict=False)
+    lm = load_model(out)
+    ours = plain_state_dict(lm)
+    q, k, v = (_reference_weight(getattr(reference.model.layers[1].self_attn, p), 128)
+               for p in ("q_proj", "k_proj", "v_proj"))
+    torch.testing.assert_close(ours["layers.1.attn.wqkv.weight"].float(), torch.cat([q, k, v]), atol=1e-6, rtol=0)
+    int4 = {f"{n}.weight" for n, m in quantized.model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(int4) == 2 * 4  # each block's q/k/v, o, gate/up and down
+    for name, weight in made.items():  # the int4 layers exactly, the rest as fp16 holds them
+        torch.testing.assert_close(ours[name].float(), weight.float(), atol=1e-6 if name in int4 else 1e-3,
+                                   rtol=0 if name in int4 else 1e-3)
+    with torch.no_grad():
+        want = reference.float()(IDS).logits[0]
+    torch.testing.assert_close(lm.model(IDS)[0], want, atol=0.05, rtol=0)

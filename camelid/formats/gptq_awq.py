@@ -155,3 +155,52 @@ def _awq_unpack(packed: torch.Tensor) -> torch.Tensor:
     values = torch.empty_like(nibbles)
     values[..., list(_AWQ_ORDER)] = nibbles
     return values.reshape(packed.shape[0], -1)
+
+
+# ---------------------------------------------------------------- writing GPTQModel's layout
+
+
+def gptq_config(group: int) -> dict:
+    """The quantization_config (and quantize_config.json) GPTQModel and AutoGPTQ write for such a checkpoint."""
+    return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False,
+            "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
+            "lm_head": False}
+
+
+def gptq_tensors(sd: dict, cfg, group: int) -> dict:
+    """camelid's state dict, its int4 layers (packed weight + scales_zeros, integer zero points) as GPTQ's
+    qweight/qzeros/scales/g_idx and the rest in fp16, under transformers' names: fused layers (q/k/v, gate/up)
+    split back into their modules exactly as their float weights would be."""
+    from camelid.formats.hf import state_dict_to_hf
+    from camelid.model.quant import unpack_int4
+
+    quantized = sorted(k[:-len(".scales_zeros")] for k in sd if k.endswith(".scales_zeros"))
+    rows, marks = [], {}
+    for i, name in enumerate(quantized):
+        q = unpack_int4(sd[f"{name}.weight"])
+        scales, zero_points = sd[f"{name}.scales_zeros"].float().permute(2, 1, 0)  # (N, groups) each
+        z = 8 - zero_points / scales
+        if q.shape[1] // scales.shape[1] != group or not torch.equal(z, z.round()) or z.min() < 0 or z.max() > 15 \
+                or not torch.equal(scales, scales.half().float()):
+            raise CamelidError(f"{name}: its int4 groups are not GPTQ's (fp16 scales, integer zero points, groups "
+                               f"of {group}): quantize with --method gptq --format gptq")
+        rows.append((q, scales, z.round().long()))
+        # which layer and row each row of a transformers module comes from, through the same renaming and splits
+        marks[f"{name}.weight"] = torch.stack([torch.full((q.shape[0],), i), torch.arange(q.shape[0])], 1)
+    plain = {k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in quantized or k.endswith(".bias")}
+    out = {k: v.half() if v.is_floating_point() else v for k, v in state_dict_to_hf(plain, cfg).items()}
+    for key, mark in state_dict_to_hf(marks, cfg).items():
+        q, scales, z = (t[mark[:, 1]] for t in rows[int(mark[0, 0])])
+        base = key[:-len(".weight")]
+        out[f"{base}.qweight"] = _pack_int32(q.t())
+        out[f"{base}.qzeros"] = _pack_int32((z - 1) & 15).t().contiguous()  # v1 stores z - 1, in 4 bits
+        out[f"{base}.scales"] = scales.t().half().contiguous()
+        out[f"{base}.g_idx"] = (torch.arange(q.shape[1]) // group).to(torch.int32)
+    return out
+
+
+def _pack_int32(values: torch.Tensor) -> torch.Tensor:
+    """4-bit values (rows, cols) -> (rows / 8, cols) int32 words, 8 consecutive rows a word, low bits first."""
+    v = values.long().reshape(-1, 8, values.shape[1])
+    words = (v << (torch.arange(8) * 4).view(1, 8, 1)).sum(1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)

@@ -244,9 +244,12 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict]:
     return cfg, state_dict_from_hf(load_tensor_files(folder), cfg, str(folder))
 
 
-def save_hf_folder(sd: dict, cfg: ModelConfig, folder: Path, extra_json: dict | None = None):
+def save_hf_folder(sd: dict, cfg: ModelConfig, folder: Path, extra_json: dict | None = None,
+                   hf_tensors: dict | None = None):
+    """`hf_tensors`: tensors already under transformers' names (a GPTQ checkpoint's), written in place of sd's."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(state_dict_to_hf(sd, cfg), folder / "model.safetensors", metadata={"format": "pt"})
+    tensors = hf_tensors if hf_tensors is not None else state_dict_to_hf(sd, cfg)
+    save_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     hf = config_to_hf(cfg)
     for name, data in (extra_json or {}).items():
         if name == "config.json":

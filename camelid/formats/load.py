@@ -24,6 +24,9 @@ from camelid.model.config import ModelConfig
 from camelid.model.quant import (
     QUANTIZED,
     GGMLEmbedding,
+    GGMLLinear,
+    Int4Linear,
+    Int8Linear,
     QuantSpec,
     layer_modes,
     prepare_layers,
@@ -358,7 +361,23 @@ def export_hf(lm: LoadedModel, folder: str | Path, force: bool = False):
         _write_hf(lm, tmp)
 
 
-def _write_hf(lm: LoadedModel, tmp: Path):
+def export_gptq(lm: LoadedModel, folder: str | Path, group: int, force: bool = False):
+    """Write a Hugging Face folder in GPTQModel's layout (what transformers, vLLM and TGI load as GPTQ) from a
+    model whose block projections camelid's GPTQ quantized with GPTQ's zero points (formats/gptq_awq.py)."""
+    loose = [name for name, m in lm.model.named_modules() if isinstance(m, (Int8Linear, GGMLLinear))]
+    if loose or isinstance(lm.model.output, Int4Linear):
+        raise CamelidError(f"{loose[0] if loose else 'output'}: GPTQ's layout holds 4-bit block projections and a "
+                           f"float output layer; this layer is not one (its shape does not fit int4 groups of "
+                           f"{group}, or --output-mode asked otherwise)")
+    tensors = gptq_awq.gptq_tensors(_state_dict(lm.model), lm.config, group)
+    config = gptq_awq.gptq_config(group)
+    with output_folder(folder, force) as tmp:
+        _write_hf(lm, tmp, hf_tensors=tensors, extra={"config.json": {"quantization_config": config,
+                                                                      "torch_dtype": "float16"},
+                                                      "quantize_config.json": config})
+
+
+def _write_hf(lm: LoadedModel, tmp: Path, hf_tensors: dict | None = None, extra: dict | None = None):
     tok = lm.tokenizer
     if isinstance(tok.backend, PieceBackend):  # transformers reads tokenizer.json, not our pieces file
         to_hf_tokenizer(tok.backend.vocab, tok.bos_id, tok.add_bos).save(str(tmp / "tokenizer.json"))
@@ -370,9 +389,11 @@ def _write_hf(lm: LoadedModel, tmp: Path):
     tcfg["chat_template"] = source
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if len(tok.eos_ids) == 1 else tok.eos_ids}
     cfg_extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if tok.eos_ids else None}
+    extra = extra or {}
     hf.save_hf_folder(_state_dict(lm.model), lm.config, tmp,
-                      extra_json={"config.json": cfg_extra, "tokenizer_config.json": tcfg,
-                                  "generation_config.json": gen})
+                      extra_json={**extra, "config.json": {**cfg_extra, **extra.get("config.json", {})},
+                                  "tokenizer_config.json": tcfg, "generation_config.json": gen},
+                      hf_tensors=hf_tensors)
 
 
 def read_config(path: str | Path) -> ModelConfig:

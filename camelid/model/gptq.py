@@ -37,8 +37,10 @@ class _Recorder(nn.Module):
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 0.01,
-              block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q 0..15 (N, K), scales (N, K/group), zeros (N, K/group)) in Int4Linear's w = (q - 8) * scale + zero."""
+              block: int = 128, integer_zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q 0..15 (N, K), scales (N, K/group), zeros (N, K/group)) in Int4Linear's w = (q - 8) * scale + zero.
+    `integer_zeros`: the zero point an integer z and the scale an fp16, as GPTQ's checkpoints store them
+    (w = scale (q - z), so zero = scale (8 - z)); else a float zero point (the group's minimum)."""
     W = weight.detach().double().clone()
     N, K = W.shape
     H = hessian.clone()
@@ -59,6 +61,11 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: flo
                 g = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :group]
                 lo, hi = g.amin(1), g.amax(1)
                 scale = ((hi - lo) / 15).clamp(min=1e-10)
+                if integer_zeros:  # AutoGPTQ's: the range widened to hold 0, z = round(-lo / scale)
+                    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+                    scale = ((hi - lo) / 15).clamp(min=1e-5).half().double()
+                    z = torch.round(-lo / scale).clamp(0, 15)
+                    lo = -z * scale
                 scales[:, col // group], zeros[:, col // group] = scale, lo + 8 * scale
             s, z = scales[:, col // group], zeros[:, col // group]
             w = W1[:, i]
@@ -96,26 +103,29 @@ def _capture_block_inputs(model, batches: list[torch.Tensor]) -> list[tuple]:
 
 @torch.no_grad()
 def gptq_quantize_model(model, batches: list[torch.Tensor], group: int, damp: float = 0.01,
-                        progress: bool = True, output: str | None = None) -> dict[str, int]:
+                        progress: bool = True, output: str | None = None,
+                        integer_zeros: bool = False) -> dict[str, int]:
     """Replaces every block projection with GPTQ int4 (int8 where the int4 kernel cannot take the shape),
     and the output layer with int8 per channel, GPTQ int4 or nothing (`output`: int8, int4 or float).
-    `batches` are (B, T) token tensors of calibration text."""
+    `batches` are (B, T) token tensors of calibration text; `integer_zeros`: GPTQ checkpoints' zero points."""
     counts = {"int4": 0, "int8": 0}
     output = output_mode("int4", output)
     calls = _capture_block_inputs(model, batches)
     for block in tqdm(model.layers, desc="GPTQ", unit="block", disable=not progress):
-        _quantize_sublayers(block, lambda: [block(*args) for args in calls], group, damp, counts)  # noqa: B023
+        _quantize_sublayers(block, lambda: [block(*args) for args in calls], group, damp, counts,  # noqa: B023
+                            integer_zeros=integer_zeros)
         calls = [(out, *args[1:]) for out, args in zip([block(*args) for args in calls], calls)]
     if output == "int8":
         model.output = Int8Linear.from_linear(model.output).to(model.output.weight.device)
         counts["int8"] += 1
     elif output == "int4":
         _quantize_sublayers(model, lambda: [model(tokens) for tokens in batches], group, damp, counts,
-                            only=("output",))
+                            only=("output",), integer_zeros=integer_zeros)
     return counts
 
 
-def _quantize_sublayers(parent: nn.Module, run, group: int, damp: float, counts: dict, only=None) -> None:
+def _quantize_sublayers(parent: nn.Module, run, group: int, damp: float, counts: dict, only=None,
+                        integer_zeros: bool = False) -> None:
     targets = [(name, mod) for name, mod in parent.named_modules()
                if isinstance(mod, nn.Linear) and (only is None or name in only)]
     recorders = {}
@@ -127,7 +137,8 @@ def _quantize_sublayers(parent: nn.Module, run, group: int, damp: float, counts:
     for name, layer in targets:
         owner, _, attr = name.rpartition(".")
         if int4_fits(layer.out_features, layer.in_features, group):
-            q, scales, zeros = gptq_int4(layer.weight, recorders[name].hessian, group, damp)
+            q, scales, zeros = gptq_int4(layer.weight, recorders[name].hessian, group, damp,
+                                         integer_zeros=integer_zeros)
             new = Int4Linear(layer.in_features, layer.out_features, group, layer.bias is not None)
             new.set_quantized(q, scales, zeros, layer.weight.dtype)
             counts["int4"] += 1
