@@ -34,6 +34,9 @@ class HFLayout:
     transposed: bool = False  # 2-D weights stored (in, out), as GPT-2's Conv1D does
     unprefixed: frozenset[str] = frozenset({"lm_head.weight", "lm_head.bias", "embed_out.weight"})
     experts: HFExperts | None = None
+    # (from_hf(hf_sd, cfg, source, convert) -> sd, to_hf(sd, cfg) -> hf_sd): a family whose checkpoint is not
+    # one stack of blocks (T5's encoder and decoder) maps its tensors itself
+    tensors: tuple[Callable, Callable] | None = None
 
     def all_layer_names(self, cfg: ModelConfig) -> dict[str, str]:
         """layer_names, and a mixture-of-experts block's router and down projections."""

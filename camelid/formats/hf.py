@@ -49,7 +49,9 @@ _HF_INTS = ("vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer
             "num_key_value_heads", "num_kv_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim",
             "ffn_hidden_size", "max_position_embeddings", "n_positions", "rotary_dim", "word_embed_proj_dim",
             "sliding_window", "sliding_window_pattern", "max_window_layers", "original_max_position_embeddings",
-            "num_layers", "padded_vocab_size", "kv_channels", "seq_length", "multi_query_group_num")
+            "num_layers", "padded_vocab_size", "kv_channels", "seq_length", "multi_query_group_num", "d_model", "d_kv",
+            "d_ff", "num_decoder_layers", "num_heads", "relative_attention_num_buckets",
+            "relative_attention_max_distance")
 _HF_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct",
               "partial_rotary_factor", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
               "rope_local_base_freq", "layernorm_epsilon", "rope_ratio")
@@ -57,7 +59,7 @@ _HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "bias", "use_p
              "multi_query", "new_decoder_architecture", "do_layer_norm_before", "enable_bias", "use_sliding_window",
              "use_bidirectional_attention", "multi_query_attention", "add_qkv_bias", "add_bias_linear", "rmsnorm",
              "post_layer_norm")
-_HF_STRS = ("hidden_act", "hidden_activation", "activation_function", "activation")
+_HF_STRS = ("hidden_act", "hidden_activation", "activation_function", "activation", "feed_forward_proj")
 
 
 def _check_hf_types(hf: dict, source: str):
@@ -101,6 +103,8 @@ def state_dict_from_hf(hf_sd: dict, cfg: ModelConfig, source: str, convert=None)
     {name: tensor} is applied to each tensor as it is made, so a fused copy lives only until it is converted."""
     fam = family(cfg.arch)
     layout = fam.hf
+    if layout.tensors is not None:
+        return layout.tensors[0](hf_sd, cfg, source, convert)
     sd = _Converted(convert)
     remaining = {_full_name(name, layout): t for name, t in hf_sd.items()
                  if tuple(name.split(".")[-2:]) not in _IGNORED_BUFFERS}
@@ -186,6 +190,8 @@ def _int4_weight(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tens
 def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     fam = family(cfg.arch)
     layout = fam.hf
+    if layout.tensors is not None:
+        return layout.tensors[1](sd, cfg)
     out = {}
     for ours, theirs in layout.global_names.items():
         if ours in sd and not (ours == "output.weight" and cfg.tie_embeddings):

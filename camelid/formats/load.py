@@ -33,6 +33,7 @@ from camelid.model.quant import (
     quantized_buffers,
     quantized_shells,
 )
+from camelid.model.t5 import T5
 from camelid.model.transformer import Transformer, rope_tables
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.fastchat_formats import template_for_model
@@ -119,7 +120,7 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     sd = dict(sd)
     sd = {k: v for key in list(sd) for k, v in convert(key, sd.pop(key)).items()}
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = (T5 if cfg.n_encoder_layers else Transformer)(cfg)
         quantized_shells(model, sd)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings and isinstance(model.output, torch.nn.Linear):

@@ -65,6 +65,11 @@ class ModelConfig:
     moe_renorm: bool = True  # the picked experts' softmax weights rescaled to sum to 1 (Mixtral, Qwen3-MoE)
     shared_expert_dim: int | None = None  # an expert every token uses, gated by sigmoid(x . w) (Qwen2-MoE)
     dense_layers: list | None = None  # blocks that keep the dense MLP of ffn_dim in a mixture-of-experts model
+    # an encoder-decoder (T5, model/t5.py): n_layers decoder blocks after an encoder of n_encoder_layers
+    n_encoder_layers: int = 0  # 0: decoder-only
+    rel_buckets: int = 32  # positions "relative": T5's buckets of key - query distance, a learned bias each
+    rel_max_distance: int = 128  # distances from here on share the last bucket
+    logit_scale: float | None = None  # the final hidden state times this before the LM head (T5: dim^-0.5)
     dropout: float = 0.0  # training only: embeddings, attention weights and each residual branch
     extra: dict = field(default_factory=dict)  # family-specific fields kept for lossless export
 
@@ -76,7 +81,7 @@ class ModelConfig:
         the key, instead of a failure deep inside the model (or NaN logits) later."""
         _check_types(self)
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu", "gelu_tanh", "relu"),
-                   "positions": ("rope", "learned", "alibi")}
+                   "positions": ("rope", "learned", "alibi", "relative")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise CamelidError(f"model config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -100,6 +105,12 @@ class ModelConfig:
                 raise CamelidError(f"model config: {key} must be a finite number in ({low}, {high}], got {value!r}")
         if not 0 <= self.dropout < 1:
             raise CamelidError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.n_encoder_layers < 0 or (self.positions == "relative") != (self.n_encoder_layers > 0) \
+                or self.rel_buckets < 4 or self.rel_max_distance <= self.rel_buckets // 4:
+            raise CamelidError(f"model config: an encoder-decoder has positions 'relative', n_encoder_layers > 0, "
+                               f"rel_buckets >= 4 and rel_max_distance past a quarter of them (got "
+                               f"{self.positions!r}, {self.n_encoder_layers}, {self.rel_buckets}, "
+                               f"{self.rel_max_distance})")
         if self.learned_pos_offset < 0:
             raise CamelidError(f"model config: learned_pos_offset must be >= 0, got {self.learned_pos_offset}")
         if self.positions == "rope" and self.rotary_dim % 2:

@@ -1,0 +1,97 @@
+"""T5 (ReLU, tied output scaled by dim^-0.5) and Flan-T5's shape (gated GELU, its own output layer) against
+transformers' T5ForConditionalGeneration: the same logits (1e-4, fp32) with and without padding in the prompt,
+step by step through the decoder's cache, and the same greedy text."""
+
+import json
+
+import pytest
+import torch
+
+from camelid.errors import CamelidError
+from camelid.formats import hf as hf_format
+from camelid.formats.load import build_model
+
+SRC = torch.tensor([[5, 17, 3, 44, 90, 12, 7, 61, 33, 2, 80, 9, 1], [8, 70, 21, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+SRC_MASK = SRC.ne(0) | (torch.arange(SRC.shape[1]) == 0)
+TGT = torch.tensor([[0, 14, 62, 7, 30, 91, 2], [0, 5, 5, 40, 11, 3, 60]])
+
+
+def _reference(name: str, seed: int = 0):
+    import transformers as tf
+
+    gated = name == "flan-t5"
+    cfg = tf.T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated)
+    torch.manual_seed(seed)
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    if gated:  # Flan-T5's own output layer (transformers 5 ties it on construction)
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def _folder(model, folder, gated: bool):
+    """The checkpoint as the Hub has it: T5's config.json of its day (tie_word_embeddings false for v1.1)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if gated:
+        tensors["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    else:
+        tensors.pop("lm_head.weight", None)
+    tensors.pop("encoder.embed_tokens.weight", None)
+    tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"].clone()  # a copy older files carry
+    save_file(tensors, folder / "model.safetensors")
+    c = model.config
+    config = dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=c.vocab_size,
+                  d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
+                  num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
+                  relative_attention_num_buckets=c.relative_attention_num_buckets,
+                  relative_attention_max_distance=c.relative_attention_max_distance,
+                  feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=not gated, decoder_start_token_id=0,
+                  layer_norm_epsilon=c.layer_norm_epsilon, is_encoder_decoder=True, eos_token_id=1, pad_token_id=0)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _camelid(folder):
+    cfg, sd = hf_format.load_hf_folder(folder)
+    return build_model(cfg, sd, str(folder))
+
+
+@pytest.mark.parametrize("name", ["t5", "flan-t5"])
+def test_logits_and_greedy_text_match_transformers(name, tmp_path):
+    ref = _reference(name)
+    _folder(ref, tmp_path / "m", gated=name == "flan-t5")
+    ours = _camelid(tmp_path / "m")
+    assert (ours.cfg.logit_scale is None) == (name == "flan-t5")
+    with torch.no_grad():
+        want = ref(input_ids=SRC, attention_mask=SRC_MASK.long(), decoder_input_ids=TGT).logits
+        got = ours(TGT, ours.encode(SRC, SRC_MASK), keep_cache=False)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        cache = ours.encode(SRC, SRC_MASK)  # one token at a time through the decoder's cache
+        stepped = torch.cat([ours(TGT[:, i:i + 1], cache) for i in range(TGT.shape[1])], dim=1)
+        torch.testing.assert_close(stepped, want, atol=1e-4, rtol=0)
+        expected = [0]  # transformers' greedy decoding, each step a full forward pass
+        for _ in range(12):
+            expected.append(int(ref(input_ids=SRC[:1], decoder_input_ids=torch.tensor([expected])).logits[0, -1]
+                                .argmax()))
+    cache, tokens = ours.encode(SRC[:1]), [0]
+    for _ in range(12):
+        tokens.append(int(ours(torch.tensor([tokens[-1:]]), cache)[0, -1].argmax()))
+    assert tokens == expected
+
+
+def test_missing_relative_attention_tensors_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _folder(_reference("t5"), tmp_path / "m", gated=False)
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    del tensors["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CamelidError, match="'decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight' "
+                                           "is missing"):
+        _camelid(tmp_path / "m")
