@@ -85,11 +85,12 @@ def _error(message: str) -> int:
     return 1
 
 
-def _load(args, decoding: bool = True):
+def _load(args, decoding: bool = True, seq2seq: bool = False):
+    """The command's model; `seq2seq`: the command also runs encoder-decoders (T5)."""
     import torch
 
     from camelid.formats.load import load_model
-    from camelid.formats.loaded import require_policy
+    from camelid.formats.loaded import require_decoder_only, require_policy
     from camelid.generate.decoding import prepare_for_decoding
     from camelid.tokenizer.chat_template import resolve_template
 
@@ -101,6 +102,8 @@ def _load(args, decoding: bool = True):
         raise CamelidError("--adapter: one adapter folder is merged into the model (camelid serve also serves "
                            "NAME=DIR adapters per request)")
     lm = require_policy(load_model(args.model, args.device, args.dtype, args.tokenizer), args.model)
+    if not seq2seq:
+        require_decoder_only(lm, args.model, f"`camelid {args.command}`")
     if lm.load_note:
         print(f"camelid: {lm.load_note}", file=sys.stderr)
     if getattr(args, "template", None):
@@ -333,7 +336,7 @@ def cmd_generate(args):
     if (args.lookup is not None or args.draft) and (constraint is not None or len(prompts) > 1):
         raise CamelidError("speculative decoding (--lookup, --draft) takes one prompt and no --json-schema or "
                            "--grammar")
-    lm = _load(args)
+    lm = _load(args, seq2seq=True)
     params = _params(args)
     run_generate(lm, prompts, params, args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
                  bos=not args.no_bos, show_stats=args.stats, constraint=constraint,
@@ -355,7 +358,7 @@ def cmd_chat(args):
     from camelid.chat.repl import chat_loop
 
     params = _params(args)
-    lm = _load(args)
+    lm = _load(args, seq2seq=True)
     chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template),
               speculation=_speculation(args, lm, params), kv_type=args.kv_type)
 
@@ -1032,9 +1035,10 @@ def cmd_quantize(args):
         info = quantize_while_loading(args.model, args.out, args.mode, args.group_size, args.output_mode,
                                       args.tokenizer, force=args.force)
     else:  # GPTQ measures the float model's layers; an adapter is merged into the float weights first
-        info = quantize_folder(_load(args, decoding=False), args.out, mode=args.mode, group=args.group_size,
-                               method=args.method, calibration=args.calibration, samples=args.samples,
-                               seq_len=args.seq_len, seed=args.seed, output=args.output_mode, force=args.force,
+        lm = _load(args, decoding=False, seq2seq=args.method == "rtn")  # GPTQ runs a decoder's blocks
+        info = quantize_folder(lm, args.out, mode=args.mode, group=args.group_size, method=args.method,
+                               calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                               seed=args.seed, output=args.output_mode, force=args.force,
                                layout=args.layout)
     layers = ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n)
     print(f"quantized {layers} layers ({info['method']}); wrote {args.out}")

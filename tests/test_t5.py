@@ -57,6 +57,18 @@ def _folder(model, folder, gated: bool):
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _greedy(ref, src: torch.Tensor, n: int, stop: set[int] = frozenset()) -> list[int]:
+    """transformers' greedy decoding, each step a full forward pass (its generate() cannot run a decoder deeper
+    than the encoder)."""
+    tokens = [0]
+    for _ in range(n):
+        t = int(ref(input_ids=src, decoder_input_ids=torch.tensor([tokens])).logits[0, -1].argmax())
+        if t in stop:
+            break
+        tokens.append(t)
+    return tokens
+
+
 def _camelid(folder):
     cfg, sd = hf_format.load_hf_folder(folder)
     return build_model(cfg, sd, str(folder))
@@ -75,10 +87,7 @@ def test_logits_and_greedy_text_match_transformers(name, tmp_path):
         cache = ours.encode(SRC, SRC_MASK)  # one token at a time through the decoder's cache
         stepped = torch.cat([ours(TGT[:, i:i + 1], cache) for i in range(TGT.shape[1])], dim=1)
         torch.testing.assert_close(stepped, want, atol=1e-4, rtol=0)
-        expected = [0]  # transformers' greedy decoding, each step a full forward pass
-        for _ in range(12):
-            expected.append(int(ref(input_ids=SRC[:1], decoder_input_ids=torch.tensor([expected])).logits[0, -1]
-                                .argmax()))
+        expected = _greedy(ref, SRC[:1], 12)
     cache, tokens = ours.encode(SRC[:1]), [0]
     for _ in range(12):
         tokens.append(int(ours(torch.tensor([tokens[-1:]]), cache)[0, -1].argmax()))
@@ -95,3 +104,55 @@ def test_missing_relative_attention_tensors_are_named(tmp_path):
     with pytest.raises(CamelidError, match="'decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight' "
                                            "is missing"):
         _camelid(tmp_path / "m")
+
+
+def test_generate_chat_quantize_and_convert_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """A T5 folder with a SentencePiece `spiece.model`: `generate` prints transformers' greedy reply, `chat`
+    answers in FastChat-T5's format, `quantize` (round to nearest) and `convert --to hf` write models that
+    load with the same logits, and the commands built on a decoder-only stream refuse it by name."""
+    import io
+    import shutil
+
+    from camelid.cli import main
+    from camelid.formats.load import load_model
+
+    from conftest import SHARED
+
+    ref = _reference("t5")
+    ref.resize_token_embeddings(512)
+    with torch.no_grad():
+        ref.shared.weight.normal_(0.0, 0.3)
+    _folder(ref, tmp_path / "m", gated=False)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "m" / "spiece.model")
+    lm = load_model(tmp_path / "m")
+    assert lm.template == "one_shot"
+    src = lm.tokenizer.encode("Once upon a time", bos=False) + lm.tokenizer.eos_ids[:1]
+    with torch.no_grad():
+        expected = _greedy(ref, torch.tensor([src]), 10, stop=set(lm.tokenizer.eos_ids))
+    reply = expected[1:]
+    assert len(reply) >= 5  # a reply to compare, not an immediate end
+    assert main(["generate", str(tmp_path / "m"), "Once upon a time", "-n", "10", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() == lm.tokenizer.decode(reply).strip()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/exit\n"))
+    assert main(["chat", str(tmp_path / "m"), "-n", "6"]) == 0
+
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--mode", "int8"]) == 0
+    ids, tgt = torch.tensor([src]), torch.tensor([[0, 5, 9]])
+    with torch.no_grad():
+        want = ref(input_ids=ids, decoder_input_ids=tgt).logits
+        q = load_model(tmp_path / "q").model
+        torch.testing.assert_close(q(tgt, q.encode(ids), keep_cache=False), want, atol=0.05, rtol=0)
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    back = _camelid(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(back(tgt, back.encode(ids), keep_cache=False), want, atol=1e-4, rtol=0)
+
+    calibration = tmp_path / "c.txt"
+    calibration.write_text("Once upon a time there was a cat. " * 50)
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "g"), "--method", "gptq", "--calibration",
+                 str(calibration)]) == 1
+    assert "an encoder-decoder model (T5) runs in `generate`" in capsys.readouterr().err

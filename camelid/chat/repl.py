@@ -36,7 +36,9 @@ def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512
     the KV session's prefix cache, so only the new ones are prefilled (not with speculative decoding, which
     keeps its own caches)."""
     out = out or sys.stdout
-    session = KVSession(lm.model, kv_type=kv_type) if speculation is None else None
+    # (an encoder-decoder reads the whole conversation afresh each turn: its encoder sees every token at once)
+    session = KVSession(lm.model, kv_type=kv_type) if speculation is None and not lm.config.n_encoder_layers \
+        else None
     template = template or lm.template
     _, template_stops = resolve_template(template)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []

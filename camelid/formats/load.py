@@ -89,7 +89,7 @@ def tensor_converter(cfg: ModelConfig, source: str, device="cpu", dtype=torch.fl
     modes, shapes = {}, {}
     if quantize:
         with torch.device("meta"):
-            shell = Transformer(cfg)
+            shell = (T5 if cfg.n_encoder_layers else Transformer)(cfg)
         modes = layer_modes(shell, quantize.mode, quantize.group, quantize.output)
         if cfg.tie_embeddings:  # the output layer is the embedding table, which stays float
             modes.pop("output", None)

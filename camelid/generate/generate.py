@@ -241,11 +241,20 @@ def stream_batch(lm, prompts: list, max_new_tokens: int = 256, params: SamplingP
     params = params or SamplingParams()
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     completions = completions if completions is not None else [Completion() for _ in prompts]
-    decoders = [tok.stream(p) for p in ids]
+    seq2seq = lm.config.n_encoder_layers > 0  # a reply of its own, not the prompt's continuation
+    decoders = [tok.stream([] if seq2seq else p) for p in ids]
     stoppers = [StopStrings(list(stop or []) + lm.stop) for _ in prompts]
     finished = [False] * len(prompts)
     guides = [Guide(constraint, tok) for _ in prompts] if constraint is not None else None
-    if speculation is not None:
+    if seq2seq:
+        from camelid.generate.seq2seq import seq2seq_tokens
+
+        if speculation is not None or guides is not None or session is not None:
+            raise CamelidError("an encoder-decoder model (T5) generates without speculative decoding, grammars or "
+                               "KV sessions")
+        steps = seq2seq_tokens(lm.model, ids, max_new_tokens, params, set(tok.eos_ids), stats,
+                               tok.eos_ids[0] if tok.eos_ids else None)
+    elif speculation is not None:
         from camelid.generate.speculative import speculative_tokens
 
         if len(ids) != 1 or constraint is not None:

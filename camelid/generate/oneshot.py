@@ -68,9 +68,13 @@ def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, ma
     if constraint is not None:
         constrained.check(constraint, lm.tokenizer)
     session = KVSession(lm.model, kv_type=kv_type) if kv_type else None
+
+    def echo(prompt: str) -> str:  # a continuation follows its prompt; an encoder-decoder's reply stands alone
+        return "" if lm.config.n_encoder_layers else prompt
+
     if len(ids) == 1 or session is not None:
         for prompt, one in zip(prompts, ids):
-            out.write(prompt)
+            out.write(echo(prompt))
             for piece in stream(lm, one, max_new_tokens, params, stop, stats, constraint=constraint,
                                 speculation=speculation, session=session):
                 out.write(piece)
@@ -78,7 +82,7 @@ def run_generate(lm: LoadedModel, prompts: list[str], params: SamplingParams, ma
             out.write("\n")
     else:
         for prompt, c in zip(prompts, generate(lm, ids, max_new_tokens, params, stop, stats, constraint)):
-            out.write(prompt + c.text + "\n")
+            out.write(echo(prompt) + c.text + "\n")
     if show_stats:
         print(f"prompt: {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.1f} tokens/s; "
               f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from camelid.errors import CamelidError
-from camelid.formats.loaded import LoadedModel
+from camelid.formats.loaded import LoadedModel, require_decoder_only
 from camelid.formats.peft import load_adapter
 from camelid.model.lora import set_adapters, take_adapter
 from camelid.serve.engine import Engine
@@ -113,7 +113,7 @@ class ModelPool:
                                    keep=served, required=False)
 
     def _with_adapters(self, served: Served) -> LoadedModel:
-        lm = served.load()
+        lm = require_decoder_only(served.load(), served.name, "`camelid serve`")
         if served.adapters:
             served.updates = [take_adapter(load_adapter(lm.model, folder)) for _, folder in served.adapters]
             set_adapters(lm.model, served.updates)

@@ -222,10 +222,11 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
         raise CamelidError(f"{folder / 'tokenizer_config.json'}: {tcfg['tokenizer_class']} is the model's own Python "
                            f"code (special tokens appended to {_REMOTE_CODE_TOKENIZERS[tcfg['tokenizer_class']]}), "
                            f"which camelid does not run: give --tokenizer a tokenizer.json for this model")
-    elif (folder / "tokenizer.model").exists():
-        backend = SentencePieceBackend(load_sentencepiece(folder / "tokenizer.model"))
+    elif (folder / "tokenizer.model").exists() or (folder / "spiece.model").exists():  # spiece.model: T5's
+        model_file = folder / "tokenizer.model" if (folder / "tokenizer.model").exists() else folder / "spiece.model"
+        backend = SentencePieceBackend(load_sentencepiece(model_file))
     else:
-        raise CamelidError(f"{folder}: no tokenizer.json or tokenizer.model")
+        raise CamelidError(f"{folder}: no tokenizer.json, tokenizer.model or spiece.model")
     specials = {k: _token_str(tcfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     specials = {k: v for k, v in specials.items() if v is not None}
     bos_id = _first(gen.get("bos_token_id"), mcfg.get("bos_token_id"))

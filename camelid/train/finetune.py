@@ -25,7 +25,7 @@ from camelid.data.masking import IGNORE, MaskStats, mask_conversation
 from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model, save_native
-from camelid.formats.loaded import LoadedModel, require_policy
+from camelid.formats.loaded import LoadedModel, require_decoder_only, require_policy
 from camelid.formats.peft import check_targets, load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
@@ -99,6 +99,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     qlora = QuantSpec(cfg.quantize_base, cfg.quantize_group, "float") if cfg.quantize_base else None
     lm = require_policy(load_model(cfg.base, str(device), cfg.dtype if cfg.uses_lora else "fp32", quantize=qlora),
                         cfg.base)
+    require_decoder_only(lm, cfg.base, "training")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "

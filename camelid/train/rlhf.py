@@ -23,7 +23,7 @@ import torch
 from camelid.data.preference import PreferenceStats, read_prompts
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model, save_native
-from camelid.formats.loaded import LoadedModel, require_policy
+from camelid.formats.loaded import LoadedModel, require_decoder_only, require_policy
 from camelid.formats.peft import check_targets, save_adapter
 from camelid.generate.generate import generate_tokens
 from camelid.generate.sampling import SamplingParams
@@ -178,6 +178,7 @@ def rlhf_job(cfg: RLHFConfig, wrapped, model, reference, reward: LoadedModel, pr
 def _rlhf(cfg: RLHFConfig, resume: str | None, cluster: Cluster, device: torch.device) -> Path | None:
     out = start_run(cfg, cluster)
     lm = require_policy(load_model(cfg.policy, str(device), cfg.dtype if cfg.lora else "fp32"), cfg.policy)
+    require_decoder_only(lm, cfg.policy, "training")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.policy} has no chat template; set one")
