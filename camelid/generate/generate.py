@@ -25,6 +25,16 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
+    def timed(self, step: int, since: float) -> float:
+        """Count the time since `since` as the prefill's (step 0: it gives the first token) or decoding's; the
+        time now, for the next step."""
+        now = time.perf_counter()
+        if step == 0:
+            self.prefill_seconds += now - since
+        else:
+            self.decode_seconds += now - since
+        return now
+
     @property
     def prefill_tokens_per_second(self) -> float:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
@@ -152,12 +162,7 @@ def _decode(model, tokens, pad_mask, prompts, max_new_tokens, params, stop_ids, 
             if g is not None and g.error is not None:
                 raise g.error
         nxt = sample(logits[:, -1], params, history, generator, allowed)
-        now = time.perf_counter()
-        if step == 0:
-            stats.prefill_seconds += now - t0
-        else:
-            stats.decode_seconds += now - t0
-        t0 = now
+        t0 = stats.timed(step, t0)
         out: list[int | None] = []
         for i, t in enumerate(nxt.tolist()):
             if done[i]:

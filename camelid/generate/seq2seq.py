@@ -9,12 +9,13 @@ from typing import Iterator
 
 import torch
 
+from camelid.generate.generate import Stats
 from camelid.generate.sampling import SamplingParams, make_generator, sample
 from camelid.model.t5 import T5
 
 
 def seq2seq_tokens(model: T5, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                   stop_ids: set[int] = frozenset(), stats=None,
+                   stop_ids: set[int] = frozenset(), stats: Stats | None = None,
                    eos_id: int | None = None) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None once that prompt has finished), as generate_tokens
     does. T5's encoder reads prompts that end with EOS, as its tokenizer writes them: `eos_id` is appended
@@ -26,8 +27,8 @@ def seq2seq_tokens(model: T5, prompts: list[list[int]], max_new_tokens: int, par
     mask = torch.zeros(B, longest, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         src[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, device=device), True
-    if stats is not None:
-        stats.prompt_tokens += sum(len(p) for p in prompts)
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens += sum(len(p) for p in prompts)
     generator = make_generator(params.seed, device)
     start = model.cfg.extra.get("decoder_start_token_id", 0)
     history: list[list[int]] = [[] for _ in prompts]
@@ -38,13 +39,7 @@ def seq2seq_tokens(model: T5, prompts: list[list[int]], max_new_tokens: int, par
         nxt = torch.full((B, 1), start, dtype=torch.long, device=device)
         for step in range(max_new_tokens):
             nxt = sample(model(nxt, cache)[:, -1], params, history, generator).view(B, 1)
-            now = time.perf_counter()
-            if stats is not None:
-                if step == 0:
-                    stats.prefill_seconds += now - t0
-                else:
-                    stats.decode_seconds += now - t0
-            t0 = now
+            t0 = stats.timed(step, t0)
             out: list[int | None] = []
             for i, t in enumerate(nxt[:, 0].tolist()):
                 if done[i] or t in stop_ids:
@@ -53,8 +48,7 @@ def seq2seq_tokens(model: T5, prompts: list[list[int]], max_new_tokens: int, par
                 else:
                     history[i].append(t)
                     out.append(t)
-                    if stats is not None:
-                        stats.generated_tokens += 1
+                    stats.generated_tokens += 1
             if any(t is not None for t in out):
                 yield out
             if all(done):
