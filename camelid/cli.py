@@ -889,7 +889,7 @@ def cmd_eval(args):
         from camelid.files import check_writable
 
         check_writable(args.output)
-    lm = _load(args)
+    lm = _load(args, seq2seq="perplexity" not in tasks)  # an encoder-decoder scores choices, not running text
     results, samples = None, {}
     if "perplexity" in tasks:
         results = evaluate_perplexity(lm, args.data, args.protocol, args.max_length, args.ctx)

@@ -99,11 +99,12 @@ def write_local_tasks(root: Path, shots: dict, n_hellaswag: int = 8, n_mmlu: int
     return d, tasks
 
 
-def run_lm_eval(hf_folder: Path, tasks: Path, names, add_bos: bool = False, batch_size: int = 1):
+def run_lm_eval(hf_folder: Path, tasks: Path, names, add_bos: bool | None = False, batch_size: int = 1):
+    """add_bos None: lm-eval's default, the tokenizer's own special tokens (T5's EOS after a context)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    args = f"pretrained={hf_folder},dtype=float32,add_bos_token={add_bos}"
+    args = f"pretrained={hf_folder},dtype=float32" + ("" if add_bos is None else f",add_bos_token={add_bos}")
     out = simple_evaluate(model="hf", model_args=args, tasks=[f"local_{t}" for t in names], batch_size=batch_size,
                           device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tasks)))
     return out

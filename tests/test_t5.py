@@ -156,3 +156,46 @@ def test_generate_chat_quantize_and_convert_from_the_command_line(tmp_path, caps
     assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "g"), "--method", "gptq", "--calibration",
                  str(calibration)]) == 1
     assert "an encoder-decoder model (T5) runs in `generate`" in capsys.readouterr().err
+
+
+def test_choice_log_likelihoods_equal_lm_evals_seq2seq_backend(tmp_path, monkeypatch):
+    """lm-eval's HF backend runs a T5 folder as an encoder-decoder (the context, ending in EOS, to the encoder;
+    the continuation to the decoder): camelid eval gives every request's log-likelihood within 1e-4."""
+    pytest.importorskip("lm_eval")
+    from tokenizers import Tokenizer, processors
+
+    from camelid.eval.harness import EvalSettings, evaluate
+    from camelid.formats.load import load_model
+
+    from conftest import SHARED
+    from lm_eval_local import run_lm_eval, write_local_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    shots = {"arc_easy": 1, "hellaswag": 0}
+    d, tasks = write_local_tasks(tmp_path / "eval", {**shots, "mmlu_abstract_algebra": 0, "truthfulqa_mc1": 0,
+                                                     "truthfulqa_mc2": 0}, n_hellaswag=4)
+    ref = _reference("t5")
+    ref.resize_token_embeddings(50257)
+    with torch.no_grad():
+        ref.shared.weight.normal_(0.0, 0.3)
+    _folder(ref, tmp_path / "m", gated=False)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 50257, "eos_token_id": 50256}))
+    # GPT-2's BPE ending each text in EOS, as T5's tokenizers end what they encode
+    tok = Tokenizer.from_file(str(SHARED / "tokenizers" / "gpt2_tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                       special_tokens=[("<|endoftext|>", 50256)])
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    theirs = run_lm_eval(tmp_path / "m", tasks, shots, add_bos=None)
+    _, samples = evaluate(load_model(tmp_path / "m"), EvalSettings(list(shots), str(d), shots=shots))
+    compared = 0
+    for task in shots:
+        ref_samples = sorted(theirs["samples"][f"local_{task}"], key=lambda s: s["doc_id"])
+        for r, g in zip(ref_samples, samples[task], strict=True):
+            for (ll, greedy), resp in zip(g["resps"], r["resps"], strict=True):
+                assert ll == pytest.approx(float(resp[0][0]), abs=1e-4), task
+                assert greedy == resp[0][1]
+                compared += 1
+    assert compared > 20

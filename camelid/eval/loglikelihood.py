@@ -90,6 +90,8 @@ def loglikelihoods(lm, requests: list[Request], bos: bool = False, max_len: int 
     equal share a row; rows are batched longest first up to `batch_tokens` tokens a batch. The indices of
     requests whose context was cut to fit the model are appended to `truncated`."""
     max_len = max_len or lm.config.max_seq_len
+    if lm.config.n_encoder_layers:
+        return _seq2seq_loglikelihoods(lm, requests, max_len, batch_tokens, progress, truncated)
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, r in enumerate(requests):
         ctx, cont = encode_pair(lm.tokenizer, r.context, r.continuation, bos)
@@ -113,4 +115,43 @@ def loglikelihoods(lm, requests: list[Request], bos: bool = False, max_len: int 
         bar.update(sum(len(g[1]) for g in batch))
         start = end
     bar.close()
+    return results
+
+
+def encode_seq2seq_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's encoder-decoder pair: trailing whitespace moves to the continuation, the context is encoded as
+    the tokenizer writes a text for the encoder (T5's: ending in EOS), the continuation alone without it."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:  # an empty context stands as lm-eval's prefix token
+        return [prefix_token(tok)], tok.encode(continuation, bos=False)
+    return tok.encode(context, bos=False) + tok.eos_ids[:1], tok.encode(continuation, bos=False)
+
+
+@torch.inference_mode()
+def _seq2seq_loglikelihoods(lm, requests, max_len, batch_tokens, progress, truncated) -> list[tuple[float, bool]]:
+    """An encoder-decoder's: each context is encoded once, for all of its continuations, which the decoder
+    reads from its start token; a context longer than the model's keeps its last max_len tokens, as lm-eval's."""
+    model = lm.model
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for i, r in enumerate(requests):
+        ctx, cont = encode_seq2seq_pair(lm.tokenizer, r.context, r.continuation)
+        if not cont:
+            raise CamelidError("a continuation encodes to no tokens")
+        if truncated is not None and len(ctx) > max_len:
+            truncated.append(i)
+        groups.setdefault(tuple(ctx[-max_len:]), []).append((i, cont))
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    start = model.cfg.extra.get("decoder_start_token_id", 0)
+    for ctx, members in tqdm(groups.items(), desc="loglikelihood", unit="context", disable=None if progress else True):
+        for chunk in range(0, len(members), max(1, batch_tokens // max(len(ctx), 1))):
+            part = members[chunk:chunk + max(1, batch_tokens // max(len(ctx), 1))]
+            width = max(len(c) for _, c in part)
+            cache = model.encode(torch.tensor([ctx] * len(part), device=model.device))
+            dec = torch.tensor([[start] + c[:-1] + [0] * (width - len(c)) for _, c in part], device=model.device)
+            logprobs = torch.log_softmax(model(dec, cache, keep_cache=False), dim=-1).cpu()
+            for row, (i, cont) in enumerate(part):
+                lp, target = logprobs[row, :len(cont)], torch.tensor(cont)
+                results[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
     return results

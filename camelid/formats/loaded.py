@@ -38,6 +38,6 @@ def require_decoder_only(lm: LoadedModel, path, what: str) -> LoadedModel:
     """An encoder-decoder (T5) generates, chats and quantizes; the paths built on a decoder's one stream of
     tokens (serving's batch engine, evaluation's scoring, training) refuse it by name."""
     if lm.config.n_encoder_layers:
-        raise CamelidError(f"{path}: an encoder-decoder model (T5) runs in `generate`, `chat`, `quantize` and "
-                           f"`convert`; {what} takes decoder-only models")
+        raise CamelidError(f"{path}: an encoder-decoder model (T5) runs in `generate`, `chat`, `quantize`, "
+                           f"`convert` and `eval`'s choice tasks; {what} takes decoder-only models")
     return lm
