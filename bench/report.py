@@ -191,12 +191,23 @@ def speculative(rows):
                f"{_x(r['ratio'])} | {r['acceptance']:.0%} | {r['tokens_per_pass']:.2f} |")
 
 
+def t5(rows):
+    yield ("| model | camelid first token | transformers first token | ratio | camelid decode | transformers decode "
+           "| ratio |")
+    yield "|---|---|---|---|---|---|---|"
+    for r in rows:
+        yield (f"| {r['model']}, {r['prompt_tokens']}-token prompt | {r['camelid_first_token_s']:.3f} s | "
+               f"{r['transformers_first_token_s']:.3f} s | {_x(r['first_token_ratio'])} | "
+               f"{_n(r['camelid_decode_tok_s'])} tok/s | {_n(r['transformers_decode_tok_s'])} | "
+               f"{_x(r['decode_ratio'])} |")
+
+
 # by the "bench" field of the JSON lines
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
           "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed,
           "serve_load": serve_load, "constrained-json-schema": constrained, "speculative": speculative,
-          "serve_kv": serve_kv, "serve_soak": serve_soak}
+          "serve_kv": serve_kv, "serve_soak": serve_soak, "t5": t5}
 
 
 def read_results(name: str) -> list[dict]:
