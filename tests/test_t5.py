@@ -199,3 +199,54 @@ def test_choice_log_likelihoods_equal_lm_evals_seq2seq_backend(tmp_path, monkeyp
                 assert greedy == resp[0][1]
                 compared += 1
     assert compared > 20
+
+
+def test_full_fine_tuning_has_transformers_loss_and_learns(tmp_path):
+    """camelid finetune on a T5 folder: each reply is a target for the prompt before it (FastChat-T5's way); the
+    loss of a batch is transformers' (labels = the reply), and a short run lowers it and writes a model that
+    generates."""
+    import shutil
+
+    from camelid.data.masking import mask_conversation
+    from camelid.data.packing import collate_seq2seq, seq2seq_rows
+    from camelid.formats.load import load_model
+    from camelid.train.config import FinetuneConfig
+    from camelid.train.finetune import finetune, sft_loss
+
+    from conftest import SHARED
+
+    ref = _reference("flan-t5")
+    ref.config.decoder_start_token_id, ref.config.pad_token_id = 0, 0
+    ref.resize_token_embeddings(512)
+    ref.lm_head = torch.nn.Linear(64, 512, bias=False)
+    with torch.no_grad():
+        ref.shared.weight.normal_(0.0, 0.3)
+        ref.lm_head.weight.normal_(0.0, 0.3)
+    _folder(ref, tmp_path / "m", gated=True)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 512, "eos_token_id": 2}))
+    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "m" / "spiece.model")
+    lm = load_model(tmp_path / "m")
+    records = json.loads((SHARED / "instruct" / "alpaca_en_demo.json").read_text())[:24]
+    conversation = [{"role": "user", "content": records[0]["instruction"]},
+                    {"role": "assistant", "content": records[0]["output"]}]
+    rows = seq2seq_rows(mask_conversation(lm.tokenizer, "alpaca", conversation, 128), lm.tokenizer.eos_ids[0])
+    assert len(rows) == 1 and rows[0].inputs[-1] == lm.tokenizer.eos_ids[0]
+    batch = collate_seq2seq(rows, 0)
+    with torch.no_grad():
+        want = ref(input_ids=batch["inputs"], labels=torch.tensor([rows[0].targets])).loss
+        got = sft_loss(lm.model, batch) / len(rows[0].targets)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = FinetuneConfig(base=str(tmp_path / "m"), data=str(tmp_path / "data.json"), template="alpaca", max_len=128,
+                         epochs=3, micro_batch=4, lr=3e-3, out_dir=str(tmp_path / "run"), log_every=1,
+                         eval_every=100, ckpt_every=100, threads=2, seed=3, compile=False)
+    folder = finetune(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) < 0.85 * sum(losses[:3]), losses
+    tuned = load_model(folder)
+    assert tuned.config.n_encoder_layers == 2
+    from camelid.generate.generate import generate
+
+    assert generate(tuned, [tuned.tokenizer.encode("Give three tips", bos=False)], 8)[0].tokens

@@ -35,9 +35,9 @@ def require_policy(lm: LoadedModel, path) -> LoadedModel:
 
 
 def require_decoder_only(lm: LoadedModel, path, what: str) -> LoadedModel:
-    """An encoder-decoder (T5) generates, chats and quantizes; the paths built on a decoder's one stream of
-    tokens (serving's batch engine, evaluation's scoring, training) refuse it by name."""
+    """The paths built on a decoder's one stream of tokens (serving's batch engine, perplexity, RLHF, GPTQ's
+    calibration) refuse an encoder-decoder (T5) by name."""
     if lm.config.n_encoder_layers:
         raise CamelidError(f"{path}: an encoder-decoder model (T5) runs in `generate`, `chat`, `quantize`, "
-                           f"`convert` and `eval`'s choice tasks; {what} takes decoder-only models")
+                           f"`convert`, `eval`'s choice tasks and full fine-tuning; {what} takes decoder-only models")
     return lm

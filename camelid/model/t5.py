@@ -139,9 +139,13 @@ class T5(nn.Module):
         memory = F.dropout(self.encoder_norm(x), self.cfg.dropout, self.training)
         return Seq2SeqCache([block.cross.cross_kv(memory) for block in self.layers], key_mask)
 
-    def forward(self, tokens: torch.Tensor, cache: Seq2SeqCache, keep_cache: bool = True) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Seq2SeqCache | None = None, keep_cache: bool = True,
+                source: torch.Tensor | None = None, source_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for (B, T) decoder tokens that follow the ones `cache` holds. With keep_cache
-        False (training: the whole target at once) the self-attention keys are not kept."""
+        False the self-attention keys are not kept. Training passes the `source` tokens (and their mask)
+        instead of a cache: the encoder runs in the same call, so a wrapper (DDP) sees one forward."""
+        if cache is None:
+            cache, keep_cache = self.encode(source, source_mask), False
         start, T = cache.length, tokens.shape[1]
         positions = torch.arange(start + T, device=tokens.device)
         bias = self._position_bias(self.decoder_bias, positions[start:], positions, bidirectional=False)

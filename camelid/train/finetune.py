@@ -22,10 +22,10 @@ from tqdm import tqdm
 from camelid.data.corpus import is_validation
 from camelid.data.instruct import Skipped, load_conversations
 from camelid.data.masking import IGNORE, MaskStats, mask_conversation
-from camelid.data.packing import Row, collate, pack_samples, unpacked_rows
+from camelid.data.packing import Row, collate, collate_seq2seq, pack_samples, seq2seq_rows, unpacked_rows
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model, save_native
-from camelid.formats.loaded import LoadedModel, require_decoder_only, require_policy
+from camelid.formats.loaded import LoadedModel, require_policy
 from camelid.formats.peft import check_targets, load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
@@ -52,6 +52,8 @@ def build_rows(cfg: FinetuneConfig, lm: LoadedModel, template: str) -> tuple[lis
         samples = [s for _, conversation in tqdm(items, desc="masking", unit="sample", disable=None)
                    for s in mask_conversation(lm.tokenizer, template, conversation, cfg.max_len, cfg.train_on_prompt,
                                               stats)]
+        if lm.config.n_encoder_layers:  # the prompt to the encoder, each reply to the decoder: nothing to pack
+            return seq2seq_rows(samples, lm.tokenizer.eos_ids[0] if lm.tokenizer.eos_ids else None)
         return pack_samples(samples, cfg.max_len) if cfg.pack else unpacked_rows(samples)
 
     train_rows, val_rows = rows(train_records), rows(val_records)
@@ -99,7 +101,9 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     qlora = QuantSpec(cfg.quantize_base, cfg.quantize_group, "float") if cfg.quantize_base else None
     lm = require_policy(load_model(cfg.base, str(device), cfg.dtype if cfg.uses_lora else "fp32", quantize=qlora),
                         cfg.base)
-    require_decoder_only(lm, cfg.base, "training")
+    if lm.config.n_encoder_layers and (cfg.objective != "sft" or cfg.uses_lora or cfg.fsdp):
+        raise CamelidError(f"base: {cfg.base} is an encoder-decoder (T5), which trains with method: full (no LoRA, "
+                           f"preference objectives or FSDP yet)")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
@@ -173,7 +177,7 @@ def sft_job(cfg: FinetuneConfig, wrapped, model, train_rows: list[Row], val_rows
     def micro_batches(step: int, micro: list[int]) -> list:
         rows = batch_rows(train_rows, step, global_batch, cfg.seed)
         n_trained = sum(t != IGNORE for r in rows for t in r.targets)
-        return [(collate(rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]), n_trained) for m in micro]
+        return [(batched(model, rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]), n_trained) for m in micro]
 
     def loss(item) -> tuple[torch.Tensor, int]:
         # Summed over trained tokens, divided by those of the whole global batch: every token weighs the same
@@ -239,11 +243,22 @@ def _check_frozen_base(model, cfg: FinetuneConfig) -> None:
                            + ("method: lora" if cfg.objective == "sft" else "lora: true"))
 
 
+def batched(model, rows: list[Row]) -> dict[str, torch.Tensor]:
+    """The rows as tensors: a decoder's (packed) rows, or an encoder-decoder's sources and replies."""
+    if model.cfg.n_encoder_layers:
+        return collate_seq2seq(rows, model.cfg.extra.get("decoder_start_token_id", 0))
+    return collate(rows)
+
+
 def sft_loss(model, batch: dict, amp_dtype=None) -> torch.Tensor:
-    """Summed cross-entropy over the trained tokens; logits are computed for those positions only."""
+    """Summed cross-entropy over the trained tokens; logits are computed for those positions only (an
+    encoder-decoder's: the reply's, the decoder reading it after the source)."""
     trained = batch["targets"] != IGNORE
     with autocast(batch["inputs"].device, amp_dtype):
-        logits = model(batch["inputs"], segment_ids=batch.get("segments"), logits_at=trained)
+        if "decoder_inputs" in batch:
+            logits = model(batch["decoder_inputs"], source=batch["inputs"], source_mask=batch["source_mask"])[trained]
+        else:
+            logits = model(batch["inputs"], segment_ids=batch.get("segments"), logits_at=trained)
     return F.cross_entropy(logits.float(), batch["targets"][trained], reduction="sum")
 
 
@@ -253,7 +268,7 @@ def evaluate_rows(model, rows: list[Row], cfg: FinetuneConfig, device, amp_dtype
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), cfg.micro_batch):
-        batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.micro_batch]).items()}
+        batch = {k: v.to(device) for k, v in batched(model, rows[i:i + cfg.micro_batch]).items()}
         total += sft_loss(model, batch, amp_dtype).item()
         count += int((batch["targets"] != IGNORE).sum())
     model.train()

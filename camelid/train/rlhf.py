@@ -178,7 +178,7 @@ def rlhf_job(cfg: RLHFConfig, wrapped, model, reference, reward: LoadedModel, pr
 def _rlhf(cfg: RLHFConfig, resume: str | None, cluster: Cluster, device: torch.device) -> Path | None:
     out = start_run(cfg, cluster)
     lm = require_policy(load_model(cfg.policy, str(device), cfg.dtype if cfg.lora else "fp32"), cfg.policy)
-    require_decoder_only(lm, cfg.policy, "training")
+    require_decoder_only(lm, cfg.policy, "RLHF")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.policy} has no chat template; set one")
