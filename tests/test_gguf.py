@@ -111,7 +111,7 @@ def _trained(cfg: ModelConfig, stories, text: str, steps: int = 100) -> Transfor
     model.tie_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 65, (16,))
+        starts = torch.randint(0, len(ids) - 65, (8,))
         x = torch.stack([ids[s:s + 65] for s in starts])
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
@@ -431,7 +431,7 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Fal
                                         "long_factor": [2.0 + i for i in range(24)]}),
     "bloom": dict(arch="bloom", norm="layernorm", activation="gelu_tanh", gated_mlp=False, positions="alibi",
                   embed_norm=True, qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
-                  train_steps=150),
+                  train_steps=300),
     "mpt": dict(arch="mpt", norm="layernorm", norm_bias=False, activation="gelu", gated_mlp=False, positions="alibi",
                 qkv_clip=0.5, tie_embeddings=True),
     "mixtral": dict(arch="llama", n_kv_heads=2, n_experts=4, n_experts_used=2, ffn_dim=256),
