@@ -114,6 +114,21 @@ def tiny_hf_configs():
     }
 
 
+def run_main(*args):
+    """The command line's entry point in this process (an interpreter and torch started per call cost seconds):
+    its exit code, stdout and stderr, as subprocess.run gives them."""
+    import contextlib
+    import io
+    import types
+
+    from camelid.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def make_hf_model(name: str, folder: Path, seed: int = 0):
     """Save a random-weight transformers model; every parameter is randomised so norms and biases matter."""
     import transformers as tf

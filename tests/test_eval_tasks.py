@@ -14,7 +14,7 @@ from camelid.eval.loglikelihood import Request, encode_pair, loglikelihoods
 from camelid.eval.tasks import Item, hellaswag_preprocess, load_task, prompts
 from camelid.formats.load import export_hf, load_model
 
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, run_main
 
 EVAL = SHARED / "eval"
 
@@ -171,7 +171,7 @@ def test_results_and_samples_files(stories, tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "camelid", *args], capture_output=True, text=True)
+    return run_main(*args)
 
 
 @pytest.mark.parametrize("setup,args,message", [

@@ -35,7 +35,7 @@ from camelid.model.transformer import Transformer
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.tokenizer import load_tokenizer_file
 
-from conftest import REPO, shared_file
+from conftest import REPO, run_main, shared_file
 
 # llama.cpp's LLAMA_FTYPE values
 FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18,
@@ -352,7 +352,7 @@ def test_cli_runs_a_gguf_file(trained_tiny):
     root, f32, _ = trained_tiny
     path = root / "cli-Q4_0.gguf"
     llama_quantize(f32, path, "Q4_0")
-    r = _camelid("generate", path, "--temperature", "0", "--max-new-tokens", "8", "ROMEO:")
+    r = run_main("generate", path, "--temperature", "0", "--max-new-tokens", "8", "ROMEO:")
     assert r.returncode == 0, r.stderr
     lm = load_model(path)
     ids = lm.tokenizer.encode("ROMEO:")
@@ -360,7 +360,7 @@ def test_cli_runs_a_gguf_file(trained_tiny):
         for _ in range(8):
             ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
     assert lm.tokenizer.decode(ids[-8:]).strip() in r.stdout
-    info = _camelid("info", path)
+    info = run_main("info", path)
     assert info.returncode == 0 and "layers         2, dim 256" in info.stdout
 
 
@@ -618,7 +618,7 @@ def test_bad_gguf_files_are_one_line_errors(trained_tiny, tmp_path, capsys):
 
 def test_export_refuses_bad_requests(trained_tiny, tmp_path):
     root, _, _ = trained_tiny
-    r = _camelid("export", root / "tiny", tmp_path / "out", "--gguf", "--quant", "q3_k")
+    r = run_main("export", root / "tiny", tmp_path / "out", "--gguf", "--quant", "q3_k")
     assert r.returncode == 1 and "--quant 'q3_k'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.gguf"))
     stories = load_model(REPO / "models" / "stories260K")

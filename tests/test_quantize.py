@@ -13,6 +13,8 @@ from camelid.formats.load import load_model
 from camelid.model.quant import Int4Linear, Int8Linear, pack_int4, quantize_int4
 from camelid.quantize import calibration_batches, quantize
 
+from conftest import run_main
+
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / "models" / "stories260K"
 SHAKESPEARE = REPO.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
@@ -64,8 +66,7 @@ def test_quantized_folder_loads_with_the_same_logits(tmp_path, mode):
     ref = lm.model(tokens)
     info = quantize(lm, mode)
     assert info["layers"]["int4" if mode == "int4" else "int8"] > 0
-    out = subprocess.run([sys.executable, "-m", "camelid", "quantize", str(STORIES), str(tmp_path / "q"), "--mode",
-                          mode], capture_output=True, text=True)
+    out = run_main("quantize", STORIES, tmp_path / "q", "--mode", mode)
     assert out.returncode == 0, out.stderr
     loaded = load_model(tmp_path / "q")
     assert loaded.quantization["mode"] == mode
@@ -75,8 +76,7 @@ def test_quantized_folder_loads_with_the_same_logits(tmp_path, mode):
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > (0.999 if mode == "int8" else 0.98)
     size = (tmp_path / "q" / "model.safetensors").stat().st_size
     assert size < 0.5 * (STORIES / "model.safetensors").stat().st_size
-    text = subprocess.run([sys.executable, "-m", "camelid", "generate", str(tmp_path / "q"), "--temperature", "0",
-                           "-n", "20", ""], capture_output=True, text=True)
+    text = run_main("generate", tmp_path / "q", "--temperature", "0", "-n", "20", "")
     assert text.returncode == 0 and text.stdout.startswith("Once upon a time"), text.stderr
 
 
@@ -129,8 +129,7 @@ def test_an_int8_output_layer_loses_less_than_an_int4_one(tmp_path):
     (["--mode", "int8", "--output-mode", "int4"], "--output-mode: an int4 output layer needs --mode int4"),
 ])
 def test_bad_quantize_input_is_one_line(tmp_path, args, message):
-    out = subprocess.run([sys.executable, "-m", "camelid", "quantize", str(STORIES), str(tmp_path / "q"), *args],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = run_main("quantize", STORIES, tmp_path / "q", *args)
     assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "q").exists()
 
@@ -250,8 +249,8 @@ def test_cli_quantizes_an_untied_checkpoint_while_loading(tmp_path):
 
     make_hf_model("llama", tmp_path / "hf")
     _word_tokenizer(tmp_path / "hf")
-    cli = [sys.executable, "-m", "camelid", "quantize", str(tmp_path / "hf")]
-    done = subprocess.run(cli + [str(tmp_path / "q"), "--mode", "int4"], capture_output=True, text=True)
+    cli = ["quantize", tmp_path / "hf"]
+    done = run_main(*cli, tmp_path / "q", "--mode", "int4")
     assert done.returncode == 0, done.stderr
     assert "quantized 3 int8, 6 int4 layers (rtn)" in done.stdout  # w_out (96 inputs) cannot take int4
     lm = load_model(tmp_path / "hf")
@@ -260,8 +259,8 @@ def test_cli_quantizes_an_untied_checkpoint_while_loading(tmp_path):
     assert loaded.quantization == expected
     ids = torch.tensor([[1, 40, 30, 22, 9, 87, 20, 13]])
     assert torch.equal(loaded.model(ids), lm.model(ids))
-    bad = subprocess.run(cli + [str(tmp_path / "b"), "--group-size", "48"], capture_output=True, text=True)
+    bad = run_main(*cli, tmp_path / "b", "--group-size", "48")
     assert bad.returncode != 0 and bad.stderr.strip().endswith("--group-size 48: use one of 32, 64, 128, 256")
-    again = subprocess.run([*cli[:-1], str(tmp_path / "q"), str(tmp_path / "qq")], capture_output=True, text=True)
+    again = run_main(*cli[:-1], tmp_path / "q", tmp_path / "qq")
     assert again.returncode != 0 and "already quantized (int4)" in again.stderr and "Traceback" not in again.stderr
     assert not (tmp_path / "b").exists() and not (tmp_path / "qq").exists()

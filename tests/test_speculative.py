@@ -101,16 +101,16 @@ def test_prompt_lookup_and_draft_model_settings():
         PromptLookup(1, 2)
 
 
-def test_generate_cli_speculates_and_reports(tmp_path):
-    import subprocess
-    import sys
+def test_generate_cli_speculates_and_reports(tmp_path, capsys):
+    from camelid.cli import main
 
-    base = [sys.executable, "-m", "camelid", "generate", str(MODEL), REPEAT, "-n", "60", "--temperature", "0"]
-    plain = subprocess.run(base, capture_output=True, text=True)
+    base = ["generate", str(MODEL), REPEAT, "-n", "60", "--temperature", "0"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
     for extra in (["--lookup"], ["--draft", str(MODEL)]):
-        run = subprocess.run(base + extra + ["--stats"], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
-        assert run.stdout == plain.stdout
-        assert "accepted" in run.stderr
-    bad = subprocess.run(base + ["--lookup", "--json-schema", '{"type": "object"}'], capture_output=True, text=True)
-    assert bad.returncode != 0 and "speculative decoding" in bad.stderr and "Traceback" not in bad.stderr
+        assert main(base + extra + ["--stats"]) == 0
+        run = capsys.readouterr()
+        assert run.out == plain
+        assert "accepted" in run.err
+    assert main(base + ["--lookup", "--json-schema", '{"type": "object"}']) == 1
+    assert "speculative decoding" in capsys.readouterr().err
