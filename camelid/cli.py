@@ -337,10 +337,23 @@ def cmd_generate(args):
         raise CamelidError("speculative decoding (--lookup, --draft) takes one prompt and no --json-schema or "
                            "--grammar")
     lm = _load(args, seq2seq=True)
+    _seq2seq_options(args, lm)
     params = _params(args)
     run_generate(lm, prompts, params, args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
                  bos=not args.no_bos, show_stats=args.stats, constraint=constraint,
                  speculation=_speculation(args, lm, params), kv_type=args.kv_type)
+
+
+def _seq2seq_options(args, lm):
+    """What an encoder-decoder (T5) does not do yet, refused before it starts."""
+    if not lm.config.n_encoder_layers:
+        return
+    options = {"--lookup": "lookup", "--draft": "draft", "--kv-type": "kv_type", "--json-schema": "json_schema",
+               "--grammar": "grammar"}
+    asked = [flag for flag, name in options.items() if getattr(args, name, None) is not None]
+    if asked:
+        raise CamelidError(f"{args.model}: an encoder-decoder model (T5) generates without {asked[0]} (speculative "
+                           f"decoding, KV types and grammars take decoder-only models)")
 
 
 def _args_chat(p: argparse.ArgumentParser):
@@ -359,6 +372,7 @@ def cmd_chat(args):
 
     params = _params(args)
     lm = _load(args, seq2seq=True)
+    _seq2seq_options(args, lm)
     chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template),
               speculation=_speculation(args, lm, params), kv_type=args.kv_type)
 

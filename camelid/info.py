@@ -6,7 +6,14 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.model.config import ALIASES, PRESETS, ModelConfig, preset
-from camelid.model.memory import BYTES_PER_PARAM, estimate_memory, human_bytes, human_count, machine_memory
+from camelid.model.memory import (
+    BYTES_PER_PARAM,
+    estimate_memory,
+    human_bytes,
+    human_count,
+    machine_memory,
+    model_parameters,
+)
 from camelid.model.transformer import count_parameters
 
 
@@ -22,9 +29,12 @@ def config_for(model_or_preset: str) -> tuple[ModelConfig, str]:
 
 
 def architecture_summary(cfg: ModelConfig) -> str:
-    positions = {"learned": "learned positions", "alibi": "ALiBi"}.get(
+    positions = {"learned": "learned positions", "alibi": "ALiBi",
+                 "relative": f"relative position buckets ({cfg.rel_buckets})"}.get(
         cfg.positions, f"RoPE ({'interleaved' if cfg.rope_interleaved else 'half'}, {cfg.rotary_pct:g} of each head)")
     parts = [cfg.norm, cfg.activation + (" gated (SwiGLU-style)" if cfg.gated_mlp else ""), positions]
+    if cfg.n_encoder_layers:
+        parts.insert(0, f"encoder-decoder ({cfg.n_encoder_layers} encoder blocks, {cfg.n_layers} decoder blocks)")
     if cfg.n_experts:
         parts.append(f"mixture of {cfg.n_experts} experts, {cfg.n_experts_used} per token"
                      + (" plus a shared one" if cfg.shared_expert_dim else ""))
@@ -46,7 +56,7 @@ def architecture_summary(cfg: ModelConfig) -> str:
 
 def describe(model_or_preset: str, context: int | None = None) -> str:
     cfg, source = config_for(model_or_preset)
-    params = count_parameters(cfg)
+    params = model_parameters(cfg)
     ctx = context or cfg.max_seq_len
     lines = [f"{source}: {cfg.arch}",
              f"  architecture   {architecture_summary(cfg)}",

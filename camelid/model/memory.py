@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from camelid.model.config import ModelConfig
+from camelid.model.t5 import T5
 from camelid.model.transformer import count_parameters
 
 # Bytes per weight. int8/int4 include one fp16 scale per block (per channel ~ free, groups of 32 for int4),
@@ -22,13 +25,26 @@ class MemoryEstimate:
     total_bytes: int
 
 
+def model_parameters(cfg: ModelConfig) -> int:
+    """The weights of the model a config describes: a decoder, or an encoder-decoder (T5)."""
+    if not cfg.n_encoder_layers:
+        return count_parameters(cfg)
+    with torch.device("meta"):
+        model = T5(cfg)
+    model.tie_weights()
+    return sum(p.numel() for p in model.parameters())
+
+
 def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per_value: float = 2.0, batch: int = 1) -> int:
-    return int(2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * bytes_per_value * batch)
+    """Keys and values for `context` positions; an encoder-decoder's decoder also keeps the encoder's, for
+    cross-attention (counted for a prompt of the same length)."""
+    stacks = 2 if cfg.n_encoder_layers else 1
+    return int(2 * stacks * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * bytes_per_value * batch)
 
 
 def estimate_memory(cfg: ModelConfig, quant: str, context: int | None = None,
                     params: int | None = None) -> MemoryEstimate:
-    params = params if params is not None else count_parameters(cfg)
+    params = params if params is not None else model_parameters(cfg)
     weights = int(params * BYTES_PER_PARAM[quant])
     kv = kv_cache_bytes(cfg, context or cfg.max_seq_len, 4.0 if quant == "fp32" else 2.0)
     return MemoryEstimate(params, weights, kv, int((weights + kv) * RUNTIME_OVERHEAD))
