@@ -138,6 +138,11 @@ def test_generate_chat_quantize_and_convert_from_the_command_line(tmp_path, caps
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/exit\n"))
     assert main(["chat", str(tmp_path / "m"), "-n", "6"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "m"), "Once", "--lookup"]) == 1
+    assert "an encoder-decoder model (T5) generates without --lookup" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert f"parameters     {sum(p.numel() for p in lm.model.parameters()):,}" in capsys.readouterr().out
 
     assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--mode", "int8"]) == 0
     ids, tgt = torch.tensor([src]), torch.tensor([[0, 5, 9]])
