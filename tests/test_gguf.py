@@ -103,7 +103,7 @@ def decode_logits(model: Transformer, tokens: list[int], step=None, paged: bool 
         return torch.cat([step(torch.tensor([[t]]), i, cache, None)[0] for i, t in enumerate(tokens)]).numpy()
 
 
-def _trained(cfg: ModelConfig, stories, text: str, steps: int = 100) -> Transformer:
+def _trained(cfg: ModelConfig, stories, text: str, steps: int = 100, batch: int = 8) -> Transformer:
     """Trained for a moment on Shakespeare, so its predictions are peaked like a real model's."""
     ids = torch.tensor(stories.tokenizer.encode(text[:100_000], bos=False))
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def _trained(cfg: ModelConfig, stories, text: str, steps: int = 100) -> Transfor
     model.tie_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 65, (8,))
+        starts = torch.randint(0, len(ids) - 65, (batch,))
         x = torch.stack([ids[s:s + 65] for s in starts])
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
@@ -436,7 +436,8 @@ FAMILIES = {  # the other families llama.cpp runs, in Pythia's, Falcon-7B's, Fal
                 qkv_clip=0.5, tie_embeddings=True),
     "mixtral": dict(arch="llama", n_kv_heads=2, n_experts=4, n_experts_used=2, ffn_dim=256),
     "qwen2_moe": dict(arch="qwen2_moe", qkv_bias=True, n_kv_heads=2, n_experts=4, n_experts_used=2,
-                      expert_ffn_dim=256, shared_expert_dim=512, moe_renorm=False),
+                      expert_ffn_dim=256, shared_expert_dim=512, moe_renorm=False,
+                      train_batch=16),  # routers sure enough of their experts that rounding rarely flips one
     "qwen3_moe": dict(arch="qwen3_moe", qk_norm=True, n_kv_heads=2, head_dim=32, n_experts=8, n_experts_used=3,
                       expert_ffn_dim=256, tie_embeddings=True),
 }
@@ -447,10 +448,10 @@ def family(request, tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp(request.param)
     stories = load_model(REPO / "models" / "stories260K")
     fields = dict(FAMILIES[request.param])
-    steps = fields.pop("train_steps", 100)
+    steps, batch = fields.pop("train_steps", 100), fields.pop("train_batch", 8)
     cfg = ModelConfig(**{**dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, ffn_dim=1024, max_seq_len=128),
                          **fields})
-    model = _trained(cfg, stories, shakespeare, steps=steps)
+    model = _trained(cfg, stories, shakespeare, steps=steps, batch=batch)
     # (llama.cpp expects Phi-3's own special tokens in a file whose name says phi3; this one has the stories')
     lm = LoadedModel(model, stories.tokenizer, "raw", [], request.param.replace("phi3", "phi"))
     tokens = stories.tokenizer.encode(shakespeare[300_000:300_400])[:60]

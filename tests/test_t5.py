@@ -69,6 +69,18 @@ def _greedy(ref, src: torch.Tensor, n: int, stop: set[int] = frozenset()) -> lis
     return tokens
 
 
+def _vocab_folder(folder, vocab_size: int, **config):
+    """The ReLU T5 with a vocabulary of `vocab_size` (a real tokenizer's), written as a folder."""
+    ref = _reference("t5")
+    ref.resize_token_embeddings(vocab_size)
+    with torch.no_grad():
+        ref.shared.weight.normal_(0.0, 0.3)
+    _folder(ref, folder, gated=False)
+    written = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**written, "vocab_size": vocab_size, **config}))
+    return ref
+
+
 def _camelid(folder):
     cfg, sd = hf_format.load_hf_folder(folder)
     return build_model(cfg, sd, str(folder))
@@ -118,13 +130,7 @@ def test_generate_chat_quantize_and_convert_from_the_command_line(tmp_path, caps
 
     from conftest import SHARED
 
-    ref = _reference("t5")
-    ref.resize_token_embeddings(512)
-    with torch.no_grad():
-        ref.shared.weight.normal_(0.0, 0.3)
-    _folder(ref, tmp_path / "m", gated=False)
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    ref = _vocab_folder(tmp_path / "m", 512)
     shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "m" / "spiece.model")
     lm = load_model(tmp_path / "m")
     assert lm.template == "one_shot"
@@ -179,13 +185,7 @@ def test_choice_log_likelihoods_equal_lm_evals_seq2seq_backend(tmp_path, monkeyp
     shots = {"arc_easy": 1, "hellaswag": 0}
     d, tasks = write_local_tasks(tmp_path / "eval", {**shots, "mmlu_abstract_algebra": 0, "truthfulqa_mc1": 0,
                                                      "truthfulqa_mc2": 0}, n_hellaswag=4)
-    ref = _reference("t5")
-    ref.resize_token_embeddings(50257)
-    with torch.no_grad():
-        ref.shared.weight.normal_(0.0, 0.3)
-    _folder(ref, tmp_path / "m", gated=False)
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 50257, "eos_token_id": 50256}))
+    _vocab_folder(tmp_path / "m", 50257, eos_token_id=50256)
     # GPT-2's BPE ending each text in EOS, as T5's tokenizers end what they encode
     tok = Tokenizer.from_file(str(SHARED / "tokenizers" / "gpt2_tokenizer.json"))
     tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
