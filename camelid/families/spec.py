@@ -97,6 +97,11 @@ class GGUFLayout:
     # cfg -> {name: tensor} the file carries beside the weights (Phi-3's LongRoPE factors); the loader reads
     # them in `config`
     extra_tensors: Callable[[ModelConfig], dict[str, torch.Tensor]] = lambda cfg: {}
+    # (cfg, has_output) -> every camelid tensor's GGUF parts, for a file that is not one stack of `blk.*` blocks
+    # (T5's `enc.blk.*` and `dec.blk.*`); `config` then reads every ModelConfig field itself
+    parts: Callable[[ModelConfig, bool], dict[str, list[GGUFPart]]] | None = None
+    block_count: Callable[[ModelConfig], int] = lambda cfg: cfg.n_layers  # {arch}.block_count
+    add_eos: bool = False  # llama.cpp appends EOS to what it tokenizes (T5's encoder input)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from camelid.errors import CamelidError
-from camelid.families.spec import Family, HFLayout, activation
+from camelid.families.spec import Family, GGUFLayout, GGUFPart, HFLayout, activation, ffn_rows, q_rows
 from camelid.model.config import ModelConfig
 
 # copies of the shared embedding some checkpoints carry
@@ -103,7 +103,83 @@ def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# llama.cpp's bucketing reaches 128 positions whatever the model was trained with
+GGUF_MAX_DISTANCE = 128
+
+
+def gguf_config(gf, key, floats) -> dict:
+    """llama.cpp's `t5` metadata. Its graph takes relu for a plain MLP and (tanh) GELU for a gated one, and
+    writes no output scale: a file without its own output layer (or with a copy of the embedding table, as
+    T5's checkpoints saved it) is T5's tied one, scaled by dim^-0.5 as transformers scales it."""
+    src, t = str(gf.path), gf.tensors
+    for name in ("enc.blk.1.attn_rel_b.weight", "dec.blk.1.attn_rel_b.weight"):
+        if name in t:
+            raise CamelidError(f"{src}: tensor {name!r}: a relative position bias in every block (umT5) is not "
+                               "supported; T5 and Flan-T5 learn one per stack")
+    n_enc, dim, heads = key("block_count"), key("embedding_length"), key("attention.head_count")
+    n_dec = key("decoder_block_count", default=n_enc)
+    gated = "enc.blk.0.ffn_gate.weight" in t
+    embd, out = t["token_embd.weight"], t.get("output.weight")
+    tied = out is None or bool(out.type == embd.type and out.shape == embd.shape and (out.data == embd.data).all())
+    rel = t.get("enc.blk.0.attn_rel_b.weight")
+    buckets = key("attention.relative_buckets_count")
+    if rel is None or tuple(rel.shape) != (buckets, heads):
+        raise CamelidError(f"{src}: tensor 'enc.blk.0.attn_rel_b.weight' should hold {buckets} buckets for {heads} "
+                           "heads (attention.relative_buckets_count, attention.head_count)")
+    return dict(arch="t5", vocab_size=embd.shape[0], dim=dim, n_heads=heads, n_kv_heads=heads,
+                head_dim=key("attention.key_length", default=dim // heads), ffn_dim=key("feed_forward_length"),
+                n_encoder_layers=n_enc, n_layers=n_dec, max_seq_len=key("context_length", default=512),
+                norm="rmsnorm", norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6),
+                activation="gelu_tanh" if gated else "relu", gated_mlp=gated, positions="relative",
+                rel_buckets=buckets, rel_max_distance=GGUF_MAX_DISTANCE, attn_scale=1.0, tie_embeddings=tied,
+                logit_scale=dim ** -0.5 if tied else None,
+                extra={"decoder_start_token_id": gf.metadata.get(f"{gf.metadata['general.architecture']}"
+                                                                 ".decoder_start_token_id", 0)})
+
+
+def gguf_parts(cfg: ModelConfig, has_output: bool) -> dict[str, list[GGUFPart]]:
+    """camelid tensor -> llama.cpp's, in its converter's order: the embeddings, the decoder, the encoder."""
+    parts = {"tok_embeddings.weight": [GGUFPart("token_embd.weight")]}
+    ffn = ["ffn_gate", "ffn_up"] if cfg.gated_mlp else ["ffn_up"]
+    for stack, ours, count in (("dec", "layers", cfg.n_layers), ("enc", "encoder", cfg.n_encoder_layers)):
+        parts[f"{ours if stack == 'enc' else 'decoder'}_bias.weight"] = [GGUFPart(f"{stack}.blk.0.attn_rel_b.weight")]
+        for i in range(count):
+            b, o = f"{stack}.blk.{i}.", f"{ours}.{i}."
+            parts.update({o + "attn_norm.weight": [GGUFPart(b + "attn_norm.weight")],
+                          o + "attn.wqkv.weight": [GGUFPart(f"{b}attn_{p}.weight", q_rows) for p in "qkv"],
+                          o + "attn.wo.weight": [GGUFPart(b + "attn_o.weight")]})
+            if stack == "dec":
+                parts.update({o + "cross_norm.weight": [GGUFPart(b + "cross_attn_norm.weight")],
+                              o + "cross.wq.weight": [GGUFPart(b + "cross_attn_q.weight")],
+                              o + "cross.wkv.weight": [GGUFPart(f"{b}cross_attn_{p}.weight", q_rows) for p in "kv"],
+                              o + "cross.wo.weight": [GGUFPart(b + "cross_attn_o.weight")]})
+            parts.update({o + "mlp_norm.weight": [GGUFPart(b + "ffn_norm.weight")],
+                          o + "mlp.w_in.weight": [GGUFPart(f"{b}{p}.weight", ffn_rows) for p in ffn],
+                          o + "mlp.w_out.weight": [GGUFPart(b + "ffn_down.weight")]})
+        parts[("norm" if stack == "dec" else "encoder_norm") + ".weight"] = [GGUFPart(f"{stack}.output_norm.weight")]
+    if has_output:
+        parts["output.weight"] = [GGUFPart("output.weight")]
+    return parts
+
+
+def gguf_exports(cfg: ModelConfig) -> bool:
+    return cfg.rel_max_distance == GGUF_MAX_DISTANCE and cfg.activation == ("gelu_tanh" if cfg.gated_mlp else "relu")
+
+
+def gguf_write_metadata(w, cfg: ModelConfig):
+    w.add_decoder_block_count(cfg.n_layers)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_eps(cfg.norm_eps)
+    w.add_relative_attn_buckets_count(cfg.rel_buckets)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_decoder_start_token_id(cfg.extra.get("decoder_start_token_id", 0))
+
+
 FAMILY = Family(name="t5", hf_model_types=("t5",), config_from_hf=config_from_hf, config_to_hf=config_to_hf,
                 hf=HFLayout(prefix="", layer="", layer_names=lambda cfg: {}, global_names={},
                             tensors=(state_dict_from_hf, state_dict_to_hf)),
+                gguf=GGUFLayout(arch="t5", config=gguf_config, layer_parts=lambda cfg: {}, exports=gguf_exports,
+                                write_metadata=gguf_write_metadata, always_output=True, parts=gguf_parts,
+                                block_count=lambda cfg: cfg.n_encoder_layers, add_eos=True),
                 template="one_shot")  # FastChat serves FastChat-T5 with its one_shot format

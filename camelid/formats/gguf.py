@@ -33,6 +33,7 @@ from camelid.formats.gguf_file import GGML_TYPE_IDS, GGUFFile, GGUFTensor
 from camelid.model import ggml_kernel
 from camelid.model.config import ModelConfig
 from camelid.model.quant import int4_fits, kernel_block, pack_for_cpu_kernel, pack_int4, quantize_int8, unpack_int4
+from camelid.model.t5 import T5
 from camelid.model.transformer import Transformer
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -68,7 +69,9 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         t = gf.tensors[name]
         return dequantize(t.data, t.type, (-1,))
 
-    fields = {**_sizes(gf, key, arch), **GGUF_ARCHS[arch].gguf.config(gf, key, floats)}
+    layout = GGUF_ARCHS[arch].gguf
+    sizes = _sizes(gf, key, arch) if layout.parts is None else {}
+    fields = {**sizes, **layout.config(gf, key, floats)}
     try:
         return ModelConfig(**fields)
     except CamelidError as exc:
@@ -133,6 +136,17 @@ def layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[GGUFPart]]:
     return {f"layers.{i}.{ours}": [p._replace(name=p.name.format(i=i)) for p in ps] for ours, ps in parts.items()}
 
 
+def model_parts(cfg: ModelConfig, has_output: bool) -> dict[str, list[GGUFPart]]:
+    """Every camelid tensor -> the GGUF tensors whose rows it concatenates."""
+    whole = family(cfg.arch).gguf.parts
+    if whole is not None:
+        return whole(cfg, has_output)
+    parts = global_parts(cfg, has_output)
+    for i in range(cfg.n_layers):
+        parts.update(layer_parts(cfg, i))
+    return parts
+
+
 def global_parts(cfg: ModelConfig, has_output: bool) -> dict[str, list[GGUFPart]]:
     parts = {"tok_embeddings.weight": [GGUFPart("token_embd.weight")], "norm.weight": [GGUFPart("output_norm.weight")]}
     if cfg.positions == "learned":
@@ -150,12 +164,13 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
                          cpu_kernel: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
     """camelid's tensors, and the int4 layers among them already in the CPU kernel's layout (`cpu_kernel`:
     packed straight from the file's blocks, skipping the portable layout a camelid folder stores)."""
-    parts = global_parts(cfg, "output.weight" in gf.tensors)
-    for i in range(cfg.n_layers):
-        parts.update(layer_parts(cfg, i))
+    parts = model_parts(cfg, "output.weight" in gf.tensors and not cfg.tie_embeddings)
     norm_offset = family(cfg.arch).gguf.norm_offset
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+        shell = (T5 if cfg.n_encoder_layers else Transformer)(cfg)
+    expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    # tables that are looked up rather than multiplied (positions, T5's relative biases) stay float
+    tables = {f"{n}.weight" for n, m in shell.named_modules() if isinstance(m, torch.nn.Embedding)}
     sd: dict[str, torch.Tensor] = {}
     used = set()
     for ours, sources in parts.items():
@@ -173,7 +188,7 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
             sd.update(_embedding(found[0][0], dtype))
             if cfg.tie_embeddings and "tok_embeddings.blocks" in sd:  # the output layer needs its own copy
                 sd.update({f"output.{k}": v for k, v in _linear(found, dtype, cpu_kernel).items()})
-        elif ours.endswith(("router.weight", "shared_gate.weight")):  # routing stays in float, as in llama.cpp
+        elif ours.endswith(("router.weight", "shared_gate.weight")) or ours in tables:  # float, as in llama.cpp
             sd[ours] = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found]).to(dtype)
         elif len(found[0][0].shape) == 1:  # norms and biases (a fused bias from its parts)
             t = torch.cat([dequantize(t.data, t.type, t.shape) for t, _ in found])
@@ -183,6 +198,8 @@ def state_dict_from_gguf(gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
         for t, _ in found:
             gf.release(t)
     config_tensors = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+    if cfg.tie_embeddings:  # a copy of the embedding table (T5's tied output, as its checkpoints saved it)
+        config_tensors.add("output.weight")
     extra = sorted(set(gf.tensors) - used - config_tensors)
     if extra:
         raise CamelidError(f"{gf.path}: tensor {extra[0]!r} is not part of a {cfg.arch} model camelid runs")

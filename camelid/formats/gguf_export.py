@@ -22,7 +22,7 @@ from camelid.files import atomic_file, check_output_folder, claim_folder, write_
 from camelid.formats.gguf import global_parts, layer_parts
 from camelid.formats.gguf_blocks import quantize
 from camelid.formats.gguf_file import GGML_TYPE_IDS, GGML_TYPES
-from camelid.model.transformer import count_parameters
+from camelid.model.memory import model_parameters
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBackend, Tokenizer
 
@@ -61,15 +61,22 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg) -> list[tuple[str, torch.Tens
     camelid tensor split into its family's GGUF parts (q/k/v, gate/up), q and k rows in Meta's order."""
     fam = family(cfg.arch)
     has_output = not cfg.tie_embeddings or fam.gguf.always_output
-    top = global_parts(cfg, has_output)
-    first = {k: top.pop(k) for k in ("tok_embeddings.weight", "embed_norm.weight", "embed_norm.bias",
-                                     "pos_embeddings.weight") if k in top}
-    out = []  # in llama.cpp's converter's order: the embeddings, the blocks, the final norm and output layer
-    for layer, parts in [(None, first), *((i, layer_parts(cfg, i)) for i in range(cfg.n_layers)), (None, top)]:
+    if fam.gguf.parts is not None:
+        groups = [(None, fam.gguf.parts(cfg, has_output))]
+    else:
+        top = global_parts(cfg, has_output)
+        first = {k: top.pop(k) for k in ("tok_embeddings.weight", "embed_norm.weight", "embed_norm.bias",
+                                         "pos_embeddings.weight") if k in top}
+        # in llama.cpp's converter's order: the embeddings, the blocks, the final norm and output layer
+        groups = [(None, first), *((i, layer_parts(cfg, i)) for i in range(cfg.n_layers)), (None, top)]
+    out = []
+    for layer, parts in groups:
         for ours, sources in parts.items():
             t = sd.get(ours)
             if ours == "output.weight" and t is None:
                 t = sd["tok_embeddings.weight"]  # llama.cpp's graph wants the tied table as its own tensor
+            if ours == "output.weight" and cfg.logit_scale is not None:
+                t = t * cfg.logit_scale  # llama.cpp's graph does not scale the logits (T5's tied output)
             if t is None:
                 continue
             if ours.endswith("norm.weight") and fam.gguf.norm_offset:
@@ -156,11 +163,11 @@ def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
+    w.add_block_count(family(cfg.arch).gguf.block_count(cfg))
     w.add_feed_forward_length(cfg.ffn_dim)
     w.add_head_count(cfg.n_heads)
     family(cfg.arch).gguf.write_metadata(w, cfg)
-    _add_tokenizer(w, lm.tokenizer, cfg.vocab_size, lm.source)
+    _add_tokenizer(w, lm.tokenizer, cfg.vocab_size, lm.source, family(cfg.arch).gguf.add_eos)
     if lm.template != "raw":
         w.add_chat_template(resolve_template(lm.template)[0])
     tensors = gguf_tensors(sd, cfg)
@@ -184,9 +191,12 @@ def _write(lm, cfg, sd, tmp: Path, quant: str, name: str):
 CONTROL, NORMAL, UNKNOWN, USER_DEFINED, UNUSED, BYTE = 3, 1, 2, 4, 5, 6
 
 
-def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str):
+def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str, add_eos: bool = False):
     b = tok.backend
-    if isinstance(b, PieceBackend):
+    unigram = _unigram_spec(b)
+    if unigram is not None:
+        _ugm(w, *unigram, vocab_size)
+    elif isinstance(b, PieceBackend):
         v = b.vocab
         tokens = [p if i in v.byte_of else p.replace(v.space, "▁") for i, p in enumerate(v.pieces)]
         types = [CONTROL if i in v.special_ids and i != v.unk_id else UNKNOWN if i == v.unk_id
@@ -214,7 +224,70 @@ def _add_tokenizer(w, tok: Tokenizer, vocab_size: int, source: str):
         if len(tok.eos_ids) > 1:
             w.add_eot_token_id(tok.eos_ids[1])
     w.add_add_bos_token(bool(tok.add_bos and tok.bos_id is not None))
-    w.add_add_eos_token(False)
+    w.add_add_eos_token(add_eos)
+
+
+def _unigram_spec(b) -> tuple | None:
+    """(tokens, scores, types, unk_id, add_space_prefix, remove_extra_whitespaces, precompiled_charsmap) of a
+    SentencePiece unigram vocabulary (T5's), from its .model file or its tokenizer.json; None for others."""
+    if isinstance(b, SentencePieceBackend):
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(b.sp.serialized_model_proto())
+        if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
+            return None
+        sp, n = b.sp, b.sp.get_piece_size()
+        types = [CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i)
+                 else UNUSED if sp.is_unused(i) else USER_DEFINED if p.type == p.USER_DEFINED else NORMAL
+                 for i, p in zip(range(n), proto.pieces)]
+        norm = proto.normalizer_spec
+        return ([sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)], types, sp.unk_id(),
+                norm.add_dummy_prefix, norm.remove_extra_whitespaces, bytes(norm.precompiled_charsmap))
+    if not isinstance(b, HFBackend):
+        return None
+    spec = json.loads(b.tok.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "Unigram":
+        return None
+    import base64
+
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens = [piece for piece, _ in model["vocab"]]
+    scores = [float(score) for _, score in model["vocab"]]
+    unk = model.get("unk_id")
+    types = [UNKNOWN if i == unk else CONTROL if i in added and added[i].get("special") else
+             USER_DEFINED if i in added else NORMAL for i in range(len(tokens))]
+    steps = _steps(spec.get("normalizer"))
+    charsmap = next((st.get("precompiled_charsmap") for st in steps if st.get("type") == "Precompiled"), None)
+    spaces = any(st.get("type") == "Replace" and st.get("pattern", {}).get("Regex") == " {2,}" for st in steps)
+    prefix = any(st.get("type") == "Metaspace" and st.get("prepend_scheme", "always") != "never"
+                 for st in _steps(spec.get("pre_tokenizer")))
+    return tokens, scores, types, unk, prefix, spaces, base64.b64decode(charsmap) if charsmap else b""
+
+
+def _steps(part: dict | None) -> list[dict]:
+    """A tokenizer.json normalizer or pre-tokenizer as its list of steps."""
+    if not part:
+        return []
+    inner = part.get("normalizers") or part.get("pretokenizers")
+    return [s for p in inner for s in _steps(p)] if inner is not None else [part]
+
+
+def _ugm(w, tokens, scores, types, unk_id, add_space_prefix, remove_extra_whitespaces, charsmap, vocab_size):
+    """llama.cpp's `t5` vocabulary, as its converter writes one from T5's spiece.model."""
+    tokens, scores, types = _padded(tokens, scores, types, vocab_size)
+    w.add_tokenizer_model("t5")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    if unk_id is not None:
+        w.add_unk_token_id(unk_id)
+    w.add_add_space_prefix(add_space_prefix)
+    w.add_remove_extra_whitespaces(remove_extra_whitespaces)
+    if charsmap:
+        w.add_precompiled_charsmap(charsmap)
 
 
 def _padded(tokens: list, scores: list | None, types: list, vocab_size: int):
@@ -300,7 +373,7 @@ pipeline_tag: text-generation
 
 # {name} (GGUF)
 
-A {cfg.arch} model with {count_parameters(cfg) / 1e6:.1f}M parameters, exported by camelid from `{lm.source}`.
+A {cfg.arch} model with {model_parameters(cfg) / 1e6:.1f}M parameters, exported by camelid from `{lm.source}`.
 
 | file | quantization | size |
 |---|---|---|
@@ -310,7 +383,7 @@ A {cfg.arch} model with {count_parameters(cfg) / 1e6:.1f}M parameters, exported 
 
 | | |
 |---|---|
-| layers | {cfg.n_layers} |
+| layers | {f"{cfg.n_encoder_layers} encoder, {cfg.n_layers} decoder" if cfg.n_encoder_layers else cfg.n_layers} |
 | hidden size | {cfg.dim} |
 | attention heads (KV heads) | {cfg.n_heads} ({cfg.n_kv_heads}) |
 | feed-forward size | {cfg.ffn_dim} |

@@ -56,6 +56,8 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF") -> Tokenizer:
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                  "tokenizer.ggml.eom_token_id") if k in meta]
+    if model == "t5" and not eos_ids and len(tokens) > 1:
+        eos_ids = [1]  # llama.cpp's default for T5's vocabulary, as SentencePiece numbers it
     eos_ids = list(dict.fromkeys(eos_ids))
     check_token_ids(source, len(tokens), bos, eos_ids)
     template = meta.get("tokenizer.chat_template")
@@ -143,7 +145,7 @@ def _unigram(tokens, types, meta, source):
 
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     vocab = [(t, 0.0 if ty == USER_DEFINED else float(sc)) for t, ty, sc in zip(tokens, types, scores)]
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = meta.get("tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == UNKNOWN), None))
     tok = HFTokenizer(models.Unigram(vocab, unk_id=unk, byte_fallback=False))
     steps = []
     charsmap = meta.get("tokenizer.ggml.precompiled_charsmap")
