@@ -525,7 +525,7 @@ def cmd_serve(args):
     for i, (model_name, path) in enumerate(models):  # a merged adapter and served adapters go with the first model
         one = argparse.Namespace(**{**vars(args), "model": path, "adapter": merged if i == 0 else [],
                                     "template": args.template if i == 0 else None})
-        served.append(Served(model_name, partial(_load, one), served_adapters if i == 0 else [],
+        served.append(Served(model_name, partial(_load, one, seq2seq=True), served_adapters if i == 0 else [],
                              partial(_load_draft, args) if i == 0 and args.draft else None))
     app = create_app(served, config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=HeaderTimeoutH11,

@@ -90,15 +90,47 @@ class T5Block(nn.Module):
 
 class Seq2SeqCache:
     """What decoding reuses: the encoder's keys and values per decoder block (computed once per prompt), the
-    key mask of its padding, and each block's self-attention keys and values so far."""
+    key mask of its padding, and each block's self-attention keys and values so far, with the mask of their
+    padding where rows of different lengths are decoded together (`self_mask`, (B, 1, 1, length))."""
 
-    def __init__(self, cross_kv: list, key_mask: torch.Tensor):
+    def __init__(self, cross_kv: list, key_mask: torch.Tensor, self_kv: list | None = None,
+                 self_mask: torch.Tensor | None = None):
         self.cross_kv, self.key_mask = cross_kv, key_mask
-        self.self_kv = [[] for _ in cross_kv]
+        self.self_kv = self_kv if self_kv is not None else [[] for _ in cross_kv]
+        self.self_mask = self_mask
 
     @property
     def length(self) -> int:
         return self.self_kv[0][0].shape[2] if self.self_kv[0] else 0
+
+
+def merge_caches(caches: list[Seq2SeqCache]) -> Seq2SeqCache:
+    """One-row caches decoded as one batch: the encoders' outputs padded at the end, and the self-attention
+    keys and values padded at the start so that every row's next token lands at the same index. The padding is
+    masked, and the relative positions between a row's own tokens are unchanged by the shift."""
+    src, lengths = [c.key_mask.shape[-1] for c in caches], [c.length for c in caches]
+    longest_src, longest = max(src), max(lengths)
+    layers = range(len(caches[0].cross_kv))
+
+    def keys(c: Seq2SeqCache, i: int, j: int) -> torch.Tensor:  # (1, H, length, D), empty before the first step
+        return c.self_kv[i][j] if c.self_kv[i] else c.cross_kv[i][j][:, :, :0]
+
+    cross = [tuple(torch.cat([F.pad(c.cross_kv[i][j], (0, 0, 0, longest_src - s)) for c, s in zip(caches, src)])
+                   for j in (0, 1)) for i in layers]
+    key_mask = torch.cat([F.pad(c.key_mask, (0, longest_src - s), value=float("-inf")) for c, s in zip(caches, src)])
+    self_mask = torch.zeros(len(caches), 1, 1, longest, device=key_mask.device)
+    for row, n in enumerate(lengths):
+        self_mask[row, ..., :longest - n] = float("-inf")
+    self_kv = [[torch.cat([F.pad(keys(c, i, j), (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)])
+                for j in (0, 1)] for i in layers] if longest else [[] for _ in layers]
+    return Seq2SeqCache(cross, key_mask, self_kv, self_mask)
+
+
+def split_cache(batch: Seq2SeqCache, caches: list[Seq2SeqCache], added: int = 1):
+    """The batch's self-attention keys and values back into each row's cache, `added` positions longer."""
+    for row, c in enumerate(caches):
+        n = c.length + added
+        c.self_kv = [[t[row:row + 1, :, t.shape[2] - n:] for t in kv] for kv in batch.self_kv]
 
 
 class T5(nn.Module):
@@ -150,6 +182,8 @@ class T5(nn.Module):
         positions = torch.arange(start + T, device=tokens.device)
         bias = self._position_bias(self.decoder_bias, positions[start:], positions, bidirectional=False)
         bias = bias.masked_fill(positions[None, None, start:, None] < positions[None, None, None, :], float("-inf"))
+        if cache.self_mask is not None:
+            bias = bias + F.pad(cache.self_mask, (0, T))
         x = F.dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
         for i, block in enumerate(self.layers):
             x = block(x, bias, cache.cross_kv[i], cache.key_mask, cache.self_kv[i] if keep_cache else None)

@@ -33,6 +33,7 @@ from camelid.serve import tool_calls
 from camelid.serve.api import ChatRequest, CompletionRequest, EmbeddingRequest, LoadAdapterRequest, UnloadAdapterRequest
 from camelid.serve.engine import Engine, EngineStopped, KVBudget, QueueFull, Request
 from camelid.serve.models import AdapterBusy, ModelPool, ModelsBusy, Served, UnknownModel
+from camelid.serve.seq2seq_engine import Seq2SeqEngine
 from camelid.tokenizer.chat_template import resolve_template
 from camelid.tokenizer.tool_turns import render_first, syntax_of, takes_tools, tool_chat
 
@@ -132,9 +133,9 @@ def create_app(load: Callable[[], LoadedModel] | list[Served], config: ServerCon
     the default). The first loads in the background, /health answering 503 until it is ready; the others load
     on their first request."""
     served = load if isinstance(load, list) else [Served(config.model_name, load)]
-    pool = ModelPool(served, lambda lm, draft: Engine(lm, config.max_batch, config.max_queue, config.kv,
-                                                      config.ctx_size, config.prefill_chunk, config.prefix_cache,
-                                                      config.lookup, config.draft_tokens, draft),
+    pool = ModelPool(served, lambda lm, draft: (Seq2SeqEngine if lm.config.n_encoder_layers else Engine)(
+                         lm, config.max_batch, config.max_queue, config.kv, config.ctx_size, config.prefill_chunk,
+                         config.prefix_cache, config.lookup, config.draft_tokens, draft),
                      config.max_models, config.max_model_bytes)
     state = {"engine": None, "error": None, "started": int(time.time()), "loaded": threading.Event(),
              "pool": pool}
@@ -453,6 +454,9 @@ async def _embeddings(body: EmbeddingRequest, use: Using):
     """Pooled final hidden states. They run beside the engine's decode steps, under a lock of their own: the
     model's weights are only read, and an embedding batch needs no KV cache (a served adapter applies)."""
     eng = use.engine
+    if eng.lm.config.n_encoder_layers:
+        raise APIError(400, f"model: {use.name!r} is an encoder-decoder (T5); embeddings come from decoder-only "
+                            "models", "model", "invalid_parameter")
     if body.dimensions is not None and body.dimensions != eng.lm.config.dim:
         raise APIError(400, f"dimensions: this model's embeddings have {eng.lm.config.dim}", "dimensions",
                        "invalid_parameter")
@@ -596,12 +600,15 @@ def _request(eng: Engine, body, prompt: list[int], max_tokens, stops, chat: bool
     problem = eng.fits(len(prompt), requested)
     if problem:
         raise APIError(400, problem, "messages" if chat else "prompt", "context_length_exceeded")
+    scored = bool(getattr(body, "echo", False)) and body.logprobs_wanted is not None
+    if scored and eng.lm.config.n_encoder_layers:
+        raise APIError(400, "echo: an encoder-decoder model (T5) reads the prompt with its encoder, which gives "
+                            "its tokens no log-probabilities to echo", "echo", "invalid_parameter")
     params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                             repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
                             frequency_penalty=body.frequency_penalty, seed=_choice_seed(body.seed, choice))
     return Request(prompt, params, requested, list(body.stop or []) + stops, emit=lambda kind, value: None,
-                   logprobs=body.logprobs_wanted, prompt_logprobs=bool(getattr(body, "echo", False))
-                   and body.logprobs_wanted is not None)
+                   logprobs=body.logprobs_wanted, prompt_logprobs=scored)
 
 
 def _choice_seed(seed: int | None, choice: int) -> int | None:

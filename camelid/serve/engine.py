@@ -608,7 +608,7 @@ class Engine:
             if slot.finish is None:
                 still.append(slot)
                 continue
-            if slot.finish != "error":  # what it computed is kept for requests that begin the same way
+            if slot.finish != "error" and self.prefix_cache:  # kept for requests that begin the same way
                 self.pool.commit(slot.seq, slot.history[:slot.length])
             self._release([slot.seq])
             if slot.finish == "error":

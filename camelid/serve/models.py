@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from camelid.errors import CamelidError
-from camelid.formats.loaded import LoadedModel, require_decoder_only
+from camelid.formats.loaded import LoadedModel
 from camelid.formats.peft import load_adapter
 from camelid.model.lora import set_adapters, take_adapter
 from camelid.serve.engine import Engine
@@ -113,8 +113,9 @@ class ModelPool:
                                    keep=served, required=False)
 
     def _with_adapters(self, served: Served) -> LoadedModel:
-        lm = require_decoder_only(served.load(), served.name, "`camelid serve`")
+        lm = served.load()
         if served.adapters:
+            _adaptable(lm, served.name)
             served.updates = [take_adapter(load_adapter(lm.model, folder)) for _, folder in served.adapters]
             set_adapters(lm.model, served.updates)
         return lm
@@ -125,6 +126,7 @@ class ModelPool:
             raise CamelidError(f"lora_name: a model named {name!r} is already served")
         served, eng, _ = self.checkout(self.default)
         try:
+            _adaptable(eng.lm, served.name)
             def load():  # in the engine's thread: no forward runs while its layers change
                 try:
                     updates = take_adapter(load_adapter(eng.model, folder))
@@ -178,6 +180,12 @@ class ModelPool:
     def shutdown(self):
         for m in self.loaded():
             m.engine.shutdown()
+
+
+def _adaptable(lm: LoadedModel, name: str):
+    if lm.config.n_encoder_layers:
+        raise CamelidError(f"{name}: LoRA adapters are served on decoder-only models; this one is an "
+                           "encoder-decoder (T5)")
 
 
 def engine_bytes(engine: Engine | None) -> int:
