@@ -255,3 +255,62 @@ def test_full_fine_tuning_has_transformers_loss_and_learns(tmp_path):
     from camelid.generate.generate import generate
 
     assert generate(tuned, [tuned.tokenizer.encode("Give three tips", bos=False)], 8)[0].tokens
+
+
+def test_lora_adapters_are_pefts_in_both_stacks(tmp_path):
+    """A PEFT adapter on Flan-T5's shape (q, v, o and wi_0: self-attention in both stacks, cross-attention and the
+    gated MLP) gives PEFT's logits in camelid; `camelid finetune` with method lora trains one (the usual
+    q_proj/v_proj targets are T5's q and v), whose adapter PEFT loads with camelid's logits."""
+    import copy
+    import shutil
+
+    peft = pytest.importorskip("peft")
+    from camelid.formats.load import load_model
+    from camelid.formats.peft import load_adapter
+    from camelid.train.config import FinetuneConfig
+    from camelid.train.finetune import finetune
+
+    from conftest import SHARED
+
+    ref = _reference("flan-t5")
+    ref.resize_token_embeddings(512)
+    ref.lm_head = torch.nn.Linear(64, 512, bias=False)
+    with torch.no_grad():
+        ref.shared.weight.normal_(0.0, 0.3)
+        ref.lm_head.weight.normal_(0.0, 0.3)
+    _folder(ref, tmp_path / "m", gated=True)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "m" / "spiece.model")
+    src, tgt = torch.tensor([[5, 17, 3, 44, 90, 12, 1]]), torch.tensor([[0, 14, 62, 7, 30]])
+
+    tuned = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8,
+                                                                     target_modules=["q", "v", "o", "wi_0"]))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    tuned.save_pretrained(tmp_path / "peft")
+    lm = load_model(tmp_path / "m")
+    load_adapter(lm.model, tmp_path / "peft")
+    layers = {n for n, m in lm.model.named_modules() if hasattr(m, "lora_A")}
+    assert {"encoder.0.attn.wqkv", "layers.0.attn.wqkv", "layers.0.cross.wq", "layers.0.cross.wkv",
+            "layers.0.cross.wo", "encoder.1.mlp.w_in"} <= layers
+    with torch.no_grad():
+        want = tuned(input_ids=src, decoder_input_ids=tgt).logits
+        got = lm.model(tgt, lm.model.encode(src), keep_cache=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+    records = json.loads((SHARED / "instruct" / "alpaca_en_demo.json").read_text())[:24]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = FinetuneConfig(base=str(tmp_path / "m"), data=str(tmp_path / "data.json"), template="alpaca", max_len=128,
+                         epochs=2, micro_batch=4, lr=1e-2, method="lora", lora_rank=4, out_dir=str(tmp_path / "run"),
+                         log_every=1, eval_every=100, ckpt_every=100, threads=2, seed=3, compile=False)
+    merged = load_model(finetune(cfg)).model
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "run" / "adapter").eval()
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["target_modules"] == \
+        ["q", "v"]
+    with torch.no_grad():
+        want = theirs(input_ids=src, decoder_input_ids=tgt).logits
+        assert (want - ref(input_ids=src, decoder_input_ids=tgt).logits).abs().max() > 1e-3  # it learned something
+        torch.testing.assert_close(merged(tgt, merged.encode(src), keep_cache=False), want, atol=1e-4, rtol=0)

@@ -37,6 +37,8 @@ class HFLayout:
     # (from_hf(hf_sd, cfg, source, convert) -> sd, to_hf(sd, cfg) -> hf_sd): a family whose checkpoint is not
     # one stack of blocks (T5's encoder and decoder) maps its tensors itself
     tensors: tuple[Callable, Callable] | None = None
+    # (camelid LoRA layer path, target) -> the checkpoint's module, for such a family's PEFT adapters
+    peft_module: Callable[[str, str], str] | None = None
 
     def all_layer_names(self, cfg: ModelConfig) -> dict[str, str]:
         """layer_names, and a mixture-of-experts block's router and down projections."""

@@ -103,6 +103,18 @@ def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def peft_module(path: str, target: str) -> str:
+    """A camelid LoRA layer's target (`encoder.0.attn.wqkv`, q) -> T5's module, as PEFT names its adapter's
+    tensors (`encoder.block.0.layer.0.SelfAttention.q`)."""
+    stack, i, part = path.split(".")[:3]
+    hf_stack = "encoder" if stack == "encoder" else "decoder"
+    if part == "attn":
+        return f"{hf_stack}.block.{i}.layer.0.SelfAttention.{target}"
+    if part == "cross":
+        return f"decoder.block.{i}.layer.1.EncDecAttention.{target}"
+    return f"{hf_stack}.block.{i}.layer.{1 if stack == 'encoder' else 2}.DenseReluDense.{target}"
+
+
 # llama.cpp's bucketing reaches 128 positions whatever the model was trained with
 GGUF_MAX_DISTANCE = 128
 
@@ -178,7 +190,7 @@ def gguf_write_metadata(w, cfg: ModelConfig):
 
 FAMILY = Family(name="t5", hf_model_types=("t5",), config_from_hf=config_from_hf, config_to_hf=config_to_hf,
                 hf=HFLayout(prefix="", layer="", layer_names=lambda cfg: {}, global_names={},
-                            tensors=(state_dict_from_hf, state_dict_to_hf)),
+                            tensors=(state_dict_from_hf, state_dict_to_hf), peft_module=peft_module),
                 gguf=GGUFLayout(arch="t5", config=gguf_config, layer_parts=lambda cfg: {}, exports=gguf_exports,
                                 write_metadata=gguf_write_metadata, always_output=True, parts=gguf_parts,
                                 block_count=lambda cfg: cfg.n_encoder_layers, add_eos=True),

@@ -17,7 +17,7 @@ from camelid.errors import CamelidError
 from camelid.families import family
 from camelid.families.spec import group_qkv, ungroup_qkv
 from camelid.files import output_folder, read_json
-from camelid.model.lora import LoRAConfig, add_lora, lora_layers
+from camelid.model.lora import LoRAConfig, add_lora, lora_layers, model_targets, t5_targets
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -27,6 +27,8 @@ _PREFIX = "base_model.model."
 def hf_module_names(cfg) -> dict[str, str]:
     """LoRA target name -> the Hugging Face module name inside a block (e.g. v_proj -> self_attn.v_proj)."""
     layout = family(cfg.arch).hf
+    if layout.peft_module is not None:  # T5: its modules' own names, in both stacks
+        return {t: t for t in t5_targets(cfg)}
     names = layout.layer_names(cfg)
 
     def module(ours: str) -> str:
@@ -49,7 +51,7 @@ def hf_module_names(cfg) -> dict[str, str]:
 def check_targets(cfg, targets: list[str]) -> None:
     """Targets this family's PEFT adapters can name, before anything trains."""
     modules = hf_module_names(cfg)
-    for t in targets:
+    for t in model_targets(cfg, targets):
         if t not in modules:
             raise CamelidError(f"LoRA target {t!r}: a {cfg.arch} checkpoint has no such module for a PEFT adapter "
                                f"(its targets: {', '.join(modules)})")
@@ -72,7 +74,9 @@ def _keys(model) -> dict[tuple[str, str], str]:
     for path, layer in lora_layers(model).items():
         i = int(path.split(".")[1])
         for target in layer.slices:
-            out[(path, target)] = f"{_PREFIX}{layout.prefix}{layout.layer.format(i=i)}{modules[target]}"
+            module = layout.peft_module(path, target) if layout.peft_module else \
+                f"{layout.prefix}{layout.layer.format(i=i)}{modules[target]}"
+            out[(path, target)] = _PREFIX + module
     return out
 
 
@@ -95,7 +99,8 @@ def save_adapter(model, folder: str | Path, base_model: str = "") -> Path:
 def _write_adapter(model, cfg: LoRAConfig, tensors: dict, tmp: Path, base_model: str):
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     hf_names = hf_module_names(model.cfg)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+    task = "SEQ_2_SEQ_LM" if model.cfg.n_encoder_layers else "CAUSAL_LM"
+    config = {"peft_type": "LORA", "task_type": task, "r": cfg.rank, "lora_alpha": cfg.alpha,
               "lora_dropout": cfg.dropout, "target_modules": sorted({_module_key(hf_names, t) for t in cfg.targets}),
               # GPT-2's Conv1D stores its weights transposed, as PEFT marks it; lora_A/lora_B are as usual
               "bias": "none", "fan_in_fan_out": family(model.cfg.arch).hf.transposed, "inference_mode": True,

@@ -22,6 +22,9 @@ from camelid.model.dropout import dropout
 from camelid.model.quant import QUANTIZED
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
+# an encoder-decoder's (T5's) modules, each in both stacks, q/k/v/o in cross-attention too, as PEFT matches them
+T5_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+_T5_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "wi_0", "down_proj": "wo"}
 
 
 @dataclass
@@ -36,9 +39,10 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     def validate(self):
-        unknown = [t for t in self.targets if t not in TARGETS]
+        unknown = [t for t in self.targets if t not in TARGETS + T5_TARGETS]
         if unknown:
-            raise CamelidError(f"LoRA target module {unknown[0]!r} does not exist; choose from {', '.join(TARGETS)}")
+            raise CamelidError(f"LoRA target module {unknown[0]!r} does not exist; choose from {', '.join(TARGETS)} "
+                               f"(T5: {', '.join(T5_TARGETS)})")
         if not self.targets or self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise CamelidError("LoRA needs targets, rank >= 1, alpha > 0 and 0 <= dropout < 1")
 
@@ -110,12 +114,64 @@ def target_slices(model, layer: int, cfg_targets: list[str]) -> dict[str, dict[s
     return out
 
 
+def t5_targets(mc) -> tuple[str, ...]:
+    return ("q", "k", "v", "o") + (("wi_0", "wi_1") if mc.gated_mlp else ("wi",)) + ("wo",)
+
+
+def model_targets(mc, targets: list[str]) -> list[str]:
+    """The targets as this model names its modules: a T5 takes its own (q, v, wi, ...), or the usual names
+    (q_proj, v_proj, up_proj, ...) for the same modules; a decoder-only model takes the usual names."""
+    if not mc.n_encoder_layers:
+        t5_names = [t for t in targets if t in T5_TARGETS]
+        if t5_names:
+            raise CamelidError(f"LoRA target module {t5_names[0]!r} is a T5 module; this model's are "
+                               f"{', '.join(TARGETS)}")
+        return list(targets)
+    aliases = {**_T5_ALIASES, "up_proj": "wi_1" if mc.gated_mlp else "wi"}
+    out = list(dict.fromkeys(aliases.get(t, t) for t in targets))
+    unknown = [t for t in out if t not in t5_targets(mc)]
+    if unknown:
+        raise CamelidError(f"LoRA target module {unknown[0]!r} does not exist in this T5 (its modules: "
+                           f"{', '.join(t5_targets(mc))})")
+    return out
+
+
+def t5_target_slices(model, targets: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """{layer path: {target: rows}} for every block of both stacks: q, k and v are slices of the fused
+    self-attention and (in the decoder) of cross-attention's q and fused k/v; wi_0 and wi_1 of the fused MLP."""
+    mc = model.cfg
+    inner, ffn = mc.n_heads * mc.head_dim, mc.ffn_dim
+    self_rows = {"q": (0, inner), "k": (inner, 2 * inner), "v": (2 * inner, 3 * inner)}
+    cross_rows = {"q": ("cross.wq", (0, inner)), "k": ("cross.wkv", (0, inner)), "v": ("cross.wkv", (inner, 2 * inner)),
+                  "o": ("cross.wo", (0, mc.dim))}
+    mlp_rows = {"wi": ("mlp.w_in", (0, ffn)), "wi_0": ("mlp.w_in", (0, ffn)), "wi_1": ("mlp.w_in", (ffn, 2 * ffn)),
+                "wo": ("mlp.w_out", (0, mc.dim))}
+    out: dict = {}
+    for stack, count in (("encoder", mc.n_encoder_layers), ("layers", mc.n_layers)):
+        for i in range(count):
+            for t in targets:
+                if t in self_rows:
+                    where = [("attn.wqkv", self_rows[t])]
+                else:
+                    where = [("attn.wo", (0, mc.dim)) if t == "o" else mlp_rows[t]]
+                if stack == "layers" and t in cross_rows:
+                    where.append(cross_rows[t])
+                for layer, rows in where:
+                    out.setdefault(f"{stack}.{i}.{layer}", {})[t] = rows
+    return out
+
+
 def add_lora(model, cfg: LoRAConfig):
     """Freeze the model and wrap the targeted layers; only the LoRA matrices are left trainable."""
     cfg.validate()
+    cfg.targets = model_targets(model.cfg, cfg.targets)
     model.requires_grad_(False)
-    for i in range(model.cfg.n_layers):
-        for path, slices in target_slices(model, i, cfg.targets).items():
+    if model.cfg.n_encoder_layers:
+        per_block = [t5_target_slices(model, cfg.targets)]
+    else:
+        per_block = [target_slices(model, i, cfg.targets) for i in range(model.cfg.n_layers)]
+    for block in per_block:
+        for path, slices in block.items():
             parent_path, attr = path.rsplit(".", 1)
             parent = model.get_submodule(parent_path)
             base = getattr(parent, attr)

@@ -101,9 +101,9 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     qlora = QuantSpec(cfg.quantize_base, cfg.quantize_group, "float") if cfg.quantize_base else None
     lm = require_policy(load_model(cfg.base, str(device), cfg.dtype if cfg.uses_lora else "fp32", quantize=qlora),
                         cfg.base)
-    if lm.config.n_encoder_layers and (cfg.objective != "sft" or cfg.uses_lora or cfg.fsdp):
-        raise CamelidError(f"base: {cfg.base} is an encoder-decoder (T5), which trains with method: full (no LoRA, "
-                           f"preference objectives or FSDP yet)")
+    if lm.config.n_encoder_layers and (cfg.objective != "sft" or cfg.fsdp):
+        raise CamelidError(f"base: {cfg.base} is an encoder-decoder (T5), which trains with the sft objective, "
+                           "full or LoRA (no preference objectives or FSDP yet)")
     template = cfg.template or lm.template
     if template == "raw":
         raise CamelidError(f"template: {cfg.base} has no chat template; set one (alpaca, vicuna, chatml, llama2, "
