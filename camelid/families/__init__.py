@@ -13,7 +13,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, gpt2.FAMILY, gp
                                                     qwen.QWEN3_MOE, gemma.GEMMA,
                                                     gemma.GEMMA2, gemma.GEMMA3, phi3.FAMILY,
                                                     starcoder.FAMILY, bloom.FAMILY, mpt.FAMILY, glm.GLM, glm.GLM4,
-                                                    glm.CHATGLM, t5.FAMILY)}
+                                                    glm.CHATGLM, glm.CHATGLM6B, t5.FAMILY)}
 HF_MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.hf_model_types}
 GGUF_ARCHS: dict[str, Family] = {f.gguf.arch: f for f in FAMILIES.values() if f.gguf}
 

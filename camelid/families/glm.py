@@ -7,8 +7,9 @@ adds a norm after the attention and after the MLP, before each residual sum.
 
 llama.cpp runs the first two as its `chatglm` architecture (a fused attn_qkv from THUDM's layout, attn_q/k/v
 from transformers'), GLM-4-0414 as `glm4`; camelid names the family after the tensors a file holds, so each
-file is written back as it came. ChatGLM-6B (the first version: GLM-130B's 2D positions and GeLU blocks)
-shares only model_type chatglm with them and is refused by name."""
+file is written back as it came. ChatGLM-6B (the first version: GLM-130B's GeLU blocks and blank-infilling
+positions, model/transformer.py's positions "glm_2d") shares only model_type chatglm with them: its family,
+chatglm6b, is read from THUDM's layout as its own code reads it."""
 
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ def glm4_from_hf(hf: dict) -> dict:
 
 
 def chatglm_from_hf(hf: dict) -> dict:
-    """THUDM's config.json, read as transformers' GLM conversion script maps it."""
+    """THUDM's config.json, read as transformers' GLM conversion script maps it (ChatGLM-6B's, the first
+    version's, as its own modeling code reads it)."""
     if "position_encoding_2d" in hf or "inner_hidden_size" in hf:
-        raise CamelidError("this is ChatGLM-6B, the first ChatGLM (GLM-130B's 2D positions and GeLU blocks), "
-                           "which camelid does not run; ChatGLM2-6B, ChatGLM3-6B and GLM-4 are supported")
+        return chatglm6b_from_hf(hf)
     for key, want in (("rmsnorm", True), ("post_layer_norm", True), ("apply_residual_connection_post_layernorm", False),
                       ("fp32_residual_connection", False)):
         if hf.get(key, want) != want:
@@ -69,6 +70,47 @@ def chatglm_from_hf(hf: dict) -> dict:
         head_dim=first(hf, "kv_channels"), ffn_dim=hf["ffn_hidden_size"], max_seq_len=hf.get("seq_length", 2048),
         norm_eps=hf.get("layernorm_epsilon", 1e-5), rope_theta=10000.0 * hf.get("rope_ratio", 1),
         rotary_pct=0.5, qkv_bias=hf.get("add_qkv_bias", False), attn_out_bias=bias, mlp_bias=bias)
+
+
+# THUDM's code builds every block with GLMBlock's default num_layers=28: sqrt(2 x 28), whatever the depth
+_DEEPNORM = (2 * 28) ** 0.5
+
+
+def chatglm6b_from_hf(hf: dict) -> dict:
+    """ChatGLM-6B: GLM-130B's blocks (LayerNorm, GeLU, q/k/v fused per head, a residual of the normalized input
+    times sqrt(2 x 28)) and its blank-infilling positions, as THUDM's modeling_chatglm.py computes them."""
+    for key, why in (("pre_seq_len", "a P-tuning v2 prefix"), ("quantization_bit", "THUDM's own quantized weights")):
+        if hf.get(key):
+            raise CamelidError(f"{key}={hf[key]!r} ({why}) is not supported; use the float checkpoint")
+    if not hf.get("position_encoding_2d", True):
+        raise CamelidError("position_encoding_2d=false (GLM's one-position variant) is not supported")
+    layers, dim = hf["num_layers"], hf["hidden_size"]
+    return dict(arch="chatglm6b", vocab_size=hf["vocab_size"], dim=dim, n_layers=layers,
+                n_heads=hf["num_attention_heads"], ffn_dim=hf.get("inner_hidden_size") or 4 * dim,
+                max_seq_len=hf.get("max_sequence_length", 2048), norm="layernorm",
+                norm_eps=hf.get("layernorm_epsilon", 1e-5), activation="gelu_tanh", gated_mlp=False,
+                positions="glm_2d", rotary_pct=0.5, rope_fp16_freqs=True, glm_start_id=hf.get("bos_token_id", 130004),
+                glm_mask_ids=[hf.get("gmask_token_id", 130001), hf.get("mask_token_id", 130000)],
+                residual_scale=_DEEPNORM, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+                tie_embeddings=False)
+
+
+def chatglm6b_to_hf(cfg: ModelConfig) -> dict:
+    if cfg.positions != "glm_2d" or cfg.residual_scale != _DEEPNORM or cfg.norm != "layernorm" \
+            or cfg.gated_mlp or cfg.head_dim * cfg.n_heads != cfg.dim:
+        raise CamelidError(f"this {cfg.arch} model's blocks are not ChatGLM-6B's; it has no ChatGLM-6B form")
+    gmask, mask = cfg.glm_mask_ids
+    return dict(model_type="chatglm", architectures=["ChatGLMModel"], vocab_size=cfg.vocab_size,
+                hidden_size=cfg.dim, num_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                inner_hidden_size=cfg.ffn_dim, max_sequence_length=cfg.max_seq_len, layernorm_epsilon=cfg.norm_eps,
+                position_encoding_2d=True, bos_token_id=cfg.glm_start_id, gmask_token_id=gmask, mask_token_id=mask,
+                use_cache=True)
+
+
+def _chatglm6b_layer_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {"attn.wqkv": "attention.query_key_value", "attn.wo": "attention.dense", "attn_norm": "input_layernorm",
+             "mlp_norm": "post_attention_layernorm", "mlp.w_in": "mlp.dense_h_to_4h", "mlp.w_out": "mlp.dense_4h_to_h"}
+    return {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in names.items() for p in ("weight", "bias")}
 
 
 def _check_exportable(cfg: ModelConfig, what: str):
@@ -209,3 +251,12 @@ CHATGLM = Family(name="chatglm", hf_model_types=("chatglm",), config_from_hf=cha
                                            "norm.weight": "encoder.final_layernorm.weight",
                                            "output.weight": "output_layer.weight"}),
                  gguf=_gguf("chatglm", fused_qkv=True), template="chatglm4", stop=_STOP)
+# model_type chatglm too: read by CHATGLM's config_from_hf, named by its config
+CHATGLM6B = Family(name="chatglm6b", hf_model_types=(), config_from_hf=chatglm6b_from_hf,
+                   config_to_hf=chatglm6b_to_hf,
+                   hf=HFLayout(prefix="transformer.", layer="layers.{i}.", layer_names=_chatglm6b_layer_names,
+                               global_names={"tok_embeddings.weight": "word_embeddings.weight",
+                                             "norm.weight": "final_layernorm.weight",
+                                             "norm.bias": "final_layernorm.bias", "output.weight": "lm_head.weight"},
+                               qkv_groups=lambda cfg: cfg.n_heads),
+                   template="chatglm")  # THUDM's chat(): [Round n] 问/答 turns

@@ -139,7 +139,7 @@ def build_model(cfg: ModelConfig, sd: dict, source: str, device="cpu", dtype=tor
     model.tie_weights()
     if isinstance(model.tok_embeddings, GGMLEmbedding):
         model.tok_embeddings.out_dtype = dtype
-    if cfg.positions == "rope":
+    if cfg.rotates:
         for name, table in rope_tables(cfg).items():
             setattr(model, name, table.to(device))
     return model.eval().requires_grad_(False)

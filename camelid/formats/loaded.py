@@ -35,9 +35,10 @@ def require_policy(lm: LoadedModel, path) -> LoadedModel:
 
 
 def require_decoder_only(lm: LoadedModel, path, what: str) -> LoadedModel:
-    """The paths built on a decoder's one stream of tokens (serving's batch engine, perplexity, RLHF, GPTQ's
-    calibration) refuse an encoder-decoder (T5) by name."""
+    """The paths built on a decoder's one stream of tokens (perplexity, RLHF, GPTQ's calibration) refuse an
+    encoder-decoder (T5) by name."""
     if lm.config.n_encoder_layers:
-        raise CamelidError(f"{path}: an encoder-decoder model (T5) runs in `generate`, `chat`, `quantize`, "
-                           f"`convert`, `eval`'s choice tasks and full fine-tuning; {what} takes decoder-only models")
+        raise CamelidError(f"{path}: an encoder-decoder model (T5) runs in `generate`, `chat`, `serve`, `quantize`, "
+                           f"`convert`, `export`, `eval`'s choice tasks and fine-tuning; {what} takes decoder-only "
+                           "models")
     return lm

@@ -37,6 +37,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"type": "linear"|"llama3", ...} as in HF configs
     learned_pos_offset: int = 0  # OPT keeps two unused rows before position 0
+    # positions "glm_2d", GLM-130B's blank infilling (ChatGLM-6B): the prompt's context (before the start token)
+    # attends both ways; the first half of each head rotates by a token's position (from the start token on,
+    # the mask token's), the second half by its place in the block that follows (0 in the context)
+    glm_start_id: int | None = None  # <sop>: where the block (the reply) starts
+    glm_mask_ids: list | None = None  # [MASK], [gMASK]: the one in the prompt is where the block stands
+    rope_fp16_freqs: bool = False  # rotary frequencies rounded to fp16, as THUDM's ChatGLM-6B code makes them
+    residual_scale: float | None = None  # each residual is the normalized input times this (GLM's DeepNorm)
     # biases and embeddings
     qkv_bias: bool = False
     qkv_clip: float | None = None  # q, k and v clamped to [-clip, clip] (MPT's clip_qkv)
@@ -81,7 +88,7 @@ class ModelConfig:
         the key, instead of a failure deep inside the model (or NaN logits) later."""
         _check_types(self)
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu", "gelu_tanh", "relu"),
-                   "positions": ("rope", "learned", "alibi", "relative")}
+                   "positions": ("rope", "learned", "alibi", "relative", "glm_2d")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise CamelidError(f"model config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -113,13 +120,17 @@ class ModelConfig:
                                f"{self.rel_max_distance})")
         if self.learned_pos_offset < 0:
             raise CamelidError(f"model config: learned_pos_offset must be >= 0, got {self.learned_pos_offset}")
-        if self.positions == "rope" and self.rotary_dim % 2:
+        if self.rotates and self.rotary_dim % 2:
             raise CamelidError(f"model config: rotary dimensions (head_dim {self.head_dim} x rotary_pct "
                                f"{self.rotary_pct}) must be even")
+        if self.positions == "glm_2d" and (self.glm_start_id is None or 2 * self.rotary_dim != self.head_dim
+                                           or self.rope_interleaved):
+            raise CamelidError("model config: positions 'glm_2d' needs glm_start_id and rotary_pct 0.5 (each half "
+                               "of a head rotated by its own position), in halves")
         _check_rope_scaling(self.rope_scaling)
         if self.post_norms and (self.parallel_residual or not self.pre_norm):
             raise CamelidError("model config: post_norms applies to sequential pre-norm blocks only")
-        for key in ("rope_local_theta", "attn_scale", "attn_softcap", "final_softcap", "qkv_clip", "alibi_max_bias"):
+        for key in ("rope_local_theta", "residual_scale", "attn_scale", "attn_softcap", "final_softcap", "qkv_clip", "alibi_max_bias"):
             value = getattr(self, key)
             if value is not None and not (0 < value < float("inf")):
                 raise CamelidError(f"model config: {key} must be a positive number or null, got {value!r}")
@@ -154,6 +165,11 @@ class ModelConfig:
     def slides(self, layer: int) -> bool:
         """Whether block `layer` attends through the sliding window."""
         return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
+
+    @property
+    def rotates(self) -> bool:
+        """Positions enter through rotary embeddings (the model keeps frequency tables)."""
+        return self.positions in ("rope", "glm_2d")
 
     @property
     def rotary_dim(self) -> int:

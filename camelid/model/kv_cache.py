@@ -14,6 +14,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
+        self.glm_context = None  # positions "glm_2d": each row's context length and mask position (B, 2)
 
     def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
         """Write new keys/values at `start` (an int, or a (B,) tensor: each row's own first position) and
@@ -37,6 +38,7 @@ class KVCache:
         view.k = [t[first:last] for t in self.k]
         view.v = [t[first:last] for t in self.v]
         view.max_len = self.max_len
+        view.glm_context = None if self.glm_context is None else self.glm_context[first:last]
         return view
 
     def move_row(self, src: int, dst: int, length: int):

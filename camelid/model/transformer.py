@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from camelid.errors import CamelidError
 from camelid.model.config import ModelConfig
 from camelid.model.dropout import dropout
 from camelid.model.kv_cache import KVCache
@@ -90,6 +91,8 @@ def rope_frequencies(cfg: ModelConfig, theta: float | None = None, scaled: bool 
     theta = theta or cfg.rope_theta
     # on the CPU even while a model is built on the meta device: meta arithmetic imports the compiler stack
     inv_freq = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot))
+    if cfg.rope_fp16_freqs:
+        inv_freq = inv_freq.half().float()
     scaling = (cfg.rope_scaling if scaled else None) or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -138,20 +141,26 @@ def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first `rot` features of each head; x is (B, H, T, D), cos/sin are (B, 1, T, rot)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                 parts: int = 1) -> torch.Tensor:
+    """Rotate the first `rot` features of each head; x is (B, H, T, D), cos/sin are (B, 1, T, rot). With
+    `parts` 2 each half of them rotates on its own (GLM's two positions)."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    if interleaved:  # GPT-J rotates neighbouring pairs (x0, x1), (x2, x3), ...
-        x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
-        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    else:  # LLaMA/NeoX in Hugging Face layout rotate the two halves
-        x1, x2 = x_rot.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
+    rotated = torch.cat([_rotate(p, interleaved) for p in x_rot.chunk(parts, dim=-1)], dim=-1) if parts > 1 \
+        else _rotate(x_rot, interleaved)
     # Under autocast q and k arrive in bf16 while the tables follow the fp32 residual stream: rotated in fp32,
     # they go on in their own dtype, as attention (bf16 under autocast) wants them.
     out = (x_rot * cos + rotated * sin).to(x.dtype)
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:  # GPT-J rotates neighbouring pairs (x0, x1), (x2, x3), ...
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)  # LLaMA/NeoX in Hugging Face layout rotate the two halves
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -217,8 +226,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
-            q = apply_rotary(q, cos, sin, cfg.rope_interleaved)
-            k = apply_rotary(k, cos, sin, cfg.rope_interleaved)
+            parts = 2 if cfg.positions == "glm_2d" else 1
+            q = apply_rotary(q, cos, sin, cfg.rope_interleaved, parts)
+            k = apply_rotary(k, cos, sin, cfg.rope_interleaved, parts)
         if kv_cache is not None:
             cached_k, cached_v = kv_cache.update(layer, start, k, v)
             if isinstance(start, torch.Tensor) or start > 0:  # a first block uses its fresh keys and values
@@ -319,6 +329,12 @@ class Block(nn.Module):
             mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
             mlp_in = mlp_in if keep is None else mlp_in.flatten(0, 1)[keep]
             return rest + drop(attn(h, rope, mask, kv_cache, layer, start, keep)) + drop(self.mlp(mlp_in))
+        if cfg.residual_scale:  # GLM-130B's DeepNorm: the residual is the normalized input, scaled
+            h = self.attn_norm(x)
+            x = (h if keep is None else h.flatten(0, 1)[keep]) * cfg.residual_scale \
+                + drop(attn(h, rope, mask, kv_cache, layer, start, keep))
+            h = self.mlp_norm(x)
+            return h * cfg.residual_scale + drop(self.mlp(h))
         if not cfg.pre_norm:  # OPT-350m normalises after each residual sum
             x = self.attn_norm(rest + drop(attn(x, rope, mask, kv_cache, layer, start, keep)))
             return self.mlp_norm(x + drop(self.mlp(x)))
@@ -358,7 +374,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(emb_dim, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.score_head:
             self.score = nn.Linear(emb_dim, 1, bias=False)
-        if cfg.positions == "rope":
+        if cfg.rotates:
             for name, table in rope_tables(cfg).items():
                 self.register_buffer(name, table, persistent=False)
         if cfg.positions == "alibi":
@@ -399,6 +415,8 @@ class Transformer(nn.Module):
             positions, mask = packed_positions_and_mask(segment_ids)
         else:
             positions, mask = self._positions_and_mask(B, T, start, pad_mask, tokens.device)
+            if cfg.positions == "glm_2d":
+                positions, mask = self._glm_blocks(tokens, positions, mask, start, pad_mask, kv_cache)
         in_cache_order = layout is None and segment_ids is None
         masks = (mask, self._window_mask(positions, mask, start, pad_mask, in_cache_order)
                  if cfg.sliding_window else mask)
@@ -415,7 +433,7 @@ class Transformer(nn.Module):
         ropes = (None, None)
         if cfg.positions == "learned":
             x = x + self.pos_embeddings(positions + cfg.learned_pos_offset)
-        elif cfg.positions == "rope":
+        elif cfg.rotates:
             rope = self._rope(positions, self._inv_freq(positions), x.dtype, cfg.rope_attention_factor)
             ropes = (rope, self._rope(positions, self.inv_freq_local, x.dtype) if cfg.rope_local_theta else rope)
         x = self._blocks(x, ropes, masks, kv_cache, start, None if last_only else logits_at)
@@ -453,6 +471,9 @@ class Transformer(nn.Module):
         return 1.0 / (base ** steps)
 
     def _rope(self, positions, inv_freq, dtype, factor: float = 1.0):
+        if positions.dim() == 3:  # GLM's two positions: (cos, sin) of each, for its half of every head
+            first, second = (self._rope(positions[..., i], inv_freq, dtype) for i in (0, 1))
+            return tuple(torch.cat(pair, dim=-1) for pair in zip(first, second))
         freqs = positions.unsqueeze(-1).float() * inv_freq
         if not self.cfg.rope_interleaved:
             freqs = torch.cat((freqs, freqs), dim=-1)
@@ -496,6 +517,37 @@ class Transformer(nn.Module):
         mask = causal & (pad_mask[:, None, :] | (keys == steps.unsqueeze(1)))
         return positions, mask.unsqueeze(1)
 
+    def _glm_blocks(self, tokens, index, mask, start, pad_mask, kv_cache):
+        """GLM's 2D positions (B, T, 2) and its mask, from each token's index in its row (`index`). The
+        context, before the start token, attends both ways; from the start token on, a token's first position
+        is the mask token's and its second counts from 1. A prompt (start 0) gives each row's context length
+        and mask position, which the cache keeps for the steps that follow."""
+        if isinstance(start, int) and start == 0:
+            context = _glm_context(tokens.tolist(), index.tolist(), self.cfg).to(tokens.device)
+            if kv_cache is not None:
+                kv_cache.glm_context = context
+        else:
+            context = getattr(kv_cache, "glm_context", None)
+            if context is None:
+                raise CamelidError("positions 'glm_2d' (ChatGLM-6B): a continuation needs the cache of its prompt")
+        ctx, at = context[:, :1], context[:, 1:]
+        block = index >= ctx
+        first = torch.where(block & (at >= 0), at, index)
+        positions = torch.stack((first, (index - ctx + 1).clamp(min=0)), dim=-1)
+        T = tokens.shape[1]
+        if T == 1 and not (isinstance(start, int) and start == 0):
+            return positions, mask  # one new token sees every earlier one already
+        S = (start if isinstance(start, int) else int(start.max())) + T
+        keys = torch.arange(S, device=tokens.device).expand(tokens.shape[0], S)
+        real = torch.ones_like(keys, dtype=torch.bool)
+        if pad_mask is not None:
+            real = pad_mask[:, :S]
+            keys = (real.long().cumsum(-1) - 1).clamp(min=0)
+        two_way = ((keys < ctx) & real)[:, None, None, :]
+        causal = mask if mask is not None else (torch.arange(S, device=tokens.device)
+                                                <= torch.arange(start, start + T, device=tokens.device)[:, None])
+        return positions, causal | two_way
+
     def _window_mask(self, positions, mask, start, pad_mask, in_cache_order: bool) -> torch.Tensor:
         """`mask` (None: causal) narrowed to the keys within sliding_window positions of each query."""
         window = self.cfg.sliding_window
@@ -530,6 +582,17 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
                        dtype=self.dtype, device=self.device)
+
+
+def _glm_context(rows: list[list[int]], index: list[list[int]], cfg: ModelConfig) -> torch.Tensor:
+    """(B, 2): each row's context length (the start token's index; past the end where there is none) and the
+    index of its mask token (the first of glm_mask_ids the row holds; -1: none, positions go on counting)."""
+    out = []
+    for row, idx in zip(rows, index):
+        ctx = idx[row.index(cfg.glm_start_id)] if cfg.glm_start_id in row else idx[-1] + 1
+        at = next((idx[row.index(m)] for m in cfg.glm_mask_ids or () if m in row), -1)
+        out.append((ctx, at))
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _distance(positions, S: int, start, pad_mask, in_cache_order: bool) -> torch.Tensor:
