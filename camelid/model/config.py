@@ -130,7 +130,8 @@ class ModelConfig:
         _check_rope_scaling(self.rope_scaling)
         if self.post_norms and (self.parallel_residual or not self.pre_norm):
             raise CamelidError("model config: post_norms applies to sequential pre-norm blocks only")
-        for key in ("rope_local_theta", "residual_scale", "attn_scale", "attn_softcap", "final_softcap", "qkv_clip", "alibi_max_bias"):
+        for key in ("rope_local_theta", "residual_scale", "attn_scale", "attn_softcap", "final_softcap", "qkv_clip",
+                    "alibi_max_bias"):
             value = getattr(self, key)
             if value is not None and not (0 < value < float("inf")):
                 raise CamelidError(f"model config: {key} must be a positive number or null, got {value!r}")
