@@ -338,6 +338,7 @@ def cmd_generate(args):
                            "--grammar")
     lm = _load(args, seq2seq=True)
     _seq2seq_options(args, lm)
+    _glm_options(args, lm)
     params = _params(args)
     run_generate(lm, prompts, params, args.max_new_tokens, args.stop, truncate=args.truncate_prompt,
                  bos=not args.no_bos, show_stats=args.stats, constraint=constraint,
@@ -354,6 +355,16 @@ def _seq2seq_options(args, lm):
     if asked:
         raise CamelidError(f"{args.model}: an encoder-decoder model (T5) generates without {asked[0]} (speculative "
                            f"decoding, KV types and grammars take decoder-only models)")
+
+
+def _glm_options(args, lm):
+    """ChatGLM-6B keeps its prompt's positions in its own cache, which speculation and --kv-type replace."""
+    from camelid.formats.loaded import require_plain_positions
+
+    asked = [flag for flag, name in (("--lookup", "lookup"), ("--draft", "draft"), ("--kv-type", "kv_type"))
+             if getattr(args, name, None) is not None]
+    if asked:
+        require_plain_positions(lm, args.model, asked[0])
 
 
 def _args_chat(p: argparse.ArgumentParser):
@@ -373,6 +384,7 @@ def cmd_chat(args):
     params = _params(args)
     lm = _load(args, seq2seq=True)
     _seq2seq_options(args, lm)
+    _glm_options(args, lm)
     chat_loop(lm, params, args.max_new_tokens, args.system, _template(args.template),
               speculation=_speculation(args, lm, params), kv_type=args.kv_type)
 
@@ -501,6 +513,11 @@ def cmd_serve(args):
     if args.max_models < 0 or args.max_model_memory < 0:
         raise CamelidError("--max-models and --max-model-memory must be >= 0")
     models = _served_models(args)  # fail now, not later in the background loader
+    from camelid.formats.load import read_config
+    from camelid.formats.loaded import require_plain_positions
+
+    for _, path in models:
+        require_plain_positions(read_config(path), path, "`camelid serve`")
     served_adapters = []
     for given in args.adapter:
         if "=" in given:
@@ -882,6 +899,7 @@ def cmd_eval(args):
     from camelid.eval.perplexity import evaluate_perplexity
     from camelid.eval.results import merge, write_results
     from camelid.eval.tasks import TASKS
+    from camelid.formats.loaded import require_plain_positions
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tasks and not args.suite:
@@ -904,6 +922,7 @@ def cmd_eval(args):
 
         check_writable(args.output)
     lm = _load(args, seq2seq="perplexity" not in tasks)  # an encoder-decoder scores choices, not running text
+    require_plain_positions(lm, args.model, "`camelid eval`")
     results, samples = None, {}
     if "perplexity" in tasks:
         results = evaluate_perplexity(lm, args.data, args.protocol, args.max_length, args.ctx)

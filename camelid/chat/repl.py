@@ -36,9 +36,10 @@ def chat_loop(lm: LoadedModel, params: SamplingParams, max_new_tokens: int = 512
     the KV session's prefix cache, so only the new ones are prefilled (not with speculative decoding, which
     keeps its own caches)."""
     out = out or sys.stdout
-    # (an encoder-decoder reads the whole conversation afresh each turn: its encoder sees every token at once)
-    session = KVSession(lm.model, kv_type=kv_type) if speculation is None and not lm.config.n_encoder_layers \
-        else None
+    # (an encoder-decoder reads the whole conversation afresh each turn: its encoder sees every token at once;
+    # so does ChatGLM-6B, whose context attends both ways, as THUDM's chat() does)
+    fresh = lm.config.n_encoder_layers or lm.config.positions == "glm_2d"
+    session = KVSession(lm.model, kv_type=kv_type) if speculation is None and not fresh else None
     template = template or lm.template
     _, template_stops = resolve_template(template)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []

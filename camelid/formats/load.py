@@ -36,6 +36,7 @@ from camelid.model.quant import (
 from camelid.model.t5 import T5
 from camelid.model.transformer import Transformer, rope_tables
 from camelid.tokenizer.chat_template import resolve_template
+from camelid.tokenizer.chatglm6b import ChatGLM6BBackend, chatglm6b_tokenizer_config
 from camelid.tokenizer.fastchat_formats import template_for_model
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
@@ -390,6 +391,10 @@ def _write_hf(lm: LoadedModel, tmp: Path, hf_tensors: dict | None = None, extra:
     tcfg["chat_template"] = source
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if len(tok.eos_ids) == 1 else tok.eos_ids}
     cfg_extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0] if tok.eos_ids else None}
+    if isinstance(tok.backend, ChatGLM6BBackend):  # THUDM's tokenizer class, and its <sop> as config's BOS
+        tcfg = chatglm6b_tokenizer_config(tok)
+        gen = {"eos_token_id": tok.eos_ids[0]}
+        cfg_extra = {"eos_token_id": tok.eos_ids[0]}
     extra = extra or {}
     hf.save_hf_folder(_state_dict(lm.model), lm.config, tmp,
                       extra_json={**extra, "config.json": {**cfg_extra, **extra.get("config.json", {})},

@@ -37,8 +37,21 @@ def require_policy(lm: LoadedModel, path) -> LoadedModel:
 def require_decoder_only(lm: LoadedModel, path, what: str) -> LoadedModel:
     """The paths built on a decoder's one stream of tokens (perplexity, RLHF, GPTQ's calibration) refuse an
     encoder-decoder (T5) by name."""
+    require_plain_positions(lm, path, what)
     if lm.config.n_encoder_layers:
         raise CamelidError(f"{path}: an encoder-decoder model (T5) runs in `generate`, `chat`, `serve`, `quantize`, "
                            f"`convert`, `export`, `eval`'s choice tasks and fine-tuning; {what} takes decoder-only "
                            "models")
     return lm
+
+
+def require_plain_positions(lm_or_config, path, what: str):
+    """ChatGLM-6B's blank-infilling positions (a context that attends both ways, positions kept from its prompt)
+    take the whole prompt in one pass and one cache per sequence: the paths that cut, pack, page or share
+    prompts refuse it by name."""
+    cfg = getattr(lm_or_config, "config", lm_or_config)
+    if cfg.positions == "glm_2d":
+        raise CamelidError(f"{path}: ChatGLM-6B (GLM's blank-infilling positions) runs in `generate` and `chat` "
+                           f"(without speculation or --kv-type), `convert` and `quantize` (round to nearest); "
+                           f"{what} does not take it")
+    return lm_or_config

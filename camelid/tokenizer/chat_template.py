@@ -115,6 +115,17 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, list[str]]] = {
         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
         ["<|user|>", "<|observation|>", "<|endoftext|>"],
     ),
+    # ChatGLM-6B's rounds, as THUDM's chat() writes them; the prompt ends with [gMASK] <sop>, which its tokenizer
+    # appends (a system message, which it never had, goes first on its own line, as FastChat writes one)
+    "chatglm": (
+        "{% set ns = namespace(round=0) %}{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '[Round ' ~ ns.round ~ ']\n问：' + message['content'] + '\n答：' }}"
+        "{% set ns.round = ns.round + 1 %}"
+        "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[gMASK]<sop>' }}{% endif %}",
+        ["<eop>"],
+    ),
     # Base models: the conversation is plain text continued by the model.
     "raw": ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}", []),
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.files import read_json
+from camelid.tokenizer.chatglm6b import VOCAB_FILE, ChatGLM6BBackend
 from camelid.tokenizer.piece_vocab import PieceVocab
 from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBackend, Tokenizer, load_sentencepiece
 
@@ -14,7 +15,12 @@ from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBa
 def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
     """Writes the vocabulary file; returns the section camelid.json keeps about it."""
     b = tok.backend
-    if isinstance(b, HFBackend):
+    extra = {}
+    if isinstance(b, ChatGLM6BBackend):
+        name = VOCAB_FILE
+        (folder / name).write_bytes(b.sp.serialized_model_proto())
+        extra = {"num_image_tokens": b.offset, "prompt_end": tok.prompt_end}
+    elif isinstance(b, HFBackend):
         name = "tokenizer.json"
         b.tok.save(str(folder / name))
     elif isinstance(b, SentencePieceBackend):
@@ -27,7 +33,7 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
             "pieces": v.pieces, "scores": v.scores, "space": v.space, "add_space_prefix": v.add_space_prefix,
             "unk_id": v.unk_id, "special_ids": sorted(v.special_ids)}, ensure_ascii=False), encoding="utf-8")
     return {"file": name, "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "add_bos": tok.add_bos,
-            "chat_template": tok.chat_template, "special_tokens": tok.special_tokens_map}
+            "chat_template": tok.chat_template, "special_tokens": tok.special_tokens_map, **extra}
 
 
 _PIECES_SCHEMA = {"pieces": list, "scores": list, "space": str, "add_space_prefix": bool, "unk_id": int,
@@ -51,6 +57,13 @@ def load_saved_tokenizer(folder: Path, section: dict) -> Tokenizer:
     if path.name == "tokenizer.json":
         from tokenizers import Tokenizer as HFTokenizer
         backend = HFBackend(HFTokenizer.from_file(str(path)))
+    elif path.name == VOCAB_FILE:
+        images, end = section.get("num_image_tokens", 0), section.get("prompt_end") or []
+        if not isinstance(images, int) or isinstance(images, bool) or not isinstance(end, list):
+            raise CamelidError(f"{meta}: tokenizer: num_image_tokens must be an integer and prompt_end a list")
+        return Tokenizer(ChatGLM6BBackend(load_sentencepiece(path), images), bos_id, list(eos_ids),
+                         section.get("add_bos", True), section.get("chat_template"),
+                         section.get("special_tokens") or {}, prompt_end=end)
     elif path.suffix == ".model":
         backend = SentencePieceBackend(load_sentencepiece(path))
     else:

@@ -85,6 +85,8 @@ class Tokenizer:
     add_bos: bool = True
     chat_template: str | None = None
     special_tokens_map: dict = field(default_factory=dict)  # bos_token, eos_token, ... as strings for templates
+    # what a prompt ends with where BOS would be added (ChatGLM-6B's [gMASK] <sop>: its reply starts there)
+    prompt_end: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         specials = sorted(set(self.backend.special_tokens()), key=len, reverse=True)
@@ -97,9 +99,11 @@ class Tokenizer:
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special-token strings in it (e.g. "<s>") become their ids."""
         check_text(text)
-        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        marked = self.add_bos if bos is None else bos
+        ids = [self.bos_id] if marked and self.bos_id is not None else []
+        end = self.prompt_end if marked else []
         if self._special_re is None:
-            return ids + self.backend.encode(text)
+            return ids + self.backend.encode(text) + end
         after_special = True
         for part in self._special_re.split(text):
             if not part:
@@ -113,7 +117,7 @@ class Tokenizer:
                 ids += self.backend.encode(part, after_special) if isinstance(self.backend, PieceBackend) \
                     else self.backend.encode(part)
                 after_special = False
-        return ids
+        return ids + (end if ids[len(ids) - len(end):] != end else [])
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
@@ -218,6 +222,12 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
             backend = HFBackend(HFTokenizer.from_file(str(folder / "tokenizer.json")))
         except Exception as exc:
             raise CamelidError(f"{folder / 'tokenizer.json'}: cannot be read: {str(exc).splitlines()[0]}") from None
+    elif tcfg.get("tokenizer_class") == "ChatGLMTokenizer" and (folder / "ice_text.model").exists():
+        from camelid.tokenizer.chatglm6b import load_chatglm6b_tokenizer
+
+        tok = load_chatglm6b_tokenizer(folder, tcfg, mcfg)
+        tok.chat_template = _chat_template(folder, tcfg)
+        return tok
     elif tcfg.get("tokenizer_class") in _REMOTE_CODE_TOKENIZERS:
         raise CamelidError(f"{folder / 'tokenizer_config.json'}: {tcfg['tokenizer_class']} is the model's own Python "
                            f"code (special tokens appended to {_REMOTE_CODE_TOKENIZERS[tcfg['tokenizer_class']]}), "

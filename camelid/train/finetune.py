@@ -25,7 +25,7 @@ from camelid.data.masking import IGNORE, MaskStats, mask_conversation
 from camelid.data.packing import Row, collate, collate_seq2seq, pack_samples, seq2seq_rows, unpacked_rows
 from camelid.errors import CamelidError
 from camelid.formats.load import load_model, save_native
-from camelid.formats.loaded import LoadedModel, require_policy
+from camelid.formats.loaded import LoadedModel, require_plain_positions, require_policy
 from camelid.formats.peft import check_targets, load_adapter, save_adapter
 from camelid.model.lora import LoRAConfig, add_lora, merge_lora
 from camelid.model.quant import QUANTIZED, QuantSpec
@@ -101,6 +101,7 @@ def _finetune(cfg: FinetuneConfig, resume: str | None, cluster: Cluster, device:
     qlora = QuantSpec(cfg.quantize_base, cfg.quantize_group, "float") if cfg.quantize_base else None
     lm = require_policy(load_model(cfg.base, str(device), cfg.dtype if cfg.uses_lora else "fp32", quantize=qlora),
                         cfg.base)
+    require_plain_positions(lm, cfg.base, "fine-tuning")
     if lm.config.n_encoder_layers and (cfg.objective != "sft" or cfg.fsdp):
         raise CamelidError(f"base: {cfg.base} is an encoder-decoder (T5), which trains with the sft objective, "
                            "full or LoRA (no preference objectives or FSDP yet)")
