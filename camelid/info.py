@@ -30,7 +30,8 @@ def config_for(model_or_preset: str) -> tuple[ModelConfig, str]:
 
 def architecture_summary(cfg: ModelConfig) -> str:
     positions = {"learned": "learned positions", "alibi": "ALiBi",
-                 "relative": f"relative position buckets ({cfg.rel_buckets})"}.get(
+                 "relative": f"relative position buckets ({cfg.rel_buckets})",
+                 "glm_2d": "GLM's 2D RoPE (a two-way context, each half of a head by its own position)"}.get(
         cfg.positions, f"RoPE ({'interleaved' if cfg.rope_interleaved else 'half'}, {cfg.rotary_pct:g} of each head)")
     parts = [cfg.norm, cfg.activation + (" gated (SwiGLU-style)" if cfg.gated_mlp else ""), positions]
     if cfg.n_encoder_layers:
