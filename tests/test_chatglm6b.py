@@ -64,7 +64,7 @@ def _folder(folder: Path, images: int = 0) -> Path:
 
     from safetensors.torch import save_file
 
-    from camelid.tokenizer.chatglm6b import ChatGLM6BBackend
+    from camelid.tokenizer.thudm import ChatGLM6BBackend
     from camelid.tokenizer.tokenizer import load_sentencepiece
 
     folder.mkdir(parents=True)
@@ -83,7 +83,7 @@ def _folder(folder: Path, images: int = 0) -> Path:
 def test_the_tokenizer_is_thudms(images, reference, tmp_path):
     """ids (with [gMASK] <sop> at the end) and decoded text as THUDM's ChatGLMTokenizer gives them, for its
     first release's 20000 image tokens before the text's and its last release's none."""
-    from camelid.tokenizer.chatglm6b import load_chatglm6b_tokenizer
+    from camelid.tokenizer.thudm import load_chatglm6b_tokenizer
 
     folder = _folder(tmp_path / "m", images)
     tok = load_chatglm6b_tokenizer(folder, json.loads((folder / "tokenizer_config.json").read_text()), {})

@@ -19,7 +19,7 @@ from camelid.formats.load import build_model, export_hf, load_model
 from camelid.formats.loaded import LoadedModel
 from camelid.tokenizer.chat_template import render_chat
 from camelid.tokenizer.piece_vocab import PieceVocab
-from camelid.tokenizer.tokenizer import piece_tokenizer
+from camelid.tokenizer.tokenizer import load_hf_tokenizer, piece_tokenizer
 
 from conftest import SHARED
 
@@ -129,7 +129,7 @@ def test_thudm_layout_to_gguf_runs_in_llama_cpp(thudm):
 def test_chatglm_configs_camelid_cannot_run_are_named(tmp_path):
     base = dict(model_type="chatglm", hidden_size=64, num_layers=2, num_attention_heads=4, padded_vocab_size=96,
                 ffn_hidden_size=96)
-    for extra, message in ((dict(position_encoding_2d=True, inner_hidden_size=256), "ChatGLM-6B, the first"),
+    for extra, message in ((dict(position_encoding_2d=False, inner_hidden_size=256), "position_encoding_2d=false"),
                            (dict(rmsnorm=False), "rmsnorm=False is not supported"),
                            (dict(apply_residual_connection_post_layernorm=True),
                             "apply_residual_connection_post_layernorm=True"),
@@ -163,10 +163,11 @@ def test_chatglm4_template_is_llama_cpps(messages):
             _llama_cpp_template("chatglm4", messages, add)
 
 
-def test_chatglm_tokenizer_code_is_refused_by_name_and_replaced_on_request(thudm, tmp_path):
-    """THUDM's folders tokenize with their own Python code (special tokens appended to a SentencePiece model):
-    read as a plain tokenizer.model they would lose [gMASK], sop and the role tokens, so camelid says so, and
-    takes the tokenizer it is given instead."""
+def test_thudm_tokenizers_are_read_as_their_code_and_glm4s_refused_by_name(thudm, tmp_path):
+    """A THUDM folder's ChatGLMTokenizer over tokenizer.model is read as its code computes it (the role tokens
+    after the SentencePiece pieces: tests/test_chatglm3_tokenizer.py checks it against that code), and a model
+    whose embedding has no rows for them is refused; GLM-4's tiktoken tokenizer code is refused by name, and
+    --tokenizer replaces a folder's tokenizer."""
     import shutil
 
     root, _, want = thudm
@@ -174,8 +175,12 @@ def test_chatglm_tokenizer_code_is_refused_by_name_and_replaced_on_request(thudm
     shutil.copytree(root / "chatglm", folder)
     shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", folder / "tokenizer.model")  # any SentencePiece
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLMTokenizer"}))
-    with pytest.raises(CamelidError, match="ChatGLMTokenizer is the model's own Python code.*--tokenizer"):
+    tok = load_hf_tokenizer(folder, {"eos_token_id": 2})
+    assert tok.token_id("<|user|>") == 512 + 6 and tok.encode("Hi")[:2] == [512 + 1, 512 + 3]  # [gMASK] sop
+    with pytest.raises(CamelidError, match="eos_token_id 518 is not a token id of the vocabulary"):
+        load_model(folder)  # this tiny model's 512 rows hold no role tokens
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
+    with pytest.raises(CamelidError, match="ChatGLM4Tokenizer is the model's own Python code.*--tokenizer"):
         load_model(folder)
     lm = load_model(folder, tokenizer_path=folder / "tokenizer.model")
     assert lm.tokenizer.vocab_size == 512 and lm.template == "chatglm3"  # FastChat's, by the folder's name
-    np.testing.assert_allclose(lm.model(torch.tensor([IDS]))[0].detach().numpy(), want, atol=1e-4, rtol=0)

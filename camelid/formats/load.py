@@ -36,11 +36,11 @@ from camelid.model.quant import (
 from camelid.model.t5 import T5
 from camelid.model.transformer import Transformer, rope_tables
 from camelid.tokenizer.chat_template import resolve_template
-from camelid.tokenizer.chatglm6b import ChatGLM6BBackend, chatglm6b_tokenizer_config
 from camelid.tokenizer.fastchat_formats import template_for_model
 from camelid.tokenizer.gguf_vocab import gguf_tokenizer
 from camelid.tokenizer.piece_vocab import read_llama2c_tokenizer, to_hf_tokenizer
 from camelid.tokenizer.storage import load_saved_tokenizer, save_tokenizer
+from camelid.tokenizer.thudm import ChatGLM3Backend, ChatGLM6BBackend, chatglm6b_tokenizer_config
 from camelid.tokenizer.tokenizer import (
     PieceBackend,
     SentencePieceBackend,
@@ -394,6 +394,11 @@ def _write_hf(lm: LoadedModel, tmp: Path, hf_tensors: dict | None = None, extra:
     if isinstance(tok.backend, ChatGLM6BBackend):  # THUDM's tokenizer class, and its <sop> as config's BOS
         tcfg = chatglm6b_tokenizer_config(tok)
         gen = {"eos_token_id": tok.eos_ids[0]}
+        cfg_extra = {"eos_token_id": tok.eos_ids[0]}
+    elif isinstance(tok.backend, ChatGLM3Backend):  # THUDM's class reads it; no BOS, [gMASK] sop instead
+        tcfg = {"tokenizer_class": "ChatGLMTokenizer", "padding_side": "left", "clean_up_tokenization_spaces": False,
+                "chat_template": source}
+        gen = {"eos_token_id": tok.eos_ids}
         cfg_extra = {"eos_token_id": tok.eos_ids[0]}
     extra = extra or {}
     hf.save_hf_folder(_state_dict(lm.model), lm.config, tmp,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.files import read_json
-from camelid.tokenizer.chatglm6b import VOCAB_FILE, ChatGLM6BBackend
 from camelid.tokenizer.piece_vocab import PieceVocab
+from camelid.tokenizer.thudm import GLM_VOCAB_FILE, VOCAB_FILE, ChatGLM3Backend, ChatGLM6BBackend
 from camelid.tokenizer.tokenizer import HFBackend, PieceBackend, SentencePieceBackend, Tokenizer, load_sentencepiece
 
 
@@ -20,6 +20,10 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
         name = VOCAB_FILE
         (folder / name).write_bytes(b.sp.serialized_model_proto())
         extra = {"num_image_tokens": b.offset, "prompt_end": tok.prompt_end}
+    elif isinstance(b, ChatGLM3Backend):
+        name = GLM_VOCAB_FILE
+        (folder / name).write_bytes(b.sp.serialized_model_proto())
+        extra = {"thudm": "chatglm3", "prompt_start": tok.prompt_start}
     elif isinstance(b, HFBackend):
         name = "tokenizer.json"
         b.tok.save(str(folder / name))
@@ -64,6 +68,12 @@ def load_saved_tokenizer(folder: Path, section: dict) -> Tokenizer:
         return Tokenizer(ChatGLM6BBackend(load_sentencepiece(path), images), bos_id, list(eos_ids),
                          section.get("add_bos", True), section.get("chat_template"),
                          section.get("special_tokens") or {}, prompt_end=end)
+    elif section.get("thudm") == "chatglm3":
+        start = section.get("prompt_start") or []
+        if not isinstance(start, list):
+            raise CamelidError(f"{meta}: tokenizer: prompt_start must be a list")
+        return Tokenizer(ChatGLM3Backend(load_sentencepiece(path)), bos_id, list(eos_ids), section.get("add_bos", True),
+                         section.get("chat_template"), section.get("special_tokens") or {}, prompt_start=start)
     elif path.suffix == ".model":
         backend = SentencePieceBackend(load_sentencepiece(path))
     else:

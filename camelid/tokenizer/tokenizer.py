@@ -87,37 +87,53 @@ class Tokenizer:
     special_tokens_map: dict = field(default_factory=dict)  # bos_token, eos_token, ... as strings for templates
     # what a prompt ends with where BOS would be added (ChatGLM-6B's [gMASK] <sop>: its reply starts there)
     prompt_end: list[int] = field(default_factory=list)
+    prompt_start: list[int] = field(default_factory=list)  # and starts with, after BOS (ChatGLM2/3: [gMASK] sop)
 
     def __post_init__(self):
         specials = sorted(set(self.backend.special_tokens()), key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        self._special_re = getattr(self.backend, "special_regex", None) or (
+            re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None)
 
     @property
     def vocab_size(self) -> int:
         return self.backend.vocab_size
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; special-token strings in it (e.g. "<s>") become their ids."""
+        """Token ids of `text`; special-token strings in it (e.g. "<s>") become their ids. With `bos` (default:
+        the tokenizer's add_bos) the prompt's marks are added: BOS, and prompt_start and prompt_end where the text
+        does not already begin or end with them."""
         check_text(text)
-        marked = self.add_bos if bos is None else bos
-        ids = [self.bos_id] if marked and self.bos_id is not None else []
-        end = self.prompt_end if marked else []
+        body = self._encode_text(text)
+        if not (self.add_bos if bos is None else bos):
+            return body
+        start, end = self.prompt_start, self.prompt_end
+        if start and body[:len(start)] != start:
+            body = start + body
+        if end and body[len(body) - len(end):] != end:
+            body = body + end
+        return ([self.bos_id] if self.bos_id is not None else []) + body
+
+    def _encode_text(self, text: str) -> list[int]:
         if self._special_re is None:
-            return ids + self.backend.encode(text) + end
-        after_special = True
-        for part in self._special_re.split(text):
+            return self.backend.encode(text)
+        ids, after_special, previous = [], True, None
+        for k, part in enumerate(self._special_re.split(text)):  # the matches are the odd parts
             if not part:
                 continue
-            tid = self.backend.token_id(part) if self._special_re.fullmatch(part) else None
+            tid = self.backend.token_id(part) if k % 2 else None
             if tid is not None:
                 ids.append(tid)
-                after_special = True
-            else:
+                after_special, previous = True, part
+            elif isinstance(self.backend, PieceBackend):
                 # llama.cpp adds the SentencePiece prefix space at the start and after each special token.
-                ids += self.backend.encode(part, after_special) if isinstance(self.backend, PieceBackend) \
-                    else self.backend.encode(part)
-                after_special = False
-        return ids + (end if ids[len(ids) - len(end):] != end else [])
+                ids += self.backend.encode(part, after_special)
+            elif hasattr(self.backend, "encode_after"):  # THUDM's chat input: what follows a role token
+                ids += self.backend.encode_after(part, previous)
+            else:
+                ids += self.backend.encode(part)
+            if tid is None:
+                after_special, previous = False, None
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
@@ -208,6 +224,7 @@ def _as_list(value) -> list[int]:
 # Tokenizers a folder defines in its own code (trust_remote_code): read as a plain tokenizer.model they would
 # lose their special tokens, so they are refused by name.
 _REMOTE_CODE_TOKENIZERS = {"ChatGLMTokenizer": "a SentencePiece model", "ChatGLM4Tokenizer": "a tiktoken BPE"}
+# (THUDM's ChatGLMTokenizer is read as its code computes it where its vocabulary file is there: tokenizer/thudm.py)
 
 
 def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokenizer:
@@ -222,11 +239,15 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
             backend = HFBackend(HFTokenizer.from_file(str(folder / "tokenizer.json")))
         except Exception as exc:
             raise CamelidError(f"{folder / 'tokenizer.json'}: cannot be read: {str(exc).splitlines()[0]}") from None
-    elif tcfg.get("tokenizer_class") == "ChatGLMTokenizer" and (folder / "ice_text.model").exists():
-        from camelid.tokenizer.chatglm6b import load_chatglm6b_tokenizer
+    elif tcfg.get("tokenizer_class") == "ChatGLMTokenizer" and ((folder / "ice_text.model").exists()
+                                                                 or (folder / "tokenizer.model").exists()):
+        from camelid.tokenizer.thudm import load_chatglm3_tokenizer, load_chatglm6b_tokenizer
 
-        tok = load_chatglm6b_tokenizer(folder, tcfg, mcfg)
-        tok.chat_template = _chat_template(folder, tcfg)
+        tok = load_chatglm6b_tokenizer(folder, tcfg, mcfg) if (folder / "ice_text.model").exists() \
+            else load_chatglm3_tokenizer(folder, tcfg, gen, mcfg)
+        tok.chat_template = _chat_template(folder, tcfg) or tok.chat_template
+        check_token_ids(folder, max(tok.vocab_size, mcfg.get("vocab_size") or mcfg.get("padded_vocab_size") or 0),
+                        tok.bos_id, tok.eos_ids)
         return tok
     elif tcfg.get("tokenizer_class") in _REMOTE_CODE_TOKENIZERS:
         raise CamelidError(f"{folder / 'tokenizer_config.json'}: {tcfg['tokenizer_class']} is the model's own Python "
