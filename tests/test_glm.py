@@ -163,11 +163,11 @@ def test_chatglm4_template_is_llama_cpps(messages):
             _llama_cpp_template("chatglm4", messages, add)
 
 
-def test_thudm_tokenizers_are_read_as_their_code_and_glm4s_refused_by_name(thudm, tmp_path):
+def test_thudm_tokenizers_are_read_as_their_code_and_replaced_on_request(thudm, tmp_path):
     """A THUDM folder's ChatGLMTokenizer over tokenizer.model is read as its code computes it (the role tokens
-    after the SentencePiece pieces: tests/test_chatglm3_tokenizer.py checks it against that code), and a model
-    whose embedding has no rows for them is refused; GLM-4's tiktoken tokenizer code is refused by name, and
-    --tokenizer replaces a folder's tokenizer."""
+    after the SentencePiece pieces: tests/test_thudm_tokenizers.py checks it against that code), and a model
+    whose embedding has no rows for them is refused; GLM-4's tokenizer needs tiktoken's ranks (its own test is
+    in test_thudm_tokenizers.py), and --tokenizer replaces a folder's tokenizer."""
     import shutil
 
     root, _, want = thudm
@@ -180,7 +180,11 @@ def test_thudm_tokenizers_are_read_as_their_code_and_glm4s_refused_by_name(thudm
     with pytest.raises(CamelidError, match="eos_token_id 518 is not a token id of the vocabulary"):
         load_model(folder)  # this tiny model's 512 rows hold no role tokens
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
-    with pytest.raises(CamelidError, match="ChatGLM4Tokenizer is the model's own Python code.*--tokenizer"):
+    with pytest.raises(CamelidError, match="tokenizer.model: not a tiktoken file"):
         load_model(folder)
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(CamelidError, match="ChatGLM4Tokenizer .THUDM's code over tokenizer.model.*--tokenizer"):
+        load_model(folder)
+    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", folder / "tokenizer.model")
     lm = load_model(folder, tokenizer_path=folder / "tokenizer.model")
     assert lm.tokenizer.vocab_size == 512 and lm.template == "chatglm3"  # FastChat's, by the folder's name

@@ -16,14 +16,11 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
     """Writes the vocabulary file; returns the section camelid.json keeps about it."""
     b = tok.backend
     extra = {}
-    if isinstance(b, ChatGLM6BBackend):
-        name = VOCAB_FILE
+    if isinstance(b, (ChatGLM6BBackend, ChatGLM3Backend)):  # THUDM's: its SentencePiece model under its name
+        name = VOCAB_FILE if isinstance(b, ChatGLM6BBackend) else GLM_VOCAB_FILE
         (folder / name).write_bytes(b.sp.serialized_model_proto())
-        extra = {"num_image_tokens": b.offset, "prompt_end": tok.prompt_end}
-    elif isinstance(b, ChatGLM3Backend):
-        name = GLM_VOCAB_FILE
-        (folder / name).write_bytes(b.sp.serialized_model_proto())
-        extra = {"thudm": "chatglm3", "prompt_start": tok.prompt_start}
+        extra = {"thudm": "chatglm6b", "num_image_tokens": b.offset} if isinstance(b, ChatGLM6BBackend) \
+            else {"thudm": "chatglm3"}
     elif isinstance(b, HFBackend):
         name = "tokenizer.json"
         b.tok.save(str(folder / name))
@@ -37,7 +34,8 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> dict:
             "pieces": v.pieces, "scores": v.scores, "space": v.space, "add_space_prefix": v.add_space_prefix,
             "unk_id": v.unk_id, "special_ids": sorted(v.special_ids)}, ensure_ascii=False), encoding="utf-8")
     return {"file": name, "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "add_bos": tok.add_bos,
-            "chat_template": tok.chat_template, "special_tokens": tok.special_tokens_map, **extra}
+            "chat_template": tok.chat_template, "special_tokens": tok.special_tokens_map,
+            "prompt_start": tok.prompt_start, "prompt_end": tok.prompt_end, **extra}
 
 
 _PIECES_SCHEMA = {"pieces": list, "scores": list, "space": str, "add_space_prefix": bool, "unk_id": int,
@@ -53,33 +51,27 @@ def load_saved_tokenizer(folder: Path, section: dict) -> Tokenizer:
     if not path.is_file():
         raise CamelidError(f"{meta}: tokenizer file {name!r} is missing")
     bos_id, eos_ids = section.get("bos_id"), section.get("eos_ids") or []
+    start, end, images = section.get("prompt_start") or [], section.get("prompt_end") or [], \
+        section.get("num_image_tokens", 0)
     kinds = [(eos_ids, list), (section.get("special_tokens") or {}, dict), (section.get("chat_template") or "", str),
-             (section.get("add_bos", True), bool)]
-    if not all(isinstance(value, kind) for value, kind in kinds):
-        raise CamelidError(f"{meta}: tokenizer: eos_ids must be a list, special_tokens an object, chat_template "
-                           f"a string and add_bos true or false")
-    if path.name == "tokenizer.json":
+             (section.get("add_bos", True), bool), (start, list), (end, list), (images, int)]
+    if not all(isinstance(value, kind) for value, kind in kinds) or isinstance(images, bool):
+        raise CamelidError(f"{meta}: tokenizer: eos_ids, prompt_start and prompt_end must be lists, special_tokens "
+                           f"an object, chat_template a string, add_bos true or false and num_image_tokens an integer")
+    thudm = section.get("thudm")
+    if thudm == "chatglm6b":
+        backend = ChatGLM6BBackend(load_sentencepiece(path), images)
+    elif thudm == "chatglm3":
+        backend = ChatGLM3Backend(load_sentencepiece(path))
+    elif path.name == "tokenizer.json":
         from tokenizers import Tokenizer as HFTokenizer
         backend = HFBackend(HFTokenizer.from_file(str(path)))
-    elif path.name == VOCAB_FILE:
-        images, end = section.get("num_image_tokens", 0), section.get("prompt_end") or []
-        if not isinstance(images, int) or isinstance(images, bool) or not isinstance(end, list):
-            raise CamelidError(f"{meta}: tokenizer: num_image_tokens must be an integer and prompt_end a list")
-        return Tokenizer(ChatGLM6BBackend(load_sentencepiece(path), images), bos_id, list(eos_ids),
-                         section.get("add_bos", True), section.get("chat_template"),
-                         section.get("special_tokens") or {}, prompt_end=end)
-    elif section.get("thudm") == "chatglm3":
-        start = section.get("prompt_start") or []
-        if not isinstance(start, list):
-            raise CamelidError(f"{meta}: tokenizer: prompt_start must be a list")
-        return Tokenizer(ChatGLM3Backend(load_sentencepiece(path)), bos_id, list(eos_ids), section.get("add_bos", True),
-                         section.get("chat_template"), section.get("special_tokens") or {}, prompt_start=start)
     elif path.suffix == ".model":
         backend = SentencePieceBackend(load_sentencepiece(path))
     else:
         backend = PieceBackend(_read_pieces(path))
     return Tokenizer(backend, bos_id, list(eos_ids), section.get("add_bos", True), section.get("chat_template"),
-                     section.get("special_tokens") or {})
+                     section.get("special_tokens") or {}, prompt_start=start, prompt_end=end)
 
 
 def _read_pieces(path: Path) -> PieceVocab:

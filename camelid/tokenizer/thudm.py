@@ -7,7 +7,10 @@ code, not a tokenizer.json).
   in at the mask.
 - ChatGLM2 and ChatGLM3: a SentencePiece model (tokenizer.model) with [MASK] [gMASK] [sMASK] sop eop and
   ChatGLM3's role tokens numbered after its pieces. A prompt starts with [gMASK] sop; a chat message is its
-  role token, then its metadata line and its text, each encoded on its own (build_single_message)."""
+  role token, then its metadata line and its text, each encoded on its own (build_single_message).
+- GLM-4 (ChatGLM4Tokenizer): tiktoken's byte-level BPE from the ranks in tokenizer.model, split first by its
+  pattern, special tokens numbered after the ranks; a prompt starts with [gMASK] <sop>. It is built here as a
+  `tokenizers` BPE, each merge ranked as the token it makes, which is tiktoken's rule."""
 
 from __future__ import annotations
 
@@ -155,3 +158,80 @@ def load_chatglm3_tokenizer(folder: Path, tcfg: dict, gen: dict, mcfg: dict) -> 
         eos_ids += [backend.specials[r] for r in ("<|user|>", "<|observation|>") if backend.specials[r] not in eos_ids]
     return Tokenizer(backend, None, eos_ids, True, fastchat_template(release)[0], {"eos_token": "</s>"},
                      prompt_start=[backend.specials["[gMASK]"], backend.specials["sop"]])
+
+
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>"]
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken BPE file: one base64 token and its rank a line."""
+    import base64
+    import binascii
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CamelidError(f"{path}: not a tiktoken file (lines of a base64 token and its rank)") from None
+    ranks = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise CamelidError(f"{path}:{n}: not a tiktoken line (a base64 token and its rank)") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise CamelidError(f"{path}: the ranks are not 0..{len(ranks) - 1}, one each")
+    return ranks
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (what byte-level vocabularies are written in)."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tiktoken_bpe(ranks: dict[bytes, int], pattern: str, specials: list[str]):
+    """A `tokenizers` BPE computing what tiktoken computes with these ranks: a merge for every split of a token
+    into two tokens, ranked by the token it makes; specials numbered after the ranks."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    chars = _byte_chars()
+    vocab = {"".join(chars[b] for b in token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in vocab.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += [(rank, vocab[a], vocab[b], a, b) for a, b in splits]
+    merges.sort()
+    tok = HFTokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def load_glm4_tokenizer(folder: Path, tcfg: dict, gen: dict, mcfg: dict) -> Tokenizer:
+    """A GLM-4 folder's ChatGLM4Tokenizer: its tiktoken ranks, [gMASK] <sop> starting each prompt, replies that
+    stop at <|endoftext|>, <|user|> or <|observation|> (its generation config's), its chat template."""
+    from camelid.tokenizer.tokenizer import HFBackend
+
+    ranks = read_tiktoken_ranks(folder / GLM_VOCAB_FILE)
+    backend = HFBackend(tiktoken_bpe(ranks, GLM4_PATTERN, GLM4_SPECIALS))
+    special = {t: len(ranks) + i for i, t in enumerate(GLM4_SPECIALS)}
+    eos = gen.get("eos_token_id", [special[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")])
+    return Tokenizer(backend, None, list(eos) if isinstance(eos, list) else [eos], True, None,
+                     {"eos_token": "<|endoftext|>"}, prompt_start=[special["[gMASK]"], special["<sop>"]])

@@ -221,10 +221,10 @@ def _as_list(value) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-# Tokenizers a folder defines in its own code (trust_remote_code): read as a plain tokenizer.model they would
-# lose their special tokens, so they are refused by name.
-_REMOTE_CODE_TOKENIZERS = {"ChatGLMTokenizer": "a SentencePiece model", "ChatGLM4Tokenizer": "a tiktoken BPE"}
-# (THUDM's ChatGLMTokenizer is read as its code computes it where its vocabulary file is there: tokenizer/thudm.py)
+# Tokenizers a folder defines in its own code (trust_remote_code), read as that code computes them
+# (tokenizer/thudm.py): the file each reads
+_REMOTE_CODE_TOKENIZERS = {"ChatGLMTokenizer": "tokenizer.model or ice_text.model",
+                           "ChatGLM4Tokenizer": "tokenizer.model, tiktoken's ranks"}
 
 
 def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokenizer:
@@ -239,20 +239,24 @@ def load_hf_tokenizer(folder: Path, model_config: dict | None = None) -> Tokeniz
             backend = HFBackend(HFTokenizer.from_file(str(folder / "tokenizer.json")))
         except Exception as exc:
             raise CamelidError(f"{folder / 'tokenizer.json'}: cannot be read: {str(exc).splitlines()[0]}") from None
-    elif tcfg.get("tokenizer_class") == "ChatGLMTokenizer" and ((folder / "ice_text.model").exists()
-                                                                 or (folder / "tokenizer.model").exists()):
-        from camelid.tokenizer.thudm import load_chatglm3_tokenizer, load_chatglm6b_tokenizer
+    elif tcfg.get("tokenizer_class") in _REMOTE_CODE_TOKENIZERS and ((folder / "ice_text.model").exists()
+                                                                      or (folder / "tokenizer.model").exists()):
+        from camelid.tokenizer.thudm import load_chatglm3_tokenizer, load_chatglm6b_tokenizer, load_glm4_tokenizer
 
-        tok = load_chatglm6b_tokenizer(folder, tcfg, mcfg) if (folder / "ice_text.model").exists() \
-            else load_chatglm3_tokenizer(folder, tcfg, gen, mcfg)
+        if tcfg["tokenizer_class"] == "ChatGLM4Tokenizer":
+            tok = load_glm4_tokenizer(folder, tcfg, gen, mcfg)
+        elif (folder / "ice_text.model").exists():
+            tok = load_chatglm6b_tokenizer(folder, tcfg, mcfg)
+        else:
+            tok = load_chatglm3_tokenizer(folder, tcfg, gen, mcfg)
         tok.chat_template = _chat_template(folder, tcfg) or tok.chat_template
         check_token_ids(folder, max(tok.vocab_size, mcfg.get("vocab_size") or mcfg.get("padded_vocab_size") or 0),
                         tok.bos_id, tok.eos_ids)
         return tok
     elif tcfg.get("tokenizer_class") in _REMOTE_CODE_TOKENIZERS:
-        raise CamelidError(f"{folder / 'tokenizer_config.json'}: {tcfg['tokenizer_class']} is the model's own Python "
-                           f"code (special tokens appended to {_REMOTE_CODE_TOKENIZERS[tcfg['tokenizer_class']]}), "
-                           f"which camelid does not run: give --tokenizer a tokenizer.json for this model")
+        raise CamelidError(f"{folder / 'tokenizer_config.json'}: {tcfg['tokenizer_class']} (THUDM's code over "
+                           f"{_REMOTE_CODE_TOKENIZERS[tcfg['tokenizer_class']]}) needs its vocabulary file, which "
+                           f"the folder lacks: copy it there, or give --tokenizer a tokenizer.json for this model")
     elif (folder / "tokenizer.model").exists() or (folder / "spiece.model").exists():  # spiece.model: T5's
         model_file = folder / "tokenizer.model" if (folder / "tokenizer.model").exists() else folder / "spiece.model"
         backend = SentencePieceBackend(load_sentencepiece(model_file))

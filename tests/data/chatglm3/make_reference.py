@@ -1,4 +1,4 @@
-"""Writes reference.json (and, once, tokenizer.model) for tests/test_chatglm3_tokenizer.py from THUDM's own
+"""Writes reference.json (and, once, tokenizer.model) for tests/test_thudm_tokenizers.py from THUDM's own
 ChatGLM3 tokenizer (tokenization_chatglm.py of the Hugging Face repository THUDM/chatglm3-6b), run offline on a
 tiny SentencePiece vocabulary. That code is not part of camelid: put it in a package folder and run
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-from test_chatglm3_tokenizer import CONVERSATIONS, TEXTS  # noqa: E402
+from test_thudm_tokenizers import CONVERSATIONS, TEXTS  # noqa: E402
 
 
 def vocabulary(path: Path):
