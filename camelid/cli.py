@@ -275,7 +275,8 @@ def _convert_legacy_ggml(args):
 
 def _args_apply_delta(p: argparse.ArgumentParser):
     p.add_argument("base", help="the base model: a Hugging Face folder, or Meta's params.json + consolidated.*.pth")
-    p.add_argument("delta", help="the delta weights (a Hugging Face folder, e.g. lmsys/vicuna-7b-delta-v1.1)")
+    p.add_argument("delta", help="the delta weights: a Hugging Face folder (e.g. lmsys/vicuna-7b-delta-v1.1), or "
+                                 "an EasyLM streaming checkpoint (Koala's published diff)")
     p.add_argument("out", help="output folder: the fine-tuned model as a Hugging Face folder")
     _force_arg(p)
 

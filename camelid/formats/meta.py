@@ -111,7 +111,7 @@ class MetaTensors(Mapping):
             if tuple(t.shape) != expected:
                 raise CamelidError(f"{self.files[0].parent}: {meta} merged from {len(parts)} files has shape "
                                    f"{tuple(t.shape)}, params.json says {expected}")
-            t = _to_halves(t, heads)
+            t = to_halves(t, heads)
         return t
 
     def __iter__(self) -> Iterator[str]:
@@ -121,7 +121,7 @@ class MetaTensors(Mapping):
         return len(self.names)
 
 
-def _to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+def to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of each head from Meta's rotary pairs (0, 1), (2, 3)... to transformers' halves (0, d/2), (1, d/2 + 1)."""
     out, cols = w.shape
     return w.view(heads, out // heads // 2, 2, cols).transpose(1, 2).reshape(out, cols)
