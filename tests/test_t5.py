@@ -156,6 +156,12 @@ def test_generate_chat_quantize_and_convert_from_the_command_line(tmp_path, caps
         want = ref(input_ids=ids, decoder_input_ids=tgt).logits
         q = load_model(tmp_path / "q").model
         torch.testing.assert_close(q(tgt, q.encode(ids), keep_cache=False), want, atol=0.05, rtol=0)
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q4"), "--mode", "int4"]) == 0
+    with torch.no_grad():  # int4 groups of 32 on this 64-wide random model: close, not equal
+        q4 = load_model(tmp_path / "q4").model
+        assert type(q4.encoder[0].attn.wqkv).__name__ == type(q4.layers[0].cross.wkv).__name__ == "Int4Linear"
+        got = q4(tgt, q4.encode(ids), keep_cache=False)
+        assert torch.corrcoef(torch.stack((got.flatten(), want.flatten())))[0, 1] > 0.95
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     back = _camelid(tmp_path / "hf")
     with torch.no_grad():
