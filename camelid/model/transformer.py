@@ -409,6 +409,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if logits_at is not None:  # as indices: a compiled model then breaks its graph here only, once
             logits_at = logits_at.flatten().nonzero().squeeze(1)
+        if cfg.positions == "glm_2d" and (layout is not None or segment_ids is not None):
+            raise CamelidError("positions 'glm_2d' (ChatGLM-6B) come from each prompt's own tokens: a packed or laid "
+                               "out batch has none to give")
         if layout is not None:
             positions, mask = layout
         elif segment_ids is not None:
