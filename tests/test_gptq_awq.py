@@ -123,7 +123,7 @@ def _reference_weight(layer, in_features):
 GPTQ_CASES = {  # name: (bits, group, desc_act, static_groups, on the int4 kernel)
     "4bit-32g": (4, 32, False, False, True),
     "4bit-128g-act-order-static": (4, 64, True, True, True),
-    "4bit-64g-act-order": (4, 64, True, False, False),
+    "4bit-64g-act-order": (4, 64, True, False, True),  # its inputs sorted by group
     "3bit-64g": (3, 64, False, False, False),
     "2bit-32g": (2, 32, False, False, False),
     "8bit-per-row": (8, -1, False, False, False),
@@ -157,6 +157,21 @@ def test_gptq_checkpoints_give_the_reference_weights_and_logits(ref, case, tmp_p
         want = reference.float()(IDS).logits[0]
     got = lm.model(IDS)[0]
     torch.testing.assert_close(got, want, atol=0.05 if kernel else 2e-3, rtol=0)
+    if desc_act and not static:  # q/k/v and gate/up share their input, so its order: fused, still on the kernel
+        assert isinstance(layers["layers.0.attn.wqkv"], Int4Linear) and layers["layers.0.attn.wqkv"].in_perm is not None
+        from camelid.formats.load import export_gptq
+
+        for layer in lm.model.modules():  # GPTQ's layout keeps fp16 scales (these layers were packed in fp32)
+            if isinstance(layer, Int4Linear):
+                scales, zeros = layer.scales_zeros.unbind(-1)
+                fp16 = scales.half().float()
+                layer.scales_zeros = torch.stack((fp16, fp16 * (8 - (8 - zeros / scales).round())), -1)
+        ours = plain_state_dict(lm)
+        export_gptq(lm, tmp_path / "again", group)  # written back with its g_idx, read back the same
+        assert json.loads((tmp_path / "again" / "quantize_config.json").read_text())["desc_act"]
+        again = plain_state_dict(load_model(tmp_path / "again"))
+        for name in ("layers.1.attn.wo.weight", "layers.0.mlp.w_in.weight", "layers.0.attn.wqkv.weight"):
+            torch.testing.assert_close(again[name].float(), ours[name].float(), atol=1e-6, rtol=0)
 
 
 def test_gptq_for_llama_files_without_a_config_and_awq_gemm(ref, tmp_path):

@@ -4,10 +4,10 @@ the tensors), AutoGPTQ / GPTQModel folders (`quantize_config.json`, or `quantiza
 layout.
 
 Each quantized layer's tensors (`qweight`, `qzeros`, `scales`, `g_idx`) become what camelid's layers hold, under
-the layer's own name, before the family's renaming: 4-bit weights in contiguous groups the int4 kernel takes
-become its (q, scale, zero) exactly (GPTQ's w = s (q - z) is camelid's (q - 8) s + s (8 - z)); anything else (2, 3
-or 8 bits, act-order groups, a shape the kernel cannot take) is dequantized exactly to a float weight, which
-loading says.
+the layer's own name, before the family's renaming: 4-bit weights in groups the int4 kernel takes become its
+(q, scale, zero) exactly (GPTQ's w = s (q - z) is camelid's (q - 8) s + s (8 - z)), act-order layers' inputs
+sorted by group (`in_perm`: the layer gathers its input in that order); anything else (2, 3 or 8 bits, a shape
+the kernel cannot take) is dequantized exactly to a float weight, which loading says.
 
 GPTQ's layout: qweight (K * bits / 32, N) int32 packs inputs along K, low bits first; qzeros (groups, N * bits /
 32) packs outputs, and stores z - 1 in the "gptq" (v1) checkpoint format that every tool writes (v2: z);
@@ -79,9 +79,14 @@ def dequantized_state_dict(tensors: dict, fmt: QuantFormat, source: str) -> tupl
         q, scales, zeros, g_idx = _unpacked(tensors, name, fmt, source)
         K, N = q.shape
         group = K // scales.shape[0] if fmt.group in (None, -1) else fmt.group
-        contiguous = torch.equal(g_idx, torch.arange(K) // group)
-        if q.max() < 16 and fmt.bits in (None, 4) and contiguous and group in INT4_GROUPS and int4_fits(N, K, group):
+        # act-order: the inputs sorted by group make contiguous groups, and the layer takes its input in that order
+        order = torch.argsort(g_idx, stable=True)
+        grouped = torch.equal(g_idx[order], torch.arange(K) // group)
+        if q.max() < 16 and fmt.bits in (None, 4) and grouped and group in INT4_GROUPS and int4_fits(N, K, group):
             s = scales.t().float()
+            if not torch.equal(order, torch.arange(K)):
+                q = q[order]
+                out[f"{name}.in_perm"] = order
             out[f"{name}.weight"] = pack_int4(q.t().to(torch.uint8))
             out[f"{name}.scales_zeros"] = kernel_scales_zeros(s, s * (8 - zeros.t().float()), torch.float32)
             kernel += 1
@@ -91,8 +96,8 @@ def dequantized_state_dict(tensors: dict, fmt: QuantFormat, source: str) -> tupl
             floats.append(name)
     note = f"{fmt.method.upper()} checkpoint: {kernel} layers on the int4 kernel"
     if floats:
-        note += (f", {len(floats)} dequantized to float (e.g. {floats[0]}: act-order groups, a bit width or a "
-                 f"group size the int4 kernel does not take)")
+        note += (f", {len(floats)} dequantized to float (e.g. {floats[0]}: a bit width, a group size or groups of "
+                 f"unequal sizes the int4 kernel does not take)")
     return out, note
 
 
@@ -160,9 +165,9 @@ def _awq_unpack(packed: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- writing GPTQModel's layout
 
 
-def gptq_config(group: int) -> dict:
+def gptq_config(group: int, desc_act: bool = False) -> dict:
     """The quantization_config (and quantize_config.json) GPTQModel and AutoGPTQ write for such a checkpoint."""
-    return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False,
+    return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act, "sym": False,
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
             "lm_head": False}
 
@@ -180,22 +185,27 @@ def gptq_tensors(sd: dict, cfg, group: int) -> dict:
         q = unpack_int4(sd[f"{name}.weight"])
         scales, zero_points = sd[f"{name}.scales_zeros"].float().permute(2, 1, 0)  # (N, groups) each
         z = 8 - zero_points / scales
-        if q.shape[1] // scales.shape[1] != group or not torch.equal(z, z.round()) or z.min() < 0 or z.max() > 15 \
+        # (zero points read from a GPTQ checkpoint come back integers up to the float rounding of s (8 - z) / s)
+        if q.shape[1] // scales.shape[1] != group or (z - z.round()).abs().max() > 1e-3 or z.min() < -1e-3 \
+                or z.max() > 15 + 1e-3 \
                 or not torch.equal(scales, scales.half().float()):
             raise CamelidError(f"{name}: its int4 groups are not GPTQ's (fp16 scales, integer zero points, groups "
                                f"of {group}): quantize with --method gptq --format gptq")
-        rows.append((q, scales, z.round().long()))
+        perm = sd.get(f"{name}.in_perm")  # act-order: back to the inputs' own order, each with its group
+        position = torch.arange(q.shape[1]) if perm is None else torch.argsort(perm)
+        rows.append((q[:, position], scales, z.round().long(), position // group))
         # which layer and row each row of a transformers module comes from, through the same renaming and splits
         marks[f"{name}.weight"] = torch.stack([torch.full((q.shape[0],), i), torch.arange(q.shape[0])], 1)
     plain = {k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in quantized or k.endswith(".bias")}
     out = {k: v.half() if v.is_floating_point() else v for k, v in state_dict_to_hf(plain, cfg).items()}
     for key, mark in state_dict_to_hf(marks, cfg).items():
-        q, scales, z = (t[mark[:, 1]] for t in rows[int(mark[0, 0])])
+        q, scales, z, g_idx = rows[int(mark[0, 0])]
+        q, scales, z = (t[mark[:, 1]] for t in (q, scales, z))
         base = key[:-len(".weight")]
         out[f"{base}.qweight"] = _pack_int32(q.t())
         out[f"{base}.qzeros"] = _pack_int32((z - 1) & 15).t().contiguous()  # v1 stores z - 1, in 4 bits
         out[f"{base}.scales"] = scales.t().half().contiguous()
-        out[f"{base}.g_idx"] = (torch.arange(q.shape[1]) // group).to(torch.int32)
+        out[f"{base}.g_idx"] = g_idx.to(torch.int32)
     return out
 
 

@@ -160,16 +160,24 @@ def _take_scales(sd, take, remaining, theirs: str, ours: str, regroup=None, tran
         raise CamelidError(f"{theirs}: a quantized checkpoint of a family with transposed weights is not supported")
     sz = take(theirs[:-6] + "scales_zeros")
     sd[ours[:-6] + "scales_zeros"] = regroup(sz.transpose(0, 1)).transpose(0, 1).contiguous() if regroup else sz
+    if theirs[:-6] + "in_perm" in remaining:  # an act-order layer's input order (its rows are not touched)
+        sd[ours[:-6] + "in_perm"] = take(theirs[:-6] + "in_perm")
 
 
 def _fuse(sd, take, remaining, i, base, fusions: dict[str, tuple[str, ...]]):
     for ours, parts in fusions.items():
         scales = [f"{base}{part}.scales_zeros" for part in parts]
-        if any(n in remaining for n in scales) and not all(n in remaining for n in scales):
-            for part in parts:  # fused into one layer: all int4 or all float, so the int4 parts go float
+        perms = [remaining.get(f"{base}{part}.in_perm") for part in parts]
+        one_order = all(p is None for p in perms) or all(p is not None and torch.equal(p, perms[0]) for p in perms)
+        if any(n in remaining for n in scales) and (not all(n in remaining for n in scales) or not one_order):
+            # fused into one layer: all int4 with one input order, or all float, so the int4 parts go float
+            for part in parts:
                 if f"{base}{part}.scales_zeros" in remaining:
-                    remaining[f"{base}{part}.weight"] = _int4_weight(take(f"{base}{part}.weight"),
-                                                                     take(f"{base}{part}.scales_zeros"))
+                    remaining[f"{base}{part}.weight"] = _int4_weight(
+                        take(f"{base}{part}.weight"), take(f"{base}{part}.scales_zeros"),
+                        take(f"{base}{part}.in_perm") if f"{base}{part}.in_perm" in remaining else None)
+        if all(f"{base}{part}.in_perm" in remaining for part in parts):
+            sd[f"layers.{i}.{ours}.in_perm"] = [take(f"{base}{part}.in_perm") for part in parts][0]
         for p in ("weight", "bias", "scales_zeros"):
             names = [f"{base}{part}.{p}" for part in parts]
             if all(n in remaining for n in names):
@@ -179,12 +187,18 @@ def _fuse(sd, take, remaining, i, base, fusions: dict[str, tuple[str, ...]]):
                     release_pages(t)
 
 
-def _int4_weight(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """An int4 layer's float weight: (q - 8) * scale + zero per group (model/quant.py's layout)."""
+def _int4_weight(packed: torch.Tensor, scales_zeros: torch.Tensor, in_perm: torch.Tensor | None = None):
+    """An int4 layer's float weight: (q - 8) * scale + zero per group (model/quant.py's layout), its columns
+    back in the inputs' order where the layer takes them permuted."""
     q = unpack_int4(packed).float()
     scales, zeros = scales_zeros.float().permute(2, 1, 0)  # (N, groups) each
     g = q.reshape(q.shape[0], scales.shape[1], -1)
-    return ((g - 8) * scales[..., None] + zeros[..., None]).reshape(q.shape)
+    w = ((g - 8) * scales[..., None] + zeros[..., None]).reshape(q.shape)
+    if in_perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, in_perm] = w
+    return out
 
 
 def state_dict_to_hf(sd: dict, cfg: ModelConfig) -> dict:

@@ -371,8 +371,9 @@ def export_gptq(lm: LoadedModel, folder: str | Path, group: int, force: bool = F
         raise CamelidError(f"{loose[0] if loose else 'output'}: GPTQ's layout holds 4-bit block projections and a "
                            f"float output layer; this layer is not one (its shape does not fit int4 groups of "
                            f"{group}, or --output-mode asked otherwise)")
-    tensors = gptq_awq.gptq_tensors(_state_dict(lm.model), lm.config, group)
-    config = gptq_awq.gptq_config(group)
+    sd = _state_dict(lm.model)
+    tensors = gptq_awq.gptq_tensors(sd, lm.config, group)
+    config = gptq_awq.gptq_config(group, desc_act=any(k.endswith(".in_perm") for k in sd))
     with output_folder(folder, force) as tmp:
         _write_hf(lm, tmp, hf_tensors=tensors, extra={"config.json": {"quantization_config": config,
                                                                       "torch_dtype": "float16"},

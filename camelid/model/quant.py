@@ -201,6 +201,8 @@ class Int4Linear(nn.Module):
         # (K/group, N, 2): scale and zero, the kernel's own layout, so nothing is reshaped per token
         self.register_buffer("scales_zeros", torch.zeros(in_features // group, out_features, 2))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # an act-order GPTQ layer's input order: the weight's columns are the inputs in_perm[0], in_perm[1], ...
+        self.register_buffer("in_perm", None)
         self.cpu_layout = False  # `weight` repacked in place for the CPU kernel (same shape), on first use
 
     @classmethod
@@ -257,14 +259,25 @@ class Int4Linear(nn.Module):
         return _quantized_linear(self, x)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) @ W^T, without the bias."""
+        """x2 (M, K) @ W^T, without the bias (an act-order layer first gathers its inputs in its weight's order)."""
+        if self.in_perm is not None:
+            x2 = x2.index_select(1, self.in_perm)
         if x2.device.type == "cpu":
             xk = _kernel_input(x2)
             return torch._weight_int4pack_mm_for_cpu(xk, self.kernel_weight(), self.group,
                                                      _cached(self, "scales_zeros", xk.dtype))
-        return F.linear(x2, self.dequantize().to(x2.dtype))
+        return F.linear(x2, self._grouped_weight().to(x2.dtype))
 
     def dequantize(self) -> torch.Tensor:
+        """The float weight, its columns in the inputs' order."""
+        w = self._grouped_weight()
+        if self.in_perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.in_perm] = w
+        return out
+
+    def _grouped_weight(self) -> torch.Tensor:
         q = unpack_from_cpu_kernel(self.weight) if self.cpu_layout else None
         if q is None:
             q = unpack_int4(self.portable_weight())
@@ -441,7 +454,9 @@ def quantized_shells(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
                                              tensors[f"{name}.blocks"].shape[1], bias))
         elif f"{name}.scales_zeros" in tensors:
             groups = tensors[f"{name}.scales_zeros"].shape[0]
-            setattr(parent, attr, Int4Linear(layer.in_features, layer.out_features, layer.in_features // groups,
-                                             bias))
+            int4 = Int4Linear(layer.in_features, layer.out_features, layer.in_features // groups, bias)
+            if f"{name}.in_perm" in tensors:
+                int4.in_perm = torch.zeros(layer.in_features, dtype=torch.long)
+            setattr(parent, attr, int4)
         elif f"{name}.scales" in tensors:
             setattr(parent, attr, Int8Linear(layer.in_features, layer.out_features, bias))
