@@ -32,6 +32,8 @@ NOT_RUN = {
     "camelid export out/my-model": "your own model",
     "camelid apply-delta ~/llama/7B": "Meta's LLaMA weights and LMSYS's delta (tests/test_meta_weights.py applies "
                                       "deltas to tiny models, against FastChat's own apply_delta)",
+    "camelid apply-delta ~/llama/13B": "Meta's LLaMA weights and Berkeley's Koala diff (tests/test_koala_diff.py "
+                                       "recovers a tiny LLaMA's, against EasyLM's own recovery)",
     "camelid chat out/vicuna-7b": "the model apply-delta writes",
     "camelid merge out/base": "an adapter `camelid finetune` writes (tests/test_lora.py merges them)",
     "camelid eval MODEL --suite leaderboard-v1": "ARC's files, which ../shared does not hold",
