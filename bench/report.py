@@ -202,12 +202,22 @@ def t5(rows):
                f"{_x(r['decode_ratio'])} |")
 
 
+def t5_serve(rows):
+    yield "| model | requests (prompt tokens) | camelid serving | transformers batched generate | ratio |"
+    yield "|---|---|---|---|---|"
+    for r in rows:
+        prompts = f"{min(r['prompt_tokens'])}-{max(r['prompt_tokens'])}"
+        yield (f"| {r['model']} | {r['requests']} x {r['new_tokens']} tokens ({prompts}) | "
+               f"{_n(r['camelid_tokens_per_s'])} tok/s | {_n(r['transformers_tokens_per_s'])} tok/s | "
+               f"{_x(r['ratio'])} |")
+
+
 # by the "bench" field of the JSON lines
 TABLES = {"generate": generate, "gguf_speed": gguf_speed, "gguf_memory": gguf_memory,
           "gguf_quality": gguf_quality, "train": train,
           "finetune-lora": finetune, "preference-dpo-lora": preference, "eval_speed": eval_speed,
           "serve_load": serve_load, "constrained-json-schema": constrained, "speculative": speculative,
-          "serve_kv": serve_kv, "serve_soak": serve_soak, "t5": t5}
+          "serve_kv": serve_kv, "serve_soak": serve_soak, "t5": t5, "t5_serve": t5_serve}
 
 
 def read_results(name: str) -> list[dict]:

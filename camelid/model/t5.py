@@ -182,8 +182,8 @@ class T5(nn.Module):
         positions = torch.arange(start + T, device=tokens.device)
         bias = self._position_bias(self.decoder_bias, positions[start:], positions, bidirectional=False)
         bias = bias.masked_fill(positions[None, None, start:, None] < positions[None, None, None, :], float("-inf"))
-        if cache.self_mask is not None:
-            bias = bias + F.pad(cache.self_mask, (0, T))
+        if cache.self_mask is not None:  # the padding of rows stacked earlier; the positions since are real
+            bias = bias + F.pad(cache.self_mask, (0, start + T - cache.self_mask.shape[-1]))
         x = F.dropout(self.tok_embeddings(tokens), self.cfg.dropout, self.training)
         for i, block in enumerate(self.layers):
             x = block(x, bias, cache.cross_kv[i], cache.key_mask, cache.self_kv[i] if keep_cache else None)

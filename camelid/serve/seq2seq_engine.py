@@ -52,6 +52,7 @@ class Seq2SeqEngine(Engine):
         self.waiting: collections.deque = collections.deque()
         self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.active: list[_Slot] = []
+        self._batch, self._batch_steps = None, 0  # (the rows, their stacked cache), and steps taken on it
         self.metrics = Metrics()
         self.failure: str | None = None
         self._wake = threading.Condition()
@@ -137,16 +138,15 @@ class Seq2SeqEngine(Engine):
 
     def _step(self):
         """One token for every running row, in one pass through the decoder."""
-        rows = [s.cache for s in self.active]
         tokens = torch.tensor([[s.last] for s in self.active], device=self.device)
         try:
-            batch = merge_caches(rows) if len(rows) > 1 else rows[0]
-            logits = self.model(tokens, batch)[:, -1]
-            if len(rows) > 1:
-                split_cache(batch, rows)
+            logits = self.model(tokens, self._batch_cache())[:, -1]
+            self._batch_steps += 1
         except Exception as exc:  # the batch's forward failed: no row's cache can be trusted
+            self._batch = None
             self._fail_all(exc)
             return
+        rows = self.active
         self.metrics.decode_steps += 1
         self.metrics.batch_size_sum += len(rows)
         guides = [s.guide for s in self.active]
@@ -164,6 +164,18 @@ class Seq2SeqEngine(Engine):
                 continue
             self._accept(slot, token, logits[i:i + 1])
         self._retire_finished()
+
+    def _batch_cache(self) -> Seq2SeqCache:
+        """The running rows' caches as one batch, stacked only when the rows change: until then each step
+        appends to the batch's own keys and values, which go back to the rows' caches when it is taken apart."""
+        slots = list(self.active)
+        if self._batch is not None and self._batch[0] == slots:
+            return self._batch[1]
+        if self._batch is not None and len(self._batch[0]) > 1:
+            split_cache(self._batch[1], [s.cache for s in self._batch[0]], self._batch_steps)
+        batch = merge_caches([s.cache for s in slots]) if len(slots) > 1 else slots[0].cache
+        self._batch, self._batch_steps = (slots, batch), 0
+        return batch
 
 
 def _ledger(model, kv: KVBudget, slots: int, ctx: int) -> tuple[BlockPool, int]:
