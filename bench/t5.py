@@ -27,10 +27,12 @@ from camelid.generate.sampling import SamplingParams  # noqa: E402
 from camelid.generate.seq2seq import seq2seq_tokens  # noqa: E402
 
 
-def flan_t5_base():
+def random_flan_t5(d_model: int, d_ff: int, layers: int, heads: int):
+    """A Flan-T5-shaped transformers model (gated GELU, its own output layer, vocab 32128) with random weights,
+    and camelid's copy of it."""
     import transformers as tf
 
-    cfg = tf.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+    cfg = tf.T5Config(vocab_size=32128, d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers, num_heads=heads,
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
@@ -39,7 +41,10 @@ def flan_t5_base():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    return model
+    ours = config_from_hf({**model.config.to_dict(), "model_type": "t5", "tie_word_embeddings": False})
+    sd = state_dict_from_hf({k: v.detach() for k, v in model.state_dict().items()} |
+                            {"lm_head.weight": model.lm_head.weight.detach()}, ours, "flan-t5")
+    return model, build_model(ours, sd, "flan-t5")
 
 
 def timed(fn) -> float:
@@ -55,12 +60,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ref = flan_t5_base()
-    hf = {**ref.config.to_dict(), "model_type": "t5", "tie_word_embeddings": False}
-    cfg = config_from_hf(hf)
-    sd = state_dict_from_hf({k: v.detach() for k, v in ref.state_dict().items()} |
-                            {"lm_head.weight": ref.lm_head.weight.detach()}, cfg, "flan-t5-base")
-    ours = prepare_for_decoding(build_model(cfg, sd, "flan-t5-base"))
+    ref, ours = random_flan_t5(d_model=768, d_ff=2048, layers=12, heads=12)  # flan-t5-base's shape
+    ours = prepare_for_decoding(ours)
     ids = torch.randint(2, 32000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     ids[0, -1] = 1
 

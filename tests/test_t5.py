@@ -81,6 +81,25 @@ def _vocab_folder(folder, vocab_size: int, **config):
     return ref
 
 
+def _flan_folder(folder, **config):
+    """The Flan-T5 shape with a 512-token SentencePiece vocabulary (stories260K's), written as a folder."""
+    import shutil
+
+    from conftest import SHARED
+
+    ref = _reference("flan-t5")
+    ref.resize_token_embeddings(512)
+    ref.lm_head = torch.nn.Linear(64, 512, bias=False)
+    with torch.no_grad():
+        ref.shared.weight.normal_(0.0, 0.3)
+        ref.lm_head.weight.normal_(0.0, 0.3)
+    _folder(ref, folder, gated=True)
+    written = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**written, "vocab_size": 512, **config}))
+    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", folder / "spiece.model")
+    return ref
+
+
 def _camelid(folder):
     cfg, sd = hf_format.load_hf_folder(folder)
     return build_model(cfg, sd, str(folder))
@@ -216,7 +235,6 @@ def test_full_fine_tuning_has_transformers_loss_and_learns(tmp_path):
     """camelid finetune on a T5 folder: each reply is a target for the prompt before it (FastChat-T5's way); the
     loss of a batch is transformers' (labels = the reply), and a short run lowers it and writes a model that
     generates."""
-    import shutil
 
     from camelid.data.masking import mask_conversation
     from camelid.data.packing import collate_seq2seq, seq2seq_rows
@@ -226,17 +244,8 @@ def test_full_fine_tuning_has_transformers_loss_and_learns(tmp_path):
 
     from conftest import SHARED
 
-    ref = _reference("flan-t5")
+    ref = _flan_folder(tmp_path / "m", eos_token_id=2)
     ref.config.decoder_start_token_id, ref.config.pad_token_id = 0, 0
-    ref.resize_token_embeddings(512)
-    ref.lm_head = torch.nn.Linear(64, 512, bias=False)
-    with torch.no_grad():
-        ref.shared.weight.normal_(0.0, 0.3)
-        ref.lm_head.weight.normal_(0.0, 0.3)
-    _folder(ref, tmp_path / "m", gated=True)
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 512, "eos_token_id": 2}))
-    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "m" / "spiece.model")
     lm = load_model(tmp_path / "m")
     records = json.loads((SHARED / "instruct" / "alpaca_en_demo.json").read_text())[:24]
     conversation = [{"role": "user", "content": records[0]["instruction"]},
@@ -268,7 +277,6 @@ def test_lora_adapters_are_pefts_in_both_stacks(tmp_path):
     gated MLP) gives PEFT's logits in camelid; `camelid finetune` with method lora trains one (the usual
     q_proj/v_proj targets are T5's q and v), whose adapter PEFT loads with camelid's logits."""
     import copy
-    import shutil
 
     peft = pytest.importorskip("peft")
     from camelid.formats.load import load_model
@@ -278,16 +286,7 @@ def test_lora_adapters_are_pefts_in_both_stacks(tmp_path):
 
     from conftest import SHARED
 
-    ref = _reference("flan-t5")
-    ref.resize_token_embeddings(512)
-    ref.lm_head = torch.nn.Linear(64, 512, bias=False)
-    with torch.no_grad():
-        ref.shared.weight.normal_(0.0, 0.3)
-        ref.lm_head.weight.normal_(0.0, 0.3)
-    _folder(ref, tmp_path / "m", gated=True)
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
-    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "m" / "spiece.model")
+    ref = _flan_folder(tmp_path / "m")
     src, tgt = torch.tensor([[5, 17, 3, 44, 90, 12, 1]]), torch.tensor([[0, 14, 62, 7, 30]])
 
     tuned = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8,

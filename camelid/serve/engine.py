@@ -317,14 +317,18 @@ class Engine:
                     for r in group:
                         self._finish_request(r, "cancelled")
                     continue
-                # a prompt to be scored needs every position's logits: nothing of it may come from the cache
-                reuse = self.prefix_cache and not req.prompt_logprobs
-                longest = len(req.prompt) + req.max_tokens
-                seqs = self.pool.admit(req.prompt, longest, req.adapter, reuse, copies=len(req.copies))
+                seqs = self._admit(req)
                 if seqs is None:
                     return  # the pool is full until a running request finishes
                 self.waiting.popleft()
                 self.prefilling.append(_Prefill(req, seqs, done=seqs[0].cached))
+
+    def _admit(self, req: Request) -> list[Sequence] | None:
+        """The pool's blocks for the request and its copies (None: not until a running request finishes)."""
+        # a prompt to be scored needs every position's logits: nothing of it may come from the cache
+        reuse = self.prefix_cache and not req.prompt_logprobs
+        return self.pool.admit(req.prompt, len(req.prompt) + req.max_tokens, req.adapter, reuse,
+                               copies=len(req.copies))
 
     def _prefill(self, budget: int | None):
         """Prefill waiting prompts, at most `budget` tokens (None: all of them, nothing else is running)."""

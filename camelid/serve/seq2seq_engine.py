@@ -76,24 +76,9 @@ class Seq2SeqEngine(Engine):
                                "log-probabilities to echo")
         super().submit(request)
 
-    def _join_waiting(self):
-        with self._wake:
-            while self.waiting:
-                req = self.waiting[0]
-                group = [req] + req.copies
-                if self.running + len(group) > self.max_batch:
-                    return
-                if all(r.cancelled for r in group):
-                    self.waiting.popleft()
-                    for r in group:
-                        self._finish_request(r, "cancelled")
-                    continue
-                seqs = self.pool.admit(req.prompt, len(req.prompt) + 1 + req.max_tokens, reuse=False,
-                                       copies=len(req.copies))
-                if seqs is None:
-                    return
-                self.waiting.popleft()
-                self.prefilling.append(_Prefill(req, seqs, done=0))
+    def _admit(self, req) -> list | None:
+        """Blocks for the prompt and the reply after the decoder's start token, none of them shared."""
+        return self.pool.admit(req.prompt, len(req.prompt) + 1 + req.max_tokens, reuse=False, copies=len(req.copies))
 
     def _prefill(self, budget: int | None):
         """Encode the admitted prompts: one between two decode steps while rows are running, else all."""
