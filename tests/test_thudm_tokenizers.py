@@ -113,6 +113,7 @@ def test_glm4s_tiktoken_tokenizer_is_tiktokens(tmp_path):
         want = [special["[gMASK]"], special["<sop>"]] + ref.encode(text, disallowed_special=())
         assert tok.encode(text) == want, text
         assert tok.decode(want) == text
+        assert tok.backend.tok.encode(text).ids == want  # a tokenizer.json written from it adds them too
     for messages in CONVERSATIONS:
         want = [special["[gMASK]"], special["<sop>"]]
         for m in messages:  # build_single_message: the role, "{metadata}\n" and the message each encoded alone

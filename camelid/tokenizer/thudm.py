@@ -229,9 +229,15 @@ def load_glm4_tokenizer(folder: Path, tcfg: dict, gen: dict, mcfg: dict) -> Toke
     stop at <|endoftext|>, <|user|> or <|observation|> (its generation config's), its chat template."""
     from camelid.tokenizer.tokenizer import HFBackend
 
+    from tokenizers import processors
+
     ranks = read_tiktoken_ranks(folder / GLM_VOCAB_FILE)
-    backend = HFBackend(tiktoken_bpe(ranks, GLM4_PATTERN, GLM4_SPECIALS))
     special = {t: len(ranks) + i for i, t in enumerate(GLM4_SPECIALS)}
+    bpe = tiktoken_bpe(ranks, GLM4_PATTERN, GLM4_SPECIALS)
+    # what its code adds to an encoded text, so that a tokenizer.json written from this one does the same
+    bpe.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A", special_tokens=[("[gMASK]", special["[gMASK]"]), ("<sop>", special["<sop>"])])
+    backend = HFBackend(bpe)
     eos = gen.get("eos_token_id", [special[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")])
     return Tokenizer(backend, None, list(eos) if isinstance(eos, list) else [eos], True, None,
                      {"eos_token": "<|endoftext|>"}, prompt_start=[special["[gMASK]"], special["<sop>"]])
