@@ -158,3 +158,31 @@ def test_camelids_export_runs_in_llama_cpp_with_transformers_logits(converted, t
     q8 = next((tmp_path / "out").glob("*-Q8_0.gguf"))
     ours, theirs = _camelid_logits(q8), llama_cpp_seq2seq_logits(q8, SRC[0], TGT[0])
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.999
+
+
+def test_t5_files_and_models_llama_cpp_cannot_run_are_named(converted, tmp_path):
+    """umT5's relative position bias in every block, a file without the encoder's, and a model whose buckets
+    reach past llama.cpp's 128 positions: one-line errors naming the tensor or the reason."""
+    from camelid.errors import CamelidError
+    from camelid.formats.gguf import config_from_gguf
+    from camelid.formats.gguf_file import read_gguf
+
+    _, _, _, f32 = converted
+    gf = read_gguf(f32)
+    gf.tensors["enc.blk.1.attn_rel_b.weight"] = gf.tensors["enc.blk.0.attn_rel_b.weight"]
+    with pytest.raises(CamelidError, match="'enc.blk.1.attn_rel_b.weight': a relative position bias in every block"):
+        config_from_gguf(gf)
+    gf = read_gguf(f32)
+    del gf.tensors["enc.blk.0.attn_rel_b.weight"]
+    with pytest.raises(CamelidError, match="'enc.blk.0.attn_rel_b.weight' should hold 32 buckets for 4 heads"):
+        config_from_gguf(gf)
+    import shutil
+
+    from test_t5 import _vocab_folder
+
+    from conftest import SHARED
+
+    _vocab_folder(tmp_path / "far", 512)  # its buckets reach 20 positions
+    shutil.copy(SHARED / "models" / "stories260K" / "tok512.model", tmp_path / "far" / "spiece.model")
+    run = run_main("export", tmp_path / "far", tmp_path / "out", "--gguf", "--quant", "f32")
+    assert run.returncode == 1 and "variant llama.cpp's graph does not compute" in run.stderr
