@@ -227,9 +227,9 @@ def tiktoken_bpe(ranks: dict[bytes, int], pattern: str, specials: list[str]):
 def load_glm4_tokenizer(folder: Path, tcfg: dict, gen: dict, mcfg: dict) -> Tokenizer:
     """A GLM-4 folder's ChatGLM4Tokenizer: its tiktoken ranks, [gMASK] <sop> starting each prompt, replies that
     stop at <|endoftext|>, <|user|> or <|observation|> (its generation config's), its chat template."""
-    from camelid.tokenizer.tokenizer import HFBackend
-
     from tokenizers import processors
+
+    from camelid.tokenizer.tokenizer import HFBackend
 
     ranks = read_tiktoken_ranks(folder / GLM_VOCAB_FILE)
     special = {t: len(ranks) + i for i, t in enumerate(GLM4_SPECIALS)}
