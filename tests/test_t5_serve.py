@@ -106,3 +106,22 @@ def test_the_openai_endpoints_serve_a_t5(t5):
         assert httpx.get(f"{base}/health").status_code == 200  # the server is still well
     finally:
         stop(server, thread)
+
+
+def test_a_failing_prompt_among_others_fails_alone(t5):
+    """Prompts admitted together are encoded as one batch; when that fails, each is encoded on its own, so only
+    the failing request gets the error."""
+    ref, _, lm = t5
+    eng = Seq2SeqEngine(lm, max_batch=4)
+    try:
+        good = [lm.tokenizer.encode(p, bos=False) for p in PROMPTS[:2]]
+        requests = [Request(good[0], SamplingParams.greedy(), 5, [], emit=None),
+                    Request([5, 10 ** 6, 7], SamplingParams.greedy(), 5, [], emit=None),  # no such token
+                    Request(good[1], SamplingParams.greedy(), 5, [], emit=None)]
+        _run(eng, requests)
+        assert [r.finish_reason for r in requests] == ["length", "error", "length"]
+        assert requests[0].tokens == _expected(ref, lm, PROMPTS[0], 5)
+        assert requests[2].tokens == _expected(ref, lm, PROMPTS[1], 5)
+        assert eng.alive and eng.pool.used == 0
+    finally:
+        eng.shutdown()

@@ -81,29 +81,55 @@ class Seq2SeqEngine(Engine):
         return self.pool.admit(req.prompt, len(req.prompt) + 1 + req.max_tokens, reuse=False, copies=len(req.copies))
 
     def _prefill(self, budget: int | None):
-        """Encode the admitted prompts: one between two decode steps while rows are running, else all."""
-        while self.prefilling:
-            job = self.prefilling.popleft()
+        """Encode the admitted prompts: one between two decode steps while rows are running, else all of them,
+        in one padded batch (one at a time if that fails, so that a failing request takes no other down)."""
+        if budget is None:
+            jobs = list(self.prefilling)
+            self.prefilling.clear()
+        else:
+            jobs = [self.prefilling.popleft()] if self.prefilling else []
+        jobs = [job for job in jobs if not self._all_cancelled(job)]
+        caches = None
+        if len(jobs) > 1:
             try:
-                self._encode(job)
-            except Exception as exc:  # a failing request must not take the others down
+                caches = self._encode([job.req.prompt for job in jobs])
+            except Exception:  # the failing prompt is found below, one at a time
+                caches = None
+        for i, job in enumerate(jobs):
+            try:
+                self._start_rows(job, caches[i] if caches else self._encode([job.req.prompt])[0])
+            except Exception as exc:
                 self._release(job.seqs)
                 for r in job.group:
                     self._fail(r, exc)
-            if budget is not None:
-                return
 
-    def _encode(self, job: _Prefill):
-        req = job.req
-        if all(r.cancelled for r in job.group):
-            self._release(job.seqs)
-            for r in job.group:
-                self._finish_request(r, "cancelled")
-            return
-        prompt = req.prompt + [self.eos] if self.eos is not None and req.prompt[-1] != self.eos else req.prompt
-        cache = self.model.encode(torch.tensor([prompt], device=self.device))
+    def _all_cancelled(self, job: _Prefill) -> bool:
+        if not all(r.cancelled for r in job.group):
+            return False
+        self._release(job.seqs)
+        for r in job.group:
+            self._finish_request(r, "cancelled")
+        return True
+
+    def _encode(self, prompts: list[list[int]]) -> list[Seq2SeqCache]:
+        """Each prompt's cache (ending in EOS, as T5's tokenizers end what they encode), from one encoder pass
+        over them padded at the end; each row keeps its own positions' keys and values."""
+        prompts = [p + [self.eos] if self.eos is not None and p[-1] != self.eos else p for p in prompts]
+        longest = max(map(len, prompts))
+        src = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(src, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            src[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, device=self.device), True
+        batch = self.model.encode(src, mask)
         self.metrics.prefill_chunks += 1
-        self.metrics.prefilled_tokens += len(prompt)
+        self.metrics.prefilled_tokens += sum(map(len, prompts))
+        if len(prompts) == 1:
+            return [batch]
+        return [Seq2SeqCache([tuple(t[i:i + 1, :, :len(p)].contiguous() for t in kv) for kv in batch.cross_kv],
+                             batch.key_mask[i:i + 1, ..., :len(p)].contiguous()) for i, p in enumerate(prompts)]
+
+    def _start_rows(self, job: _Prefill, cache: Seq2SeqCache):
+        """The request's rows (its n choices share the encoder's output) join the running ones."""
         for member, seq in zip(job.group, job.seqs):
             if member.cancelled or member.max_tokens == 0:
                 self._release([seq])
@@ -112,7 +138,7 @@ class Seq2SeqEngine(Engine):
             slot = _Slot(member, seq, self.tok, make_generator(member.params.seed, self.device))
             # the reply is the decoder's whole text: penalties and streaming see it alone, as transformers does
             slot.history, slot.decoder, slot.last = [], self.tok.stream(), self.start_token
-            slot.cache = Seq2SeqCache(cache.cross_kv, cache.key_mask)  # the n choices share the encoder's output
+            slot.cache = Seq2SeqCache(cache.cross_kv, cache.key_mask)
             if member.constraint is not None:
                 slot.guide = Guide(member.constraint, self.tok)
                 if slot.guide.error:
