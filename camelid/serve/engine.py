@@ -183,6 +183,10 @@ class Engine:
         self.decode = self.model if self.adapters else decode_step(self.model)  # the weights stay as they are
         self.vocab_width = lm.config.vocab_size  # the logits' width, for grammar masks
         self.device = self.model.device
+        self._start_engine("camelid-engine")
+
+    def _start_engine(self, name: str):
+        """The queues, the metrics and the engine's thread, started."""
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.active: list[_Slot] = []
@@ -191,7 +195,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = False
         self._calls: list[tuple[Callable[[], object], Future]] = []  # run by the engine's thread between steps
-        self._thread = threading.Thread(target=self._run, name="camelid-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ public, thread-safe

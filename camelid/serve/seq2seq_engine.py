@@ -1,18 +1,18 @@
 """Continuous batching for an encoder-decoder (T5): the same queue, admission, sampling, stop strings, grammars
 and metrics as engine.py, over a different cache.
 
-A request's prompt is read by the encoder in one pass (bidirectional attention cannot be split into chunks),
-which also computes every decoder block's cross-attention keys and values; its reply then joins the running
-rows, each decoding from T5's start token. Rows keep their own caches (their encoder outputs differ in length)
-and are stacked for each step by model/t5.py's merge_caches, the self-attention keys aligned at their newest
-position. The block pool only accounts for memory here (a request's prompt and reply, as positions of both
-stacks' keys and values): nothing is stored in its blocks, so there is no prefix cache and no speculation.
+A request's prompt is read by the encoder in one pass (bidirectional attention cannot be split into chunks;
+prompts admitted together share one padded pass), which also computes every decoder block's cross-attention
+keys and values; its reply then joins the running rows, each decoding from T5's start token. Rows keep their
+own caches (their encoder outputs differ in length) and are stacked by model/t5.py's merge_caches, the
+self-attention keys aligned at their newest position, each time the running rows change; between changes the
+steps extend the stacked cache itself. The block pool only accounts for memory here (a request's prompt and
+reply): nothing is stored in its blocks, so there is no prefix cache and no speculation. A request that asks
+for its prompt's log-probabilities is refused before it gets here (the encoder gives none).
 """
 
 from __future__ import annotations
 
-import collections
-import threading
 from types import SimpleNamespace
 
 import torch
@@ -25,7 +25,7 @@ from camelid.generate.sampling import make_generator, sample
 from camelid.model.kv_cache import kv_value_bytes
 from camelid.model.memory import human_bytes, kv_cache_bytes, machine_memory
 from camelid.model.t5 import Seq2SeqCache, merge_caches, split_cache
-from camelid.serve.engine import KV_TYPE_OF, Engine, KVBudget, Metrics, _Prefill, _Slot
+from camelid.serve.engine import KV_TYPE_OF, Engine, KVBudget, _Prefill, _Slot
 
 
 class Seq2SeqEngine(Engine):
@@ -49,17 +49,8 @@ class Seq2SeqEngine(Engine):
         self.vocab_width, self.device = lm.config.vocab_size, self.model.device
         self.start_token = lm.config.extra.get("decoder_start_token_id", 0)
         self.eos = self.tok.eos_ids[0] if self.tok.eos_ids else None
-        self.waiting: collections.deque = collections.deque()
-        self.prefilling: collections.deque[_Prefill] = collections.deque()
-        self.active: list[_Slot] = []
         self._batch, self._batch_steps = None, 0  # (the rows, their stacked cache), and steps taken on it
-        self.metrics = Metrics()
-        self.failure: str | None = None
-        self._wake = threading.Condition()
-        self._stop = False
-        self._calls = []
-        self._thread = threading.Thread(target=self._run, name="camelid-seq2seq-engine", daemon=True)
-        self._thread.start()
+        self._start_engine("camelid-seq2seq-engine")
 
     def fits(self, prompt: int, max_tokens: int) -> str | None:
         asks = f"the request has {prompt} prompt tokens and asks for {max_tokens} more"
@@ -69,12 +60,6 @@ class Seq2SeqEngine(Engine):
             return (f"the server's KV cache holds {self.pool.n_blocks * self.pool.block_size} tokens "
                     f"(--kv-memory); {asks}")
         return None
-
-    def submit(self, request):
-        if request.prompt_logprobs:
-            raise CamelidError("an encoder-decoder model (T5) reads the prompt with its encoder: it has no "
-                               "log-probabilities to echo")
-        super().submit(request)
 
     def _admit(self, req) -> list | None:
         """Blocks for the prompt and the reply after the decoder's start token, none of them shared."""
